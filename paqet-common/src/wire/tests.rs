@@ -1,0 +1,286 @@
+use super::*;
+use std::vec::Vec;
+
+const CLIENT: [u8; 4] = [198, 18, 0, 1];
+const SERVER: [u8; 4] = [198, 18, 0, 2];
+
+/// Builds test frames by hand, independently of any emit code, so a parser bug cannot
+/// hide behind a matching builder bug.
+fn eth(vlans: &[u16], ty: u16) -> Vec<u8> {
+    let mut f = Vec::new();
+    f.extend_from_slice(&[2, 0, 0, 0, 0, 2]);
+    f.extend_from_slice(&[2, 0, 0, 0, 0, 1]);
+    for (i, v) in vlans.iter().enumerate() {
+        let tpid = if i == 0 && vlans.len() == 2 {
+            ethertype::QINQ
+        } else {
+            ethertype::VLAN
+        };
+        f.extend_from_slice(&tpid.to_be_bytes());
+        f.extend_from_slice(&(0x2000 | v).to_be_bytes());
+    }
+    f.extend_from_slice(&ty.to_be_bytes());
+    f
+}
+
+fn ipv4(proto: u8, options: usize, l4: &[u8]) -> Vec<u8> {
+    let ihl = 20 + options;
+    let total = (ihl + l4.len()) as u16;
+    let mut h = vec![0x40 | (ihl / 4) as u8, 0];
+    h.extend_from_slice(&total.to_be_bytes());
+    h.extend_from_slice(&[0, 1, 0x40, 0, 64, proto, 0, 0]);
+    h.extend_from_slice(&CLIENT);
+    h.extend_from_slice(&SERVER);
+    h.extend(std::iter::repeat_n(1u8, options)); // NOP options
+    h.extend_from_slice(l4);
+    h
+}
+
+fn ipv6(next: u8, l4: &[u8]) -> Vec<u8> {
+    let mut h = vec![0x60, 0, 0, 0];
+    h.extend_from_slice(&(l4.len() as u16).to_be_bytes());
+    h.extend_from_slice(&[next, 63]);
+    h.extend_from_slice(&[0x20, 1, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+    h.extend_from_slice(&[0x20, 1, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2]);
+    h.extend_from_slice(l4);
+    h
+}
+
+fn udp(sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let mut h = Vec::new();
+    h.extend_from_slice(&sport.to_be_bytes());
+    h.extend_from_slice(&dport.to_be_bytes());
+    h.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    h.extend_from_slice(&[0, 0]);
+    h.extend_from_slice(payload);
+    h
+}
+
+fn tcp(sport: u16, dport: u16, flags: u8, options: usize, payload: &[u8]) -> Vec<u8> {
+    let mut h = Vec::new();
+    h.extend_from_slice(&sport.to_be_bytes());
+    h.extend_from_slice(&dport.to_be_bytes());
+    h.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0]);
+    h.push((((20 + options) / 4) as u8) << 4);
+    h.push(flags);
+    h.extend_from_slice(&[0xff, 0xff, 0, 0, 0, 0]);
+    h.extend(std::iter::repeat_n(1u8, options));
+    h.extend_from_slice(payload);
+    h
+}
+
+fn frame(l2: Vec<u8>, l3: Vec<u8>) -> Vec<u8> {
+    let mut f = l2;
+    f.extend_from_slice(&l3);
+    f
+}
+
+fn udp4(vlans: &[u16]) -> Vec<u8> {
+    frame(
+        eth(vlans, ethertype::IPV4),
+        ipv4(ipproto::UDP, 0, &udp(5000, 4000, b"hello")),
+    )
+}
+
+#[test]
+fn ipv4_udp() {
+    let f = udp4(&[]);
+    let s = parse_frame(&f[..]).unwrap();
+    assert_eq!(s.ether_type, ethertype::IPV4);
+    assert_eq!(s.protocol, ipproto::UDP);
+    assert_eq!(s.src, Addr::v4(CLIENT));
+    assert_eq!(s.dst, Addr::v4(SERVER));
+    assert_eq!((s.src_port, s.dst_port), (5000, 4000));
+    assert_eq!(
+        (s.l3_offset, s.l4_offset, s.payload_offset, s.payload_len),
+        (14, 34, 42, 5)
+    );
+    assert_eq!(&f[42..47], b"hello");
+    assert_eq!(s.vlan_count, 0);
+    assert_eq!(s.ttl, 64);
+    assert_eq!(s.src_mac, [2, 0, 0, 0, 0, 1]);
+}
+
+#[test]
+fn ipv4_options_and_tcp_options_are_honoured() {
+    let f = frame(
+        eth(&[], ethertype::IPV4),
+        ipv4(ipproto::TCP, 8, &tcp(443, 4000, 0x02, 12, b"xy")),
+    );
+    let s = parse_frame(&f[..]).unwrap();
+    assert_eq!(s.protocol, ipproto::TCP);
+    assert_eq!(s.l4_offset, 14 + 28);
+    assert_eq!(s.payload_offset, 14 + 28 + 32);
+    assert_eq!(s.payload_len, 2);
+    assert_eq!(s.tcp_flags, 0x02);
+    assert_eq!((s.src_port, s.dst_port), (443, 4000));
+}
+
+#[test]
+fn ethernet_padding_is_not_payload() {
+    let mut f = udp4(&[]);
+    f.resize(60, 0xee); // what a minimum-size Ethernet frame carries
+    let s = parse_frame(&f[..]).unwrap();
+    assert_eq!(s.payload_len, 5);
+}
+
+#[test]
+fn vlan_one_and_two_tags() {
+    let s = parse_frame(&udp4(&[42])[..]).unwrap();
+    assert_eq!((s.vlan_count, s.vlan_ids), (1, [42, 0]));
+    assert_eq!(s.l3_offset, 18);
+    assert_eq!(s.dst_port, 4000);
+    let s = parse_frame(&udp4(&[7, 300])[..]).unwrap();
+    assert_eq!((s.vlan_count, s.vlan_ids), (2, [7, 300]));
+    assert_eq!(s.l3_offset, 22);
+    assert_eq!(s.payload_offset, 22 + 28);
+    assert_eq!(
+        parse_frame(&udp4(&[1, 2, 3])[..]),
+        Err(ParseError::Unsupported)
+    );
+}
+
+#[test]
+fn ipv6_tcp_and_udp() {
+    let f = frame(
+        eth(&[], ethertype::IPV6),
+        ipv6(ipproto::TCP, &tcp(1, 4000, 0x10, 0, b"abc")),
+    );
+    let s = parse_frame(&f[..]).unwrap();
+    assert_eq!(s.ether_type, ethertype::IPV6);
+    assert_eq!(s.src.family, 6);
+    assert_eq!(s.src.octets[15], 1);
+    assert_eq!(s.dst.octets[15], 2);
+    assert_eq!((s.l4_offset, s.payload_offset, s.payload_len), (54, 74, 3));
+    assert_eq!(s.ttl, 63);
+    let f = frame(
+        eth(&[9], ethertype::IPV6),
+        ipv6(ipproto::UDP, &udp(1, 2, b"")),
+    );
+    let s = parse_frame(&f[..]).unwrap();
+    assert_eq!((s.dst_port, s.payload_len), (2, 0));
+}
+
+#[test]
+fn not_paqet_is_unsupported() {
+    let arp = frame(eth(&[], ethertype::ARP), vec![0; 28]);
+    assert_eq!(parse_frame(&arp[..]), Err(ParseError::Unsupported));
+    let icmp = frame(
+        eth(&[], ethertype::IPV4),
+        ipv4(1, 0, &[8, 0, 0, 0, 0, 0, 0, 0]),
+    );
+    assert_eq!(parse_frame(&icmp[..]), Err(ParseError::Unsupported));
+    let nd = frame(
+        eth(&[], ethertype::IPV6),
+        ipv6(ipproto::ICMPV6, &[135, 0, 0, 0, 0, 0, 0, 0]),
+    );
+    assert_eq!(parse_frame(&nd[..]), Err(ParseError::Unsupported));
+    // Hop-by-hop extension header in front of UDP.
+    let ext = frame(
+        eth(&[], ethertype::IPV6),
+        ipv6(0, &[17, 0, 0, 0, 0, 0, 0, 0]),
+    );
+    assert_eq!(parse_frame(&ext[..]), Err(ParseError::Unsupported));
+    for frag in [[0x20u8, 0x00], [0x00, 0x10], [0x20, 0x10]] {
+        let mut f = udp4(&[]);
+        f[14 + 6] = frag[0];
+        f[14 + 7] = frag[1];
+        assert_eq!(
+            parse_frame(&f[..]),
+            Err(ParseError::Unsupported),
+            "{frag:?}"
+        );
+    }
+}
+
+#[test]
+fn truncated_at_every_length() {
+    let frames = [
+        udp4(&[]),
+        udp4(&[5]),
+        udp4(&[5, 6]),
+        frame(
+            eth(&[], ethertype::IPV4),
+            ipv4(ipproto::TCP, 4, &tcp(1, 2, 0x12, 4, b"zz")),
+        ),
+        frame(
+            eth(&[], ethertype::IPV6),
+            ipv6(ipproto::UDP, &udp(1, 2, b"q")),
+        ),
+        frame(
+            eth(&[], ethertype::IPV6),
+            ipv6(ipproto::TCP, &tcp(1, 2, 0x02, 0, b"")),
+        ),
+    ];
+    for f in &frames {
+        assert!(parse_frame(&f[..]).is_ok());
+        for n in 0..f.len() {
+            assert_eq!(
+                parse_frame(&f[..n]),
+                Err(ParseError::Truncated),
+                "len {n} of {}",
+                f.len()
+            );
+        }
+    }
+}
+
+#[test]
+fn corrupt_lengths_are_malformed() {
+    let base = udp4(&[]);
+    let ip = 14;
+    let cases: &[(&str, usize, &[u8])] = &[
+        ("version 5", ip, &[0x55]),
+        ("ihl 4", ip, &[0x44]),
+        ("total < ihl", ip + 2, &[0, 19]),
+        ("total < ihl + udp", ip + 2, &[0, 24]),
+        ("udp len < 8", ip + 20 + 4, &[0, 7]),
+        ("udp len > ip payload", ip + 20 + 4, &[0, 14]),
+    ];
+    for (what, at, bytes) in cases {
+        let mut f = base.clone();
+        f[*at..*at + bytes.len()].copy_from_slice(bytes);
+        assert_eq!(parse_frame(&f[..]), Err(ParseError::Malformed), "{what}");
+    }
+    // IP total length beyond the frame: the frame is what is short.
+    let mut f = base.clone();
+    f[ip + 2..ip + 4].copy_from_slice(&200u16.to_be_bytes());
+    assert_eq!(parse_frame(&f[..]), Err(ParseError::Truncated));
+    // IHL pointing past the whole packet.
+    let mut f = base.clone();
+    f[ip] = 0x4f;
+    assert_eq!(parse_frame(&f[..]), Err(ParseError::Malformed));
+
+    let t = frame(
+        eth(&[], ethertype::IPV4),
+        ipv4(ipproto::TCP, 0, &tcp(1, 2, 0x02, 0, b"")),
+    );
+    for (doff, want) in [
+        (0x40u8, ParseError::Malformed),
+        (0x60, ParseError::Malformed),
+    ] {
+        let mut f = t.clone();
+        f[14 + 20 + 12] = doff;
+        assert_eq!(parse_frame(&f[..]), Err(want), "doff {doff:#x}");
+    }
+    let mut f = frame(
+        eth(&[], ethertype::IPV6),
+        ipv6(ipproto::UDP, &udp(1, 2, b"")),
+    );
+    f[14] = 0x40;
+    assert_eq!(parse_frame(&f[..]), Err(ParseError::Malformed));
+    let mut f = frame(
+        eth(&[], ethertype::IPV6),
+        ipv6(ipproto::UDP, &udp(1, 2, b"")),
+    );
+    f[14 + 4..14 + 6].copy_from_slice(&4u16.to_be_bytes());
+    assert_eq!(parse_frame(&f[..]), Err(ParseError::Malformed));
+}
+
+#[test]
+fn slice_bytes_is_bounds_checked() {
+    let b = [1u8, 2, 3];
+    assert_eq!(b[..].load::<2>(1), Some([2, 3]));
+    assert_eq!(b[..].load::<2>(2), None);
+    assert_eq!(b[..].load::<1>(usize::MAX), None);
+}

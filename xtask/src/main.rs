@@ -1,0 +1,48 @@
+//! `cargo xtask`: the developer and operator entry points of paqet.
+//!
+//! Each subcommand lives in its own module so new ones (bench, install, fuzz, ...) are
+//! one file and one enum arm.
+
+mod build;
+mod run;
+mod setup;
+mod test;
+mod util;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    about = "paqet's build, run and test entry points"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install what building and testing paqet needs (apt packages, bpf-linker).
+    Setup(setup::Args),
+    /// Build the eBPF object, then the `paqet` binary that embeds it.
+    Build(build::Args),
+    /// Build, then run `target/release/paqet ARGS`; with no ARGS, run the demo.
+    Run(run::Args),
+    /// Setup, build, then run the whole test suite (as CI does).
+    Test(test::Args),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Setup(a) => setup::run(&a),
+        Command::Build(a) => build::run(&a).map(|_| ()),
+        Command::Run(a) => run::run(&a),
+        Command::Test(a) => test::run(&a),
+    };
+    if let Err(e) = result {
+        eprintln!("xtask: error: {e:#}");
+        std::process::exit(1);
+    }
+}

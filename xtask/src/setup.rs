@@ -1,0 +1,157 @@
+//! `cargo xtask setup`: everything a fresh Debian/Ubuntu machine needs to build paqet
+//! and run its tests. Idempotent: each step checks first and says when it is skipped.
+
+use crate::util::{self, step};
+use anyhow::{Result, bail};
+use std::process::Command;
+
+/// rustc-web + libstd-rust-web-dev-bpf: a rustc with a prebuilt `core` for the BPF
+/// target (rustup has no rust-src here, so no -Z build-std); llvm-22-dev: what
+/// bpf-linker links against; the rest are what the tests and operators use.
+pub const APT_PACKAGES: &[&str] = &[
+    "rustc-web",
+    "libstd-rust-web-dev-bpf",
+    "llvm-22-dev",
+    "bpftool",
+    "ethtool",
+    "tcpdump",
+    "iproute2",
+    "curl",
+];
+
+pub const BPF_LINKER_VERSION: &str = "0.13.0";
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+
+#[derive(clap::Args)]
+pub struct Args {}
+
+fn apt_installed(pkg: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", pkg])
+        .output()
+        .map(|o| {
+            o.status.success()
+                && String::from_utf8_lossy(&o.stdout).contains("install ok installed")
+        })
+        .unwrap_or(false)
+}
+
+fn is_debian_like() -> bool {
+    let Ok(os) = std::fs::read_to_string("/etc/os-release") else {
+        return false;
+    };
+    os.lines()
+        .filter(|l| l.starts_with("ID=") || l.starts_with("ID_LIKE="))
+        .any(|l| l.contains("debian") || l.contains("ubuntu"))
+}
+
+fn bpf_linker_ok() -> bool {
+    let Some(bin) = util::which("bpf-linker") else {
+        return false;
+    };
+    Command::new(bin)
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION))
+        .unwrap_or(false)
+}
+
+fn bpf_linker_command() -> String {
+    format!(
+        "LLVM_PREFIX={LLVM_PREFIX} cargo install bpf-linker --locked --version {BPF_LINKER_VERSION} \
+         --no-default-features --features llvm-22"
+    )
+}
+
+pub fn run(_args: &Args) -> Result<()> {
+    step("setup: checking apt packages");
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !apt_installed(p))
+        .collect();
+    for p in APT_PACKAGES {
+        if !missing.contains(p) {
+            eprintln!("    {p}: installed, skipping");
+        }
+    }
+    let linker_ok = bpf_linker_ok();
+    if !missing.is_empty() || !linker_ok {
+        let can_install = util::is_root() && is_debian_like();
+        if !can_install {
+            let why = if !is_debian_like() {
+                "this is not a Debian/Ubuntu system, so setup cannot install packages itself"
+            } else {
+                "setup needs root to install packages"
+            };
+            eprintln!("xtask setup: {why}. Run these commands (as root), then run setup again:");
+            if !missing.is_empty() {
+                eprintln!("    apt-get update");
+                eprintln!(
+                    "    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends {}",
+                    missing.join(" ")
+                );
+            }
+            if !linker_ok {
+                eprintln!("    {}", bpf_linker_command());
+            }
+            bail!("missing prerequisites: {}", {
+                let mut m: Vec<String> = missing.iter().map(|s| s.to_string()).collect();
+                if !linker_ok {
+                    m.push(format!("bpf-linker {BPF_LINKER_VERSION}"));
+                }
+                m.join(", ")
+            });
+        }
+    }
+    if !missing.is_empty() {
+        step(format!("setup: installing {}", missing.join(" ")));
+        util::run(
+            Command::new("apt-get")
+                .arg("update")
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )?;
+        util::run(
+            Command::new("apt-get")
+                .args(["install", "-y", "--no-install-recommends"])
+                .args(&missing)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )?;
+    }
+    step("setup: checking bpf-linker");
+    if linker_ok {
+        eprintln!("    bpf-linker {BPF_LINKER_VERSION}: installed, skipping");
+    } else {
+        step(format!(
+            "setup: installing bpf-linker {BPF_LINKER_VERSION} (about a minute)"
+        ));
+        util::run(
+            Command::new(util::cargo())
+                .args([
+                    "install",
+                    "bpf-linker",
+                    "--locked",
+                    "--version",
+                    BPF_LINKER_VERSION,
+                ])
+                .args(["--no-default-features", "--features", "llvm-22"])
+                .env("LLVM_PREFIX", LLVM_PREFIX)
+                .env_remove("RUSTC")
+                .env_remove("RUSTC_BOOTSTRAP"),
+        )?;
+        if !bpf_linker_ok() {
+            bail!("bpf-linker was installed but is not on PATH or $CARGO_HOME/bin");
+        }
+    }
+    step("setup: checking the BPF target of /usr/bin/rustc");
+    let sysroot = std::path::Path::new("/usr/lib/rustlib").join(crate::build::BPF_TARGET);
+    if !sysroot.is_dir() {
+        bail!(
+            "{} is missing although libstd-rust-web-dev-bpf is installed; reinstall it",
+            sysroot.display()
+        );
+    }
+    eprintln!("    {}: present", sysroot.display());
+    step("setup: done");
+    Ok(())
+}
