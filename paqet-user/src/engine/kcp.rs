@@ -1,0 +1,111 @@
+//! One KCP conversation per stream, tuned the way kcptun tunes its modes.
+
+use std::collections::VecDeque;
+use std::io;
+use std::sync::{Arc, Mutex};
+
+use kcp::Kcp;
+
+/// kcptun's named parameter sets: (nodelay, interval ms, fast resend, no congestion control).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KcpProfile {
+    Normal,
+    Fast,
+    Fast2,
+    Fast3,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KcpTuning {
+    pub nodelay: bool,
+    pub interval_ms: u32,
+    pub resend: i32,
+    pub no_congestion_control: bool,
+}
+
+impl KcpProfile {
+    /// The values kcptun's `-mode` flag selects (kcptun client/main.go).
+    pub fn tuning(self) -> KcpTuning {
+        let (nodelay, interval_ms, resend, nc) = match self {
+            KcpProfile::Normal => (false, 40, 2, true),
+            KcpProfile::Fast => (false, 30, 2, true),
+            KcpProfile::Fast2 => (true, 20, 2, true),
+            KcpProfile::Fast3 => (true, 10, 2, true),
+        };
+        KcpTuning { nodelay, interval_ms, resend, no_congestion_control: nc }
+    }
+}
+
+/// Where every conversation's KCP writes its output packets; the engine drains it right
+/// after each KCP call, while it still knows which peer the packets are for.
+///
+/// KCP owns its output writer and offers no way back to it, hence the shared handle.
+#[derive(Clone, Default)]
+pub struct OutputQueue(Arc<Mutex<VecDeque<Vec<u8>>>>);
+
+impl OutputQueue {
+    pub fn drain(&self) -> Vec<Vec<u8>> {
+        let mut q = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        q.drain(..).collect()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).is_empty()
+    }
+}
+
+impl io::Write for OutputQueue {
+    fn write(&mut self, packet: &[u8]) -> io::Result<usize> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).push_back(packet.to_vec());
+        Ok(packet.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+pub type Conversation = Kcp<OutputQueue>;
+
+/// A message-mode conversation, so every stream message keeps its boundaries.
+pub fn new_conversation(conv: u32, output: OutputQueue, tuning: KcpTuning, mtu: usize, window: u16, now_ms: u32) -> Conversation {
+    let mut kcp = Kcp::new(conv, output);
+    kcp.set_nodelay(tuning.nodelay, tuning.interval_ms as i32, tuning.resend, tuning.no_congestion_control);
+    // MTU is fixed by the engine from constants well above KCP's minimum; a failure here
+    // would be a programming error, and KCP keeps its default MTU in that case.
+    let _ = kcp.set_mtu(mtu);
+    kcp.set_wndsize(window, window);
+    // KCP refuses to flush before its first update.
+    let _ = kcp.update(now_ms);
+    kcp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fast3_matches_kcptun() {
+        let t = KcpProfile::Fast3.tuning();
+        assert_eq!((t.nodelay, t.interval_ms, t.resend, t.no_congestion_control), (true, 10, 2, true));
+        let n = KcpProfile::Normal.tuning();
+        assert_eq!((n.nodelay, n.interval_ms), (false, 40));
+    }
+
+    #[test]
+    fn message_crosses_two_conversations() {
+        let (qa, qb) = (OutputQueue::default(), OutputQueue::default());
+        let tuning = KcpProfile::Fast3.tuning();
+        let mut a = new_conversation(7, qa.clone(), tuning, 1400, 128, 0);
+        let mut b = new_conversation(7, qb.clone(), tuning, 1400, 128, 0);
+        let msg = vec![0xabu8; 5000];
+        a.send(&msg).unwrap();
+        a.flush().unwrap();
+        for pkt in qa.drain() {
+            b.input(&pkt).unwrap();
+        }
+        let mut buf = vec![0u8; 8192];
+        let n = b.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], &msg[..]);
+    }
+}

@@ -1,0 +1,143 @@
+//! Streams over KCP: one conversation per SOCKS connection, so loss on one stream never
+//! stalls another. Flow control is KCP's own window plus a cap on what a writer may
+//! queue, so a slow reader never makes paqet buffer without bound.
+
+use std::time::Instant;
+
+use super::frame::{FrameError, OpenError, StreamMsg, TargetAddr};
+use super::kcp::Conversation;
+
+/// Largest stream message payload: exactly eight full KCP segments with its type byte.
+pub fn max_data_per_message(mss: usize) -> usize {
+    mss * 8 - super::frame::DATA_MSG_OVERHEAD
+}
+
+/// Big enough for any stream message a peer may send us (KCP refuses messages of more
+/// than 127 fragments; we send at most eight).
+pub fn read_buffer_len(mss: usize) -> usize {
+    mss * 128
+}
+
+/// Where a stream is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Client: `Open` sent, waiting for the server's `Reply`.
+    AwaitingReply,
+    /// Server: conversation seen, waiting for the client's `Open` message.
+    AwaitingOpen,
+    /// Server: `Open` received and reported; the edge is dialling the target.
+    Dialing,
+    /// Data flows.
+    Open,
+    /// Both sides sent `Fin` and all our data is acknowledged; kept a little longer only
+    /// to acknowledge the peer's retransmissions, then forgotten.
+    Lingering { until: Instant },
+}
+
+pub struct Stream {
+    pub kcp: Conversation,
+    pub phase: Phase,
+    pub sent_fin: bool,
+    pub recv_fin: bool,
+    /// A writer was told to wait; tell it when the queue drains.
+    pub write_blocked: bool,
+    pub last_activity: Instant,
+}
+
+/// What `Engine::stream_read` found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ReadOutcome {
+    /// Stream data is in `buf[range]`.
+    Data(std::ops::Range<usize>),
+    /// The peer will send nothing more.
+    Fin,
+    /// Nothing yet: wait for a `Readable` event.
+    WouldBlock,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum StreamError {
+    #[error("no such stream (closed or reset)")]
+    Closed,
+    #[error("stream is not open for data yet")]
+    NotOpen,
+    #[error("stream already finished writing")]
+    Finished,
+    #[error("peer violated the stream protocol: {0}")]
+    Protocol(#[from] FrameError),
+    #[error("target name too long")]
+    BadTarget,
+}
+
+/// The first message a stream receives, decoded by the engine rather than the edge.
+pub enum Control {
+    Open(TargetAddr),
+    Reply(Result<(), OpenError>),
+}
+
+impl Stream {
+    pub fn new(kcp: Conversation, phase: Phase, now: Instant) -> Stream {
+        Stream { kcp, phase, sent_fin: false, recv_fin: false, write_blocked: false, last_activity: now }
+    }
+
+    /// Queued bytes a writer may add before it must wait: KCP's own send window, so the
+    /// unsent queue never holds more than one window beyond what is in flight.
+    pub fn writable(&self) -> bool {
+        self.kcp.wait_snd() < self.kcp.snd_wnd() as usize
+    }
+
+    pub fn has_message(&self) -> bool {
+        self.kcp.peeksize().is_ok()
+    }
+
+    /// Sends one message; the caller sizes it to at most [`max_data_per_message`].
+    pub fn send_msg(&mut self, msg: &StreamMsg<'_>, scratch: &mut Vec<u8>) -> Result<(), StreamError> {
+        scratch.clear();
+        msg.emit(scratch)?;
+        self.kcp.send(scratch).map_err(|_| StreamError::BadTarget)?;
+        Ok(())
+    }
+
+    /// Reads the stream's first message, which must be the control message its phase expects.
+    pub fn take_control(&mut self, buf: &mut [u8]) -> Result<Option<Control>, StreamError> {
+        let Ok(n) = self.kcp.recv(buf) else { return Ok(None) };
+        match StreamMsg::parse(&buf[..n])? {
+            StreamMsg::Open(target) if self.phase == Phase::AwaitingOpen => Ok(Some(Control::Open(target))),
+            StreamMsg::Reply(result) if self.phase == Phase::AwaitingReply => Ok(Some(Control::Reply(result))),
+            _ => Err(StreamError::Protocol(FrameError::Malformed("unexpected first stream message"))),
+        }
+    }
+
+    /// Both directions finished and everything we sent is acknowledged.
+    pub fn fully_closed(&self) -> bool {
+        self.sent_fin && self.recv_fin && self.kcp.wait_snd() == 0
+    }
+}
+
+/// Splits the relay's memory budget across the live streams: many streams get small
+/// windows, a lone stream a large one. Each stream can hold a send and a receive window.
+pub fn window_for(streams: usize, budget_bytes: usize, mss: usize, min: u16, max: u16) -> u16 {
+    let per_stream = budget_bytes / streams.max(1) / (2 * mss.max(1));
+    per_stream.clamp(min as usize, max as usize) as u16
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn window_shrinks_with_streams_within_bounds() {
+        let budget = 96 << 20;
+        assert_eq!(window_for(1, budget, 1376, 32, 1024), 1024);
+        let w1000 = window_for(1000, budget, 1376, 32, 1024);
+        assert!(w1000 < 64 && w1000 >= 32, "{w1000}");
+        // 1000 streams × both windows × mss stays inside the budget.
+        assert!(1000 * 2 * w1000 as usize * 1376 <= budget);
+        assert_eq!(window_for(1_000_000, budget, 1376, 32, 1024), 32);
+    }
+
+    #[test]
+    fn message_size_fits_eight_segments() {
+        assert_eq!(max_data_per_message(1000) + 1, 8000);
+    }
+}

@@ -1,0 +1,339 @@
+//! The engine end to end over an in-memory link that drops, duplicates, reorders and
+//! corrupts datagrams, on a virtual clock: delivery must still be exact and in order.
+
+use super::*;
+use rand::rngs::StdRng;
+
+const CLIENT: &str = "198.18.0.1:40000";
+const SERVER: &str = "198.18.0.2:4000";
+
+#[derive(Clone, Copy, Default)]
+struct Impairment {
+    drop: f64,
+    duplicate: f64,
+    corrupt: f64,
+    /// Extra random delay (ms) on top of the base, which reorders packets.
+    jitter_ms: u64,
+}
+
+struct InFlight {
+    at: Instant,
+    to_server: bool,
+    from: SocketAddr,
+    bytes: Vec<u8>,
+}
+
+struct Sim {
+    t0: Instant,
+    now: Instant,
+    client: Engine,
+    server: Engine,
+    link: Vec<InFlight>,
+    rng: StdRng,
+    impair: Impairment,
+    client_events: Vec<Event>,
+    server_events: Vec<Event>,
+}
+
+fn psk() -> Psk {
+    Psk([0x42; 32])
+}
+
+impl Sim {
+    fn new(impair: Impairment, seed: u8) -> Sim {
+        Sim::with_keys(impair, seed, psk(), psk())
+    }
+
+    fn with_keys(impair: Impairment, seed: u8, client_key: Psk, server_key: Psk) -> Sim {
+        let t0 = Instant::now();
+        let client_cfg = EngineConfig::new(Role::Client { server: SERVER.parse().unwrap() }, client_key, [seed; 32]);
+        let server_cfg = EngineConfig::new(Role::Server, server_key, [seed.wrapping_add(1); 32]);
+        Sim {
+            t0,
+            now: t0,
+            client: Engine::new(client_cfg, t0),
+            server: Engine::new(server_cfg, t0),
+            link: Vec::new(),
+            rng: StdRng::from_seed([seed; 32]),
+            impair,
+            client_events: Vec::new(),
+            server_events: Vec::new(),
+        }
+    }
+
+    fn clock(&self) -> Now {
+        Now { instant: self.now, unix_ms: 1_800_000_000_000 + (self.now - self.t0).as_millis() as u64 }
+    }
+
+    /// Moves the engines' output onto the link, impaired.
+    fn collect(&mut self) {
+        let mut out = Vec::new();
+        self.client.drain_transmits(&mut out);
+        let from_client = out.len();
+        self.server.drain_transmits(&mut out);
+        for (i, t) in out.into_iter().enumerate() {
+            let to_server = i < from_client;
+            let from = if to_server { CLIENT.parse().unwrap() } else { SERVER.parse().unwrap() };
+            self.send_impaired(to_server, from, t.payload);
+        }
+        self.client.drain_events(&mut self.client_events);
+        self.server.drain_events(&mut self.server_events);
+    }
+
+    fn send_impaired(&mut self, to_server: bool, from: SocketAddr, mut bytes: Vec<u8>) {
+        let copies = if self.rng.random_bool(self.impair.drop) {
+            0
+        } else if self.rng.random_bool(self.impair.duplicate) {
+            2
+        } else {
+            1
+        };
+        if self.rng.random_bool(self.impair.corrupt) && !bytes.is_empty() {
+            let i = self.rng.random_range(0..bytes.len());
+            bytes[i] ^= 1 << self.rng.random_range(0..8);
+        }
+        for _ in 0..copies {
+            let jitter = if self.impair.jitter_ms > 0 { self.rng.random_range(0..self.impair.jitter_ms) } else { 0 };
+            let at = self.now + Duration::from_millis(1 + jitter);
+            self.link.push(InFlight { at, to_server, from, bytes: bytes.clone() });
+        }
+    }
+
+    /// Advances to the next delivery or timer and processes it.
+    fn step(&mut self) {
+        let next_packet = self.link.iter().map(|p| p.at).min();
+        let next_timer = self.client.poll_timeout().min(self.server.poll_timeout());
+        let next = next_packet.map_or(next_timer, |p| p.min(next_timer));
+        self.now = self.now.max(next);
+        let now = self.clock();
+        let due: Vec<InFlight> = {
+            let (due, later): (Vec<_>, Vec<_>) = self.link.drain(..).partition(|p| p.at <= self.now);
+            self.link = later;
+            due
+        };
+        for p in due {
+            let engine = if p.to_server { &mut self.server } else { &mut self.client };
+            let _ = engine.handle_datagram(now, p.from, &p.bytes);
+        }
+        if self.client.poll_timeout() <= self.now {
+            self.client.handle_timeout(now);
+        }
+        if self.server.poll_timeout() <= self.now {
+            self.server.handle_timeout(now);
+        }
+        self.collect();
+    }
+
+    fn run_until(&mut self, max_steps: usize, mut done: impl FnMut(&mut Sim) -> bool) -> bool {
+        for _ in 0..max_steps {
+            if done(self) {
+                return true;
+            }
+            self.step();
+        }
+        done(self)
+    }
+
+    /// Opens a stream from the client and accepts it at the server.
+    fn open(&mut self, target: &str) -> (StreamId, StreamId) {
+        let now = self.clock();
+        let target = TargetAddr::Domain(target.into(), 80);
+        let cid = self.client.open_stream(now, &target).unwrap();
+        self.collect();
+        let mut sid = None;
+        let ok = self.run_until(20_000, |sim| {
+            if sid.is_none()
+                && let Some(pos) = sim.server_events.iter().position(|e| matches!(e, Event::StreamOpened { .. }))
+                && let Event::StreamOpened { id, target: t } = sim.server_events.remove(pos)
+            {
+                assert_eq!(t, target);
+                sim.server.accept_stream(id).unwrap();
+                sid = Some(id);
+                sim.collect();
+            }
+            sim.client_events.iter().any(|e| matches!(e, Event::StreamReplied { id, result: Ok(()) } if *id == cid))
+        });
+        assert!(ok, "stream never opened");
+        (cid, sid.unwrap())
+    }
+}
+
+/// Pumps `data` from one side's stream to the other's, then FIN; returns what arrived.
+fn transfer(sim: &mut Sim, from_client: bool, writer: StreamId, reader: StreamId, data: &[u8]) -> Vec<u8> {
+    let mut written = 0;
+    let mut finished = false;
+    let mut got = Vec::new();
+    let mut fin = false;
+    let mut buf = vec![0u8; sim.client.read_buffer_len()];
+    let ok = sim.run_until(2_000_000, |sim| {
+        let now = sim.clock();
+        let (w, r) = if from_client { (&mut sim.client, &mut sim.server) } else { (&mut sim.server, &mut sim.client) };
+        if written < data.len() {
+            let n = w.stream_write(now, writer, &data[written..(written + 64 * 1024).min(data.len())]).unwrap();
+            written += n;
+        } else if !finished {
+            w.stream_finish(writer).unwrap();
+            finished = true;
+        }
+        loop {
+            match r.stream_read(reader, &mut buf) {
+                Ok(ReadOutcome::Data(range)) => got.extend_from_slice(&buf[range]),
+                Ok(ReadOutcome::Fin) => {
+                    fin = true;
+                    break;
+                }
+                Ok(ReadOutcome::WouldBlock) => break,
+                Err(e) => panic!("read failed: {e}"),
+            }
+        }
+        sim.collect();
+        fin
+    });
+    assert!(ok, "transfer did not finish: {} of {} bytes", got.len(), data.len());
+    got
+}
+
+fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    (0..len).map(|_| rng.random()).collect()
+}
+
+fn both_ways(impair: Impairment, seed: u8, len: usize) {
+    let mut sim = Sim::new(impair, seed);
+    let (cid, sid) = sim.open("origin.test");
+    let up = pattern(len, 1);
+    assert_eq!(transfer(&mut sim, true, cid, sid, &up), up);
+    let down = pattern(len * 2, 2);
+    assert_eq!(transfer(&mut sim, false, sid, cid, &down), down);
+    // Both FINs are through: both sides report the stream closed.
+    let closed = sim.run_until(100_000, |sim| {
+        sim.client_events.contains(&Event::StreamClosed(cid)) && sim.server_events.contains(&Event::StreamClosed(sid))
+    });
+    assert!(closed, "stream not closed on both sides");
+}
+
+#[test]
+fn clean_link_delivers_exactly() {
+    both_ways(Impairment::default(), 1, 300_000);
+}
+
+#[test]
+fn lossy_duplicating_reordering_link_delivers_exactly() {
+    let impair = Impairment { drop: 0.05, duplicate: 0.05, corrupt: 0.0, jitter_ms: 20 };
+    both_ways(impair, 2, 200_000);
+}
+
+#[test]
+fn corrupted_packets_are_dropped_not_delivered() {
+    let impair = Impairment { drop: 0.02, duplicate: 0.02, corrupt: 0.05, jitter_ms: 5 };
+    let mut sim = Sim::new(impair, 3);
+    let (cid, sid) = sim.open("origin.test");
+    let up = pattern(150_000, 3);
+    assert_eq!(transfer(&mut sim, true, cid, sid, &up), up);
+    let dropped = sim.server.counters().dropped_unauthentic + sim.client.counters().dropped_unauthentic;
+    assert!(dropped > 0, "the corrupting link should have produced drops");
+}
+
+#[test]
+fn many_streams_do_not_mix() {
+    let impair = Impairment { drop: 0.02, duplicate: 0.01, corrupt: 0.0, jitter_ms: 10 };
+    let mut sim = Sim::new(impair, 4);
+    let pairs: Vec<_> = (0..8).map(|i| sim.open(&format!("host{i}.test"))).collect();
+    for (i, (cid, sid)) in pairs.into_iter().enumerate() {
+        let data = pattern(20_000 + i * 1000, i as u64);
+        assert_eq!(transfer(&mut sim, true, cid, sid, &data), data);
+    }
+}
+
+#[test]
+fn wrong_key_gets_nothing_through() {
+    let mut sim = Sim::with_keys(Impairment::default(), 5, Psk([1; 32]), Psk([2; 32]));
+    let now = sim.clock();
+    sim.client.open_stream(now, &TargetAddr::Domain("origin.test".into(), 80)).unwrap();
+    sim.collect();
+    sim.run_until(2_000, |_| false);
+    assert!(sim.server_events.is_empty(), "{:?}", sim.server_events);
+    assert!(!sim.client.is_connected());
+    assert!(sim.server.counters().dropped_unauthentic > 0);
+    assert_eq!(sim.server.counters().datagrams_out, 0, "server must not answer a wrong key");
+}
+
+#[test]
+fn replayed_handshake_and_data_are_refused() {
+    let mut sim = Sim::new(Impairment::default(), 6);
+    let now = sim.clock();
+    sim.client.connect(now);
+    let mut first = Vec::new();
+    sim.client.drain_transmits(&mut first);
+    let hello = first.pop().unwrap().payload;
+    let from: SocketAddr = CLIENT.parse().unwrap();
+    sim.server.handle_datagram(now, from, &hello).unwrap();
+    assert_eq!(sim.server.handle_datagram(now, from, &hello), Err(Drop::StaleHandshake));
+    let mut answer = Vec::new();
+    sim.server.drain_transmits(&mut answer);
+    assert_eq!(answer.len(), 1, "exactly one response, for the original only");
+    sim.client.handle_datagram(now, SERVER.parse().unwrap(), &answer[0].payload).unwrap();
+    assert!(sim.client.is_connected());
+
+    let (cid, _sid) = sim.open("origin.test");
+    let now = sim.clock();
+    sim.client.stream_write(now, cid, b"secret").unwrap();
+    let mut data = Vec::new();
+    sim.client.drain_transmits(&mut data);
+    let packet = data.pop().unwrap().payload;
+    sim.server.handle_datagram(now, from, &packet).unwrap();
+    assert_eq!(sim.server.handle_datagram(now, from, &packet), Err(Drop::Replayed));
+}
+
+#[test]
+fn garbage_is_dropped_silently() {
+    let mut sim = Sim::new(Impairment::default(), 7);
+    let now = sim.clock();
+    let from: SocketAddr = CLIENT.parse().unwrap();
+    let mut rng = StdRng::seed_from_u64(7);
+    for len in [0usize, 1, 11, 12, 13, 31, 32, 48, 64, 100, 1400, 2000] {
+        let junk: Vec<u8> = (0..len).map(|_| rng.random()).collect();
+        assert!(sim.server.handle_datagram(now, from, &junk).is_err());
+    }
+    let mut out = Vec::new();
+    sim.server.drain_transmits(&mut out);
+    assert!(out.is_empty(), "garbage must get no reply");
+    assert_eq!(sim.server.counters().dropped_unauthentic, 12);
+}
+
+#[test]
+fn restarted_server_is_noticed_and_streams_reset() {
+    let mut sim = Sim::new(Impairment::default(), 8);
+    let (cid, _sid) = sim.open("origin.test");
+    // The server restarts: a fresh engine that knows no session.
+    let cfg = EngineConfig::new(Role::Server, psk(), [99; 32]);
+    sim.server = Engine::new(cfg, sim.now);
+    let handshakes_before = sim.server.counters().handshakes;
+    let ok = sim.run_until(200_000, |sim| sim.server.counters().handshakes > handshakes_before && sim.client.is_connected());
+    assert!(ok, "client never re-handshook");
+    // Its old stream's segments are unknown to the new server, which resets it.
+    let now = sim.clock();
+    let _ = sim.client.stream_write(now, cid, b"after restart");
+    sim.collect();
+    let reset = sim.run_until(200_000, |sim| sim.client_events.contains(&Event::StreamClosed(cid)));
+    assert!(reset, "stale stream was not reset");
+    let elapsed = sim.now - sim.t0;
+    assert!(elapsed < Duration::from_secs(60), "recovery took {elapsed:?} of virtual time");
+}
+
+#[test]
+fn refused_stream_reports_reason() {
+    let mut sim = Sim::new(Impairment::default(), 9);
+    let now = sim.clock();
+    let cid = sim.client.open_stream(now, &TargetAddr::Ip("198.18.0.2:1".parse().unwrap())).unwrap();
+    sim.collect();
+    let ok = sim.run_until(20_000, |sim| {
+        if let Some(Event::StreamOpened { id, .. }) = sim.server_events.pop() {
+            sim.server.refuse_stream(id, OpenError::ConnectionRefused).unwrap();
+            sim.collect();
+        }
+        sim.client_events.iter().any(|e| matches!(e, Event::StreamReplied { id, result: Err(OpenError::ConnectionRefused) } if *id == cid))
+    });
+    assert!(ok);
+}
+
