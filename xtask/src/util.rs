@@ -38,11 +38,10 @@ pub fn path_with_cargo_bin() -> std::ffi::OsString {
     let mut paths: Vec<PathBuf> = std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).collect())
         .unwrap_or_default();
-    if let Some(bin) = cargo_home_bin() {
-        if !paths.contains(&bin) {
+    if let Some(bin) = cargo_home_bin()
+        && !paths.contains(&bin) {
             paths.push(bin);
         }
-    }
     std::env::join_paths(paths).unwrap_or_default()
 }
 
@@ -56,11 +55,10 @@ pub fn which(program: &str) -> Option<PathBuf> {
 fn describe(cmd: &Command) -> String {
     let mut s = String::new();
     for (k, v) in cmd.get_envs() {
-        if let Some(v) = v {
-            if k != "PATH" {
+        if let Some(v) = v
+            && k != "PATH" {
                 s.push_str(&format!("{}={} ", k.to_string_lossy(), v.to_string_lossy()));
             }
-        }
     }
     s.push_str(&cmd.get_program().to_string_lossy());
     for a in cmd.get_args() {

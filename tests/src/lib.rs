@@ -1,0 +1,11 @@
+//! Support for paqet's end-to-end tests: network namespaces joined by veth links, child
+//! process guards, bounded waits, and where the binary under test is.
+//!
+//! Tests that need root call [`require_root`] first: without root they are skipped
+//! loudly, except under CI, where skipping would hide a broken suite and so panics.
+
+pub mod netns;
+
+pub use netns::{
+    ChildGuard, Netns, TwoHosts, fmt_mac, paqet_bin, require_root, run_checked, veth, wait_for,
+};
