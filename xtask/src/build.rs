@@ -79,7 +79,8 @@ pub fn run(args: &Args) -> Result<PathBuf> {
     if !args.debug {
         cmd.arg("--release");
     }
-    cmd.env("PAQET_EBPF_OBJECT", &obj);
+    // paqet-user/build.rs finds the object at this same default path; not passing
+    // PAQET_EBPF_OBJECT keeps a later plain `cargo build` from rerunning the script.
     util::run(&mut cmd)?;
     let bin = util::target_dir().join(profile).join("paqet");
     if !bin.is_file() {

@@ -25,8 +25,7 @@ pub fn run(args: &Args) -> Result<()> {
     let mut cmd = Command::new(util::cargo());
     cmd.current_dir(util::root())
         .args(["test", "--release"])
-        .env("PAQET_BIN", &bin)
-        .env("PAQET_EBPF_OBJECT", crate::build::ebpf_object());
+        .env("PAQET_BIN", &bin);
     if args.cargo_args.is_empty() {
         cmd.arg("--workspace");
     } else {
