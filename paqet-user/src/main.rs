@@ -1,1 +1,59 @@
-fn main() {}
+//! The `paqet` binary: parse the command line, load the config, and run a role.
+
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use base64::Engine as _;
+use clap::Parser;
+
+use paqet::cli::{Cli, Command, RunArgs};
+use paqet::config::{Config, LogLevel, Role};
+
+fn init_logging(level: LogLevel) {
+    // RUST_LOG, when set, refines the configured level (e.g. `paqet=debug,kcp=warn`).
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level.as_str()));
+    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).init();
+}
+
+fn load(args: &RunArgs, role: Option<Role>) -> Result<Config> {
+    Ok(Config::load(args.config.as_deref(), &args.overrides(), role)?)
+}
+
+fn run_role(args: &RunArgs, role: Option<Role>) -> Result<()> {
+    let config = load(args, role)?;
+    init_logging(config.log_level);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(paqet::roles::run(config))
+}
+
+fn genkey() {
+    let mut key = [0u8; 32];
+    rand::fill(&mut key);
+    println!("{}", base64::engine::general_purpose::STANDARD.encode(key));
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Command::Client(args) => run_role(args, Some(Role::Client)),
+        Command::Server(args) => run_role(args, Some(Role::Server)),
+        Command::Run(args) => run_role(args, None),
+        Command::Check(args) => paqet::ops::check::run(args),
+        Command::Status(args) => paqet::ops::status::run(args),
+        Command::Genkey => {
+            genkey();
+            Ok(())
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("paqet: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

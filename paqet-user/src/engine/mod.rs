@@ -213,6 +213,8 @@ pub struct Engine {
     open_buf: Vec<u8>,
     /// A stream's first (control) message is read here, while `open_buf` is in use.
     control_buf: Vec<u8>,
+    /// Streams that took input since the last drain and owe the peer an acknowledgement.
+    unflushed: Vec<StreamId>,
     counters: Counters,
     live_streams: usize,
     /// The latest time the edge told us; for the calls that need no fresh reading.
@@ -241,6 +243,7 @@ impl Engine {
             scratch: Vec::with_capacity(64 * 1024),
             open_buf: vec![0u8; 64 * 1024],
             control_buf: Vec::new(),
+            unflushed: Vec::new(),
             counters: Counters::default(),
             live_streams: 0,
             clock: now,
@@ -287,20 +290,12 @@ impl Engine {
         now.saturating_duration_since(self.epoch).as_millis() as u32
     }
 
-    pub fn poll_transmit(&mut self) -> Option<Transmit> {
-        self.transmits.pop()
-    }
-
     /// Takes every queued datagram at once, for a batched send.
     pub fn drain_transmits(&mut self, into: &mut Vec<Transmit>) {
-        into.append(&mut self.transmits);
-    }
-
-    pub fn poll_event(&mut self) -> Option<Event> {
-        if self.events.is_empty() {
-            return None;
+        for id in std::mem::take(&mut self.unflushed) {
+            self.flush_stream(id);
         }
-        Some(self.events.remove(0))
+        into.append(&mut self.transmits);
     }
 
     pub fn drain_events(&mut self, into: &mut Vec<Event>) {
@@ -483,7 +478,15 @@ impl Engine {
         if stream.phase != Phase::Open {
             return Ok(ReadOutcome::WouldBlock);
         }
-        let Ok(n) = stream.kcp.recv(buf) else { return Ok(ReadOutcome::WouldBlock) };
+        let n = match stream.kcp.recv(buf) {
+            Ok(n) => n,
+            Err(::kcp::Error::RecvQueueEmpty | ::kcp::Error::ExpectingFragment) => return Ok(ReadOutcome::WouldBlock),
+            // Larger than any message we send: the peer breaks the protocol.
+            Err(_) => {
+                self.reset_stream(id);
+                return Err(StreamError::Closed);
+            }
+        };
         let outcome = match StreamMsg::parse(&buf[..n]) {
             Ok(StreamMsg::Data(_)) => ReadOutcome::Data(1..n),
             Ok(StreamMsg::Fin) => {
@@ -739,10 +742,13 @@ impl Engine {
         false
     }
 
-    /// After KCP took input: acknowledge at once (latency), deliver control messages,
-    /// and wake readers and writers.
+    /// After KCP took input: deliver control messages and wake readers and writers. The
+    /// acknowledgement goes out when the edge drains transmits, once per batch of input
+    /// rather than once per datagram.
     fn after_input(&mut self, now: Now, id: StreamId) {
-        self.flush_stream(id);
+        if !self.unflushed.contains(&id) {
+            self.unflushed.push(id);
+        }
         let mut buf = std::mem::take(&mut self.control_buf);
         let control = match self.stream_mut(id) {
             Some(s) if matches!(s.phase, Phase::AwaitingOpen | Phase::AwaitingReply) => s.take_control(&mut buf),

@@ -12,10 +12,10 @@ pub fn max_data_per_message(mss: usize) -> usize {
     mss * 8 - super::frame::DATA_MSG_OVERHEAD
 }
 
-/// Big enough for any stream message a peer may send us (KCP refuses messages of more
-/// than 127 fragments; we send at most eight).
+/// Big enough for any stream message a well-behaved peer sends (at most eight
+/// segments); a bigger one is a protocol violation and resets the stream.
 pub fn read_buffer_len(mss: usize) -> usize {
-    mss * 128
+    mss * 8
 }
 
 /// Where a stream is in its life.
@@ -100,7 +100,11 @@ impl Stream {
 
     /// Reads the stream's first message, which must be the control message its phase expects.
     pub fn take_control(&mut self, buf: &mut [u8]) -> Result<Option<Control>, StreamError> {
-        let Ok(n) = self.kcp.recv(buf) else { return Ok(None) };
+        let n = match self.kcp.recv(buf) {
+            Ok(n) => n,
+            Err(::kcp::Error::RecvQueueEmpty | ::kcp::Error::ExpectingFragment) => return Ok(None),
+            Err(_) => return Err(StreamError::Protocol(FrameError::Malformed("oversized stream message"))),
+        };
         match StreamMsg::parse(&buf[..n])? {
             StreamMsg::Open(target) if self.phase == Phase::AwaitingOpen => Ok(Some(Control::Open(target))),
             StreamMsg::Reply(result) if self.phase == Phase::AwaitingReply => Ok(Some(Control::Reply(result))),

@@ -1,0 +1,230 @@
+//! Drives the sans-IO engine with tokio: the transport's datagrams in, the clock, and
+//! the TCP connections of the edges (SOCKS on the client, dialled targets on the server).
+//!
+//! One lock guards the engine; every call into it drains the engine's datagrams and
+//! events before the lock is released, sends the datagrams as one batch, and wakes the
+//! stream tasks the events name.
+
+mod relay;
+
+pub use relay::relay_stream;
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::{Notify, mpsc, oneshot};
+
+use crate::engine::frame::{OpenError, TargetAddr};
+use crate::engine::mux::StreamError;
+use crate::engine::{Counters, Engine, Event, Now, StreamId, Transmit};
+use crate::transport::{RecvBatch, Transport};
+
+const RECV_BATCH: usize = 64;
+/// How often authentication failures are summarised in the log (never per packet: a
+/// scan must not flood the journal).
+const DROP_REPORT_EVERY: Duration = Duration::from_secs(10);
+
+/// Wakes one stream's tasks when the engine has something for them.
+#[derive(Default)]
+pub struct StreamWaker {
+    pub readable: Notify,
+    pub writable: Notify,
+    closed: AtomicBool,
+    reply: Mutex<Option<oneshot::Sender<Result<(), OpenError>>>>,
+}
+
+impl StreamWaker {
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+}
+
+pub struct Node<T: Transport> {
+    engine: Mutex<Engine>,
+    transport: T,
+    wakers: Mutex<HashMap<StreamId, Arc<StreamWaker>>>,
+    /// Server: streams that clients asked for, to be dialled.
+    opened: Option<mpsc::UnboundedSender<(StreamId, TargetAddr)>>,
+    timer: Notify,
+}
+
+pub fn now() -> Now {
+    let unix_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    Now { instant: Instant::now(), unix_ms }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panicking stream task must not take the whole relay down with a poisoned lock.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl<T: Transport> Node<T> {
+    /// A server node also returns the receiver of the streams clients open.
+    pub fn new(engine: Engine, transport: T, server: bool) -> (Arc<Self>, Option<mpsc::UnboundedReceiver<(StreamId, TargetAddr)>>) {
+        let (tx, rx) = if server {
+            let (tx, rx) = mpsc::unbounded_channel();
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
+        let node = Node { engine: Mutex::new(engine), transport, wakers: Mutex::new(HashMap::new()), opened: tx, timer: Notify::new() };
+        (Arc::new(node), rx)
+    }
+
+    pub fn transport(&self) -> &T {
+        &self.transport
+    }
+
+    pub fn counters(&self) -> Counters {
+        lock(&self.engine).counters()
+    }
+
+    pub fn live_streams(&self) -> usize {
+        lock(&self.engine).live_streams()
+    }
+
+    pub fn read_buffer_len(&self) -> usize {
+        lock(&self.engine).read_buffer_len()
+    }
+
+    /// Runs `f` on the engine, then sends what it queued and dispatches its events.
+    pub fn with_engine<R>(&self, f: impl FnOnce(&mut Engine, Now) -> R) -> R {
+        let mut transmits: Vec<Transmit> = Vec::new();
+        let mut events = Vec::new();
+        let result = {
+            let mut engine = lock(&self.engine);
+            let r = f(&mut engine, now());
+            engine.drain_transmits(&mut transmits);
+            engine.drain_events(&mut events);
+            r
+        };
+        if !transmits.is_empty()
+            && let Err(e) = self.transport.send_batch(&transmits)
+        {
+            tracing::warn!("send failed on {}: {e}", self.transport.name());
+        }
+        for event in events {
+            self.dispatch(event);
+        }
+        result
+    }
+
+    fn waker(&self, id: StreamId) -> Option<Arc<StreamWaker>> {
+        lock(&self.wakers).get(&id).cloned()
+    }
+
+    fn dispatch(&self, event: Event) {
+        match event {
+            Event::Connected => {}
+            Event::StreamOpened { id, target } => {
+                lock(&self.wakers).insert(id, Arc::new(StreamWaker::default()));
+                if let Some(tx) = &self.opened {
+                    let _ = tx.send((id, target));
+                }
+            }
+            Event::StreamReplied { id, result } => {
+                if let Some(w) = self.waker(id)
+                    && let Some(reply) = lock(&w.reply).take()
+                {
+                    let _ = reply.send(result);
+                }
+            }
+            Event::Readable(id) => {
+                if let Some(w) = self.waker(id) {
+                    w.readable.notify_one();
+                }
+            }
+            Event::Writable(id) => {
+                if let Some(w) = self.waker(id) {
+                    w.writable.notify_one();
+                }
+            }
+            Event::StreamClosed(id) => {
+                if let Some(w) = lock(&self.wakers).remove(&id) {
+                    w.closed.store(true, Ordering::Release);
+                    w.readable.notify_one();
+                    w.writable.notify_one();
+                    // Dropping an unanswered reply tells the opener the stream failed.
+                    lock(&w.reply).take();
+                }
+            }
+        }
+    }
+
+    /// Client: opens a stream; the receiver yields the server's answer.
+    pub fn open_stream(&self, target: &TargetAddr) -> Result<(StreamId, Arc<StreamWaker>, oneshot::Receiver<Result<(), OpenError>>), StreamError> {
+        let (tx, rx) = oneshot::channel();
+        let waker = Arc::new(StreamWaker { reply: Mutex::new(Some(tx)), ..StreamWaker::default() });
+        let id = self.with_engine(|engine, now| {
+            let id = engine.open_stream(now, target)?;
+            // Registered under the engine lock, so no event for this stream can be missed.
+            lock(&self.wakers).insert(id, waker.clone());
+            Ok::<_, StreamError>(id)
+        })?;
+        self.timer.notify_one();
+        Ok((id, waker, rx))
+    }
+
+    /// Server: the waker registered when the stream was opened.
+    pub fn stream_waker(&self, id: StreamId) -> Option<Arc<StreamWaker>> {
+        self.waker(id)
+    }
+
+    pub fn reset_stream(&self, id: StreamId) {
+        self.with_engine(|e, _| e.reset_stream(id));
+    }
+
+    /// Reads datagrams until the transport fails.
+    pub async fn run_receiver(self: Arc<Self>) -> io::Result<()> {
+        let max = self.transport.max_payload().max(2048);
+        let mut batch = RecvBatch::new(RECV_BATCH, max);
+        loop {
+            self.transport.recv_batch(&mut batch).await?;
+            self.with_engine(|engine, now| {
+                for (peer, bytes) in batch.iter() {
+                    let _ = engine.handle_datagram(now, peer, bytes);
+                }
+            });
+        }
+    }
+
+    /// Runs the engine's timers forever.
+    pub async fn run_timers(self: Arc<Self>) {
+        let mut last_report = Instant::now();
+        let mut reported = Counters::default();
+        loop {
+            let deadline = lock(&self.engine).poll_timeout();
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline.into()) => {}
+                _ = self.timer.notified() => {}
+            }
+            self.with_engine(|engine, now| {
+                if engine.poll_timeout() <= now.instant {
+                    engine.handle_timeout(now);
+                }
+            });
+            if last_report.elapsed() >= DROP_REPORT_EVERY {
+                reported = self.report_drops(reported);
+                last_report = Instant::now();
+            }
+        }
+    }
+
+    fn report_drops(&self, before: Counters) -> Counters {
+        let now = self.counters();
+        let unauthentic = now.dropped_unauthentic - before.dropped_unauthentic;
+        let replayed = now.dropped_replayed - before.dropped_replayed + now.dropped_stale_handshake - before.dropped_stale_handshake;
+        if unauthentic + replayed > 0 {
+            tracing::warn!(
+                unauthentic,
+                replayed,
+                "dropped datagrams that failed authentication or were replays (wrong key, scan, or attack) in the last {}s",
+                DROP_REPORT_EVERY.as_secs()
+            );
+        }
+        now
+    }
+}

@@ -1,0 +1,5 @@
+//! Operator commands: `paqet check` (the troubleshooting list, automated) and
+//! `paqet status` (what is attached, and its counters).
+
+pub mod check;
+pub mod status;

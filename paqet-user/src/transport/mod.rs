@@ -1,0 +1,77 @@
+//! The edge to the wire. Every transport moves batches of datagram payloads to and from
+//! peers named by IP address and port; the engine above never knows which one runs.
+//!
+//! - `udp`: a plain UDP socket, no privileges (development, hosts without eBPF).
+//! - `xdp`: frames built by paqet, sent through AF_XDP and steered back by `paqet_steer`.
+
+pub mod udp;
+pub mod xdp;
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+
+use crate::engine::Transmit;
+
+/// One received datagram's slot in a [`RecvBatch`].
+pub struct RecvSlot {
+    pub buf: Vec<u8>,
+    pub len: usize,
+    pub peer: SocketAddr,
+}
+
+/// Reusable buffers for one batch of received datagrams: filled by a transport, read by
+/// the engine, never reallocated.
+pub struct RecvBatch {
+    slots: Vec<RecvSlot>,
+    filled: usize,
+}
+
+impl RecvBatch {
+    pub fn new(count: usize, max_datagram: usize) -> RecvBatch {
+        let unspecified = SocketAddr::from(([0, 0, 0, 0], 0));
+        let slots = (0..count).map(|_| RecvSlot { buf: vec![0u8; max_datagram], len: 0, peer: unspecified }).collect();
+        RecvBatch { slots, filled: 0 }
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// All slots, for a transport to fill; it then calls [`RecvBatch::set_filled`].
+    pub fn slots_mut(&mut self) -> &mut [RecvSlot] {
+        &mut self.slots
+    }
+
+    pub fn set_filled(&mut self, n: usize) {
+        self.filled = n.min(self.slots.len());
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (SocketAddr, &[u8])> {
+        self.slots[..self.filled].iter().map(|s| (s.peer, &s.buf[..s.len]))
+    }
+
+    pub fn len(&self) -> usize {
+        self.filled
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.filled == 0
+    }
+}
+
+pub trait Transport: Send + Sync + 'static {
+    /// A short name for logs and `paqet status`.
+    fn name(&self) -> &'static str;
+
+    /// Sends what the wire takes now, without waiting. Datagrams it cannot take are
+    /// dropped and counted: KCP retransmits, and a relay must not stall on a full queue.
+    fn send_batch(&self, batch: &[Transmit]) -> io::Result<()>;
+
+    /// Waits until at least one datagram has arrived, then fills `batch` with as many as
+    /// are ready.
+    fn recv_batch<'a>(&'a self, batch: &'a mut RecvBatch) -> impl Future<Output = io::Result<()>> + Send + 'a;
+
+    /// Largest payload one datagram can carry on this transport.
+    fn max_payload(&self) -> usize;
+}
