@@ -1,0 +1,556 @@
+//! The `xdp` transport: paqet builds whole frames (Ethernet, IPv4/IPv6, a TCP-shaped or
+//! UDP header) and sends them through AF_XDP; `paqet_steer` redirects the peer's frames
+//! into the same sockets before the kernel's stack sees them, so the kernel sends no
+//! RST or ICMP error and keeps no state for paqet's traffic.
+//!
+//! ```text
+//!  send_batch ─▶ emit headers + checksums ─▶ UMEM frame ─▶ TX ring ─▶ sendto kick ─▶ wire
+//!  wire ─▶ paqet_steer (filter match) ─▶ XSKMAP[rx queue] ─▶ RX ring ─▶ parse_frame ─▶ RecvBatch
+//! ```
+//!
+//! One AF_XDP socket per RX queue of the interface (a frame for paqet on a queue with no
+//! socket would reach the kernel); TX goes through queue 0's socket. The next hop's MAC
+//! comes from received frames (server) or the kernel's route and neighbour tables
+//! (see [`neigh`]); a send to a peer with no known MAC is dropped and counted while a
+//! background thread resolves it (KCP retransmits).
+//!
+//! `XdpTransport::open` must run inside a tokio runtime (readiness of the sockets comes
+//! from tokio's reactor) and on a thread in the interface's network namespace.
+
+mod emit;
+mod iface;
+mod neigh;
+mod peers;
+mod xsk;
+
+pub use emit::{EmitError, TcpNumbers};
+pub use neigh::NeighError;
+pub use xsk::{FRAME_SIZE, UMEM_FRAMES, XskError};
+
+pub use crate::config::WireShape;
+pub use crate::kernel::AttachMode;
+
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::Poll;
+use std::time::Instant;
+
+use paqet_common::maps::{FilterConfig, Protocol};
+use paqet_common::wire::{Addr, Bytes, parse_frame};
+use paqet_common::Stats;
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
+
+use super::{RecvBatch, Transport};
+use crate::engine::Transmit;
+use crate::kernel::{AttachOptions, AttachedMode, KernelError, Steering};
+use peers::Peers;
+
+/// Most frames one `send_batch` queues per TX ring pass.
+const TX_CHUNK: usize = 256;
+
+#[derive(Clone, Debug)]
+pub struct XdpOptions {
+    /// Interface in the current network namespace.
+    pub interface: String,
+    /// Pin directory name, e.g. `server-veth0`.
+    pub instance: String,
+    /// The address paqet uses on this interface. Port 0 (a client) picks a free port.
+    pub local: SocketAddr,
+    /// Client: the server (only its frames are taken). Server: `None` (any peer).
+    pub peer: Option<SocketAddr>,
+    pub wire: WireShape,
+    pub mode: AttachMode,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum XdpError {
+    #[error("the xdp transport needs a specific local address, not {0}")]
+    UnspecifiedLocal(SocketAddr),
+    #[error("local address {local} and peer {peer} are of different address families")]
+    FamilyMismatch { local: SocketAddr, peer: SocketAddr },
+    #[error("XdpTransport::open must be called inside a tokio runtime")]
+    NoRuntime,
+    #[error("reading {what} of interface {interface}")]
+    Interface {
+        interface: String,
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("reserving a local port on {0}")]
+    PortReservation(SocketAddr, #[source] io::Error),
+    #[error(transparent)]
+    Kernel(#[from] KernelError),
+    #[error(transparent)]
+    Socket(#[from] XskError),
+    #[error("registering an AF_XDP socket with tokio")]
+    Reactor(#[source] io::Error),
+    #[error("starting the next-hop resolver thread")]
+    Resolver(#[source] io::Error),
+}
+
+/// Counters for `paqet status`: free-running, read with `Relaxed` loads.
+#[derive(Debug, Default)]
+pub struct XdpCounters {
+    /// Frames handed to the engine.
+    pub rx_frames: AtomicU64,
+    /// Frames taken from the RX ring but not handed on: outer headers that do not parse
+    /// or are not paqet's, an empty payload (a relay datagram is never empty), or a
+    /// payload larger than the receive buffer.
+    pub rx_dropped_malformed: AtomicU64,
+    pub tx_frames: AtomicU64,
+    /// Datagrams dropped because the TX ring or the UMEM had no free frame.
+    pub tx_dropped_full: AtomicU64,
+    /// Datagrams dropped because the peer's next-hop MAC is not known yet.
+    pub tx_dropped_no_neighbour: AtomicU64,
+    /// Datagrams that cannot be sent at all: larger than `max_payload`, or to a peer of
+    /// the other address family.
+    pub tx_dropped_invalid: AtomicU64,
+}
+
+/// A copy of [`XdpCounters`] at one moment.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct XdpCountersSnapshot {
+    pub rx_frames: u64,
+    pub rx_dropped_malformed: u64,
+    pub tx_frames: u64,
+    pub tx_dropped_full: u64,
+    pub tx_dropped_no_neighbour: u64,
+    pub tx_dropped_invalid: u64,
+}
+
+impl XdpCounters {
+    pub fn snapshot(&self) -> XdpCountersSnapshot {
+        let r = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        XdpCountersSnapshot {
+            rx_frames: r(&self.rx_frames),
+            rx_dropped_malformed: r(&self.rx_dropped_malformed),
+            tx_frames: r(&self.tx_frames),
+            tx_dropped_full: r(&self.tx_dropped_full),
+            tx_dropped_no_neighbour: r(&self.tx_dropped_no_neighbour),
+            tx_dropped_invalid: r(&self.tx_dropped_invalid),
+        }
+    }
+}
+
+/// One RX queue's socket, with its tokio registration.
+struct Queue {
+    xsk: xsk::Xsk,
+    ready: AsyncFd<s2n_quic_xdp::socket::Fd>,
+}
+
+pub struct XdpTransport {
+    // Drop order: the resolver thread first, then the sockets (after `Drop::drop`
+    // unregistered them), then the steering handle, which detaches and unpins.
+    resolver: neigh::Resolver,
+    queues: Vec<Queue>,
+    steering: Steering,
+    peers: Arc<Mutex<Peers>>,
+    counters: XdpCounters,
+    local: SocketAddr,
+    src_mac: [u8; 6],
+    wire: WireShape,
+    filter: FilterConfig,
+    learn_macs: bool,
+    max_payload: usize,
+    ip_id: std::sync::atomic::AtomicU16,
+    /// Rotates which queue `recv_batch` drains first, so one busy queue cannot starve
+    /// the others.
+    next_rx: AtomicU64,
+    /// Keeps a picked client port taken in the kernel, so no kernel socket gets it.
+    _port_reservation: Option<socket2::Socket>,
+}
+
+impl XdpTransport {
+    pub fn open(opts: XdpOptions) -> Result<XdpTransport, XdpError> {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(XdpError::NoRuntime);
+        }
+        if opts.local.ip().is_unspecified() {
+            return Err(XdpError::UnspecifiedLocal(opts.local));
+        }
+        if let Some(peer) = opts.peer
+            && peer.is_ipv4() != opts.local.is_ipv4()
+        {
+            return Err(XdpError::FamilyMismatch { local: opts.local, peer });
+        }
+        let info = iface::query(&opts.interface).map_err(|source| XdpError::Interface {
+            interface: opts.interface.clone(),
+            what: "MAC, MTU and queues",
+            source,
+        })?;
+        let (local, reservation) = pick_local(opts.local, opts.wire)?;
+
+        let protocol = match opts.wire {
+            WireShape::Tcp => Protocol::Tcp,
+            WireShape::Udp => Protocol::Udp,
+        };
+        let mut filter = FilterConfig::new(protocol, local.port()).with_redirect(true);
+        if let Some(peer) = opts.peer {
+            filter = filter.with_peer(Addr::from(peer.ip()), peer.port());
+        }
+        let mut steering = Steering::attach(AttachOptions {
+            interface: opts.interface.clone(),
+            instance: opts.instance.clone(),
+            mode: opts.mode,
+            filter,
+        })?;
+        let queues = open_queues(&mut steering, &info)?;
+
+        let peers = Arc::new(Mutex::new(Peers::default()));
+        let resolver = neigh::Resolver::spawn(opts.interface.clone(), peers.clone()).map_err(XdpError::Resolver)?;
+        if let Some(peer) = opts.peer {
+            resolve_at_open(&peers, peer.ip(), &opts.interface);
+        }
+
+        let max_payload = max_payload(info.mtu, local.is_ipv6(), opts.wire);
+        tracing::info!(
+            interface = %opts.interface,
+            %local,
+            peer = ?opts.peer,
+            wire = %opts.wire,
+            xdp = steering.mode().as_str(),
+            queues = queues.len(),
+            zero_copy = queues.iter().all(|q| q.xsk.zero_copy()),
+            max_payload,
+            "xdp transport open"
+        );
+        Ok(XdpTransport {
+            resolver,
+            queues,
+            steering,
+            peers,
+            counters: XdpCounters::default(),
+            local,
+            src_mac: info.mac,
+            wire: opts.wire,
+            filter,
+            learn_macs: opts.peer.is_none(),
+            max_payload,
+            ip_id: std::sync::atomic::AtomicU16::new(rand::random()),
+            next_rx: AtomicU64::new(0),
+            _port_reservation: reservation,
+        })
+    }
+
+    /// The address paqet uses (with the picked port when opened with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    pub fn counters(&self) -> &XdpCounters {
+        &self.counters
+    }
+
+    /// `paqet_steer`'s counters (summed over CPUs).
+    pub fn steering_stats(&self) -> Result<Stats, KernelError> {
+        self.steering.stats()
+    }
+
+    pub fn attached_mode(&self) -> AttachedMode {
+        self.steering.mode()
+    }
+
+    /// Frames the kernel dropped for the sockets (RX ring full, no fill frames...),
+    /// summed over queues: (rx_dropped, rx_ring_full, rx_fill_ring_empty).
+    pub fn socket_drops(&self) -> (u64, u64, u64) {
+        self.queues.iter().filter_map(|q| q.xsk.statistics().ok()).fold((0, 0, 0), |acc, s| {
+            (acc.0 + s.rx_dropped, acc.1 + s.rx_ring_full, acc.2 + s.rx_fill_ring_empty_descriptors)
+        })
+    }
+
+    fn peers(&self) -> MutexGuard<'_, Peers> {
+        // Plain data behind the lock: a panic elsewhere does not make it unusable.
+        self.peers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn count(c: &AtomicU64, n: usize) {
+        if n > 0 {
+            c.fetch_add(n as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// Asks the resolver for the MACs of `ips`, once each until it answers.
+    fn request_resolution(&self, ips: &[IpAddr]) {
+        for &ip in ips {
+            if self.peers().start_resolving(ip) && !self.resolver.request(ip) {
+                self.peers().done_resolving(ip);
+            }
+        }
+    }
+
+    fn send_chunk(&self, chunk: &[Transmit], missing: &mut Vec<IpAddr>) {
+        let Some(q) = self.queues.first() else { return };
+        let now = Instant::now();
+        let mut peers = self.peers();
+        let mut tx = lock(&q.xsk.tx);
+        let mut skipped_invalid = 0usize;
+        let mut skipped_neigh = 0usize;
+        let (queued, processed) = q.xsk.send(&mut tx, chunk.len(), |i, frame| {
+            let t = &chunk[i];
+            if t.payload.len() > self.max_payload || t.peer.is_ipv4() != self.local.is_ipv4() {
+                skipped_invalid += 1;
+                return None;
+            }
+            let Some(dst_mac) = peers.mac(t.peer.ip(), now) else {
+                skipped_neigh += 1;
+                if !missing.contains(&t.peer.ip()) {
+                    missing.push(t.peer.ip());
+                }
+                return None;
+            };
+            let tcp = match self.wire {
+                WireShape::Tcp => peers.next_tcp(t.peer, t.payload.len(), now),
+                WireShape::Udp => TcpNumbers::default(),
+            };
+            let f = emit::Frame {
+                src_mac: self.src_mac,
+                dst_mac,
+                src: self.local,
+                dst: t.peer,
+                wire: self.wire,
+                tcp,
+                ip_id: self.ip_id.fetch_add(1, Ordering::Relaxed),
+                payload: &t.payload,
+            };
+            match emit::emit(frame, &f) {
+                Ok(n) => Some(n),
+                Err(e) => {
+                    tracing::debug!("cannot build a frame: {e}");
+                    skipped_invalid += 1;
+                    None
+                }
+            }
+        });
+        Self::count(&self.counters.tx_frames, queued);
+        Self::count(&self.counters.tx_dropped_full, chunk.len() - processed);
+        Self::count(&self.counters.tx_dropped_invalid, skipped_invalid);
+        Self::count(&self.counters.tx_dropped_no_neighbour, skipped_neigh);
+    }
+
+    /// Drains ready frames of all queues into `batch`; returns how many were filled.
+    fn drain(&self, batch: &mut RecvBatch) -> usize {
+        let n = self.queues.len();
+        let start = self.next_rx.fetch_add(1, Ordering::Relaxed) as usize;
+        let cap = batch.capacity();
+        let slots = batch.slots_mut();
+        let mut filled = 0usize;
+        let mut malformed = 0usize;
+        let now = Instant::now();
+        let mut peers = self.peers();
+        for k in 0..n {
+            if filled == cap {
+                break;
+            }
+            let q = &self.queues[(start + k) % n];
+            let mut rx = lock(&q.xsk.rx);
+            q.xsk.drain_rx(&mut rx, (cap - filled) as u32, |frame| {
+                let slot = &mut slots[filled];
+                match frame.and_then(|f| self.accept(f, &mut peers, now, &mut slot.buf)) {
+                    Some((peer, len)) => {
+                        slot.peer = peer;
+                        slot.len = len;
+                        filled += 1;
+                    }
+                    None => malformed += 1,
+                }
+            });
+        }
+        drop(peers);
+        batch.set_filled(filled);
+        Self::count(&self.counters.rx_frames, filled);
+        Self::count(&self.counters.rx_dropped_malformed, malformed);
+        filled
+    }
+
+    /// Checks one received frame and copies its payload into `buf`: the sender and the
+    /// payload length, or `None` to drop it. Checksums are not checked: a veth peer
+    /// hands over frames whose checksums were never filled in, and the AEAD above
+    /// authenticates every payload anyway.
+    fn accept(&self, frame: &[u8], peers: &mut Peers, now: Instant, buf: &mut [u8]) -> Option<(SocketAddr, usize)> {
+        let s = parse_frame(frame).ok()?;
+        if !self.filter.matches(&s) || s.dst.to_ip()? != self.local.ip() {
+            return None;
+        }
+        let peer = SocketAddr::new(s.src.to_ip()?, s.src_port);
+        let payload = frame.get(s.payload_offset as usize..)?.get(..s.payload_len as usize)?;
+        if payload.is_empty() || payload.len() > buf.len() {
+            return None;
+        }
+        buf[..payload.len()].copy_from_slice(payload);
+        if self.learn_macs {
+            peers.learn(peer.ip(), s.src_mac, now);
+        }
+        if self.wire == WireShape::Tcp {
+            let seq: [u8; 4] = frame.load(s.l4_offset as usize + 4)?;
+            peers.saw_tcp(peer, u32::from_be_bytes(seq), payload.len(), now);
+        }
+        Some((peer, payload.len()))
+    }
+
+    /// Resolves once any queue's socket is readable and its RX ring really has frames.
+    fn readable(&self) -> impl Future<Output = io::Result<()>> + '_ {
+        std::future::poll_fn(move |cx| {
+            for q in &self.queues {
+                // Twice: after clearing a stale readiness the second poll registers
+                // the waker (or finds a new edge).
+                for _ in 0..2 {
+                    match q.ready.poll_read_ready(cx) {
+                        Poll::Ready(Ok(mut guard)) => {
+                            if xsk::Xsk::rx_pending(&mut lock(&q.xsk.rx)) {
+                                return Poll::Ready(Ok(()));
+                            }
+                            guard.clear_ready();
+                        }
+                        Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                        Poll::Pending => break,
+                    }
+                }
+            }
+            Poll::Pending
+        })
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // The rings' state stays consistent across a panic in a caller's closure (indices
+    // are only advanced after the work), so a poisoned lock is still usable.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Binds a kernel socket to pick a free port when `local` has port 0, and keeps it as
+/// a reservation.
+fn pick_local(local: SocketAddr, wire: WireShape) -> Result<(SocketAddr, Option<socket2::Socket>), XdpError> {
+    if local.port() != 0 {
+        return Ok((local, None));
+    }
+    let (ty, proto) = match wire {
+        WireShape::Tcp => (socket2::Type::STREAM, socket2::Protocol::TCP),
+        WireShape::Udp => (socket2::Type::DGRAM, socket2::Protocol::UDP),
+    };
+    let err = |e| XdpError::PortReservation(local, e);
+    let sock = socket2::Socket::new(socket2::Domain::for_address(local), ty, Some(proto)).map_err(err)?;
+    sock.bind(&local.into()).map_err(err)?;
+    let picked = sock
+        .local_addr()
+        .map_err(err)?
+        .as_socket()
+        .ok_or_else(|| err(io::Error::other("bound address is not an IP address")))?;
+    Ok((picked, Some(sock)))
+}
+
+fn open_queues(steering: &mut Steering, info: &iface::InterfaceInfo) -> Result<Vec<Queue>, XdpError> {
+    let count = info.rx_queues.min(paqet_common::maps::MAX_QUEUES);
+    if info.rx_queues > count {
+        tracing::warn!(
+            queues = info.rx_queues,
+            "only the first {count} RX queues get an AF_XDP socket; paqet's frames on the others reach the kernel"
+        );
+    }
+    let frames = xsk::frames_per_queue(count);
+    let try_zero_copy = steering.mode() == AttachedMode::Native;
+    let mut queues = Vec::with_capacity(count as usize);
+    for queue in 0..count {
+        let xsk = match xsk::Xsk::open(steering.ifindex(), queue, frames, try_zero_copy) {
+            Ok(x) => x,
+            // Queue 0 must work; a later one failing means the driver reported more
+            // queues than it lets us bind, and the ones we have still carry traffic.
+            Err(e) if queue > 0 => {
+                tracing::warn!(queue, "no AF_XDP socket on this queue: {}", crate::kernel::error_chain(&e));
+                break;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        // SAFETY: the clone shares the socket's descriptor, which closes only when its
+        // last clone drops; the AsyncFd holds one, so the fd stays open and the same.
+        let ready = unsafe { AsyncFd::register_with_interest(xsk.fd().clone(), Interest::READABLE) }
+            .map_err(|e| XdpError::Reactor(e.into()))?;
+        steering.register_xsk(queue, &xsk)?;
+        tracing::debug!(queue, zero_copy = xsk.zero_copy(), frames, "AF_XDP socket registered");
+        queues.push(Queue { xsk, ready });
+    }
+    Ok(queues)
+}
+
+/// Resolves the server's next hop before the first send, so the handshake is not
+/// dropped; on failure the resolver thread keeps trying on demand.
+fn resolve_at_open(peers: &Mutex<Peers>, peer: IpAddr, interface: &str) {
+    match neigh::resolve(peer, interface, neigh::RESOLVE_WAIT) {
+        Ok(mac) => {
+            tracing::info!(%peer, mac = %iface::fmt_mac(mac), "next hop resolved");
+            lock(peers).set_from_kernel(peer, mac, Instant::now());
+        }
+        Err(e) => tracing::warn!(%peer, "next hop not resolved yet: {}", crate::kernel::error_chain(&e)),
+    }
+}
+
+/// The largest payload whose frame fits both the MTU and a UMEM frame.
+fn max_payload(mtu: u32, ipv6: bool, wire: WireShape) -> usize {
+    let l2 = paqet_common::wire::ETH_HEADER_LEN;
+    let headers = emit::header_len(ipv6, wire);
+    let by_mtu = (mtu as usize + l2).saturating_sub(headers);
+    let by_frame = xsk::MAX_FRAME.saturating_sub(headers);
+    by_mtu.min(by_frame)
+}
+
+impl Drop for XdpTransport {
+    fn drop(&mut self) {
+        for q in &self.queues {
+            if let Err(e) = self.steering.unregister_xsk(q.xsk.queue()) {
+                tracing::debug!(queue = q.xsk.queue(), "unregistering the AF_XDP socket: {e}");
+            }
+        }
+        let c = self.counters.snapshot();
+        tracing::info!(?c, "xdp transport closed");
+    }
+}
+
+impl Transport for XdpTransport {
+    fn name(&self) -> &'static str {
+        "xdp"
+    }
+
+    fn send_batch(&self, batch: &[Transmit]) -> io::Result<()> {
+        let mut missing = Vec::new();
+        for chunk in batch.chunks(TX_CHUNK) {
+            self.send_chunk(chunk, &mut missing);
+        }
+        if !missing.is_empty() {
+            self.request_resolution(&missing);
+        }
+        Ok(())
+    }
+
+    fn recv_batch<'a>(&'a self, batch: &'a mut RecvBatch) -> impl Future<Output = io::Result<()>> + Send + 'a {
+        async move {
+            loop {
+                if self.drain(batch) > 0 {
+                    return Ok(());
+                }
+                self.readable().await?;
+            }
+        }
+    }
+
+    fn max_payload(&self) -> usize {
+        self.max_payload
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn max_payload_respects_mtu_and_frame() {
+        assert_eq!(max_payload(1500, false, WireShape::Tcp), 1460);
+        assert_eq!(max_payload(1500, false, WireShape::Udp), 1472);
+        assert_eq!(max_payload(1500, true, WireShape::Tcp), 1440);
+        // A jumbo MTU is capped by the UMEM frame.
+        assert_eq!(max_payload(9000, false, WireShape::Udp), xsk::MAX_FRAME - 42);
+    }
+}

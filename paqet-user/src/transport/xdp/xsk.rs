@@ -1,0 +1,311 @@
+//! One AF_XDP socket bound to one RX queue, with its own UMEM and its four rings.
+//!
+//! Built on s2n-quic-xdp's generic `umem`, `ring`, `socket` and `syscall` modules
+//! (Apache-2.0, built on the same aya 0.14 as our loader, and verified on these
+//! machines: its Fill/Rx rings took every frame of a 450 kpps copy-mode flood on a
+//! veth). xdpilone, the other pure-Rust option, is EUPL-1.2, a copyleft we do not
+//! want in an MIT OR Apache-2.0 binary; a ring of our own on `libc` would be the same
+//! few hundred lines of unsafe pointer work that s2n-quic-xdp has already fuzzed.
+//! Its QUIC-flavoured `io` module is not used.
+//!
+//! UMEM layout: the first half of the frames belong to RX (they circulate between the
+//! fill ring, the kernel and the RX ring), the second half to TX (a free list here,
+//! the TX ring, the kernel, the completion ring). Each half equals its rings' size, so
+//! the fill and completion rings can never overflow.
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Mutex;
+
+use s2n_quic_xdp::if_xdp::{Address, DescriptorFlags, RxTxDescriptor, UmemDescriptor, XdpFlags};
+use s2n_quic_xdp::{ring, socket, syscall, umem::Umem};
+
+/// Bytes per UMEM frame: one Ethernet frame of a 1500-byte MTU plus the 256 bytes of
+/// headroom the kernel keeps in front of received packets.
+pub const FRAME_SIZE: u32 = 2048;
+/// UMEM frames for all queues together (4 MiB of locked memory). RLIMIT_MEMLOCK is
+/// 8 MiB without CAP_IPC_LOCK, and a client and a server on one host share it.
+pub const UMEM_FRAMES: u32 = 2048;
+/// Fewest frames one queue gets when many queues split [`UMEM_FRAMES`].
+const MIN_QUEUE_FRAMES: u32 = 256;
+/// Headroom the kernel reserves before packet data in every RX frame.
+const XDP_PACKET_HEADROOM: u32 = 256;
+/// Largest frame this UMEM can carry (RX keeps the kernel's headroom; TX uses the same
+/// bound so a frame we send is one we could receive).
+pub const MAX_FRAME: usize = (FRAME_SIZE - XDP_PACKET_HEADROOM) as usize;
+/// Bounds the `sendto` kicks of one flush: copy mode sends at most 32 frames per call.
+const MAX_KICKS: usize = 256;
+
+#[derive(Debug, thiserror::Error)]
+pub enum XskError {
+    #[error("{what} failed")]
+    Setup {
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("binding the AF_XDP socket to queue {queue} of interface #{ifindex} ({mode}) failed")]
+    Bind {
+        ifindex: u32,
+        queue: u32,
+        mode: &'static str,
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn setup<T>(what: &'static str) -> impl FnOnce(io::Error) -> XskError {
+    move |source| XskError::Setup { what, source }
+}
+
+/// Frames per queue: an equal share of the budget, a power of two (ring sizes must
+/// be), at least [`MIN_QUEUE_FRAMES`].
+pub fn frames_per_queue(queues: u32) -> u32 {
+    let share = (UMEM_FRAMES / queues.max(1)).max(MIN_QUEUE_FRAMES);
+    1 << (31 - share.leading_zeros())
+}
+
+pub struct RxSide {
+    rx: ring::Rx,
+    fill: ring::Fill,
+}
+
+pub struct TxSide {
+    tx: ring::Tx,
+    completion: ring::Completion,
+    /// TX frames owned by us, ready to be written.
+    free: Vec<u64>,
+}
+
+pub struct Xsk {
+    fd: socket::Fd,
+    umem: Umem,
+    queue: u32,
+    zero_copy: bool,
+    pub rx: Mutex<RxSide>,
+    pub tx: Mutex<TxSide>,
+}
+
+impl Xsk {
+    /// Opens a socket on `queue` of `ifindex`: zero-copy first when `try_zero_copy`
+    /// (only drivers with native XDP support it; veth does not), else copy mode.
+    pub fn open(ifindex: u32, queue: u32, frames: u32, try_zero_copy: bool) -> Result<Xsk, XskError> {
+        if try_zero_copy {
+            match Xsk::open_mode(ifindex, queue, frames, true) {
+                Ok(x) => return Ok(x),
+                Err(e) => tracing::info!(
+                    queue,
+                    "AF_XDP zero-copy unavailable ({}); using copy mode",
+                    crate::kernel::error_chain(&e)
+                ),
+            }
+        }
+        Xsk::open_mode(ifindex, queue, frames, false)
+    }
+
+    fn open_mode(ifindex: u32, queue: u32, frames: u32, zero_copy: bool) -> Result<Xsk, XskError> {
+        let ring_size = frames / 2;
+        let umem = Umem::builder();
+        let umem = s2n_quic_xdp::umem::Builder { frame_size: FRAME_SIZE, frame_count: frames, ..umem }
+            .build()
+            .map_err(setup::<()>("allocating the UMEM"))?;
+        let fd = socket::Fd::open().map_err(setup::<()>("opening an AF_XDP socket"))?;
+        fd.attach_umem(&umem).map_err(setup::<()>("registering the UMEM (locked memory: RLIMIT_MEMLOCK or CAP_IPC_LOCK)"))?;
+        let offsets = syscall::offsets(&fd).map_err(setup::<()>("reading the ring offsets"))?;
+        let mut fill =
+            ring::Fill::new(fd.clone(), &offsets, ring_size).map_err(setup::<()>("creating the fill ring"))?;
+        let completion = ring::Completion::new(fd.clone(), &offsets, ring_size)
+            .map_err(setup::<()>("creating the completion ring"))?;
+        let rx = ring::Rx::new(fd.clone(), &offsets, ring_size).map_err(setup::<()>("creating the RX ring"))?;
+        let tx = ring::Tx::new(fd.clone(), &offsets, ring_size).map_err(setup::<()>("creating the TX ring"))?;
+
+        // Every RX frame goes to the kernel before the socket is bound, so the first
+        // packets already have somewhere to land.
+        fill.init(umem.frames().take(ring_size as usize));
+        let free: Vec<u64> = umem.frames().skip(ring_size as usize).map(|d| d.address).collect();
+
+        let mode_flag = if zero_copy { XdpFlags::ZEROCOPY } else { XdpFlags::COPY };
+        let mut addr =
+            Address { ifindex, queue_id: queue, flags: mode_flag | XdpFlags::USE_NEED_WAKEUP, ..Default::default() };
+        syscall::bind(&fd, &mut addr).map_err(|source| XskError::Bind {
+            ifindex,
+            queue,
+            mode: if zero_copy { "zero-copy" } else { "copy mode" },
+            source,
+        })?;
+        Ok(Xsk {
+            fd,
+            umem,
+            queue,
+            zero_copy,
+            rx: Mutex::new(RxSide { rx, fill }),
+            tx: Mutex::new(TxSide { tx, completion, free }),
+        })
+    }
+
+    pub fn queue(&self) -> u32 {
+        self.queue
+    }
+
+    pub fn zero_copy(&self) -> bool {
+        self.zero_copy
+    }
+
+    pub fn fd(&self) -> &socket::Fd {
+        &self.fd
+    }
+
+    /// The kernel's drop counters for this socket.
+    pub fn statistics(&self) -> io::Result<s2n_quic_xdp::if_xdp::Statistics> {
+        syscall::statistics(&self.fd)
+    }
+
+    /// A received frame's bytes, or `None` for a descriptor outside the UMEM (which a
+    /// correct kernel never produces; checked because the slice must be in bounds).
+    fn rx_frame(&self, d: RxTxDescriptor) -> Option<&[u8]> {
+        let end = d.address.checked_add(u64::from(d.len))?;
+        if end > self.umem.len() as u64 {
+            return None;
+        }
+        // SAFETY: in bounds (checked above); the frame belongs to us from the moment
+        // the RX ring hands it over until we put it back on the fill ring, and the
+        // caller's borrow ends before that (see `drain_rx`).
+        Some(unsafe { std::slice::from_raw_parts(self.umem.as_ptr().add(d.address as usize), d.len as usize) })
+    }
+
+    /// Hands up to `max` received frames to `each`, then returns their frames to the
+    /// fill ring at once, so the kernel never runs short. Returns how many were taken.
+    pub fn drain_rx(&self, side: &mut RxSide, max: u32, mut each: impl FnMut(Option<&[u8]>)) -> u32 {
+        let n = side.rx.acquire(max).min(max);
+        if n == 0 {
+            return 0;
+        }
+        let room = side.fill.acquire(n);
+        // RX frames number the fill ring's size, so it always has room for every frame
+        // the RX ring hands back.
+        debug_assert!(room >= n, "fill ring has room {room} for {n} frames");
+        let n = n.min(room);
+        {
+            let (a, b) = side.rx.data();
+            let (fa, fb) = side.fill.data();
+            let fill_slots = fa.iter_mut().chain(fb.iter_mut());
+            for (d, slot) in a.iter().chain(b.iter()).take(n as usize).zip(fill_slots) {
+                each(self.rx_frame(*d));
+                // Aligned-chunk UMEM: the kernel wants the frame's start back.
+                *slot = UmemDescriptor { address: d.address & !u64::from(FRAME_SIZE - 1) };
+            }
+        }
+        side.rx.release(n);
+        side.fill.release(n);
+        // Drivers that sleep (zero-copy with need_wakeup) must be told the fill ring
+        // has frames again; copy mode never asks.
+        if side.fill.needs_wakeup() {
+            let _ = syscall::busy_poll(&self.fd);
+        }
+        n
+    }
+
+    /// True when the RX ring holds frames (to decide whether readiness was real).
+    pub fn rx_pending(side: &mut RxSide) -> bool {
+        side.rx.acquire(1) > 0
+    }
+
+    /// Queues frames for items `0..count` in order: `write(i, frame)` fills frame `i`
+    /// and returns its length, or `None` to skip item `i`. Stops when the TX ring or the
+    /// free frames run out. Returns (frames queued, items processed): items from the
+    /// second number on found no room.
+    pub fn send(
+        &self,
+        side: &mut TxSide,
+        count: usize,
+        mut write: impl FnMut(usize, &mut [u8]) -> Option<usize>,
+    ) -> (usize, usize) {
+        reap_completions(side);
+        let room = (side.tx.acquire(count as u32) as usize).min(side.free.len());
+        let mut queued = 0usize;
+        let mut processed = 0usize;
+        {
+            let TxSide { tx, free, .. } = side;
+            let (a, b) = tx.data();
+            let mut slots = a.iter_mut().chain(b.iter_mut()).take(room);
+            while processed < count && queued < room {
+                let Some(&addr) = free.last() else { break };
+                // SAFETY: `addr` is a TX frame on our free list: the kernel is not using
+                // it, and its FRAME_SIZE bytes lie inside the UMEM (`frames()` made it).
+                let frame = unsafe {
+                    std::slice::from_raw_parts_mut(self.umem.as_ptr().add(addr as usize), MAX_FRAME)
+                };
+                let i = processed;
+                processed += 1;
+                let Some(len) = write(i, frame) else { continue };
+                let Some(slot) = slots.next() else { break };
+                *slot = RxTxDescriptor { address: addr, len: len as u32, options: DescriptorFlags::empty() };
+                free.pop();
+                queued += 1;
+            }
+            // Items the loop could not reach (room ran out) are left unprocessed; an item
+            // skipped by `write` still counts as processed.
+        }
+        side.tx.release(queued as u32);
+        let outstanding = (side.tx.acquire(u32::MAX) as usize) < side.tx.capacity();
+        if outstanding {
+            self.kick_tx(side);
+        }
+        (queued, processed)
+    }
+
+    /// Tells the kernel to transmit what is on the TX ring, when it asks to be told
+    /// (copy mode always does: its TX runs inside `sendto`, at most 32 frames a call).
+    fn kick_tx(&self, side: &mut TxSide) {
+        for _ in 0..MAX_KICKS {
+            if !side.tx.needs_wakeup() {
+                return;
+            }
+            match syscall::wake_tx(&self.fd) {
+                Ok(()) => return,
+                // More descriptors than one call's budget: go again.
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
+                    reap_completions(side);
+                    continue;
+                }
+                // The device is busy or out of buffers: the frames stay on the ring and
+                // the next send kicks again.
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EBUSY | libc::ENOBUFS)) => return,
+                Err(e) => {
+                    tracing::debug!(queue = self.queue, "AF_XDP TX kick failed: {e}");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn reap_completions(side: &mut TxSide) {
+    let n = side.completion.acquire(u32::MAX);
+    if n == 0 {
+        return;
+    }
+    let (a, b) = side.completion.data();
+    side.free.extend(a.iter().chain(b.iter()).take(n as usize).map(|d| d.address));
+    side.completion.release(n);
+}
+
+impl AsRawFd for Xsk {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queue_shares_are_powers_of_two_within_budget() {
+        assert_eq!(frames_per_queue(1), UMEM_FRAMES);
+        assert_eq!(frames_per_queue(2), UMEM_FRAMES / 2);
+        assert_eq!(frames_per_queue(3), 512);
+        assert_eq!(frames_per_queue(64), MIN_QUEUE_FRAMES);
+        assert_eq!(frames_per_queue(0), UMEM_FRAMES);
+    }
+}
