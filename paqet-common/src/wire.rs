@@ -136,6 +136,10 @@ pub struct FrameSummary {
     pub dst_port: u16,
     /// TCP flags byte (FIN=0x01 SYN=0x02 RST=0x04 PSH=0x08 ACK=0x10); 0 for UDP.
     pub tcp_flags: u8,
+    /// TCP sequence and acknowledgment numbers and window; 0 for UDP.
+    pub tcp_seq: u32,
+    pub tcp_ack: u32,
+    pub tcp_window: u16,
     /// IPv4 TTL or IPv6 hop limit.
     pub ttl: u8,
     /// Offsets from the start of the frame.
@@ -318,18 +322,18 @@ pub fn parse_tcp<B: Bytes + ?Sized>(
         p1,
         q0,
         q1,
-        _,
-        _,
-        _,
-        _,
-        _,
-        _,
-        _,
-        _,
+        s0,
+        s1,
+        s2,
+        s3,
+        a0,
+        a1,
+        a2,
+        a3,
         doff,
         flags,
-        _,
-        _,
+        w0,
+        w1,
         _,
         _,
         _,
@@ -343,6 +347,9 @@ pub fn parse_tcp<B: Bytes + ?Sized>(
     s.src_port = u16::from_be_bytes([p0, p1]);
     s.dst_port = u16::from_be_bytes([q0, q1]);
     s.tcp_flags = flags;
+    s.tcp_seq = u32::from_be_bytes([s0, s1, s2, s3]);
+    s.tcp_ack = u32::from_be_bytes([a0, a1, a2, a3]);
+    s.tcp_window = u16::from_be_bytes([w0, w1]);
     s.payload_offset = (off + hlen) as u16;
     s.payload_len = (end - off - hlen) as u16;
     Ok(())
@@ -369,6 +376,9 @@ pub fn parse_frame<B: Bytes + ?Sized>(b: &B) -> Result<FrameSummary, ParseError>
     }
     Ok(s)
 }
+
+mod emit;
+pub use emit::{EmitError, Headers, checksum, sum};
 
 #[cfg(test)]
 mod tests;

@@ -284,3 +284,117 @@ fn slice_bytes_is_bounds_checked() {
     assert_eq!(b[..].load::<2>(2), None);
     assert_eq!(b[..].load::<1>(usize::MAX), None);
 }
+
+mod emit {
+    use super::*;
+
+    fn headers(v6: bool, proto: u8, vlans: u8) -> Headers {
+        let (src, dst) = if v6 {
+            (
+                Addr::v6([0x20, 1, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]),
+                Addr::v6([0x20, 1, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2]),
+            )
+        } else {
+            (Addr::v4(CLIENT), Addr::v4(SERVER))
+        };
+        Headers {
+            dst_mac: [2, 0, 0, 0, 0, 2],
+            src_mac: [2, 0, 0, 0, 0, 1],
+            vlan_count: vlans,
+            vlan_ids: [10, 20],
+            src,
+            dst,
+            protocol: proto,
+            src_port: 40000,
+            dst_port: 4000,
+            ttl: 64,
+            ip_id: 7,
+            tcp_seq: 0xdead_beef,
+            tcp_ack: 0x0102_0304,
+            tcp_flags: 0x18,
+            tcp_window: 512,
+        }
+    }
+
+    fn build(h: &Headers, payload: &[u8]) -> Vec<u8> {
+        let hl = h.header_len().unwrap();
+        let mut buf = vec![0u8; hl + payload.len() + 16];
+        buf[hl..hl + payload.len()].copy_from_slice(payload);
+        let n = h.emit(&mut buf, payload.len()).unwrap();
+        buf.truncate(n);
+        buf
+    }
+
+    #[test]
+    fn parse_of_emit_is_identity() {
+        for v6 in [false, true] {
+            for proto in [ipproto::UDP, ipproto::TCP] {
+                for vlans in 0..=2u8 {
+                    for payload in [&b""[..], b"x", b"sealed payload bytes"] {
+                        let h = headers(v6, proto, vlans);
+                        let f = build(&h, payload);
+                        let s = parse_frame(&f[..]).unwrap();
+                        let what =
+                            format!("v6 {v6} proto {proto} vlans {vlans} len {}", payload.len());
+                        assert_eq!((s.src, s.dst), (h.src, h.dst), "{what}");
+                        assert_eq!(
+                            (s.src_port, s.dst_port, s.protocol, s.ttl),
+                            (40000, 4000, proto, 64)
+                        );
+                        assert_eq!((s.dst_mac, s.src_mac), (h.dst_mac, h.src_mac));
+                        assert_eq!(s.vlan_count, vlans);
+                        assert_eq!(s.vlan_ids[..vlans as usize], h.vlan_ids[..vlans as usize]);
+                        assert_eq!(s.payload_len as usize, payload.len(), "{what}");
+                        let p = s.payload_offset as usize;
+                        assert_eq!(&f[p..p + payload.len()], payload);
+                        if proto == ipproto::TCP {
+                            assert_eq!(
+                                (s.tcp_seq, s.tcp_ack, s.tcp_flags, s.tcp_window),
+                                (0xdead_beef, 0x0102_0304, 0x18, 512)
+                            );
+                        }
+                        // Checksums verify: the IPv4 header and the L4 segment with its
+                        // pseudo-header both sum to zero.
+                        let l3 = s.l3_offset as usize;
+                        let l4 = s.l4_offset as usize;
+                        let pseudo = if v6 {
+                            sum(sum(0, &f[l3 + 8..l3 + 40]), &[])
+                        } else {
+                            assert_eq!(checksum(0, &f[l3..l4]), 0, "{what}");
+                            sum(0, &f[l3 + 12..l3 + 20])
+                        };
+                        let seg = &f[l4..];
+                        let pseudo = pseudo + proto as u32 + seg.len() as u32;
+                        assert_eq!(checksum(pseudo, seg), 0, "{what}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn known_ipv4_header_checksum() {
+        // The RFC 1071 / Wikipedia example header.
+        let h = [
+            0x45, 0x00, 0x00, 0x73, 0x00, 0x00, 0x40, 0x00, 0x40, 0x11, 0x00, 0x00, 0xc0, 0xa8,
+            0x00, 0x01, 0xc0, 0xa8, 0x00, 0xc7,
+        ];
+        assert_eq!(checksum(0, &h), 0xb861);
+    }
+
+    #[test]
+    fn emit_errors() {
+        let mut h = headers(false, ipproto::UDP, 0);
+        let mut small = [0u8; 20];
+        assert_eq!(h.emit(&mut small, 0), Err(EmitError::BufferTooSmall));
+        let mut big = vec![0u8; 70_000];
+        assert_eq!(h.emit(&mut big, 65_530), Err(EmitError::PayloadTooLong));
+        h.dst = Addr::v6([0; 16]);
+        assert_eq!(h.header_len(), Err(EmitError::AddressFamily));
+        let mut h = headers(false, 1, 0);
+        assert_eq!(h.header_len(), Err(EmitError::Unsupported));
+        h.protocol = ipproto::TCP;
+        h.vlan_count = 3;
+        assert_eq!(h.header_len(), Err(EmitError::Unsupported));
+    }
+}

@@ -1,0 +1,202 @@
+//! The other half of the parser: writing outer headers (Ethernet, optional VLAN tags,
+//! IPv4/IPv6, TCP/UDP, with checksums) in front of a payload, for transports that
+//! build whole frames themselves (AF_XDP, AF_PACKET). Userspace only; the XDP program
+//! never emits.
+//!
+//! Checksums are always computed in full: veth and many NICs would otherwise pass a
+//! frame with a partial checksum that the peer's kernel or AF_XDP reader cannot check.
+
+use super::{
+    Addr, ETH_HEADER_LEN, IPV4_MIN_HEADER_LEN, IPV6_HEADER_LEN, TCP_MIN_HEADER_LEN, UDP_HEADER_LEN,
+    VLAN_TAG_LEN, ethertype, ipproto,
+};
+
+/// Everything the outer headers of one frame say.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Headers {
+    pub dst_mac: [u8; 6],
+    pub src_mac: [u8; 6],
+    /// 0, 1 or 2 tags (802.1ad outer + 802.1Q inner when 2), VLAN IDs outermost first.
+    pub vlan_count: u8,
+    pub vlan_ids: [u16; 2],
+    /// Both of family 4 or both of family 6.
+    pub src: Addr,
+    pub dst: Addr,
+    /// [`ipproto::TCP`] or [`ipproto::UDP`].
+    pub protocol: u8,
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub ttl: u8,
+    /// IPv4 identification (ignored for IPv6).
+    pub ip_id: u16,
+    /// TCP only.
+    pub tcp_seq: u32,
+    pub tcp_ack: u32,
+    pub tcp_flags: u8,
+    pub tcp_window: u16,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EmitError {
+    /// The buffer cannot hold headers plus payload.
+    BufferTooSmall,
+    /// Source and destination are not both IPv4 or both IPv6.
+    AddressFamily,
+    /// Protocol other than TCP/UDP, or more than two VLAN tags.
+    Unsupported,
+    /// The payload does not fit the IP (or UDP) length field.
+    PayloadTooLong,
+}
+
+impl Headers {
+    /// Bytes of headers in front of the payload.
+    pub fn header_len(&self) -> Result<usize, EmitError> {
+        if self.vlan_count > 2 {
+            return Err(EmitError::Unsupported);
+        }
+        let l3 = match (self.src.family, self.dst.family) {
+            (4, 4) => IPV4_MIN_HEADER_LEN,
+            (6, 6) => IPV6_HEADER_LEN,
+            _ => return Err(EmitError::AddressFamily),
+        };
+        let l4 = match self.protocol {
+            ipproto::TCP => TCP_MIN_HEADER_LEN,
+            ipproto::UDP => UDP_HEADER_LEN,
+            _ => return Err(EmitError::Unsupported),
+        };
+        Ok(ETH_HEADER_LEN + self.vlan_count as usize * VLAN_TAG_LEN + l3 + l4)
+    }
+
+    /// Writes the headers into `buf[..header_len]`, in front of a payload the caller
+    /// has already placed at `buf[header_len..header_len + payload_len]` (so the frame
+    /// is built in place, without a copy). Returns the frame's length.
+    pub fn emit(&self, buf: &mut [u8], payload_len: usize) -> Result<usize, EmitError> {
+        let hlen = self.header_len()?;
+        let total = hlen
+            .checked_add(payload_len)
+            .ok_or(EmitError::PayloadTooLong)?;
+        if buf.len() < total {
+            return Err(EmitError::BufferTooSmall);
+        }
+        let frame = &mut buf[..total];
+
+        // Ethernet and VLAN tags.
+        frame[0..6].copy_from_slice(&self.dst_mac);
+        frame[6..12].copy_from_slice(&self.src_mac);
+        let mut off = 12;
+        for i in 0..self.vlan_count as usize {
+            let tpid = if i == 0 && self.vlan_count == 2 {
+                ethertype::QINQ
+            } else {
+                ethertype::VLAN
+            };
+            frame[off..off + 2].copy_from_slice(&tpid.to_be_bytes());
+            frame[off + 2..off + 4].copy_from_slice(&(self.vlan_ids[i] & 0x0fff).to_be_bytes());
+            off += VLAN_TAG_LEN;
+        }
+        let ty = if self.src.family == 4 {
+            ethertype::IPV4
+        } else {
+            ethertype::IPV6
+        };
+        frame[off..off + 2].copy_from_slice(&ty.to_be_bytes());
+        let l3 = off + 2;
+
+        // IP header; the L4 checksum's pseudo-header sum comes from it.
+        let l4_len = hlen - l3 - self.l3_len() + payload_len;
+        let l4 = l3 + self.l3_len();
+        let pseudo = if self.src.family == 4 {
+            let total_len =
+                u16::try_from(self.l3_len() + l4_len).map_err(|_| EmitError::PayloadTooLong)?;
+            let h = &mut frame[l3..l4];
+            h[0] = 0x45;
+            h[1] = 0;
+            h[2..4].copy_from_slice(&total_len.to_be_bytes());
+            h[4..6].copy_from_slice(&self.ip_id.to_be_bytes());
+            h[6..8].copy_from_slice(&0x4000u16.to_be_bytes()); // DF: paqet never fragments
+            h[8] = self.ttl;
+            h[9] = self.protocol;
+            h[10..12].copy_from_slice(&[0, 0]);
+            h[12..16].copy_from_slice(&self.src.octets[..4]);
+            h[16..20].copy_from_slice(&self.dst.octets[..4]);
+            let c = checksum(0, h);
+            h[10..12].copy_from_slice(&c.to_be_bytes());
+            let s = sum(0, &self.src.octets[..4]);
+            let s = sum(s, &self.dst.octets[..4]);
+            s + self.protocol as u32 + l4_len as u32
+        } else {
+            let plen = u16::try_from(l4_len).map_err(|_| EmitError::PayloadTooLong)?;
+            let h = &mut frame[l3..l4];
+            h[0..4].copy_from_slice(&[0x60, 0, 0, 0]);
+            h[4..6].copy_from_slice(&plen.to_be_bytes());
+            h[6] = self.protocol;
+            h[7] = self.ttl;
+            h[8..24].copy_from_slice(&self.src.octets);
+            h[24..40].copy_from_slice(&self.dst.octets);
+            let s = sum(0, &self.src.octets);
+            let s = sum(s, &self.dst.octets);
+            s + self.protocol as u32 + l4_len as u32
+        };
+
+        // TCP/UDP header, then the checksum over pseudo-header, header and payload.
+        let seg = &mut frame[l4..];
+        seg[0..2].copy_from_slice(&self.src_port.to_be_bytes());
+        seg[2..4].copy_from_slice(&self.dst_port.to_be_bytes());
+        let csum_at = if self.protocol == ipproto::UDP {
+            let len = u16::try_from(l4_len).map_err(|_| EmitError::PayloadTooLong)?;
+            seg[4..6].copy_from_slice(&len.to_be_bytes());
+            seg[6..8].copy_from_slice(&[0, 0]);
+            6
+        } else {
+            seg[4..8].copy_from_slice(&self.tcp_seq.to_be_bytes());
+            seg[8..12].copy_from_slice(&self.tcp_ack.to_be_bytes());
+            seg[12] = ((TCP_MIN_HEADER_LEN / 4) as u8) << 4;
+            seg[13] = self.tcp_flags;
+            seg[14..16].copy_from_slice(&self.tcp_window.to_be_bytes());
+            seg[16..20].copy_from_slice(&[0, 0, 0, 0]);
+            16
+        };
+        let mut c = checksum(pseudo, seg);
+        // In UDP, 0 means "no checksum"; a computed 0 is sent as all ones.
+        if c == 0 && self.protocol == ipproto::UDP {
+            c = 0xffff;
+        }
+        seg[csum_at..csum_at + 2].copy_from_slice(&c.to_be_bytes());
+        Ok(total)
+    }
+
+    fn l3_len(&self) -> usize {
+        if self.src.family == 4 {
+            IPV4_MIN_HEADER_LEN
+        } else {
+            IPV6_HEADER_LEN
+        }
+    }
+}
+
+/// One's-complement sum of big-endian 16-bit words (odd tail padded with zero), not yet
+/// folded, added to `acc`.
+pub fn sum(acc: u32, data: &[u8]) -> u32 {
+    let mut acc = acc as u64;
+    let mut chunks = data.chunks_exact(2);
+    for c in &mut chunks {
+        acc += u16::from_be_bytes([c[0], c[1]]) as u64;
+    }
+    if let [last] = chunks.remainder() {
+        acc += (*last as u64) << 8;
+    }
+    fold(acc) as u32
+}
+
+fn fold(mut acc: u64) -> u16 {
+    while acc > 0xffff {
+        acc = (acc & 0xffff) + (acc >> 16);
+    }
+    acc as u16
+}
+
+/// The Internet checksum (RFC 1071) of `data` with `acc` (a partial [`sum`]) folded in.
+/// Over data that contains a correct checksum it yields 0.
+pub fn checksum(acc: u32, data: &[u8]) -> u16 {
+    !fold(sum(acc, data) as u64)
+}
