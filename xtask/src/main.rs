@@ -14,6 +14,7 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(
     name = "cargo xtask",
+    bin_name = "cargo xtask",
     about = "paqet's build, run and test entry points"
 )]
 struct Cli {
