@@ -5,6 +5,9 @@
 //! loudly, except under CI, where skipping would hide a broken suite and so panics.
 
 pub mod netns;
+pub mod pattern;
+pub mod relay;
+pub mod socks;
 
 pub use netns::{
     ChildGuard, Netns, TwoHosts, fmt_mac, paqet_bin, require_root, run_checked, veth, wait_for,

@@ -893,7 +893,7 @@ impl Engine {
             let stalled = now.instant.saturating_duration_since(stream.last_activity) > self.config.peer_timeout
                 && matches!(stream.phase, Phase::AwaitingOpen | Phase::AwaitingReply | Phase::Dialing);
             if stream.kcp.is_dead_link() || stalled {
-                dead.push(conv);
+                dead.push((conv, stream.phase == Phase::AwaitingReply));
             } else if stream.write_blocked && stream.writable() {
                 stream.write_blocked = false;
                 woken.push(conv);
@@ -909,9 +909,14 @@ impl Engine {
         for conv in woken {
             self.events.push(Event::Writable(StreamId { peer: peer_id, conv }));
         }
-        for conv in dead {
-            tracing::debug!(stream = %StreamId { peer: peer_id, conv }, "stream timed out");
-            self.reset_stream(StreamId { peer: peer_id, conv });
+        for (conv, awaiting_reply) in dead {
+            let id = StreamId { peer: peer_id, conv };
+            tracing::debug!(stream = %id, "stream timed out");
+            if awaiting_reply {
+                // The opener learns it was a timeout, not a refusal.
+                self.events.push(Event::StreamReplied { id, result: Err(OpenError::TtlExpired) });
+            }
+            self.reset_stream(id);
         }
     }
 

@@ -1,0 +1,195 @@
+//! A whole relay on one machine: client and server namespaces joined by a veth pair, an
+//! origin web server and a paqet server in the server namespace, a paqet client in the
+//! client namespace with its SOCKS5 port on the client's loopback. Used by the tests and
+//! by `cargo xtask run`'s demo; everything is torn down on drop.
+
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::netns::{ChildGuard, Netns, TwoHosts, paqet_bin, wait_for};
+
+pub const SERVER_PORT: u16 = 4000;
+pub const ORIGIN_PORT: u16 = 8080;
+pub const SOCKS_PORT: u16 = 1080;
+/// The origin's name, resolvable only in the server namespace (through its hosts file),
+/// so a fetch by name proves the server resolves it (socks5h).
+pub const ORIGIN_NAME: &str = "origin.test";
+
+pub struct RelayOptions {
+    pub transport: &'static str,
+    pub client_key: String,
+    pub server_key: String,
+    pub timeout_secs: u32,
+    /// Extra `KEY=VALUE` lines for the server's paqet.conf.
+    pub server_extra: Vec<String>,
+}
+
+/// A fresh random key, from `paqet genkey`.
+pub fn genkey() -> Result<String> {
+    let out = Command::new(paqet_bin()).arg("genkey").output().context("running paqet genkey")?;
+    if !out.status.success() {
+        bail!("paqet genkey failed");
+    }
+    Ok(String::from_utf8(out.stdout)?.trim().to_string())
+}
+
+impl RelayOptions {
+    pub fn new(transport: &'static str) -> Result<RelayOptions> {
+        let key = genkey()?;
+        Ok(RelayOptions { transport, client_key: key.clone(), server_key: key, timeout_secs: 10, server_extra: Vec::new() })
+    }
+}
+
+/// Temporary files (configs, logs, the hosts file) removed on drop.
+struct Scratch {
+    dir: PathBuf,
+    hosts_dir: PathBuf,
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+        let _ = std::fs::remove_dir_all(&self.hosts_dir);
+    }
+}
+
+pub struct RelayBed {
+    // Field order is drop order: processes first, then namespaces, then files.
+    pub client: ChildGuard,
+    pub server: ChildGuard,
+    pub origin: ChildGuard,
+    pub hosts: TwoHosts,
+    scratch: Scratch,
+}
+
+fn origin_bin() -> PathBuf {
+    // Integration tests and the demo binary both live next to it in target/<profile>/.
+    let exe = std::env::current_exe().unwrap_or_default();
+    let dir = exe.parent().map(|p| if p.ends_with("deps") { p.parent().unwrap_or(p).to_path_buf() } else { p.to_path_buf() });
+    dir.unwrap_or_default().join("paqet-origin")
+}
+
+fn write_private(path: &PathBuf, text: &str) -> Result<()> {
+    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(())
+}
+
+impl RelayBed {
+    pub fn start(tag: &str, opts: &RelayOptions) -> Result<RelayBed> {
+        let hosts = TwoHosts::new(tag)?;
+        let dir = std::env::temp_dir().join(format!("paqet-bed-{}-{tag}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        // `ip netns exec` bind-mounts this file over /etc/hosts inside the namespace.
+        let hosts_dir = PathBuf::from("/etc/netns").join(hosts.server.name());
+        std::fs::create_dir_all(&hosts_dir)?;
+        let scratch = Scratch { dir: dir.clone(), hosts_dir: hosts_dir.clone() };
+        std::fs::write(hosts_dir.join("hosts"), format!("127.0.0.1 localhost\n{} {ORIGIN_NAME}\n", TwoHosts::SERVER_IP))?;
+
+        let origin_addr = format!("{}:{ORIGIN_PORT}", TwoHosts::SERVER_IP);
+        let origin = ChildGuard::spawn(hosts.server.command(&origin_bin().to_string_lossy()).arg(&origin_addr).stdin(Stdio::null()))?;
+
+        let server_conf = dir.join("server.conf");
+        let mut server_text = format!(
+            "# written by the test bed\nLISTEN_ADDR={}:{SERVER_PORT}\nKEY={}\nTRANSPORT={}\nTIMEOUT={}\nLOG_LEVEL=debug\n",
+            TwoHosts::SERVER_IP, opts.server_key, opts.transport, opts.timeout_secs
+        );
+        for line in &opts.server_extra {
+            server_text.push_str(line);
+            server_text.push('\n');
+        }
+        write_private(&server_conf, &server_text)?;
+        let server = spawn_paqet(&hosts.server, opts.transport, "server", &server_conf, &dir.join("server.log"))?;
+
+        let client_conf = dir.join("client.conf");
+        write_private(
+            &client_conf,
+            &format!(
+                "SOCKS_ADDR=127.0.0.1:{SOCKS_PORT}\nREMOTE_ADDR={}:{SERVER_PORT}\nKCP_MODE=fast3\nKEY={}\nTRANSPORT={}\nTIMEOUT={}\nLOG_LEVEL=debug\n",
+                TwoHosts::SERVER_IP, opts.client_key, opts.transport, opts.timeout_secs
+            ),
+        )?;
+        let client = spawn_paqet(&hosts.client, opts.transport, "client", &client_conf, &dir.join("client.log"))?;
+        let bed = RelayBed { client, server, origin, hosts, scratch };
+        bed.wait_ready()?;
+        Ok(bed)
+    }
+
+    /// Waits until the SOCKS port and the origin accept connections.
+    fn wait_ready(&self) -> Result<()> {
+        let socks = self.socks_addr();
+        let origin: SocketAddr = (TwoHosts::SERVER_IP, ORIGIN_PORT).into();
+        let ready = self.hosts.client.run(|| wait_for(|| std::net::TcpStream::connect(socks).is_ok(), Duration::from_secs(20)))?
+            && self.hosts.server.run(|| wait_for(|| std::net::TcpStream::connect(origin).is_ok(), Duration::from_secs(20)))?;
+        if !ready {
+            bail!("relay did not come up:\n{}", self.logs());
+        }
+        Ok(())
+    }
+
+    pub fn socks_addr(&self) -> SocketAddr {
+        ([127, 0, 0, 1], SOCKS_PORT).into()
+    }
+
+    /// Both paqet logs, for failure messages.
+    pub fn logs(&self) -> String {
+        let read = |name: &str| std::fs::read_to_string(self.scratch.dir.join(name)).unwrap_or_default();
+        let tail = |s: String| s.lines().rev().take(60).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
+        format!("--- server.log ---\n{}\n--- client.log ---\n{}", tail(read("server.log")), tail(read("client.log")))
+    }
+
+    pub fn log_of(&self, role: &str) -> String {
+        std::fs::read_to_string(self.scratch.dir.join(format!("{role}.log"))).unwrap_or_default()
+    }
+
+    /// Downloads `len` bytes with real curl through the SOCKS port (by name, so the
+    /// server resolves it); returns the body's sha256 (hex), its length and the time.
+    pub fn curl_bytes(&self, len: u64) -> Result<(String, u64, Duration)> {
+        let url = format!("http://{ORIGIN_NAME}:{ORIGIN_PORT}/bytes/{len}");
+        let socks = self.socks_addr().to_string();
+        let started = Instant::now();
+        let out = self
+            .hosts
+            .client
+            .command("bash")
+            .args(["-o", "pipefail", "-c", &format!("curl -sS --fail --max-time 300 --socks5-hostname {socks} {url} | sha256sum")])
+            .output()
+            .context("running curl")?;
+        let elapsed = started.elapsed();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let hash = text.split_whitespace().next().unwrap_or_default().to_string();
+        if !out.status.success() || !String::from_utf8_lossy(&out.stderr).trim().is_empty() {
+            bail!("curl failed: {}\n{}", String::from_utf8_lossy(&out.stderr), self.logs());
+        }
+        Ok((hash, len, elapsed))
+    }
+
+    /// Connections the origin has open right now (asked directly, not through paqet).
+    pub fn origin_open_connections(&self) -> Result<u32> {
+        let origin: SocketAddr = (TwoHosts::SERVER_IP, ORIGIN_PORT).into();
+        self.hosts.server.run(|| -> Result<u32> {
+            use std::io::{Read, Write};
+            let mut s = std::net::TcpStream::connect(origin)?;
+            s.write_all(b"GET /open HTTP/1.1\r\n\r\n")?;
+            let mut text = String::new();
+            s.read_to_string(&mut text)?;
+            let body = text.rsplit("\r\n\r\n").next().unwrap_or_default();
+            Ok(body.trim().parse()?)
+        })?
+    }
+}
+
+fn spawn_paqet(ns: &Netns, transport: &str, role: &str, conf: &PathBuf, log: &PathBuf) -> Result<ChildGuard> {
+    let log_file = std::fs::File::create(log)?;
+    let err_file = log_file.try_clone()?;
+    let bin = paqet_bin();
+    // The xdp transport pins maps in /sys/fs/bpf, which `ip netns exec` would hide.
+    let mut cmd = if transport == "xdp" { ns.nsenter_command(&bin.to_string_lossy()) } else { ns.command(&bin.to_string_lossy()) };
+    cmd.arg(role).arg("--config").arg(conf).stdin(Stdio::null()).stdout(log_file).stderr(err_file);
+    ChildGuard::spawn(&mut cmd)
+}

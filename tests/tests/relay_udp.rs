@@ -1,0 +1,124 @@
+//! The relay end to end over the unprivileged `udp` transport, in network namespaces:
+//! real curl through the SOCKS5 port, real TCP to a real origin, hashes checked.
+
+use std::time::Duration;
+
+use paqet_tests::relay::{ORIGIN_NAME, ORIGIN_PORT, RelayBed, RelayOptions};
+use paqet_tests::{TwoHosts, pattern, require_root, socks, wait_for};
+
+const MIB: u64 = 1 << 20;
+
+#[test]
+fn curl_downloads_100_mib_with_matching_sha256() {
+    if !require_root("curl_downloads_100_mib_with_matching_sha256") {
+        return;
+    }
+    let bed = RelayBed::start("u1", &RelayOptions::new("udp").unwrap()).unwrap();
+    let (hash, len, took) = bed.curl_bytes(100 * MIB).unwrap();
+    assert_eq!(hash, pattern::sha256_hex(100 * MIB, 100 * MIB), "{}", bed.logs());
+    eprintln!("100 MiB over udp in {took:?} ({:.1} MB/s)", len as f64 / took.as_secs_f64() / 1e6);
+}
+
+#[test]
+fn two_hundred_concurrent_streams_of_mixed_sizes_are_exact() {
+    if !require_root("two_hundred_concurrent_streams_of_mixed_sizes_are_exact") {
+        return;
+    }
+    let bed = RelayBed::start("u2", &RelayOptions::new("udp").unwrap()).unwrap();
+    let proxy = bed.socks_addr();
+    let sizes: Vec<u64> = (0..200u64).map(|i| [0, 1, 1000, 70_000, 300_000, 1_500_000][(i % 6) as usize] + i).collect();
+    let results = bed
+        .hosts
+        .client
+        .run(|| {
+            std::thread::scope(|s| {
+                let handles: Vec<_> = sizes
+                    .iter()
+                    .map(|&len| s.spawn(move || (len, socks::fetch_bytes(proxy, ORIGIN_NAME, ORIGIN_PORT, len))))
+                    .collect();
+                handles.into_iter().map(|h| h.join().expect("fetch thread panicked")).collect::<Vec<_>>()
+            })
+        })
+        .unwrap();
+    for (len, result) in results {
+        let (hash, got) = result.unwrap_or_else(|e| panic!("stream of {len} bytes failed: {e:#}\n{}", bed.logs()));
+        assert_eq!(got, len);
+        assert_eq!(hash, pattern::sha256_hex(len, len), "stream of {len} bytes corrupted");
+    }
+}
+
+#[test]
+fn socks_reply_codes_for_refused_denied_and_unsupported() {
+    if !require_root("socks_reply_codes_for_refused_denied_and_unsupported") {
+        return;
+    }
+    let bed = RelayBed::start("u3", &RelayOptions::new("udp").unwrap()).unwrap();
+    let proxy = bed.socks_addr();
+    let server_ip = TwoHosts::SERVER_IP.to_string();
+    let codes = bed
+        .hosts
+        .client
+        .run(|| {
+            let closed_port = socks::connect(proxy, &server_ip, 9, None, 1).unwrap().err();
+            let loopback = socks::connect(proxy, "127.0.0.1", ORIGIN_PORT, None, 1).unwrap().err();
+            let metadata = socks::connect(proxy, "169.254.169.254", 80, None, 1).unwrap().err();
+            let bind = socks::connect(proxy, &server_ip, ORIGIN_PORT, None, 2).unwrap().err();
+            (closed_port, loopback, metadata, bind)
+        })
+        .unwrap();
+    assert_eq!(codes.0, Some(socks::REPLY_CONNECTION_REFUSED), "closed port\n{}", bed.logs());
+    assert_eq!(codes.1, Some(socks::REPLY_NOT_ALLOWED), "server's own loopback is denied by default");
+    assert_eq!(codes.2, Some(socks::REPLY_NOT_ALLOWED), "cloud metadata is denied by default");
+    assert_eq!(codes.3, Some(socks::REPLY_COMMAND_NOT_SUPPORTED), "BIND is not supported");
+}
+
+#[test]
+fn a_stream_killed_mid_transfer_frees_both_sides() {
+    if !require_root("a_stream_killed_mid_transfer_frees_both_sides") {
+        return;
+    }
+    let bed = RelayBed::start("u4", &RelayOptions::new("udp").unwrap()).unwrap();
+    let proxy = bed.socks_addr();
+    bed.hosts
+        .client
+        .run(|| {
+            use std::io::{Read, Write};
+            let mut s = socks::connect(proxy, ORIGIN_NAME, ORIGIN_PORT, None, 1).unwrap().unwrap();
+            write!(s, "GET /bytes/{} HTTP/1.1\r\nHost: x\r\n\r\n", 1u64 << 40).unwrap();
+            let mut buf = vec![0u8; 1 << 20];
+            s.read_exact(&mut buf).unwrap();
+            // Killed mid-transfer: the client application vanishes with a terabyte to go.
+        })
+        .unwrap();
+    let freed = wait_for(|| bed.origin_open_connections().is_ok_and(|n| n == 0), Duration::from_secs(20));
+    assert!(freed, "the server side kept the origin connection open\n{}", bed.logs());
+    let client_ns = bed.hosts.client.name().to_string();
+    let socks_gone = wait_for(
+        || {
+            let out = std::process::Command::new("ip").args(["netns", "exec", &client_ns, "ss", "-Htn", "state", "established"]).output();
+            out.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim().is_empty())
+        },
+        Duration::from_secs(20),
+    );
+    assert!(socks_gone, "the client side kept a SOCKS connection established");
+    // And the relay still works afterwards.
+    let (hash, _, _) = bed.curl_bytes(MIB).unwrap();
+    assert_eq!(hash, pattern::sha256_hex(MIB, MIB));
+}
+
+#[test]
+fn a_client_with_the_wrong_key_gets_nothing_through() {
+    if !require_root("a_client_with_the_wrong_key_gets_nothing_through") {
+        return;
+    }
+    let mut opts = RelayOptions::new("udp").unwrap();
+    opts.client_key = paqet_tests::relay::genkey().unwrap();
+    opts.timeout_secs = 2;
+    let bed = RelayBed::start("u5", &opts).unwrap();
+    let proxy = bed.socks_addr();
+    let code = bed.hosts.client.run(|| socks::connect(proxy, ORIGIN_NAME, ORIGIN_PORT, None, 1).unwrap().err()).unwrap();
+    assert_eq!(code, Some(socks::REPLY_TTL_EXPIRED), "the client must time out, not connect");
+    let logged = wait_for(|| bed.log_of("server").contains("failed authentication"), Duration::from_secs(15));
+    assert!(logged, "the server did not report the failures\n{}", bed.logs());
+    assert!(!bed.log_of("server").contains("session established"), "a wrong key must never establish a session");
+}
