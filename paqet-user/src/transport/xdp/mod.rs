@@ -39,7 +39,7 @@ use std::task::Poll;
 use std::time::Instant;
 
 use paqet_common::maps::{FilterConfig, Protocol};
-use paqet_common::wire::{Addr, Bytes, parse_frame};
+use paqet_common::wire::{Addr, parse_frame};
 use paqet_common::Stats;
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
@@ -320,7 +320,7 @@ impl XdpTransport {
             match emit::emit(frame, &f) {
                 Ok(n) => Some(n),
                 Err(e) => {
-                    tracing::debug!("cannot build a frame: {e}");
+                    tracing::debug!("cannot build a frame: {e:?}");
                     skipped_invalid += 1;
                     None
                 }
@@ -386,8 +386,7 @@ impl XdpTransport {
             peers.learn(peer.ip(), s.src_mac, now);
         }
         if self.wire == WireShape::Tcp {
-            let seq: [u8; 4] = frame.load(s.l4_offset as usize + 4)?;
-            peers.saw_tcp(peer, u32::from_be_bytes(seq), payload.len(), now);
+            peers.saw_tcp(peer, s.tcp_seq, payload.len(), now);
         }
         Some((peer, payload.len()))
     }
