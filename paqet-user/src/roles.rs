@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use tokio::net::TcpListener;
 
-use crate::config::{Config, KcpMode, Role, TransportKind};
+use crate::config::{Config, KcpMode, Role, TransportKind, XdpMode};
 use crate::dial::Dialer;
 use crate::engine::crypto::Psk;
 use crate::engine::kcp::KcpProfile;
@@ -16,7 +16,10 @@ use crate::engine::{self, Engine, EngineConfig};
 use crate::node::Node;
 use crate::socks::SocksFrontend;
 use crate::transport::Transport;
+use crate::kernel::AttachMode;
+use crate::transport::local;
 use crate::transport::udp::UdpTransport;
+use crate::transport::xdp::{XdpOptions, XdpTransport};
 
 /// Socket buffer asked for when `UDP_BUFFER` is unset. KCP sends a whole window at
 /// once; with the usual 208 KiB default most of a burst is dropped at the receiver
@@ -51,31 +54,99 @@ async fn resolve_remote(config: &Config) -> Result<SocketAddr> {
     addrs.next().with_context(|| format!("REMOTE_ADDR {remote} resolved to no address"))
 }
 
-/// Which transport `TRANSPORT` selects here, and why (logged).
-fn choose_transport(config: &Config) -> Result<TransportKind> {
+/// Where this role sits: what the xdp transport needs to find its interface and address.
+enum Side {
+    Client { server: SocketAddr },
+    Server { listen: SocketAddr },
+}
+
+/// The transport `TRANSPORT` selects, opened.
+enum Opened {
+    Udp(UdpTransport),
+    Xdp(XdpTransport),
+}
+
+fn xdp_options(config: &Config, side: &Side) -> Result<XdpOptions> {
+    let (local_ip, port, peer, role) = match *side {
+        Side::Client { server } => (local::route_source(server).with_context(|| format!("no route to {server}"))?, 0, Some(server), "client"),
+        Side::Server { listen } => (listen.ip(), listen.port(), None, "server"),
+    };
+    let interface = match (&config.interface, local_ip.is_unspecified()) {
+        (Some(name), _) => name.clone(),
+        (None, false) => local::interface_with(local_ip)?.with_context(|| format!("no interface holds {local_ip}; set INTERFACE"))?,
+        (None, true) => bail!("LISTEN_ADDR {local_ip} names no interface; set INTERFACE or a specific address"),
+    };
+    let local_ip = if local_ip.is_unspecified() {
+        local::address_of(&interface, local_ip.is_ipv6())?.with_context(|| format!("{interface} has no address of LISTEN_ADDR's family"))?
+    } else {
+        local_ip
+    };
+    let mode = match config.xdp_mode {
+        XdpMode::Auto => AttachMode::Auto,
+        XdpMode::Native => AttachMode::Native,
+        XdpMode::Generic => AttachMode::Generic,
+    };
+    Ok(XdpOptions {
+        instance: format!("{role}-{interface}"),
+        interface,
+        local: SocketAddr::new(local_ip, port),
+        peer,
+        wire: config.wire,
+        mode,
+    })
+}
+
+fn open_udp(config: &Config, side: &Side) -> Result<Opened> {
+    let buffer = Some(config.udp_buffer.unwrap_or(DEFAULT_UDP_BUFFER));
+    let local: SocketAddr = match *side {
+        Side::Client { server } if server.is_ipv4() => ([0, 0, 0, 0], 0).into(),
+        Side::Client { .. } => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+        Side::Server { listen } => listen,
+    };
+    let transport = UdpTransport::bind(local, buffer).with_context(|| format!("cannot open a UDP socket on {local}"))?;
+    Ok(Opened::Udp(transport))
+}
+
+fn open_xdp(config: &Config, side: &Side) -> Result<Opened> {
+    let opts = xdp_options(config, side)?;
+    let transport = XdpTransport::open(opts.clone()).with_context(|| format!("cannot start the xdp transport on {}", opts.interface))?;
+    Ok(Opened::Xdp(transport))
+}
+
+/// Opens the transport `TRANSPORT` names; `auto` tries xdp, falls back to udp, and says
+/// which it took and why.
+fn open_transport(config: &Config, side: &Side) -> Result<Opened> {
     match config.transport {
-        TransportKind::Udp => Ok(TransportKind::Udp),
-        TransportKind::Xdp => bail!("TRANSPORT=xdp is not available in this build yet; use TRANSPORT=udp or auto"),
-        TransportKind::Auto => {
-            tracing::info!("TRANSPORT=auto: using udp (the xdp transport is not in this build yet)");
-            Ok(TransportKind::Udp)
-        }
+        TransportKind::Udp => open_udp(config, side),
+        TransportKind::Xdp => open_xdp(config, side),
+        TransportKind::Auto => match open_xdp(config, side) {
+            Ok(opened) => {
+                tracing::info!("TRANSPORT=auto: using xdp");
+                Ok(opened)
+            }
+            Err(e) => {
+                tracing::warn!("TRANSPORT=auto: xdp unavailable ({e:#}); using udp");
+                open_udp(config, side)
+            }
+        },
     }
 }
 
 pub async fn run(config: Config) -> Result<()> {
-    choose_transport(&config)?;
     match config.role {
         Role::Client => {
             let server = resolve_remote(&config).await?;
-            let local: SocketAddr = if server.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { (std::net::Ipv6Addr::UNSPECIFIED, 0).into() };
-            let transport = UdpTransport::bind(local, Some(config.udp_buffer.unwrap_or(DEFAULT_UDP_BUFFER))).context("cannot open the UDP socket")?;
-            run_client(config, server, transport).await
+            match open_transport(&config, &Side::Client { server })? {
+                Opened::Udp(t) => run_client(config, server, t).await,
+                Opened::Xdp(t) => run_client(config, server, t).await,
+            }
         }
         Role::Server => {
             let listen = config.listen_addr.context("LISTEN_ADDR is required for a server")?;
-            let transport = UdpTransport::bind(listen, Some(config.udp_buffer.unwrap_or(DEFAULT_UDP_BUFFER))).with_context(|| format!("cannot listen on udp {listen}"))?;
-            run_server(config, transport).await
+            match open_transport(&config, &Side::Server { listen })? {
+                Opened::Udp(t) => run_server(config, t).await,
+                Opened::Xdp(t) => run_server(config, t).await,
+            }
         }
     }
 }

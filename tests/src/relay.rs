@@ -188,8 +188,31 @@ fn spawn_paqet(ns: &Netns, transport: &str, role: &str, conf: &PathBuf, log: &Pa
     let log_file = std::fs::File::create(log)?;
     let err_file = log_file.try_clone()?;
     let bin = paqet_bin();
-    // The xdp transport pins maps in /sys/fs/bpf, which `ip netns exec` would hide.
-    let mut cmd = if transport == "xdp" { ns.nsenter_command(&bin.to_string_lossy()) } else { ns.command(&bin.to_string_lossy()) };
+    let mut cmd = if transport == "xdp" {
+        // The xdp transport pins maps in /sys/fs/bpf, which `ip netns exec` would hide
+        // (it remounts /sys). So: enter only the network namespace, and give the process
+        // a private mount namespace in which the namespace's hosts file is /etc/hosts.
+        ensure_bpffs()?;
+        let hosts = PathBuf::from("/etc/netns").join(ns.name()).join("hosts");
+        let mut c = ns.nsenter_command("unshare");
+        c.args(["--mount", "--propagation", "private", "sh", "-c"]);
+        c.arg(r#"[ -f "$0" ] && mount --bind "$0" /etc/hosts; shift; exec "$@""#);
+        c.arg(&hosts).arg("paqet").arg(&bin);
+        c
+    } else {
+        ns.command(&bin.to_string_lossy())
+    };
     cmd.arg(role).arg("--config").arg(conf).stdin(Stdio::null()).stdout(log_file).stderr(err_file);
     ChildGuard::spawn(&mut cmd)
+}
+
+/// Mounts bpffs on the host when it is not, so pins made inside a test's private mount
+/// namespace land in the host's bpffs, where bpftool and `paqet status` look.
+pub fn ensure_bpffs() -> Result<()> {
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    if mounts.lines().any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf")) {
+        return Ok(());
+    }
+    crate::netns::run_checked(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
+    Ok(())
 }

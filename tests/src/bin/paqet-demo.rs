@@ -1,6 +1,7 @@
 //! `cargo xtask run` with no arguments: a whole relay on this machine. Two network
 //! namespaces joined by a veth pair, an origin web server and a paqet server in one, a
-//! paqet client in the other, and a real 100 MiB download with curl through the SOCKS5
+//! paqet client in the other (on the xdp transport; PAQET_DEMO_TRANSPORT=udp for the
+//! other), and a real 100 MiB download with curl through the SOCKS5
 //! port, its hash checked and its throughput printed. Everything is removed at the end.
 
 use anyhow::{Result, bail};
@@ -14,8 +15,8 @@ fn main() -> Result<()> {
     if !require_root("paqet demo") {
         bail!("the demo creates network namespaces: run it as root (cargo xtask run does)");
     }
-    let transport = std::env::var("PAQET_DEMO_TRANSPORT").unwrap_or_else(|_| "udp".into());
-    let transport: &'static str = if transport == "xdp" { "xdp" } else { "udp" };
+    let transport = std::env::var("PAQET_DEMO_TRANSPORT").unwrap_or_else(|_| "xdp".into());
+    let transport: &'static str = if transport == "udp" { "udp" } else { "xdp" };
     println!("paqet demo: client ns ({}) ⇄ veth ⇄ server ns ({}), transport {transport}", TwoHosts::CLIENT_IP, TwoHosts::SERVER_IP);
     let bed = RelayBed::start("demo", &RelayOptions::new(transport)?)?;
     println!("  paqet server on {}:4000, origin web server on {}:8080, SOCKS5 on 127.0.0.1:{SOCKS_PORT} in the client ns", TwoHosts::SERVER_IP, TwoHosts::SERVER_IP);
