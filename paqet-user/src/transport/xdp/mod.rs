@@ -524,14 +524,12 @@ impl Transport for XdpTransport {
         Ok(())
     }
 
-    fn recv_batch<'a>(&'a self, batch: &'a mut RecvBatch) -> impl Future<Output = io::Result<()>> + Send + 'a {
-        async move {
-            loop {
-                if self.drain(batch) > 0 {
-                    return Ok(());
-                }
-                self.readable().await?;
+    async fn recv_batch(&self, batch: &mut RecvBatch) -> io::Result<()> {
+        loop {
+            if self.drain(batch) > 0 {
+                return Ok(());
             }
+            self.readable().await?;
         }
     }
 

@@ -54,7 +54,7 @@ pub enum XskError {
     },
 }
 
-fn setup<T>(what: &'static str) -> impl FnOnce(io::Error) -> XskError {
+fn setup(what: &'static str) -> impl FnOnce(io::Error) -> XskError {
     move |source| XskError::Setup { what, source }
 }
 
@@ -108,16 +108,16 @@ impl Xsk {
         let umem = Umem::builder();
         let umem = s2n_quic_xdp::umem::Builder { frame_size: FRAME_SIZE, frame_count: frames, ..umem }
             .build()
-            .map_err(setup::<()>("allocating the UMEM"))?;
-        let fd = socket::Fd::open().map_err(setup::<()>("opening an AF_XDP socket"))?;
-        fd.attach_umem(&umem).map_err(setup::<()>("registering the UMEM (locked memory: RLIMIT_MEMLOCK or CAP_IPC_LOCK)"))?;
-        let offsets = syscall::offsets(&fd).map_err(setup::<()>("reading the ring offsets"))?;
+            .map_err(setup("allocating the UMEM"))?;
+        let fd = socket::Fd::open().map_err(setup("opening an AF_XDP socket"))?;
+        fd.attach_umem(&umem).map_err(setup("registering the UMEM (locked memory: RLIMIT_MEMLOCK or CAP_IPC_LOCK)"))?;
+        let offsets = syscall::offsets(&fd).map_err(setup("reading the ring offsets"))?;
         let mut fill =
-            ring::Fill::new(fd.clone(), &offsets, ring_size).map_err(setup::<()>("creating the fill ring"))?;
+            ring::Fill::new(fd.clone(), &offsets, ring_size).map_err(setup("creating the fill ring"))?;
         let completion = ring::Completion::new(fd.clone(), &offsets, ring_size)
-            .map_err(setup::<()>("creating the completion ring"))?;
-        let rx = ring::Rx::new(fd.clone(), &offsets, ring_size).map_err(setup::<()>("creating the RX ring"))?;
-        let tx = ring::Tx::new(fd.clone(), &offsets, ring_size).map_err(setup::<()>("creating the TX ring"))?;
+            .map_err(setup("creating the completion ring"))?;
+        let rx = ring::Rx::new(fd.clone(), &offsets, ring_size).map_err(setup("creating the RX ring"))?;
+        let tx = ring::Tx::new(fd.clone(), &offsets, ring_size).map_err(setup("creating the TX ring"))?;
 
         // Every RX frame goes to the kernel before the socket is bound, so the first
         // packets already have somewhere to land.
