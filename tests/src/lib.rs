@@ -4,6 +4,7 @@
 //! Tests that need root call [`require_root`] first: without root they are skipped
 //! loudly, except under CI, where skipping would hide a broken suite and so panics.
 
+pub mod linkem;
 pub mod netns;
 pub mod pattern;
 pub mod relay;

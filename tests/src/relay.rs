@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+use crate::linkem::{EmulatedLink, Impairment, hosts_through_emulator};
 use crate::netns::{ChildGuard, Netns, TwoHosts, paqet_bin, wait_for};
 
 pub const SERVER_PORT: u16 = 4000;
@@ -64,14 +65,16 @@ pub struct RelayBed {
     pub server: ChildGuard,
     pub origin: ChildGuard,
     pub hosts: TwoHosts,
+    pub link: Option<EmulatedLink>,
     scratch: Scratch,
 }
 
-fn origin_bin() -> PathBuf {
-    // Integration tests and the demo binary both live next to it in target/<profile>/.
+/// A binary of this crate (origin, link emulator), found next to the running test or
+/// demo in target/<profile>/.
+pub fn sibling_bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap_or_default();
     let dir = exe.parent().map(|p| if p.ends_with("deps") { p.parent().unwrap_or(p).to_path_buf() } else { p.to_path_buf() });
-    dir.unwrap_or_default().join("paqet-origin")
+    dir.unwrap_or_default().join(name)
 }
 
 fn write_private(path: &PathBuf, text: &str) -> Result<()> {
@@ -82,7 +85,16 @@ fn write_private(path: &PathBuf, text: &str) -> Result<()> {
 
 impl RelayBed {
     pub fn start(tag: &str, opts: &RelayOptions) -> Result<RelayBed> {
-        let hosts = TwoHosts::new(tag)?;
+        Self::start_on(TwoHosts::new(tag)?, None, tag, opts)
+    }
+
+    /// The same relay, through the link emulator.
+    pub fn start_through(tag: &str, opts: &RelayOptions, imp: Impairment) -> Result<RelayBed> {
+        let (hosts, link) = hosts_through_emulator(tag, imp)?;
+        Self::start_on(hosts, Some(link), tag, opts)
+    }
+
+    fn start_on(hosts: TwoHosts, link: Option<EmulatedLink>, tag: &str, opts: &RelayOptions) -> Result<RelayBed> {
         let dir = std::env::temp_dir().join(format!("paqet-bed-{}-{tag}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
         // `ip netns exec` bind-mounts this file over /etc/hosts inside the namespace.
@@ -92,7 +104,7 @@ impl RelayBed {
         std::fs::write(hosts_dir.join("hosts"), format!("127.0.0.1 localhost\n{} {ORIGIN_NAME}\n", TwoHosts::SERVER_IP))?;
 
         let origin_addr = format!("{}:{ORIGIN_PORT}", TwoHosts::SERVER_IP);
-        let origin = ChildGuard::spawn(hosts.server.command(&origin_bin().to_string_lossy()).arg(&origin_addr).stdin(Stdio::null()))?;
+        let origin = ChildGuard::spawn(hosts.server.command(&sibling_bin("paqet-origin").to_string_lossy()).arg(&origin_addr).stdin(Stdio::null()))?;
 
         let server_conf = dir.join("server.conf");
         let mut server_text = format!(
@@ -115,7 +127,7 @@ impl RelayBed {
             ),
         )?;
         let client = spawn_paqet(&hosts.client, opts.transport, "client", &client_conf, &dir.join("client.log"))?;
-        let bed = RelayBed { client, server, origin, hosts, scratch };
+        let bed = RelayBed { client, server, origin, hosts, link, scratch };
         bed.wait_ready()?;
         Ok(bed)
     }
