@@ -4,6 +4,7 @@
 //! one file and one enum arm.
 
 mod build;
+mod install;
 mod run;
 mod setup;
 mod test;
@@ -32,6 +33,10 @@ enum Command {
     Run(run::Args),
     /// Setup, build, then run the whole test suite (as CI does).
     Test(test::Args),
+    /// Build, then install paqet as a service (/opt/flowless/bin/paqet, user flowless-paqet, paqet.service).
+    Install(install::Args),
+    /// Remove the installed binary and unit (the config and user stay unless --purge).
+    Uninstall(install::UninstallArgs),
 }
 
 fn main() {
@@ -41,6 +46,8 @@ fn main() {
         Command::Build(a) => build::run(&a).map(|_| ()),
         Command::Run(a) => run::run(&a),
         Command::Test(a) => test::run(&a),
+        Command::Install(a) => install::run(&a),
+        Command::Uninstall(a) => install::uninstall(&a),
     };
     if let Err(e) = result {
         eprintln!("xtask: error: {e:#}");

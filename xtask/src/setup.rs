@@ -17,6 +17,8 @@ pub const APT_PACKAGES: &[&str] = &[
     "tcpdump",
     "iproute2",
     "curl",
+    // systemd-analyze, to verify dist/paqet.service (install and the service tests).
+    "systemd",
 ];
 
 pub const BPF_LINKER_VERSION: &str = "0.13.0";
