@@ -1,7 +1,7 @@
 //! The xdp transport end to end on a real veth: an `XdpTransport` in each of two
 //! namespaces (server 198.18.0.2:4000, client 198.18.0.1 with a picked port) moves
-//! 10,000 datagrams of varied sizes each way, for both wire shapes, and every payload
-//! is checked byte for byte.
+//! 10,000 datagrams of varied sizes each way, for both wire shapes (and TCP-shaped over
+//! IPv6, 2001:2::1 ⇄ 2001:2::2), and every payload is checked byte for byte.
 //!
 //! While it runs:
 //! - neither namespace's kernel sees any of it: the namespace-wide SNMP counters that
@@ -19,7 +19,7 @@
 //! well as integrity. Stalls fall back to go-back-N so a lost frame shows up as a
 //! failed loss assertion, not a hang.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Barrier, Mutex, Once};
@@ -58,12 +58,17 @@ fn init_tracing() {
 
 #[test]
 fn tcp_shaped_frames_both_ways_kernel_blind() {
-    run_case(WireShape::Tcp, "xt");
+    run_case(WireShape::Tcp, "xt", false);
 }
 
 #[test]
 fn udp_frames_both_ways_kernel_blind() {
-    run_case(WireShape::Udp, "xu");
+    run_case(WireShape::Udp, "xu", false);
+}
+
+#[test]
+fn tcp_shaped_frames_over_ipv6() {
+    run_case(WireShape::Tcp, "x6", true);
 }
 
 /// Body size of datagram `seq`: the extremes, tiny ones, and a spread in between.
@@ -327,19 +332,55 @@ fn kernel_counters(ns: &paqet_tests::Netns) -> Vec<(String, u64)> {
         }
     }
     assert_eq!(found.len(), wanted.len(), "counters missing from /proc/net/snmp: {text}");
+    // TCP's counters above cover IPv6 too; UDP and ICMP have their own for IPv6.
+    let out = ns.exec(&["cat", "/proc/net/snmp6"]).expect("reading /proc/net/snmp6");
+    let text6 = String::from_utf8_lossy(&out.stdout).to_string();
+    let wanted6 = ["Udp6InDatagrams", "Udp6NoPorts", "Icmp6OutDestUnreachs"];
+    for line in text6.lines() {
+        if let Some((name, value)) = line.split_once(char::is_whitespace)
+            && wanted6.contains(&name)
+        {
+            found.push((name.to_string(), value.trim().parse().unwrap_or(u64::MAX)));
+        }
+    }
+    assert_eq!(found.len(), wanted.len() + wanted6.len(), "counters missing from /proc/net/snmp6: {text6}");
     found
 }
 
-fn run_case(wire: WireShape, tag: &str) {
-    if !require_root(&format!("xdp_transport {wire}")) {
+/// Turns IPv6 on in both namespaces (quietly: no router solicitations) and gives the
+/// link 2001:2::1 (client) and 2001:2::2 (server); returns their addresses.
+///
+/// DAD is off on the link so its link-local addresses are usable at once: the kernel
+/// sends a neighbour solicitation that no packet asked for (how the transport triggers
+/// resolution) only from a link-local source, and a tentative one does not count. On
+/// a real host the link-local address has long finished DAD.
+fn ipv6_hosts(hosts: &TwoHosts) -> (IpAddr, IpAddr) {
+    for (ns, ifname, cidr) in [(&hosts.client, &hosts.client_if, "2001:2::1/64"), (&hosts.server, &hosts.server_if, "2001:2::2/64")] {
+        ns.sysctl("net.ipv6.conf.all.accept_ra", "0").expect("accept_ra");
+        ns.sysctl("net.ipv6.conf.default.accept_ra", "0").expect("accept_ra");
+        ns.sysctl(&format!("net.ipv6.conf.{ifname}.accept_dad"), "0").expect("accept_dad");
+        ns.enable_ipv6().expect("enabling IPv6");
+        ns.exec(&["ip", "-6", "addr", "add", cidr, "dev", ifname, "nodad"]).expect("adding an IPv6 address");
+    }
+    ("2001:2::1".parse().expect("v6"), "2001:2::2".parse().expect("v6"))
+}
+
+fn run_case(wire: WireShape, tag: &str, ipv6: bool) {
+    let family = if ipv6 { "IPv6" } else { "IPv4" };
+    if !require_root(&format!("xdp_transport {wire} {family}")) {
         return;
     }
     init_tracing();
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let hosts = TwoHosts::new(tag).expect("creating the namespaces");
+    let (client_ip, server_ip) = if ipv6 {
+        ipv6_hosts(&hosts)
+    } else {
+        (IpAddr::V4(TwoHosts::CLIENT_IP), IpAddr::V4(TwoHosts::SERVER_IP))
+    };
     let server_mac = hosts.server.mac(&hosts.server_if).expect("server MAC");
     let client_mac = hosts.client.mac(&hosts.client_if).expect("client MAC");
-    let server_addr = SocketAddr::from((TwoHosts::SERVER_IP, SERVER_PORT));
+    let server_addr = SocketAddr::new(server_ip, SERVER_PORT);
     let pid = std::process::id();
 
     let shared = Shared {
@@ -360,7 +401,7 @@ fn run_case(wire: WireShape, tag: &str) {
     let client_opts = XdpOptions {
         interface: hosts.client_if.clone(),
         instance: format!("test-{tag}-client-{pid}"),
-        local: SocketAddr::from((TwoHosts::CLIENT_IP, 0)),
+        local: SocketAddr::new(client_ip, 0),
         peer: Some(server_addr),
         wire,
         mode: AttachMode::Auto,
@@ -397,9 +438,9 @@ fn run_case(wire: WireShape, tag: &str) {
 
     // Informational: the first half, which runs without pauses.
     let per_sec = 2.0 * f64::from(GATE) / client.first_half.max(server.first_half).as_secs_f64();
-    eprintln!("xdp_transport {wire}: client {client:?}");
-    eprintln!("xdp_transport {wire}: server {server:?}");
-    eprintln!("xdp_transport {wire}: {per_sec:.0} datagrams/s (both directions, window {WINDOW})");
+    eprintln!("xdp_transport {wire} {family}: client {client:?}");
+    eprintln!("xdp_transport {wire} {family}: server {server:?}");
+    eprintln!("xdp_transport {wire} {family}: {per_sec:.0} datagrams/s (both directions, window {WINDOW})");
 
     // Integrity: every datagram, intact, exactly where it was sent.
     for (name, o) in [("client", &client), ("server", &server)] {
@@ -430,21 +471,31 @@ fn run_case(wire: WireShape, tag: &str) {
     assert_eq!(after.1, before.1, "server namespace's kernel saw relay traffic");
 }
 
-/// Ethernet + IPv4 + L4 header with valid lengths (checksums left zero: nothing that
-/// reads these checks them), then `payload`.
+/// Ethernet + IPv4/IPv6 + L4 header with valid lengths (checksums left zero: nothing
+/// that reads these checks them), then `payload`.
 fn frame(dst: [u8; 6], src: [u8; 6], from: SocketAddr, to: SocketAddr, wire: WireShape, payload: &[u8]) -> Vec<u8> {
-    let (SocketAddr::V4(from), SocketAddr::V4(to)) = (from, to) else { panic!("IPv4 only") };
+    let proto = if wire == WireShape::Tcp { 6 } else { 17 };
     let l4 = if wire == WireShape::Tcp { 20 } else { 8 };
-    let total = (20 + l4 + payload.len()) as u16;
     let mut f = Vec::new();
     f.extend_from_slice(&dst);
     f.extend_from_slice(&src);
-    f.extend_from_slice(&[0x08, 0x00]);
-    f.extend_from_slice(&[0x45, 0, (total >> 8) as u8, total as u8, 0, 0, 0x40, 0, 64]);
-    f.push(if wire == WireShape::Tcp { 6 } else { 17 });
-    f.extend_from_slice(&[0, 0]);
-    f.extend_from_slice(&from.ip().octets());
-    f.extend_from_slice(&to.ip().octets());
+    match (from.ip(), to.ip()) {
+        (IpAddr::V4(a), IpAddr::V4(b)) => {
+            let total = (20 + l4 + payload.len()) as u16;
+            f.extend_from_slice(&[0x08, 0x00]);
+            f.extend_from_slice(&[0x45, 0, (total >> 8) as u8, total as u8, 0, 0, 0x40, 0, 64, proto, 0, 0]);
+            f.extend_from_slice(&a.octets());
+            f.extend_from_slice(&b.octets());
+        }
+        (IpAddr::V6(a), IpAddr::V6(b)) => {
+            let plen = (l4 + payload.len()) as u16;
+            f.extend_from_slice(&[0x86, 0xdd]);
+            f.extend_from_slice(&[0x60, 0, 0, 0, (plen >> 8) as u8, plen as u8, proto, 64]);
+            f.extend_from_slice(&a.octets());
+            f.extend_from_slice(&b.octets());
+        }
+        _ => panic!("mixed address families"),
+    }
     f.extend_from_slice(&from.port().to_be_bytes());
     f.extend_from_slice(&to.port().to_be_bytes());
     if wire == WireShape::Tcp {
@@ -479,10 +530,11 @@ fn send_garbage(ifname: &str, src: [u8; 6], dst: [u8; 6], client: SocketAddr, se
         f.extend_from_slice(&[0x88, 0xb5]);
         f.extend(random(46 + i * 37));
         frames.push(f);
-        // An IPv4 header that claims far more bytes than the frame has.
+        // An IP header that claims far more bytes than the frame has.
         let mut t = frame(dst, src, foreign, server, wire, &random(8));
-        t[16] = 0x05;
-        t.truncate(14 + 20 + 4);
+        let (len_at, ip_len) = if server.is_ipv4() { (16, 20) } else { (18, 40) };
+        t[len_at] = 0x05;
+        t.truncate(14 + ip_len + 4);
         frames.push(t);
         // Valid headers, empty payload: paqet's, but never a relay datagram.
         frames.push(frame(dst, src, foreign, server, wire, &[]));
