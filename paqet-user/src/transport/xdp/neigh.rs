@@ -10,7 +10,10 @@
 //! When the neighbour is unknown, resolution is triggered with `ip neigh replace ADDR
 //! dev DEV use` (NTF_USE): the kernel sends its own ARP request / neighbour
 //! solicitation, and no datagram goes to the peer, so nothing reaches a port that
-//! might answer with an RST or an ICMP error.
+//! might answer with an RST or an ICMP error. (For IPv6 the kernel sends such an
+//! unprompted solicitation only from a link-local address that has finished DAD; a
+//! host whose interface has none cannot be resolved this way, and sends are dropped
+//! and counted until something else fills the neighbour entry.)
 
 use std::collections::VecDeque;
 use std::net::IpAddr;
