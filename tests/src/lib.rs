@@ -4,6 +4,8 @@
 //! Tests that need root call [`require_root`] first: without root they are skipped
 //! loudly, except under CI, where skipping would hide a broken suite and so panics.
 
+#[cfg(feature = "bench")]
+pub mod bench;
 pub mod linkem;
 pub mod netns;
 pub mod pattern;

@@ -1,0 +1,410 @@
+//! `cargo xtask bench`'s driver: paqet over `xdp` and `udp` side by side with the raw
+//! packet ceilings, kcptun and direct TCP, all in one run on one machine.
+//!
+//! Usage: paqet-bench [--quick] [--out DIR] [--only SECTIONS]
+//!   SECTIONS: comma-separated of ceilings, paqet-xdp, paqet-udp, kcptun, tcp, lossy
+//!
+//! Testbeds (each torn down before the next, so only one thing runs at a time):
+//! - clean link: two namespaces joined by one veth pair, no emulator (paqet-linkem
+//!   would put a copying bridge, and a third busy thread, on a two-core machine);
+//! - lossy link: the same two namespaces through paqet-linkem in a middle namespace,
+//!   20 ms each way (40 ms RTT), 1 % loss each way.
+//! The origin (GET /bytes/N) and the echo server run as threads of this process inside
+//! the server namespace; the clients run as threads of this process inside the client
+//! namespace. CPU and peak RSS are read from /proc for the relay processes only.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use paqet_tests::bench::peers::{self, KcpConfig};
+use paqet_tests::bench::report::{self, CEILING, CLEAN1, CLEAN8, Kind, LOSSY, RR, Results, Row, STREAMS};
+use paqet_tests::bench::{self, Access, BENCH_ORIGIN_PORT, ECHO_PORT, GIB, MIB, Proc, SERVER_IP, Servers};
+use paqet_tests::linkem::{Impairment, hosts_through_emulator};
+use paqet_tests::netns::{ChildGuard, Netns, TwoHosts};
+use paqet_tests::relay::{RelayBed, RelayOptions, ensure_bpffs, sibling_bin};
+
+#[derive(Clone, Copy, Debug)]
+struct Sizes {
+    clean: u64,
+    clean_cap: Duration,
+    multi_each: u64,
+    kcptun_sweep: u64,
+    kcptun_cap: Duration,
+    lossy: u64,
+    lossy_cap: Duration,
+    streams: usize,
+    stream_len: u64,
+    streams_cap: Duration,
+    rr: usize,
+    ceiling_secs: f64,
+}
+
+const FULL: Sizes = Sizes {
+    clean: 1 << 30,
+    clean_cap: Duration::from_secs(60),
+    multi_each: 128 * MIB,
+    kcptun_sweep: 1 << 30,
+    kcptun_cap: Duration::from_secs(20),
+    lossy: 128 * MIB,
+    lossy_cap: Duration::from_secs(30),
+    streams: 1000,
+    stream_len: MIB,
+    streams_cap: Duration::from_secs(180),
+    rr: 2000,
+    ceiling_secs: 5.0,
+};
+
+const QUICK: Sizes = Sizes {
+    clean: 64 * MIB,
+    clean_cap: Duration::from_secs(20),
+    multi_each: 8 * MIB,
+    kcptun_sweep: 64 * MIB,
+    kcptun_cap: Duration::from_secs(10),
+    lossy: 8 * MIB,
+    lossy_cap: Duration::from_secs(10),
+    streams: 200,
+    stream_len: 256 << 10,
+    streams_cap: Duration::from_secs(60),
+    rr: 300,
+    ceiling_secs: 2.0,
+};
+
+/// 40 ms RTT, 1 % loss (each way).
+const LOSSY_LINK: Impairment = Impairment { delay_ms: 20.0, jitter_ms: 0.0, loss: 0.01, rate_mbit: 0.0 };
+
+struct Bench {
+    s: Sizes,
+    r: Results,
+}
+
+fn origin() -> SocketAddr {
+    (SERVER_IP, BENCH_ORIGIN_PORT).into()
+}
+
+fn echo() -> SocketAddr {
+    (SERVER_IP, ECHO_PORT).into()
+}
+
+fn mib(b: u64) -> String {
+    if b < MIB { format!("{} KiB", b >> 10) } else { format!("{:.0} MiB", b as f64 / MIB as f64) }
+}
+
+impl Bench {
+    /// Downloads (`streams` × `len_each`) from the client namespace, with the relay's CPU.
+    #[allow(clippy::too_many_arguments)]
+    fn transfer(&mut self, sys: &str, kind: Kind, test: &'static str, ns: &Netns, access: &Access, streams: usize, len_each: u64, cap: Duration, procs: &[Proc]) -> Result<()> {
+        let c0 = bench::total_cpu(procs);
+        let t = ns.run(|| bench::download_many(access, streams, len_each, cap))?;
+        let cpu = bench::total_cpu(procs) - c0;
+        let cpu_per_gib = (!procs.is_empty() && t.bytes > 0).then(|| cpu / (t.bytes as f64 / GIB));
+        let note = if test == STREAMS {
+            if t.all_complete() { format!("all {}", t.streams) } else { format!("{}/{} complete", t.complete, t.streams) }
+        } else if !t.all_complete() {
+            format!("{} in {:.0} s cap", mib(t.bytes), t.secs)
+        } else {
+            String::new()
+        };
+        let value = if test == STREAMS { t.secs } else { t.mb_per_s() };
+        self.r.add(Row { system: sys.into(), kind, test, value, value2: 0.0, cpu_per_gib, note });
+        Ok(())
+    }
+
+    fn rr(&mut self, sys: &str, kind: Kind, ns: &Netns, access: &Access) -> Result<()> {
+        let n = self.s.rr;
+        let (p50, p99) = ns.run(|| bench::round_trips(access, n))??;
+        self.r.add(Row { system: sys.into(), kind, test: RR, value: p50, value2: p99, cpu_per_gib: None, note: String::new() });
+        Ok(())
+    }
+
+    fn rss(&mut self, sys: &str, procs: &[Proc]) {
+        for p in procs {
+            if let Some(k) = bench::vm_hwm_kib(p.pid) {
+                self.r.rss.push((sys.into(), p.label.clone(), k));
+            }
+        }
+    }
+
+    /// The four clean-link measurements through one access path.
+    fn clean_suite(&mut self, sys: &str, kind: Kind, ns: &Netns, origin: &Access, echo: &Access, procs: &[Proc], streams_too: bool) -> Result<()> {
+        let s = self.s;
+        self.transfer(sys, kind, CLEAN1, ns, origin, 1, s.clean, s.clean_cap, procs)?;
+        self.transfer(sys, kind, CLEAN8, ns, origin, 8, s.multi_each, s.clean_cap, procs)?;
+        self.rr(sys, kind, ns, echo)?;
+        if streams_too {
+            self.transfer(sys, kind, STREAMS, ns, origin, s.streams, s.stream_len, s.streams_cap, procs)?;
+        }
+        Ok(())
+    }
+
+    fn ceilings(&mut self) -> Result<()> {
+        let hosts = TwoHosts::new("bc")?;
+        hosts.pin_neighbours()?;
+        ensure_bpffs()?;
+        let blast = sibling_bin("paqet-blast").to_string_lossy().to_string();
+        let secs = self.s.ceiling_secs.to_string();
+        let send_secs = (self.s.ceiling_secs + 3.0).to_string();
+        let server = format!("{SERVER_IP}:4000");
+        for (name, recv_args, send_args) in [
+            ("ceiling UDP", vec!["udp-recv", server.as_str(), &secs], vec!["udp-send", server.as_str(), &send_secs, "1400"]),
+            (
+                "ceiling AF_XDP",
+                vec!["xdp-recv", &hosts.server_if, server.as_str(), &secs],
+                vec!["xdp-send", &hosts.client_if, "198.18.0.1:5000", server.as_str(), &send_secs, "1400"],
+            ),
+        ] {
+            let mk = |ns: &Netns| if name.contains("XDP") { ns.nsenter_command(&blast) } else { ns.command(&blast) };
+            let mut rc = mk(&hosts.server);
+            rc.args(&recv_args).stdin(Stdio::null()).stdout(Stdio::piped());
+            let mut recv = ChildGuard::spawn(&mut rc)?;
+            let mut out = BufReader::new(recv.0.stdout.take().context("receiver stdout")?);
+            let mut line = String::new();
+            out.read_line(&mut line)?;
+            if line.trim() != "ready" {
+                bail!("{name}: the receiver did not start ({line:?})");
+            }
+            let mut sc = mk(&hosts.client);
+            sc.args(&send_args).stdin(Stdio::null()).stdout(Stdio::null());
+            let _send = ChildGuard::spawn(&mut sc)?;
+            line.clear();
+            out.read_line(&mut line)?;
+            let field = |k: &str| -> f64 { line.split_whitespace().find_map(|w| w.strip_prefix(k)).and_then(|v| v.parse().ok()).unwrap_or(0.0) };
+            let (frames, secs_m) = (field("frames="), field("secs="));
+            if frames == 0.0 || secs_m == 0.0 {
+                bail!("{name}: no frames arrived ({line:?})");
+            }
+            let pps = frames / secs_m;
+            self.r.add(Row {
+                system: name.into(),
+                kind: Kind::Ceiling,
+                test: CEILING,
+                value: pps * 1442.0 / 1e6,
+                value2: pps,
+                cpu_per_gib: None,
+                note: format!("{:.0} kpps, {:.0} MB/s payload", pps / 1e3, pps * 1400.0 / 1e6),
+            });
+        }
+        Ok(())
+    }
+
+    fn paqet(&mut self, transport: &'static str) -> Result<()> {
+        let sys = format!("paqet {transport}");
+        let tag = if transport == "xdp" { "bx" } else { "bu" };
+        let bed = RelayBed::start(tag, &RelayOptions::new(transport)?)?;
+        let _servers = Servers::start(&bed.hosts.server)?;
+        let procs = vec![
+            Proc { label: "client".into(), pid: bench::find_comm(bed.client.id(), "paqet") },
+            Proc { label: "server".into(), pid: bench::find_comm(bed.server.id(), "paqet") },
+        ];
+        let socks = bed.socks_addr();
+        let o = Access::Socks { proxy: socks, target: origin() };
+        let e = Access::Socks { proxy: socks, target: echo() };
+        let res = self.clean_suite(&sys, Kind::Paqet, &bed.hosts.client, &o, &e, &procs, true);
+        self.rss(&sys, &procs);
+        if res.is_err() {
+            eprintln!("{}", bed.logs());
+        }
+        res
+    }
+
+    fn paqet_lossy(&mut self, transport: &'static str) -> Result<()> {
+        let sys = format!("paqet {transport}");
+        let tag = if transport == "xdp" { "blx" } else { "blu" };
+        let bed = RelayBed::start_through(tag, &RelayOptions::new(transport)?, LOSSY_LINK)?;
+        let _servers = Servers::start(&bed.hosts.server)?;
+        let procs = vec![
+            Proc { label: "client".into(), pid: bench::find_comm(bed.client.id(), "paqet") },
+            Proc { label: "server".into(), pid: bench::find_comm(bed.server.id(), "paqet") },
+        ];
+        let o = Access::Socks { proxy: bed.socks_addr(), target: origin() };
+        let s = self.s;
+        self.transfer(&sys, Kind::Paqet, LOSSY, &bed.hosts.client, &o, 1, s.lossy, s.lossy_cap, &procs)
+    }
+
+    /// The kcptun sweep (port-forward), then the best encrypted configuration's full
+    /// suite with microsocks behind it. Returns that configuration.
+    fn kcptun(&mut self) -> Result<Option<KcpConfig>> {
+        let hosts = TwoHosts::new("bk")?;
+        let _servers = Servers::start(&hosts.server)?;
+        let microsocks = peers::start_microsocks(&hosts.server)?;
+        let s = self.s;
+        let mut best: Option<(KcpConfig, f64)> = None;
+        for cfg in peers::kcptun_sweep() {
+            let k = peers::start_kcptun(&hosts, &cfg, 29900, 12948, origin())?;
+            let procs = kcp_procs(&k, None);
+            let sys = cfg.name(false);
+            self.transfer(&sys, Kind::Kcptun { encrypted: cfg.encrypted(), socks: false }, CLEAN1, &hosts.client, &Access::Direct(k.local), 1, s.kcptun_sweep, s.kcptun_cap, &procs)?;
+            self.rss(&sys, &procs);
+            let v = self.r.get(&sys, CLEAN1).map_or(0.0, |r| r.value);
+            if cfg.encrypted() && best.is_none_or(|(_, b)| v > b) {
+                best = Some((cfg, v));
+            }
+        }
+        let Some((cfg, _)) = best else { return Ok(None) };
+        // Port forward straight to the echo server: kcptun's own round trip.
+        {
+            let k = peers::start_kcptun(&hosts, &cfg, 29902, 12950, echo())?;
+            self.rr(&cfg.name(false), Kind::Kcptun { encrypted: true, socks: false }, &hosts.client, &Access::Direct(k.local))?;
+        }
+        let k = peers::start_kcptun(&hosts, &cfg, 29901, 12949, ([127, 0, 0, 1], peers::MICROSOCKS_PORT).into())?;
+        let procs = kcp_procs(&k, Some(microsocks.id()));
+        let sys = cfg.name(true);
+        let o = Access::Socks { proxy: k.local, target: origin() };
+        let e = Access::Socks { proxy: k.local, target: echo() };
+        let res = self.clean_suite(&sys, Kind::Kcptun { encrypted: true, socks: true }, &hosts.client, &o, &e, &procs, true);
+        self.rss(&sys, &procs);
+        res.map(|_| Some(cfg))
+    }
+
+    fn tcp(&mut self) -> Result<()> {
+        let hosts = TwoHosts::new("bt")?;
+        // Direct TCP as a host would run it: with the veth's segmentation offloads.
+        peers::set_offloads(&hosts, true)?;
+        let _servers = Servers::start(&hosts.server)?;
+        let avail = peers::available_cc();
+        for cc in ["bbr", "cubic"] {
+            if !avail.split_whitespace().any(|c| c == cc) {
+                self.r.notes.push(format!("{cc} is not available here (tcp_available_congestion_control: {avail}); TCP {cc} was not measured"));
+                continue;
+            }
+            peers::set_cc(&hosts, cc)?;
+            let sys = format!("TCP {cc}");
+            self.clean_suite(&sys, Kind::Tcp, &hosts.client, &Access::Direct(origin()), &Access::Direct(echo()), &[], cc == "bbr")?;
+        }
+        Ok(())
+    }
+
+    fn lossy_peers(&mut self, kcp: Option<KcpConfig>) -> Result<()> {
+        let (hosts, _link) = hosts_through_emulator("bl", LOSSY_LINK)?;
+        let _servers = Servers::start(&hosts.server)?;
+        let s = self.s;
+        let avail = peers::available_cc();
+        for cc in ["bbr", "cubic"] {
+            if !avail.split_whitespace().any(|c| c == cc) {
+                continue;
+            }
+            peers::set_cc(&hosts, cc)?;
+            self.transfer(&format!("TCP {cc}"), Kind::Tcp, LOSSY, &hosts.client, &Access::Direct(origin()), 1, s.lossy, s.lossy_cap, &[])?;
+        }
+        // kcptun's best encrypted window, with and without FEC (FEC is what kcptun has
+        // for loss), plus the same without encryption.
+        let wnd = kcp.map_or(1024, |c| c.wnd);
+        for (crypt, fec) in [("aes", true), ("aes", false), ("none", true)] {
+            let cfg = KcpConfig { crypt, fec, wnd };
+            let k = peers::start_kcptun(&hosts, &cfg, 29900, 12948, origin())?;
+            let procs = kcp_procs(&k, None);
+            self.transfer(&cfg.name(false), Kind::Kcptun { encrypted: cfg.encrypted(), socks: false }, LOSSY, &hosts.client, &Access::Direct(k.local), 1, s.lossy, s.lossy_cap, &procs)?;
+        }
+        Ok(())
+    }
+}
+
+fn kcp_procs(k: &peers::Kcptun, microsocks: Option<u32>) -> Vec<Proc> {
+    let mut v = vec![
+        Proc { label: "client".into(), pid: bench::find_comm(k.client.id(), "kcptun-client") },
+        Proc { label: "server".into(), pid: bench::find_comm(k.server.id(), "kcptun-server") },
+    ];
+    if let Some(pid) = microsocks {
+        v.push(Proc { label: "microsocks".into(), pid });
+    }
+    v
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| c.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).map(|s| s.trim().to_string()))
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let kcptun = std::process::Command::new("dpkg-query")
+        .args(["-W", "-f=${Version}", "kcptun"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+        .unwrap_or_default();
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    format!(
+        "{cpu}, {cores} cores, Linux {}; kcptun {kcptun} (Debian); load average at the start: {}",
+        kernel.trim(),
+        load.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+    )
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let value_of = |k: &str| args.iter().position(|a| a == k).and_then(|i| args.get(i + 1)).cloned();
+    let out = PathBuf::from(value_of("--out").unwrap_or_else(|| "docs/bench".into()));
+    let only: Option<Vec<String>> = value_of("--only").map(|s| s.split(',').map(str::to_string).collect());
+    let want = |s: &str| only.as_ref().is_none_or(|o| o.iter().any(|x| x == s));
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("paqet-bench: needs root (network namespaces, XDP)");
+        std::process::exit(2);
+    }
+    let nofile = bench::raise_nofile();
+    let started = Instant::now();
+    let machine = machine();
+    eprintln!("paqet-bench: {machine}; RLIMIT_NOFILE {nofile}; {}", if quick { "quick run" } else { "full run" });
+    let mut b = Bench { s: if quick { QUICK } else { FULL }, r: Results::default() };
+
+    let section = |b: &mut Bench, name: &str, f: &dyn Fn(&mut Bench) -> Result<()>| {
+        if !want(name) {
+            return;
+        }
+        let t = Instant::now();
+        eprintln!("==> bench: {name}");
+        if let Err(e) = f(b) {
+            eprintln!("bench: {name} FAILED: {e:#}");
+            b.r.notes.push(format!("section {name} failed: {e:#}"));
+        }
+        eprintln!("    ({name}: {:.0} s)", t.elapsed().as_secs_f64());
+    };
+    section(&mut b, "ceilings", &|b| b.ceilings());
+    section(&mut b, "paqet-xdp", &|b| b.paqet("xdp"));
+    section(&mut b, "paqet-udp", &|b| b.paqet("udp"));
+    let best = std::cell::Cell::new(None);
+    section(&mut b, "kcptun", &|b| {
+        best.set(b.kcptun()?);
+        Ok(())
+    });
+    section(&mut b, "tcp", &|b| b.tcp());
+    section(&mut b, "lossy", &|b| {
+        let r1 = b.paqet_lossy("xdp");
+        let r2 = b.paqet_lossy("udp");
+        let r3 = b.lossy_peers(best.get());
+        r1.and(r2).and(r3)
+    });
+
+    let s = b.s;
+    let sizes = format!(
+        "clean link: 1 stream × {} (cap {} s; kcptun's port-forward sweep {} capped at {} s), 8 streams × {}; rr: {} round trips of 64 bytes; \
+         lossy link (40 ms RTT, 1 % loss each way): {} (cap {} s); {} concurrent streams × {}; ceilings: {} s of 1442-byte frames",
+        mib(s.clean), s.clean_cap.as_secs(), mib(s.kcptun_sweep), s.kcptun_cap.as_secs(), mib(s.multi_each), s.rr,
+        mib(s.lossy), s.lossy_cap.as_secs(), s.streams, mib(s.stream_len), s.ceiling_secs
+    );
+    let table = b.r.table();
+    let targets = b.r.targets_table();
+    let mut md = format!("Machine: {machine}\n\nSizes: {sizes}\n\nTotal bench time: {:.0} s\n\n{table}\n{targets}", started.elapsed().as_secs_f64());
+    if !b.r.notes.is_empty() {
+        md.push_str("\nNotes:\n");
+        for n in &b.r.notes {
+            md.push_str(&format!("- {n}\n"));
+        }
+    }
+    println!("\n{md}");
+    if let Err(e) = std::fs::create_dir_all(&out)
+        .and_then(|_| std::fs::write(out.join("results.md"), &md))
+        .and_then(|_| std::fs::write(out.join("results.tsv"), b.r.tsv()))
+    {
+        eprintln!("paqet-bench: writing {}: {e}", out.display());
+    }
+    match bench::charts::draw_all(&b.r, &out) {
+        Ok(files) => eprintln!("paqet-bench: wrote {} and charts {} in {}", "results.md", files.join(", "), out.display()),
+        Err(e) => eprintln!("paqet-bench: charts: {e:#}"),
+    }
+    let _ = report::CEILING;
+}
