@@ -4,12 +4,14 @@
 //! Tests that need root call [`require_root`] first: without root they are skipped
 //! loudly, except under CI, where skipping would hide a broken suite and so panics.
 
+pub mod capture;
 #[cfg(feature = "bench")]
 pub mod bench;
 pub mod linkem;
 pub mod netns;
 pub mod pattern;
 pub mod relay;
+pub mod service;
 pub mod socks;
 
 pub use netns::{

@@ -1,6 +1,14 @@
-//! `paqet status`: the instances pinned under /sys/fs/bpf/paqet and their counters.
+//! `paqet status`: the instances pinned under /sys/fs/bpf/paqet, what is attached where,
+//! and their counters, as text or `--json`.
+//!
+//! Everything here comes from the kernel, not from the running process: the instance's
+//! pinned stats map (counters), the loaded `paqet_steer` programs that use that map
+//! (program ids), and, when the interface is in this network namespace, its XDP
+//! attachment (mode). A pin directory whose map no loaded program uses is stale (left
+//! by a `kill -9`; the next start of that instance replaces it).
 
 use anyhow::{Context, Result};
+use serde_json::{Value, json};
 
 use crate::cli::StatusArgs;
 use crate::kernel::{PIN_ROOT, read_pinned_stats};
@@ -19,29 +27,95 @@ fn instances(only: Option<&str>) -> Result<Vec<String>> {
     Ok(names)
 }
 
+/// Ids of the loaded `paqet_steer` programs that use the map pinned at `stats_pin`.
+fn programs_using(stats_pin: &std::path::Path) -> Result<Vec<u32>> {
+    let map = aya::maps::MapData::from_pin(stats_pin).with_context(|| format!("opening {}", stats_pin.display()))?;
+    let map_id = map.info().context("reading the stats map's info")?.id();
+    let mut ids = Vec::new();
+    for prog in aya::programs::loaded_programs().flatten() {
+        if prog.name_as_str() != Some(paqet_common::maps::PROGRAM_NAME) {
+            continue;
+        }
+        if prog.map_ids().ok().flatten().is_some_and(|m| m.contains(&map_id)) {
+            ids.push(prog.id());
+        }
+    }
+    Ok(ids)
+}
+
+/// The XDP mode and program id on `interface`, when it exists in this network namespace.
+fn xdp_attachment(interface: &str) -> Option<(String, u32)> {
+    let out = std::process::Command::new("ip").args(["-d", "-j", "link", "show", "dev", interface]).output().ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+    let xdp = v.as_array()?.first()?.get("xdp")?;
+    let mode = match xdp.get("mode").and_then(Value::as_u64) {
+        Some(1) => "native",
+        Some(2) => "generic",
+        Some(3) => "offload",
+        _ => "unknown",
+    };
+    let id = xdp.get("prog").and_then(|p| p.get("id")).and_then(Value::as_u64)?;
+    Some((mode.to_string(), id as u32))
+}
+
+fn describe(name: &str) -> Result<Value> {
+    let stats = read_pinned_stats(name).with_context(|| format!("instance {name}"))?;
+    let pin_dir = std::path::Path::new(PIN_ROOT).join(name);
+    let (role, interface) = name.split_once('-').unwrap_or(("", name));
+    let programs = programs_using(&pin_dir.join(paqet_common::maps::PIN_STATS)).unwrap_or_default();
+    let attachment = xdp_attachment(interface).filter(|(_, id)| programs.contains(id));
+    Ok(json!({
+        "instance": name,
+        "role": role,
+        "interface": interface,
+        "pins": pin_dir.display().to_string(),
+        "running": !programs.is_empty(),
+        "program_ids": programs,
+        "mode": attachment.as_ref().map(|(m, _)| m.clone()),
+        "seen": stats.seen,
+        "matched": stats.matched,
+        "passed": stats.passed,
+        "redirected": stats.redirected,
+        "no_socket": stats.no_socket,
+        "malformed": stats.malformed,
+    }))
+}
+
 pub fn run(args: &StatusArgs) -> Result<()> {
     let names = instances(args.instance.as_deref())?;
-    if names.is_empty() && !args.json {
+    let mut all = Vec::new();
+    for name in &names {
+        all.push(describe(name)?);
+    }
+    if args.json {
+        println!("{}", Value::Array(all));
+        return Ok(());
+    }
+    if all.is_empty() {
         println!("no paqet instance is attached (nothing pinned under {PIN_ROOT})");
         return Ok(());
     }
-    let mut json = Vec::new();
-    for name in names {
-        let stats = read_pinned_stats(&name).with_context(|| format!("instance {name}"))?;
-        if args.json {
-            json.push(format!(
-                "{{\"instance\":\"{name}\",\"seen\":{},\"matched\":{},\"passed\":{},\"redirected\":{},\"no_socket\":{},\"malformed\":{}}}",
-                stats.seen, stats.matched, stats.passed, stats.redirected, stats.no_socket, stats.malformed
-            ));
+    for v in all {
+        let ids: Vec<String> = v["program_ids"].as_array().into_iter().flatten().map(|i| i.to_string()).collect();
+        let state = if v["running"].as_bool() == Some(true) {
+            format!(
+                "paqet_steer id {} on {} ({})",
+                ids.join(","),
+                v["interface"].as_str().unwrap_or(""),
+                v["mode"].as_str().unwrap_or("mode not visible from this network namespace")
+            )
         } else {
-            println!(
-                "{name}: seen {} matched {} redirected {} passed {} no_socket {} malformed {}",
-                stats.seen, stats.matched, stats.redirected, stats.passed, stats.no_socket, stats.malformed
-            );
-        }
-    }
-    if args.json {
-        println!("[{}]", json.join(","));
+            "STALE: no loaded program uses these pins (the process was killed; the next start replaces them)".to_string()
+        };
+        println!("{}: {state}", v["instance"].as_str().unwrap_or(""));
+        println!(
+            "  seen {} matched {} redirected {} passed {} no_socket {} malformed {}",
+            v["seen"], v["matched"], v["redirected"], v["passed"], v["no_socket"], v["malformed"]
+        );
+        println!("  pins {}", v["pins"].as_str().unwrap_or(""));
     }
     Ok(())
 }
