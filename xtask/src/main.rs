@@ -3,7 +3,9 @@
 //! Each subcommand lives in its own module so new ones (bench, install, fuzz, ...) are
 //! one file and one enum arm.
 
+mod bench;
 mod build;
+mod fuzz;
 mod install;
 mod run;
 mod setup;
@@ -35,8 +37,12 @@ enum Command {
     Test(test::Args),
     /// Build, then install paqet as a service (/opt/flowless/bin/paqet, user flowless-paqet, paqet.service).
     Install(install::Args),
+    /// Benchmarks: paqet (xdp, udp) beside the raw ceilings, kcptun and TCP (needs root).
+    Bench(bench::Args),
     /// Remove the installed binary and unit (the config and user stay unless --purge).
     Uninstall(install::UninstallArgs),
+    /// Run the cargo-fuzz targets (fuzz/) for a bounded time each; fails on a crash.
+    Fuzz(fuzz::Args),
 }
 
 fn main() {
@@ -46,6 +52,8 @@ fn main() {
         Command::Build(a) => build::run(&a).map(|_| ()),
         Command::Run(a) => run::run(&a),
         Command::Test(a) => test::run(&a),
+        Command::Bench(a) => bench::run(&a),
+        Command::Fuzz(a) => fuzz::run(&a),
         Command::Install(a) => install::run(&a),
         Command::Uninstall(a) => install::uninstall(&a),
     };
