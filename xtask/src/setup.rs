@@ -157,3 +157,33 @@ pub fn run(_args: &Args) -> Result<()> {
     step("setup: done");
     Ok(())
 }
+
+/// Installs `pkgs` with apt when missing (for subcommands with needs of their own, such
+/// as `bench`, so that plain `setup` stays as fast as the tests need it to be).
+pub fn apt_install(what: &str, pkgs: &[&str]) -> Result<()> {
+    step(format!("setup ({what}): checking apt packages"));
+    let missing: Vec<&str> = pkgs.iter().copied().filter(|p| !apt_installed(p)).collect();
+    for p in pkgs {
+        if !missing.contains(p) {
+            eprintln!("    {p}: installed, skipping");
+        }
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !(util::is_root() && is_debian_like()) {
+        bail!(
+            "{what} needs {}: install them (apt-get install -y --no-install-recommends {}) and run again",
+            missing.join(", "),
+            missing.join(" ")
+        );
+    }
+    step(format!("setup ({what}): installing {}", missing.join(" ")));
+    util::run(Command::new("apt-get").arg("update").env("DEBIAN_FRONTEND", "noninteractive"))?;
+    util::run(
+        Command::new("apt-get")
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}

@@ -73,7 +73,37 @@ fn accept_loop(listener: TcpListener, stop: Arc<AtomicBool>, serve: fn(TcpStream
     }
 }
 
+/// The congestion control the origin (the sender of every download) sets on each
+/// connection with TCP_CONGESTION; `None` keeps the namespace's default. Per socket,
+/// because a namespace's sysctl only takes what the host's
+/// tcp_allowed_congestion_control lists (here: reno bbr, not cubic).
+static ORIGIN_CC: std::sync::Mutex<Option<&'static str>> = std::sync::Mutex::new(None);
+
+pub fn set_origin_cc(cc: Option<&'static str>) {
+    *ORIGIN_CC.lock().unwrap_or_else(|e| e.into_inner()) = cc;
+}
+
+/// Sets TCP_CONGESTION on `s`; returns what the socket then uses.
+pub fn set_socket_cc(s: &TcpStream, cc: &str) -> String {
+    use std::os::fd::AsRawFd;
+    // SAFETY: valid socket, buffer pointers and lengths.
+    unsafe {
+        libc::setsockopt(s.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_CONGESTION, cc.as_ptr().cast(), cc.len() as u32);
+        let mut buf = [0u8; 16];
+        let mut len = buf.len() as libc::socklen_t;
+        libc::getsockopt(s.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_CONGESTION, buf.as_mut_ptr().cast(), &mut len);
+        String::from_utf8_lossy(&buf[..len as usize]).trim_end_matches('\0').to_string()
+    }
+}
+
 fn serve_origin(mut s: TcpStream) {
+    let cc = *ORIGIN_CC.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(cc) = cc {
+        let got = set_socket_cc(&s, cc);
+        if got != cc {
+            eprintln!("bench: origin asked for {cc}, socket uses {got}");
+        }
+    }
     let _ = s.set_write_timeout(Some(Duration::from_secs(120)));
     let _ = s.set_read_timeout(Some(Duration::from_secs(120)));
     let mut head = Vec::with_capacity(256);

@@ -98,10 +98,17 @@ pub fn start_microsocks(ns: &Netns) -> Result<ChildGuard> {
     Ok(g)
 }
 
-/// `tcp_congestion_control` on both hosts (the sender's is the one that matters).
-pub fn set_cc(hosts: &TwoHosts, cc: &str) -> Result<()> {
-    hosts.client.sysctl("net.ipv4.tcp_congestion_control", cc)?;
-    hosts.server.sysctl("net.ipv4.tcp_congestion_control", cc)
+/// The congestion control of direct TCP: the namespaces' sysctl where the host allows
+/// it (its tcp_allowed_congestion_control), and TCP_CONGESTION on every origin socket
+/// (the sender's is the one that matters) in any case.
+pub fn set_cc(hosts: &TwoHosts, cc: &'static str) -> Result<()> {
+    for ns in [&hosts.client, &hosts.server] {
+        if let Err(e) = ns.sysctl("net.ipv4.tcp_congestion_control", cc) {
+            eprintln!("bench: {e:#}; setting {cc} per socket instead");
+        }
+    }
+    super::set_origin_cc(Some(cc));
+    Ok(())
 }
 
 pub fn available_cc() -> String {

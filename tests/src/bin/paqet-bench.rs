@@ -272,7 +272,9 @@ impl Bench {
             }
             peers::set_cc(&hosts, cc)?;
             let sys = format!("TCP {cc}");
-            self.clean_suite(&sys, Kind::Tcp, &hosts.client, &Access::Direct(origin()), &Access::Direct(echo()), &[], cc == "bbr")?;
+            let res = self.clean_suite(&sys, Kind::Tcp, &hosts.client, &Access::Direct(origin()), &Access::Direct(echo()), &[], cc == "bbr");
+            bench::set_origin_cc(None);
+            res?;
         }
         Ok(())
     }
@@ -287,7 +289,9 @@ impl Bench {
                 continue;
             }
             peers::set_cc(&hosts, cc)?;
-            self.transfer(&format!("TCP {cc}"), Kind::Tcp, LOSSY, &hosts.client, &Access::Direct(origin()), 1, s.lossy, s.lossy_cap, &[])?;
+            let res = self.transfer(&format!("TCP {cc}"), Kind::Tcp, LOSSY, &hosts.client, &Access::Direct(origin()), 1, s.lossy, s.lossy_cap, &[]);
+            bench::set_origin_cc(None);
+            res?;
         }
         // kcptun's best encrypted window, with and without FEC (FEC is what kcptun has
         // for loss), plus the same without encryption.

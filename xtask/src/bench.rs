@@ -1,0 +1,53 @@
+//! `cargo xtask bench`: builds a release, then runs `paqet-bench` (tests/src/bin), which
+//! measures paqet over `xdp` and `udp` side by side with the raw AF_XDP and UDP packet
+//! ceilings, kcptun and direct TCP, prints the table and writes `docs/bench/` (results.md,
+//! results.tsv, PNG charts). Not part of `cargo xtask test`. Needs root.
+//!
+//! The bench's own packages (kcptun and microsocks as the peers, fonts-dejavu-core for
+//! the charts' text) are installed here, not by `cargo xtask setup`, so setting up for
+//! the tests does not pay for them.
+
+use crate::util::{self, step};
+use anyhow::{Result, bail};
+use std::process::Command;
+
+pub const BENCH_APT_PACKAGES: &[&str] = &["kcptun", "microsocks", "fonts-dejavu-core"];
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Small sizes (a smoke run of about a minute) instead of the full run (~10 minutes).
+    #[arg(long)]
+    pub quick: bool,
+    /// Only these sections (comma-separated): ceilings, paqet-xdp, paqet-udp, kcptun, tcp, lossy.
+    #[arg(long)]
+    pub only: Option<String>,
+    /// Where results.md, results.tsv and the charts go (default: docs/bench).
+    #[arg(long)]
+    pub out: Option<std::path::PathBuf>,
+}
+
+pub fn run(args: &Args) -> Result<()> {
+    if !util::is_root() {
+        bail!("the bench needs root (network namespaces, XDP): run it as root");
+    }
+    crate::setup::run(&crate::setup::Args {})?;
+    crate::setup::apt_install("bench", BENCH_APT_PACKAGES)?;
+    let bin = crate::build::run(&crate::build::Args { release: true, debug: false })?;
+    step("building the bench binaries (paqet-tests, feature bench)");
+    util::run(
+        Command::new(util::cargo())
+            .current_dir(util::root())
+            .args(["build", "--release", "-p", "paqet-tests", "--features", "bench", "--bins"]),
+    )?;
+    let out = args.out.clone().unwrap_or_else(|| util::root().join("docs/bench"));
+    step(format!("running the bench{} (results in {})", if args.quick { " (--quick)" } else { "" }, out.display()));
+    let mut cmd = Command::new(util::target_dir().join("release/paqet-bench"));
+    cmd.env("PAQET_BIN", &bin).arg("--out").arg(&out);
+    if args.quick {
+        cmd.arg("--quick");
+    }
+    if let Some(only) = &args.only {
+        cmd.args(["--only", only]);
+    }
+    util::run(&mut cmd)
+}
