@@ -13,7 +13,9 @@ fn init_logging(level: LogLevel) {
     // RUST_LOG, when set, refines the configured level (e.g. `paqet=debug,kcp=warn`).
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level.as_str()));
-    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).init();
+    // Colours only on a terminal: under systemd the journal would store escape codes.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).with_ansi(ansi).init();
 }
 
 fn load(args: &RunArgs, role: Option<Role>) -> Result<Config> {

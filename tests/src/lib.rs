@@ -4,6 +4,7 @@
 //! Tests that need root call [`require_root`] first: without root they are skipped
 //! loudly, except under CI, where skipping would hide a broken suite and so panics.
 
+pub mod capture;
 #[cfg(feature = "bench")]
 pub mod bench;
 pub mod linkem;

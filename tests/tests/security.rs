@@ -1,0 +1,160 @@
+//! What a scanner or an attacker on the path gets from paqet: nothing. Random payloads
+//! and replayed packets get no reply of any kind (shown by capture), are counted, and do
+//! not disturb a transfer; bad local setups are refused with the fix.
+
+use std::net::UdpSocket;
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+use std::time::Duration;
+
+use paqet_tests::capture::{Capture, udp_payload};
+use paqet_tests::relay::{RelayBed, RelayOptions, SERVER_PORT};
+use paqet_tests::{TwoHosts, pattern, paqet_bin, require_root, wait_for};
+
+const MIB: u64 = 1 << 20;
+const PROBE_PORT: u16 = 47000;
+
+/// Anything the server sends back to the prober: a datagram or an ICMP error.
+fn reply_filter() -> String {
+    format!("src host {} and (icmp or (udp and dst port {PROBE_PORT}) or (tcp and dst port {PROBE_PORT}))", TwoHosts::SERVER_IP)
+}
+
+/// The total of `field=N` over the server's periodic drop summaries.
+fn logged_count(log: &str, field: &str) -> u64 {
+    log.match_indices(&format!("{field}="))
+        .filter_map(|(i, m)| log[i + m.len()..].split(|c: char| !c.is_ascii_digit()).next()?.parse::<u64>().ok())
+        .sum()
+}
+
+fn xorshift(state: &mut u64) -> u64 {
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    *state
+}
+
+#[test]
+fn random_payloads_get_no_reply_and_do_not_disturb_a_transfer() {
+    if !require_root("random_payloads_get_no_reply_and_do_not_disturb_a_transfer") {
+        return;
+    }
+    // UDP-shaped xdp frames, so garbage from an ordinary socket matches paqet's filter
+    // and goes all the way to the engine.
+    let mut opts = RelayOptions::new("xdp").unwrap();
+    opts.server_extra.push("WIRE=udp".into());
+    opts.client_extra.push("WIRE=udp".into());
+    let bed = RelayBed::start("s1", &opts).unwrap();
+    let capture = Capture::start(&bed.hosts.client, &bed.hosts.client_if, &reply_filter()).unwrap();
+    let server = std::net::SocketAddr::from((TwoHosts::SERVER_IP, SERVER_PORT));
+    let (download, sent) = std::thread::scope(|s| {
+        let download = s.spawn(|| bed.curl_bytes(32 * MIB));
+        let sent = bed
+            .hosts
+            .client
+            .run(|| {
+                let sock = UdpSocket::bind((TwoHosts::CLIENT_IP, PROBE_PORT)).unwrap();
+                let mut rng = 0x9E37_79B9_7F4A_7C15u64;
+                let mut sent = 0u64;
+                for i in 0..3000usize {
+                    // Never empty: the transport drops empty frames before the engine counts them.
+                    let len = 1 + (xorshift(&mut rng) % 1400) as usize + (i % 2);
+                    let junk: Vec<u8> = (0..len).map(|_| xorshift(&mut rng) as u8).collect();
+                    if sock.send_to(&junk, server).is_ok() {
+                        sent += 1;
+                    }
+                    if i % 100 == 0 {
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                }
+                sent
+            })
+            .unwrap();
+        (download.join().expect("download thread"), sent)
+    });
+    let (hash, _, _) = download.unwrap();
+    assert_eq!(hash, pattern::sha256_hex(32 * MIB, 32 * MIB), "the transfer was disturbed\n{}", bed.logs());
+    std::thread::sleep(Duration::from_millis(500));
+    let replies = capture.stop().unwrap();
+    assert!(replies.is_empty(), "the server answered garbage: {} packets", replies.len());
+    let counted = wait_for(|| logged_count(&bed.log_of("server"), "unauthentic") >= sent, Duration::from_secs(15));
+    assert!(counted, "server did not count {sent} unauthentic datagrams\n{}", bed.logs());
+}
+
+#[test]
+fn replayed_handshake_and_data_packets_are_refused_without_reply() {
+    if !require_root("replayed_handshake_and_data_packets_are_refused_without_reply") {
+        return;
+    }
+    let mut bed = RelayBed::start("s2", &RelayOptions::new("udp").unwrap()).unwrap();
+    let filter = format!("udp and dst port {SERVER_PORT} and src host {}", TwoHosts::CLIENT_IP);
+    let capture = Capture::start(&bed.hosts.server, &bed.hosts.server_if, &filter).unwrap();
+    // A fresh client instance handshakes while the capture runs, then moves data.
+    bed.restart_client().unwrap();
+    let (hash, _, _) = bed.curl_bytes(MIB).unwrap();
+    assert_eq!(hash, pattern::sha256_hex(MIB, MIB));
+    let frames = capture.stop().unwrap();
+    let payloads: Vec<Vec<u8>> = frames.iter().filter_map(|f| udp_payload(f)).map(<[u8]>::to_vec).collect();
+    assert!(payloads.len() > 10, "captured only {} client packets", payloads.len());
+    let handshake = payloads[0].clone();
+    let data = payloads[payloads.len() / 2].clone();
+
+    let before = logged_count(&bed.log_of("server"), "replayed");
+    let replies = Capture::start(&bed.hosts.client, &bed.hosts.client_if, &reply_filter()).unwrap();
+    let server = std::net::SocketAddr::from((TwoHosts::SERVER_IP, SERVER_PORT));
+    bed.hosts
+        .client
+        .run(|| {
+            let sock = UdpSocket::bind((TwoHosts::CLIENT_IP, PROBE_PORT)).unwrap();
+            sock.send_to(&handshake, server).unwrap();
+            sock.send_to(&data, server).unwrap();
+        })
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let answered = replies.stop().unwrap();
+    assert!(answered.is_empty(), "the server answered a replay: {} packets", answered.len());
+    let counted = wait_for(|| logged_count(&bed.log_of("server"), "replayed") >= before + 2, Duration::from_secs(15));
+    assert!(counted, "server did not count both replays\n{}", bed.logs());
+    assert_eq!(bed.log_of("server").matches("client authenticated").count(), 2, "a replayed handshake must not make a session");
+}
+
+fn temp_config(name: &str, text: &str, mode: u32) -> std::path::PathBuf {
+    let path = std::env::temp_dir().join(format!("paqet-sec-{}-{name}.conf", std::process::id()));
+    std::fs::write(&path, text).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+    path
+}
+
+#[test]
+fn a_key_holding_config_readable_by_others_is_refused_with_the_fix() {
+    let key = paqet_tests::relay::genkey().unwrap();
+    let path = temp_config("open", &format!("REMOTE_ADDR=198.18.0.2:4000\nKEY={key}\n"), 0o644);
+    let out = Command::new(paqet_bin()).args(["client", "--config"]).arg(&path).output().unwrap();
+    let _ = std::fs::remove_file(&path);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "paqet started with a world-readable key");
+    assert!(stderr.contains(&format!("chmod 600 {}", path.display())), "no fix printed: {stderr}");
+    assert!(!stderr.contains(&key), "the key leaked into the error");
+}
+
+#[test]
+fn a_public_socks_port_without_credentials_is_refused() {
+    let key = paqet_tests::relay::genkey().unwrap();
+    let path = temp_config("public", &format!("SOCKS_ADDR=0.0.0.0:1080\nREMOTE_ADDR=198.18.0.2:4000\nKEY={key}\n"), 0o600);
+    let out = Command::new(paqet_bin()).args(["client", "--config"]).arg(&path).output().unwrap();
+    let _ = std::fs::remove_file(&path);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "paqet opened a public SOCKS port without credentials");
+    assert!(stderr.contains("open proxy") && stderr.contains("SOCKS_USER"), "unclear refusal: {stderr}");
+}
+
+#[test]
+fn genkey_prints_a_fresh_32_byte_key() {
+    let a = paqet_tests::relay::genkey().unwrap();
+    let b = paqet_tests::relay::genkey().unwrap();
+    assert_ne!(a, b);
+    let path = temp_config("genkey", &format!("REMOTE_ADDR=198.18.0.2:4000\nKEY={a}\n"), 0o600);
+    let out = Command::new(paqet_bin()).args(["check", "--config"]).arg(&path).output().unwrap();
+    let _ = std::fs::remove_file(&path);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("OK    config"), "a genkey key was not accepted: {stdout}");
+}
