@@ -28,6 +28,8 @@ pub struct RelayOptions {
     pub timeout_secs: u32,
     /// Extra `KEY=VALUE` lines for the server's paqet.conf.
     pub server_extra: Vec<String>,
+    /// Extra `KEY=VALUE` lines for the client's paqet.conf.
+    pub client_extra: Vec<String>,
 }
 
 /// A fresh random key, from `paqet genkey`.
@@ -42,7 +44,7 @@ pub fn genkey() -> Result<String> {
 impl RelayOptions {
     pub fn new(transport: &'static str) -> Result<RelayOptions> {
         let key = genkey()?;
-        Ok(RelayOptions { transport, client_key: key.clone(), server_key: key, timeout_secs: 10, server_extra: Vec::new() })
+        Ok(RelayOptions { transport, client_key: key.clone(), server_key: key, timeout_secs: 10, server_extra: Vec::new(), client_extra: Vec::new() })
     }
 }
 
@@ -67,6 +69,7 @@ pub struct RelayBed {
     pub hosts: TwoHosts,
     pub link: Option<EmulatedLink>,
     scratch: Scratch,
+    transport: &'static str,
 }
 
 /// A binary of this crate (origin, link emulator), found next to the running test or
@@ -119,15 +122,17 @@ impl RelayBed {
         let server = spawn_paqet(&hosts.server, opts.transport, "server", &server_conf, &dir.join("server.log"))?;
 
         let client_conf = dir.join("client.conf");
-        write_private(
-            &client_conf,
-            &format!(
-                "SOCKS_ADDR=127.0.0.1:{SOCKS_PORT}\nREMOTE_ADDR={}:{SERVER_PORT}\nKCP_MODE=fast3\nKEY={}\nTRANSPORT={}\nTIMEOUT={}\nLOG_LEVEL=debug\n",
-                TwoHosts::SERVER_IP, opts.client_key, opts.transport, opts.timeout_secs
-            ),
-        )?;
+        let mut client_text = format!(
+            "SOCKS_ADDR=127.0.0.1:{SOCKS_PORT}\nREMOTE_ADDR={}:{SERVER_PORT}\nKCP_MODE=fast3\nKEY={}\nTRANSPORT={}\nTIMEOUT={}\nLOG_LEVEL=debug\n",
+            TwoHosts::SERVER_IP, opts.client_key, opts.transport, opts.timeout_secs
+        );
+        for line in &opts.client_extra {
+            client_text.push_str(line);
+            client_text.push('\n');
+        }
+        write_private(&client_conf, &client_text)?;
         let client = spawn_paqet(&hosts.client, opts.transport, "client", &client_conf, &dir.join("client.log"))?;
-        let bed = RelayBed { client, server, origin, hosts, link, scratch };
+        let bed = RelayBed { client, server, origin, hosts, link, scratch, transport: opts.transport };
         bed.wait_ready()?;
         Ok(bed)
     }
@@ -142,6 +147,16 @@ impl RelayBed {
             bail!("relay did not come up:\n{}", self.logs());
         }
         Ok(())
+    }
+
+    /// Stops the paqet client and starts it again with the same config (a new
+    /// instance: it handshakes afresh). Its log is appended to.
+    pub fn restart_client(&mut self) -> Result<()> {
+        let placeholder = ChildGuard::spawn(Command::new("true").stdin(Stdio::null()))?;
+        drop(std::mem::replace(&mut self.client, placeholder));
+        let conf = self.scratch.dir.join("client.conf");
+        self.client = spawn_paqet(&self.hosts.client, self.transport, "client", &conf, &self.scratch.dir.join("client.log"))?;
+        self.wait_ready()
     }
 
     pub fn socks_addr(&self) -> SocketAddr {
@@ -197,7 +212,7 @@ impl RelayBed {
 }
 
 fn spawn_paqet(ns: &Netns, transport: &str, role: &str, conf: &PathBuf, log: &PathBuf) -> Result<ChildGuard> {
-    let log_file = std::fs::File::create(log)?;
+    let log_file = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
     let err_file = log_file.try_clone()?;
     let bin = paqet_bin();
     let mut cmd = if transport == "xdp" {
