@@ -152,6 +152,7 @@ pub async fn run(config: Config) -> Result<()> {
 }
 
 async fn run_client<T: Transport>(config: Config, server: SocketAddr, transport: T) -> Result<()> {
+    let mut signals = StopSignals::install()?;
     let listener = TcpListener::bind(config.socks_addr)
         .await
         .with_context(|| format!("cannot listen for SOCKS5 on {} (is another proxy running? `paqet check` shows who holds it)", config.socks_addr))?;
@@ -163,14 +164,15 @@ async fn run_client<T: Transport>(config: Config, server: SocketAddr, transport:
     let receiver = tokio::spawn(node.clone().run_receiver());
     let timers = tokio::spawn(node.clone().run_timers());
     let accept = tokio::spawn(frontend.serve(listener, node.clone()));
-    let outcome = wait_for_stop(receiver).await;
+    let outcome = wait_for_stop(&mut signals, receiver).await;
     accept.abort();
-    drain(&node).await;
+    drain(&node, &mut signals).await;
     timers.abort();
     outcome
 }
 
 async fn run_server<T: Transport>(config: Config, transport: T) -> Result<()> {
+    let mut signals = StopSignals::install()?;
     let engine = Engine::new(engine_config(&config, engine::Role::Server), std::time::Instant::now());
     let (node, opened) = Node::new(engine, transport, true);
     let opened = opened.context("server node without an open-stream channel")?;
@@ -179,46 +181,66 @@ async fn run_server<T: Transport>(config: Config, transport: T) -> Result<()> {
     let receiver = tokio::spawn(node.clone().run_receiver());
     let timers = tokio::spawn(node.clone().run_timers());
     let dialing = tokio::spawn(dialer.serve(node.clone(), opened));
-    let outcome = wait_for_stop(receiver).await;
+    let outcome = wait_for_stop(&mut signals, receiver).await;
     dialing.abort();
-    drain(&node).await;
+    drain(&node, &mut signals).await;
     timers.abort();
     outcome
 }
 
-/// Returns on SIGTERM/SIGINT (Ok) or when the transport fails (Err).
-async fn wait_for_stop(receiver: tokio::task::JoinHandle<std::io::Result<()>>) -> Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: stopping"),
-        _ = int.recv() => tracing::info!("SIGINT: stopping"),
-        r = receiver => {
-            return match r {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) => Err(e).context("the transport failed"),
-                Err(e) => Err(e).context("the receive task died"),
-            };
-        }
-    }
-    // A second signal means "now": exit without draining.
-    tokio::spawn(async move {
-        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
-        tracing::warn!("second signal: exiting at once");
-        std::process::exit(0);
-    });
-    Ok(())
+/// SIGTERM and SIGINT, installed once at start so no signal is missed.
+struct StopSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
 }
 
-/// Lets open streams finish, for a bounded time.
-async fn drain<T: Transport>(node: &Node<T>) {
+impl StopSignals {
+    fn install() -> Result<StopSignals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(StopSignals {
+            term: signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?,
+        })
+    }
+
+    async fn next(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
+    }
+}
+
+/// Returns on SIGTERM/SIGINT (Ok) or when the transport fails (Err).
+async fn wait_for_stop(signals: &mut StopSignals, receiver: tokio::task::JoinHandle<std::io::Result<()>>) -> Result<()> {
+    tokio::select! {
+        name = signals.next() => {
+            tracing::info!("{name}: stopping; draining streams for up to {}s", DRAIN_TIMEOUT.as_secs());
+            Ok(())
+        }
+        r = receiver => match r {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e).context("the transport failed"),
+            Err(e) => Err(e).context("the receive task died"),
+        },
+    }
+}
+
+/// Lets open streams finish, for a bounded time; a second signal cuts it short. Either
+/// way the caller then tears down (detach, unpin) by dropping the node.
+async fn drain<T: Transport>(node: &Node<T>, signals: &mut StopSignals) {
     let deadline = tokio::time::Instant::now() + DRAIN_TIMEOUT;
-    while node.live_streams() > 0 && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    let wait = async {
+        while node.live_streams() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::select! {
+        _ = wait => {}
+        name = signals.next() => tracing::warn!("second {name}: stopping now, without draining"),
     }
     let left = node.live_streams();
     if left > 0 {
-        tracing::info!(streams = left, "drain timeout; closing the remaining streams");
+        tracing::info!(streams = left, "closing the remaining streams");
     }
 }

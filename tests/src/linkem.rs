@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::{Result, bail};
 
-use crate::netns::{ChildGuard, Netns, TwoHosts, veth, wait_for};
+use crate::netns::{ChildGuard, Netns, TwoHosts, interface_names, veth, wait_for};
 
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Impairment {
@@ -36,8 +36,9 @@ pub fn hosts_through_emulator(tag: &str, imp: Impairment) -> Result<(TwoHosts, E
     let mid = Netns::new(&format!("pq{tag}m"))?;
     // The middle ends get addresses outside the test subnet: the bridge is the emulator,
     // not the middle namespace's kernel (which does not forward).
-    veth(&client, "veth-c", "198.18.0.1/24", &mid, "m-c", "198.19.255.1/32")?;
-    veth(&server, "veth-s", "198.18.0.2/24", &mid, "m-s", "198.19.255.2/32")?;
+    let (client_if, server_if) = interface_names(tag);
+    veth(&client, &client_if, "198.18.0.1/24", &mid, "m-c", "198.19.255.1/32")?;
+    veth(&server, &server_if, "198.18.0.2/24", &mid, "m-s", "198.19.255.2/32")?;
     mid.sysctl("net.ipv4.ip_forward", "0")?;
     let mut cmd = mid.command(&linkem_bin().to_string_lossy());
     cmd.args(["m-c", "m-s"])
@@ -47,7 +48,7 @@ pub fn hosts_through_emulator(tag: &str, imp: Impairment) -> Result<(TwoHosts, E
         .args(["--rate-mbit", &imp.rate_mbit.to_string()])
         .args(["--max-seconds", "1800"]);
     let emulator = ChildGuard::spawn(&mut cmd)?;
-    let hosts = TwoHosts { client, server, client_if: "veth-c".into(), server_if: "veth-s".into() };
+    let hosts = TwoHosts { client, server, client_if, server_if };
     // The path works once an ordinary datagram gets across (ARP through the emulator).
     let path_up = hosts.client.run(|| {
         wait_for(

@@ -223,6 +223,13 @@ pub fn veth(
     Ok(())
 }
 
+/// Interface names for a pair tagged `tag`. Unique per tag because paqet pins its maps
+/// by role and interface name in the one host-wide bpffs: two test beds that both
+/// called their interface `veth-s` would take over each other's pins.
+pub fn interface_names(tag: &str) -> (String, String) {
+    (format!("vc-{tag}"), format!("vs-{tag}"))
+}
+
 /// Two namespaces, "client" (198.18.0.1/24) and "server" (198.18.0.2/24), joined by
 /// one veth pair.
 #[derive(Debug)]
@@ -241,7 +248,7 @@ impl TwoHosts {
     pub fn new(tag: &str) -> Result<TwoHosts> {
         let client = Netns::new(&format!("pq{tag}c"))?;
         let server = Netns::new(&format!("pq{tag}s"))?;
-        let (client_if, server_if) = ("veth-c".to_string(), "veth-s".to_string());
+        let (client_if, server_if) = interface_names(tag);
         veth(
             &client,
             &client_if,

@@ -13,7 +13,7 @@ pub struct Args {
 }
 
 /// What paqet needs when it is not root (the xdp transport; see the README).
-pub const CAPS: &str = "cap_bpf,cap_net_admin,cap_net_raw,cap_ipc_lock";
+pub const CAPS: &str = "cap_bpf,cap_perfmon,cap_net_admin,cap_net_raw,cap_ipc_lock";
 
 pub fn run(args: &Args) -> Result<()> {
     let bin = crate::build::run(&crate::build::Args {

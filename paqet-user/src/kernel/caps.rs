@@ -3,6 +3,7 @@
 
 const CAP_NET_ADMIN: u32 = 12;
 const CAP_SYS_ADMIN: u32 = 21;
+const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
 
 fn effective() -> Option<u64> {
@@ -29,6 +30,11 @@ pub fn missing_for_attach() -> Option<String> {
     }
     if !has(set, CAP_NET_ADMIN) {
         missing.push("CAP_NET_ADMIN");
+    }
+    // Without it the verifier refuses paqet_steer's packet-pointer arithmetic for a
+    // non-root loader ("pointer arithmetic with it prohibited for !root"; measured).
+    if !has(set, CAP_PERFMON) && !has(set, CAP_SYS_ADMIN) {
+        missing.push("CAP_PERFMON");
     }
     if missing.is_empty() {
         None

@@ -1,7 +1,7 @@
 use std::path::PathBuf;
 
 /// The command that gives a built binary what the xdp transport needs without root.
-pub const SETCAP_HINT: &str = "sudo setcap cap_bpf,cap_net_admin,cap_net_raw,cap_ipc_lock+ep target/release/paqet (or run as root)";
+pub const SETCAP_HINT: &str = "sudo setcap cap_bpf,cap_perfmon,cap_net_admin,cap_net_raw,cap_ipc_lock+ep target/release/paqet (or run as root)";
 
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
