@@ -3,6 +3,8 @@
 //!
 //! Usage: paqet-bench [--quick] [--out DIR] [--only SECTIONS]
 //!   SECTIONS: comma-separated of ceilings, paqet-xdp, paqet-udp, kcptun, tcp, lossy
+//!        paqet-bench [--quick] --profile xdp|udp --out DIR
+//!   one clean-link download under `perf record`, reports in DIR/profile-*.txt
 //!
 //! Testbeds (each torn down before the next, so only one thing runs at a time):
 //! - clean link: two namespaces joined by one veth pair, no emulator (paqet-linkem
@@ -306,6 +308,45 @@ impl Bench {
     }
 }
 
+impl Bench {
+    /// `--profile TRANSPORT`: one clean-link download with `perf record -e cpu-clock`
+    /// on the paqet client and server (these VMs have no hardware counters, so a
+    /// sampled clock profile); writes `perf report` text into `out`.
+    fn profile(&mut self, transport: &'static str, out: &std::path::Path) -> Result<()> {
+        std::fs::create_dir_all(out)?;
+        let bed = RelayBed::start("bp", &RelayOptions::new(transport)?)?;
+        let _servers = Servers::start(&bed.hosts.server)?;
+        let procs = vec![
+            Proc { label: "client".into(), pid: bench::find_comm(bed.client.id(), "paqet") },
+            Proc { label: "server".into(), pid: bench::find_comm(bed.server.id(), "paqet") },
+        ];
+        let mut perfs = Vec::new();
+        for p in &procs {
+            let data = out.join(format!("perf-{transport}-{}.data", p.label));
+            let mut cmd = std::process::Command::new("perf");
+            cmd.args(["record", "-q", "-e", "cpu-clock", "-F", "1999", "-p", &p.pid.to_string(), "-o"]).arg(&data).stdin(Stdio::null()).stdout(Stdio::null());
+            perfs.push((ChildGuard::spawn(&mut cmd)?, data, p.label.clone()));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        let o = Access::Socks { proxy: bed.socks_addr(), target: origin() };
+        let s = self.s;
+        let res = self.transfer(&format!("paqet {transport}"), Kind::Paqet, CLEAN1, &bed.hosts.client, &o, 1, s.clean, s.clean_cap, &procs);
+        for (mut g, data, label) in perfs {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(g.id() as i32, libc::SIGINT) };
+            let _ = g.0.wait();
+            let rep = std::process::Command::new("perf")
+                .args(["report", "--stdio", "--no-children", "--sort", "dso,symbol", "--percent-limit", "0.7", "-i"])
+                .arg(&data)
+                .output()?;
+            let text = out.join(format!("profile-{transport}-{label}.txt"));
+            std::fs::write(&text, &rep.stdout)?;
+            eprintln!("bench: profile of the {transport} {label}: {}", text.display());
+        }
+        res
+    }
+}
+
 fn kcp_procs(k: &peers::Kcptun, microsocks: Option<u32>) -> Vec<Proc> {
     let mut v = vec![
         Proc { label: "client".into(), pid: bench::find_comm(k.client.id(), "kcptun-client") },
@@ -342,6 +383,16 @@ fn main() {
     let quick = args.iter().any(|a| a == "--quick");
     let value_of = |k: &str| args.iter().position(|a| a == k).and_then(|i| args.get(i + 1)).cloned();
     let out = PathBuf::from(value_of("--out").unwrap_or_else(|| "docs/bench".into()));
+    if let Some(tr) = value_of("--profile") {
+        let tr: &'static str = if tr == "xdp" { "xdp" } else { "udp" };
+        bench::raise_nofile();
+        let mut b = Bench { s: if quick { QUICK } else { FULL }, r: Results::default() };
+        if let Err(e) = b.profile(tr, &out) {
+            eprintln!("paqet-bench: profile failed: {e:#}");
+            std::process::exit(1);
+        }
+        return;
+    }
     let only: Option<Vec<String>> = value_of("--only").map(|s| s.split(',').map(str::to_string).collect());
     let want = |s: &str| only.as_ref().is_none_or(|o| o.iter().any(|x| x == s));
     // SAFETY: geteuid has no preconditions.
