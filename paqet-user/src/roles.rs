@@ -237,7 +237,7 @@ async fn drain<T: Transport>(node: &Node<T>, signals: &mut StopSignals) {
     };
     tokio::select! {
         _ = wait => {}
-        name = signals.next() => tracing::warn!("second {name}: stopping now, without draining"),
+        name = signals.next() => tracing::warn!("second signal ({name}): stopping now, without draining"),
     }
     let left = node.live_streams();
     if left > 0 {

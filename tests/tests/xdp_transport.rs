@@ -222,10 +222,17 @@ impl Side<'_> {
             Err(_) => false,
             Ok(r) => {
                 r.expect("recv_batch");
-                let items: Vec<(SocketAddr, Vec<u8>)> = batch.iter().map(|(p, b)| (p, b.to_vec())).collect();
+                let items: Vec<(SocketAddr, Vec<u8>, Option<[u8; 6]>)> =
+                    batch.filled().iter().map(|s| (s.peer, s.payload().to_vec(), s.link_src)).collect();
                 let mut new_data = false;
-                for (from, bytes) in items {
+                for (from, bytes, link) in items {
+                    let rejected_before = (self.out.corrupt, self.out.foreign);
                     new_data |= self.on_datagram(from, &bytes);
+                    // This test's content check stands in for the engine's authentication,
+                    // which is what lets the transport trust the frame's source MAC.
+                    if (self.out.corrupt, self.out.foreign) == rejected_before {
+                        self.t.peer_authenticated(from, link);
+                    }
                 }
                 new_data
             }

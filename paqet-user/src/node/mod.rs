@@ -184,8 +184,12 @@ impl<T: Transport> Node<T> {
         loop {
             self.transport.recv_batch(&mut batch).await?;
             self.with_engine(|engine, now| {
-                for (peer, bytes) in batch.iter() {
-                    let _ = engine.handle_datagram(now, peer, bytes);
+                for slot in batch.filled() {
+                    let authentic = engine.handle_datagram(now, slot.peer, slot.payload()).is_ok();
+                    // Before the replies go out: they may need the path just proven.
+                    if authentic && slot.link_src.is_some() {
+                        self.transport.peer_authenticated(slot.peer, slot.link_src);
+                    }
                 }
             });
         }

@@ -19,6 +19,15 @@ pub struct RecvSlot {
     pub buf: Vec<u8>,
     pub len: usize,
     pub peer: SocketAddr,
+    /// The link-layer source, where the transport sees one (xdp): what the peer is
+    /// reached through, once the engine has authenticated the payload.
+    pub link_src: Option<[u8; 6]>,
+}
+
+impl RecvSlot {
+    pub fn payload(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
 }
 
 /// Reusable buffers for one batch of received datagrams: filled by a transport, read by
@@ -31,7 +40,7 @@ pub struct RecvBatch {
 impl RecvBatch {
     pub fn new(count: usize, max_datagram: usize) -> RecvBatch {
         let unspecified = SocketAddr::from(([0, 0, 0, 0], 0));
-        let slots = (0..count).map(|_| RecvSlot { buf: vec![0u8; max_datagram], len: 0, peer: unspecified }).collect();
+        let slots = (0..count).map(|_| RecvSlot { buf: vec![0u8; max_datagram], len: 0, peer: unspecified, link_src: None }).collect();
         RecvBatch { slots, filled: 0 }
     }
 
@@ -46,6 +55,11 @@ impl RecvBatch {
 
     pub fn set_filled(&mut self, n: usize) {
         self.filled = n.min(self.slots.len());
+    }
+
+    /// The filled slots.
+    pub fn filled(&self) -> &[RecvSlot] {
+        &self.slots[..self.filled]
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (SocketAddr, &[u8])> {
@@ -75,4 +89,8 @@ pub trait Transport: Send + Sync + 'static {
 
     /// Largest payload one datagram can carry on this transport.
     fn max_payload(&self) -> usize;
+
+    /// The engine authenticated a datagram from `peer` that arrived from `link_src`:
+    /// the transport may now trust that path (e.g. the next-hop MAC for replies).
+    fn peer_authenticated(&self, _peer: SocketAddr, _link_src: Option<[u8; 6]>) {}
 }

@@ -351,9 +351,10 @@ impl XdpTransport {
             q.xsk.drain_rx(&mut rx, (cap - filled) as u32, |frame| {
                 let slot = &mut slots[filled];
                 match frame.and_then(|f| self.accept(f, &mut peers, now, &mut slot.buf)) {
-                    Some((peer, len)) => {
+                    Some((peer, len, src_mac)) => {
                         slot.peer = peer;
                         slot.len = len;
+                        slot.link_src = Some(src_mac);
                         filled += 1;
                     }
                     None => malformed += 1,
@@ -371,7 +372,7 @@ impl XdpTransport {
     /// payload length, or `None` to drop it. Checksums are not checked: a veth peer
     /// hands over frames whose checksums were never filled in, and the AEAD above
     /// authenticates every payload anyway.
-    fn accept(&self, frame: &[u8], peers: &mut Peers, now: Instant, buf: &mut [u8]) -> Option<(SocketAddr, usize)> {
+    fn accept(&self, frame: &[u8], peers: &mut Peers, now: Instant, buf: &mut [u8]) -> Option<(SocketAddr, usize, [u8; 6])> {
         let s = parse_frame(frame).ok()?;
         if !self.filter.matches(&s) || s.dst.to_ip()? != self.local.ip() {
             return None;
@@ -382,13 +383,12 @@ impl XdpTransport {
             return None;
         }
         buf[..payload.len()].copy_from_slice(payload);
-        if self.learn_macs {
-            peers.learn(peer.ip(), s.src_mac, now);
-        }
+        // The source MAC is only learned once the engine has authenticated the payload
+        // (`peer_authenticated`): any host on the link can forge a frame's source.
         if self.wire == WireShape::Tcp {
             peers.saw_tcp(peer, s.tcp_seq, payload.len(), now);
         }
-        Some((peer, payload.len()))
+        Some((peer, payload.len(), s.src_mac))
     }
 
     /// Resolves once any queue's socket is readable and its RX ring really has frames.
@@ -511,6 +511,12 @@ impl Drop for XdpTransport {
 impl Transport for XdpTransport {
     fn name(&self) -> &'static str {
         "xdp"
+    }
+
+    fn peer_authenticated(&self, peer: SocketAddr, link_src: Option<[u8; 6]>) {
+        if let (true, Some(mac)) = (self.learn_macs, link_src) {
+            self.peers().learn(peer.ip(), mac, Instant::now());
+        }
     }
 
     fn send_batch(&self, batch: &[Transmit]) -> io::Result<()> {
