@@ -14,6 +14,7 @@ use crate::engine::crypto::Psk;
 use crate::engine::kcp::KcpProfile;
 use crate::engine::{self, Engine, EngineConfig};
 use crate::node::Node;
+use crate::ops::live;
 use crate::socks::SocksFrontend;
 use crate::transport::Transport;
 use crate::kernel::AttachMode;
@@ -60,16 +61,25 @@ enum Side {
     Server { listen: SocketAddr },
 }
 
-/// The transport `TRANSPORT` selects, opened.
+/// The transport `TRANSPORT` selects, opened, with the instance name it is known by
+/// (pins and live status).
 enum Opened {
-    Udp(UdpTransport),
-    Xdp(XdpTransport),
+    Udp(UdpTransport, String),
+    Xdp(XdpTransport, String),
+}
+
+fn role_name(side: &Side) -> &'static str {
+    match side {
+        Side::Client { .. } => "client",
+        Side::Server { .. } => "server",
+    }
 }
 
 fn xdp_options(config: &Config, side: &Side) -> Result<XdpOptions> {
-    let (local_ip, port, peer, role) = match *side {
-        Side::Client { server } => (local::route_source(server).with_context(|| format!("no route to {server}"))?, 0, Some(server), "client"),
-        Side::Server { listen } => (listen.ip(), listen.port(), None, "server"),
+    let role = role_name(side);
+    let (local_ip, port, peer) = match *side {
+        Side::Client { server } => (local::route_source(server).with_context(|| format!("no route to {server}"))?, 0, Some(server)),
+        Side::Server { listen } => (listen.ip(), listen.port(), None),
     };
     let interface = match (&config.interface, local_ip.is_unspecified()) {
         (Some(name), _) => name.clone(),
@@ -104,13 +114,14 @@ fn open_udp(config: &Config, side: &Side) -> Result<Opened> {
         Side::Server { listen } => listen,
     };
     let transport = UdpTransport::bind(local, buffer).with_context(|| format!("cannot open a UDP socket on {local}"))?;
-    Ok(Opened::Udp(transport))
+    let port = transport.local_addr().map_or(0, |a| a.port());
+    Ok(Opened::Udp(transport, format!("{}-udp-{port}", role_name(side))))
 }
 
 fn open_xdp(config: &Config, side: &Side) -> Result<Opened> {
     let opts = xdp_options(config, side)?;
     let transport = XdpTransport::open(opts.clone()).with_context(|| format!("cannot start the xdp transport on {}", opts.interface))?;
-    Ok(Opened::Xdp(transport))
+    Ok(Opened::Xdp(transport, opts.instance))
 }
 
 /// Opens the transport `TRANSPORT` names; `auto` tries xdp, falls back to udp, and says
@@ -137,21 +148,21 @@ pub async fn run(config: Config) -> Result<()> {
         Role::Client => {
             let server = resolve_remote(&config).await?;
             match open_transport(&config, &Side::Client { server })? {
-                Opened::Udp(t) => run_client(config, server, t).await,
-                Opened::Xdp(t) => run_client(config, server, t).await,
+                Opened::Udp(t, instance) => run_client(config, server, t, instance).await,
+                Opened::Xdp(t, instance) => run_client(config, server, t, instance).await,
             }
         }
         Role::Server => {
             let listen = config.listen_addr.context("LISTEN_ADDR is required for a server")?;
             match open_transport(&config, &Side::Server { listen })? {
-                Opened::Udp(t) => run_server(config, t).await,
-                Opened::Xdp(t) => run_server(config, t).await,
+                Opened::Udp(t, instance) => run_server(config, t, instance).await,
+                Opened::Xdp(t, instance) => run_server(config, t, instance).await,
             }
         }
     }
 }
 
-async fn run_client<T: Transport>(config: Config, server: SocketAddr, transport: T) -> Result<()> {
+async fn run_client<T: Transport>(config: Config, server: SocketAddr, transport: T, instance: String) -> Result<()> {
     let mut signals = StopSignals::install()?;
     let listener = TcpListener::bind(config.socks_addr)
         .await
@@ -164,14 +175,16 @@ async fn run_client<T: Transport>(config: Config, server: SocketAddr, transport:
     let receiver = tokio::spawn(node.clone().run_receiver());
     let timers = tokio::spawn(node.clone().run_timers());
     let accept = tokio::spawn(frontend.serve(listener, node.clone()));
+    let live = tokio::spawn(publish_live(node.clone(), instance, "client"));
     let outcome = wait_for_stop(&mut signals, receiver).await;
     accept.abort();
     drain(&node, &mut signals).await;
     timers.abort();
+    live.abort();
     outcome
 }
 
-async fn run_server<T: Transport>(config: Config, transport: T) -> Result<()> {
+async fn run_server<T: Transport>(config: Config, transport: T, instance: String) -> Result<()> {
     let mut signals = StopSignals::install()?;
     let engine = Engine::new(engine_config(&config, engine::Role::Server), std::time::Instant::now());
     let (node, opened) = Node::new(engine, transport, true);
@@ -181,11 +194,32 @@ async fn run_server<T: Transport>(config: Config, transport: T) -> Result<()> {
     let receiver = tokio::spawn(node.clone().run_receiver());
     let timers = tokio::spawn(node.clone().run_timers());
     let dialing = tokio::spawn(dialer.serve(node.clone(), opened));
+    let live = tokio::spawn(publish_live(node.clone(), instance, "server"));
     let outcome = wait_for_stop(&mut signals, receiver).await;
     dialing.abort();
     drain(&node, &mut signals).await;
     timers.abort();
+    live.abort();
     outcome
+}
+
+/// Keeps `/run/paqet/<instance>.json` current for `paqet status`.
+async fn publish_live<T: Transport>(node: Arc<Node<T>>, instance: String, role: &'static str) {
+    let transport = node.transport().name();
+    live::publish(instance, role, transport, move || {
+        let c = node.counters();
+        live::Snapshot {
+            sessions: node.with_engine(|e, _| e.peer_count()),
+            streams: node.live_streams(),
+            datagrams_in: c.datagrams_in,
+            datagrams_out: c.datagrams_out,
+            bytes_in: c.bytes_in,
+            bytes_out: c.bytes_out,
+            dropped_unauthentic: c.dropped_unauthentic,
+            dropped_replayed: c.dropped_replayed + c.dropped_stale_handshake,
+        }
+    })
+    .await
 }
 
 /// SIGTERM and SIGINT, installed once at start so no signal is missed.

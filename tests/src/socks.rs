@@ -76,8 +76,13 @@ pub fn connect(proxy: SocketAddr, host: &str, port: u16, auth: Option<(&str, &st
 
 /// `GET /bytes/len` through the proxy; returns the body's sha256 (hex) and length.
 pub fn fetch_bytes(proxy: SocketAddr, host: &str, port: u16, len: u64) -> Result<(String, u64)> {
+    fetch_bytes_auth(proxy, host, port, len, None)
+}
+
+/// [`fetch_bytes`] with username/password authentication.
+pub fn fetch_bytes_auth(proxy: SocketAddr, host: &str, port: u16, len: u64, auth: Option<(&str, &str)>) -> Result<(String, u64)> {
     use sha2::{Digest, Sha256};
-    let mut s = match connect(proxy, host, port, None, 1)? {
+    let mut s = match connect(proxy, host, port, auth, 1)? {
         Ok(s) => s,
         Err(code) => bail!("SOCKS refused with reply code {code}"),
     };

@@ -122,3 +122,45 @@ fn a_client_with_the_wrong_key_gets_nothing_through() {
     assert!(logged, "the server did not report the failures\n{}", bed.logs());
     assert!(!bed.log_of("server").contains("session established"), "a wrong key must never establish a session");
 }
+
+#[test]
+fn username_password_auth_and_an_ipv6_target() {
+    if !require_root("username_password_auth_and_an_ipv6_target") {
+        return;
+    }
+    let mut opts = RelayOptions::new("udp").unwrap();
+    opts.client_extra.push("SOCKS_USER=alice".into());
+    opts.client_extra.push("SOCKS_PASS='correct horse'".into());
+    let bed = RelayBed::start("u6", &opts).unwrap();
+    // An IPv6 origin next to the IPv4 one, reached by its address.
+    let server = &bed.hosts.server;
+    server.enable_ipv6().unwrap();
+    server.exec(&["ip", "-6", "addr", "add", "2001:2::2/64", "dev", &bed.hosts.server_if, "nodad"]).unwrap();
+    server.exec(&["ip", "-6", "addr", "add", "::1/128", "dev", "lo"]).ok();
+    let origin6 = paqet_tests::ChildGuard::spawn(
+        server.command(&paqet_tests::relay::sibling_bin("paqet-origin").to_string_lossy()).arg("[2001:2::2]:8081"),
+    )
+    .unwrap();
+    let proxy = bed.socks_addr();
+    let (right, wrong, anonymous, v6) = bed
+        .hosts
+        .client
+        .run(|| {
+            let right = socks::connect(proxy, ORIGIN_NAME, ORIGIN_PORT, Some(("alice", "correct horse")), 1).map(|r| r.is_ok());
+            let wrong = socks::connect(proxy, ORIGIN_NAME, ORIGIN_PORT, Some(("alice", "wrong")), 1).map(|r| r.is_ok());
+            let anonymous = socks::connect(proxy, ORIGIN_NAME, ORIGIN_PORT, None, 1).map(|r| r.is_ok());
+            let v6 = wait_for(
+                || socks::fetch_bytes_auth(proxy, "2001:2::2", 8081, 300_000, Some(("alice", "correct horse"))).is_ok(),
+                Duration::from_secs(10),
+            )
+            .then(|| socks::fetch_bytes_auth(proxy, "2001:2::2", 8081, 300_000, Some(("alice", "correct horse"))));
+            (right, wrong, anonymous, v6)
+        })
+        .unwrap();
+    drop(origin6);
+    assert!(right.unwrap(), "the right password must be let through");
+    assert!(wrong.is_err(), "a wrong password must be refused at authentication");
+    assert!(anonymous.is_err(), "no-auth must be refused when credentials are configured");
+    let (hash, len) = v6.expect("IPv6 origin never answered through the relay").unwrap();
+    assert_eq!((hash, len), (pattern::sha256_hex(300_000, 300_000), 300_000));
+}

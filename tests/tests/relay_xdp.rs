@@ -1,6 +1,7 @@
 //! The relay end to end over the `xdp` transport: XDP steering into AF_XDP on real veth
 //! links, TCP-shaped frames, and proof that the kernel never saw the relay's packets.
 
+use paqet_tests::capture::Capture;
 use paqet_tests::relay::{ORIGIN_NAME, ORIGIN_PORT, RelayBed, RelayOptions};
 use paqet_tests::{pattern, require_root, socks};
 
@@ -27,11 +28,21 @@ fn xdp_relay_100_mib_and_the_kernel_never_sees_it() {
         return;
     }
     let bed = RelayBed::start("x1", &RelayOptions::new("xdp").unwrap()).unwrap();
+    // Any RST or ICMP error leaving either host while the relay runs.
+    let kernel_answers = "tcp[tcpflags] & tcp-rst != 0 or icmp";
+    let captures = [
+        Capture::start(&bed.hosts.client, &bed.hosts.client_if, kernel_answers).unwrap(),
+        Capture::start(&bed.hosts.server, &bed.hosts.server_if, kernel_answers).unwrap(),
+    ];
     let before = (kernel_rejections(&bed, true), kernel_rejections(&bed, false));
     let (hash, len, took) = bed.curl_bytes(100 * MIB).unwrap();
     assert_eq!(hash, pattern::sha256_hex(100 * MIB, 100 * MIB), "{}", bed.logs());
     let after = (kernel_rejections(&bed, true), kernel_rejections(&bed, false));
     assert_eq!(before, after, "the kernel answered relay packets (RST / ICMP / no port)\n{}", bed.logs());
+    for capture in captures {
+        let seen = capture.stop().unwrap();
+        assert!(seen.is_empty(), "{} RST/ICMP packets left a host during the transfer", seen.len());
+    }
     assert!(bed.log_of("server").contains("xdp transport open"), "server did not run on xdp\n{}", bed.logs());
     assert!(bed.log_of("client").contains("xdp transport open"), "client did not run on xdp\n{}", bed.logs());
     eprintln!("100 MiB over xdp in {took:?} ({:.1} MB/s)", len as f64 / took.as_secs_f64() / 1e6);
@@ -75,4 +86,55 @@ fn xdp_relay_through_a_lossy_reordering_link_is_exact() {
     let (hash, len, took) = bed.curl_bytes(8 * MIB).unwrap();
     assert_eq!(hash, pattern::sha256_hex(8 * MIB, 8 * MIB), "{}", bed.logs());
     eprintln!("8 MiB over xdp through 2% loss, 10-18 ms RTT with reordering: {took:?} ({:.1} MB/s)", len as f64 / took.as_secs_f64() / 1e6);
+}
+
+#[test]
+fn status_shows_live_sessions_streams_and_throughput() {
+    if !require_root("status_shows_live_sessions_streams_and_throughput") {
+        return;
+    }
+    let bed = RelayBed::start("x4", &RelayOptions::new("xdp").unwrap()).unwrap();
+    let proxy = bed.socks_addr();
+    let client_instance = format!("client-{}", bed.hosts.client_if);
+    let server_instance = format!("server-{}", bed.hosts.server_if);
+    let status = |instance: &str| -> serde_json::Value {
+        let out = std::process::Command::new(paqet_tests::paqet_bin()).args(["status", "--json", "--instance", instance]).output().unwrap();
+        assert!(out.status.success(), "paqet status failed: {}", String::from_utf8_lossy(&out.stderr));
+        let all: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        all[0].clone()
+    };
+    // A slow download keeps one stream busy while status is read.
+    let busy = bed.hosts.client.run(|| {
+        std::thread::scope(|s| {
+            let reader = s.spawn(move || {
+                use std::io::{Read, Write};
+                let mut sock = socks::connect(proxy, ORIGIN_NAME, ORIGIN_PORT, None, 1).unwrap().unwrap();
+                write!(sock, "GET /bytes/{} HTTP/1.1\r\nHost: x\r\n\r\n", 1u64 << 40).unwrap();
+                let mut buf = vec![0u8; 64 * 1024];
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(4);
+                while std::time::Instant::now() < deadline {
+                    if sock.read(&mut buf).unwrap_or(0) == 0 {
+                        break;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(2));
+                }
+            });
+            std::thread::sleep(std::time::Duration::from_millis(2500));
+            let seen = (status(&client_instance), status(&server_instance));
+            reader.join().unwrap();
+            seen
+        })
+    });
+    let (client, server) = busy.unwrap();
+    for (name, v) in [("client", &client), ("server", &server)] {
+        assert_eq!(v["running"], true, "{name}: {v}");
+        assert!(v["program_ids"].as_array().is_some_and(|a| !a.is_empty()), "{name}: {v}");
+        assert!(v["redirected"].as_u64().unwrap_or(0) > 0, "{name}: no redirected frames: {v}");
+        let live = &v["live"];
+        assert_eq!(live["transport"], "xdp", "{name}: {v}");
+        assert_eq!(live["sessions"], 1, "{name}: {v}");
+        assert_eq!(live["streams"], 1, "{name}: {v}");
+    }
+    assert!(client["live"]["bytes_in_per_s"].as_f64().unwrap_or(0.0) > 0.0, "client shows no throughput: {client}");
+    assert!(server["live"]["bytes_out_per_s"].as_f64().unwrap_or(0.0) > 0.0, "server shows no throughput: {server}");
 }

@@ -145,6 +145,8 @@ pub enum Drop {
 pub struct Counters {
     pub datagrams_in: u64,
     pub datagrams_out: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
     pub dropped_unauthentic: u64,
     pub dropped_replayed: u64,
     pub dropped_stale_handshake: u64,
@@ -595,6 +597,7 @@ impl Engine {
 
     fn push_transmit(&mut self, peer: SocketAddr, payload: Vec<u8>) {
         self.counters.datagrams_out += 1;
+        self.counters.bytes_out += payload.len() as u64;
         self.transmits.push(Transmit { peer, payload });
     }
 
@@ -605,6 +608,7 @@ impl Engine {
     pub fn handle_datagram(&mut self, now: Now, from: SocketAddr, data: &[u8]) -> Result<(), Drop> {
         self.clock = self.clock.max(now.instant);
         self.counters.datagrams_in += 1;
+        self.counters.bytes_in += data.len() as u64;
         let result = self.dispatch_datagram(now, from, data);
         if let Err(drop) = result {
             match drop {

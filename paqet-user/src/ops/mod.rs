@@ -2,4 +2,5 @@
 //! `paqet status` (what is attached, and its counters).
 
 pub mod check;
+pub mod live;
 pub mod status;

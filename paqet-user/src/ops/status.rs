@@ -10,6 +10,8 @@
 use anyhow::{Context, Result};
 use serde_json::{Value, json};
 
+use super::live;
+
 use crate::cli::StatusArgs;
 use crate::kernel::{PIN_ROOT, read_pinned_stats};
 
@@ -84,11 +86,26 @@ fn describe(name: &str) -> Result<Value> {
     }))
 }
 
+/// An instance without pins (the udp transport) is described by its live state alone.
+fn describe_unpinned(name: &str) -> Value {
+    let (role, _) = name.split_once('-').unwrap_or(("", name));
+    json!({ "instance": name, "role": role, "interface": null, "pins": null, "running": true, "program_ids": [] })
+}
+
 pub fn run(args: &StatusArgs) -> Result<()> {
-    let names = instances(args.instance.as_deref())?;
+    let mut names = instances(args.instance.as_deref())?;
+    if args.instance.is_none() {
+        for name in live::instances() {
+            if !names.contains(&name) && live::read(&name).is_some() {
+                names.push(name);
+            }
+        }
+    }
     let mut all = Vec::new();
     for name in &names {
-        all.push(describe(name)?);
+        let mut v = if std::path::Path::new(PIN_ROOT).join(name).exists() { describe(name)? } else { describe_unpinned(name) };
+        v["live"] = live::read(name).unwrap_or(Value::Null);
+        all.push(v);
     }
     if args.json {
         println!("{}", Value::Array(all));
@@ -100,7 +117,9 @@ pub fn run(args: &StatusArgs) -> Result<()> {
     }
     for v in all {
         let ids: Vec<String> = v["program_ids"].as_array().into_iter().flatten().map(|i| i.to_string()).collect();
-        let state = if v["running"].as_bool() == Some(true) {
+        let state = if v["pins"].is_null() {
+            "no XDP program (udp transport)".to_string()
+        } else if v["running"].as_bool() == Some(true) {
             format!(
                 "paqet_steer id {} on {} ({})",
                 ids.join(","),
@@ -111,11 +130,25 @@ pub fn run(args: &StatusArgs) -> Result<()> {
             "STALE: no loaded program uses these pins (the process was killed; the next start replaces them)".to_string()
         };
         println!("{}: {state}", v["instance"].as_str().unwrap_or(""));
-        println!(
-            "  seen {} matched {} redirected {} passed {} no_socket {} malformed {}",
-            v["seen"], v["matched"], v["redirected"], v["passed"], v["no_socket"], v["malformed"]
-        );
-        println!("  pins {}", v["pins"].as_str().unwrap_or(""));
+        if !v["pins"].is_null() {
+            println!(
+                "  seen {} matched {} redirected {} passed {} no_socket {} malformed {}",
+                v["seen"], v["matched"], v["redirected"], v["passed"], v["no_socket"], v["malformed"]
+            );
+        }
+        if let Some(pins) = v["pins"].as_str() {
+            println!("  pins {pins}");
+        }
+        let live = &v["live"];
+        if live.is_null() {
+            println!("  live: not published (process not running, or no writable {})", live::RUN_DIR);
+        } else {
+            println!(
+                "  live: pid {} transport {} sessions {} streams {} in {} B/s out {} B/s, dropped unauthentic {} replayed {}",
+                live["pid"], live["transport"], live["sessions"], live["streams"], live["bytes_in_per_s"], live["bytes_out_per_s"],
+                live["dropped_unauthentic"], live["dropped_replayed"]
+            );
+        }
     }
     Ok(())
 }

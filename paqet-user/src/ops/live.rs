@@ -1,0 +1,117 @@
+//! What a running paqet publishes about itself for `paqet status`: sessions, streams
+//! and throughput, in `/run/paqet/<instance>.json`, rewritten every second (write, then
+//! rename, so a reader never sees half a file) and removed at exit.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde_json::{Value, json};
+
+pub const RUN_DIR: &str = "/run/paqet";
+const EVERY: Duration = Duration::from_secs(1);
+
+/// One reading of the relay's own counters.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Snapshot {
+    pub sessions: usize,
+    pub streams: usize,
+    pub datagrams_in: u64,
+    pub datagrams_out: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub dropped_unauthentic: u64,
+    pub dropped_replayed: u64,
+}
+
+pub fn state_path(instance: &str) -> PathBuf {
+    Path::new(RUN_DIR).join(format!("{instance}.json"))
+}
+
+fn render(role: &str, transport: &str, now: Snapshot, before: Snapshot, secs: f64) -> Value {
+    let rate = |a: u64, b: u64| ((a.saturating_sub(b)) as f64 / secs).round();
+    json!({
+        "pid": std::process::id(),
+        "role": role,
+        "transport": transport,
+        "updated_unix": SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+        "sessions": now.sessions,
+        "streams": now.streams,
+        "datagrams_in": now.datagrams_in,
+        "datagrams_out": now.datagrams_out,
+        "bytes_in_per_s": rate(now.bytes_in, before.bytes_in),
+        "bytes_out_per_s": rate(now.bytes_out, before.bytes_out),
+        "dropped_unauthentic": now.dropped_unauthentic,
+        "dropped_replayed": now.dropped_replayed,
+    })
+}
+
+fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Publishes `snapshot()` every second until the task is dropped. Without a writable
+/// /run/paqet (e.g. an unprivileged run without the unit's RuntimeDirectory) it says so
+/// once and stops: the relay itself does not depend on it.
+pub async fn publish(instance: String, role: &'static str, transport: &'static str, snapshot: impl Fn() -> Snapshot) {
+    let path = state_path(&instance);
+    if let Err(e) = std::fs::create_dir_all(RUN_DIR) {
+        tracing::info!("not publishing live status: cannot create {RUN_DIR}: {e}");
+        return;
+    }
+    let _cleanup = RemoveOnDrop(path.clone());
+    let mut before = snapshot();
+    let mut ticker = tokio::time::interval(EVERY);
+    ticker.tick().await;
+    loop {
+        ticker.tick().await;
+        let now = snapshot();
+        let text = render(role, transport, now, before, EVERY.as_secs_f64()).to_string();
+        if let Err(e) = write_atomically(&path, &text) {
+            tracing::info!("not publishing live status: cannot write {}: {e}", path.display());
+            return;
+        }
+        before = now;
+    }
+}
+
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// The live state of `instance`, if its process is running and publishing.
+pub fn read(instance: &str) -> Option<Value> {
+    let v: Value = serde_json::from_slice(&std::fs::read(state_path(instance)).ok()?).ok()?;
+    let pid = v.get("pid")?.as_u64()?;
+    // A file left by a killed process is not live.
+    Path::new(&format!("/proc/{pid}")).exists().then_some(v)
+}
+
+/// Instances that publish live state (including those without pins: the udp transport).
+pub fn instances() -> Vec<String> {
+    let Ok(dir) = std::fs::read_dir(RUN_DIR) else { return Vec::new() };
+    dir.filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_string_lossy().strip_suffix(".json").map(str::to_owned))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rates_come_from_the_difference() {
+        let before = Snapshot { bytes_in: 1000, bytes_out: 0, ..Snapshot::default() };
+        let now = Snapshot { sessions: 2, streams: 5, bytes_in: 3000, bytes_out: 500, ..Snapshot::default() };
+        let v = render("server", "xdp", now, before, 2.0);
+        assert_eq!(v["bytes_in_per_s"], 1000.0);
+        assert_eq!(v["bytes_out_per_s"], 250.0);
+        assert_eq!(v["sessions"], 2);
+        assert_eq!(v["streams"], 5);
+    }
+}
