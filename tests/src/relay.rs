@@ -80,7 +80,13 @@ pub fn sibling_bin(name: &str) -> PathBuf {
     dir.unwrap_or_default().join(name)
 }
 
-fn write_private(path: &PathBuf, text: &str) -> Result<()> {
+/// A private paqet.conf: the bed's lines, then the test's extra `KEY=VALUE` lines.
+fn write_conf(path: &PathBuf, lines: &str, extra: &[String]) -> Result<()> {
+    let mut text = format!("# written by the test bed\n{lines}");
+    for line in extra {
+        text.push_str(line);
+        text.push('\n');
+    }
     std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     Ok(())
@@ -109,28 +115,19 @@ impl RelayBed {
         let origin_addr = format!("{}:{ORIGIN_PORT}", TwoHosts::SERVER_IP);
         let origin = ChildGuard::spawn(hosts.server.command(&sibling_bin("paqet-origin").to_string_lossy()).arg(&origin_addr).stdin(Stdio::null()))?;
 
+        let common = |key: &str| format!("KEY={key}\nTRANSPORT={}\nTIMEOUT={}\nLOG_LEVEL=debug\n", opts.transport, opts.timeout_secs);
         let server_conf = dir.join("server.conf");
-        let mut server_text = format!(
-            "# written by the test bed\nLISTEN_ADDR={}:{SERVER_PORT}\nKEY={}\nTRANSPORT={}\nTIMEOUT={}\nLOG_LEVEL=debug\n",
-            TwoHosts::SERVER_IP, opts.server_key, opts.transport, opts.timeout_secs
-        );
-        for line in &opts.server_extra {
-            server_text.push_str(line);
-            server_text.push('\n');
-        }
-        write_private(&server_conf, &server_text)?;
+        let server_lines = format!("LISTEN_ADDR={}:{SERVER_PORT}\n{}", TwoHosts::SERVER_IP, common(&opts.server_key));
+        write_conf(&server_conf, &server_lines, &opts.server_extra)?;
         let server = spawn_paqet(&hosts.server, opts.transport, "server", &server_conf, &dir.join("server.log"))?;
 
         let client_conf = dir.join("client.conf");
-        let mut client_text = format!(
-            "SOCKS_ADDR=127.0.0.1:{SOCKS_PORT}\nREMOTE_ADDR={}:{SERVER_PORT}\nKCP_MODE=fast3\nKEY={}\nTRANSPORT={}\nTIMEOUT={}\nLOG_LEVEL=debug\n",
-            TwoHosts::SERVER_IP, opts.client_key, opts.transport, opts.timeout_secs
+        let client_lines = format!(
+            "SOCKS_ADDR=127.0.0.1:{SOCKS_PORT}\nREMOTE_ADDR={}:{SERVER_PORT}\nKCP_MODE=fast3\n{}",
+            TwoHosts::SERVER_IP,
+            common(&opts.client_key)
         );
-        for line in &opts.client_extra {
-            client_text.push_str(line);
-            client_text.push('\n');
-        }
-        write_private(&client_conf, &client_text)?;
+        write_conf(&client_conf, &client_lines, &opts.client_extra)?;
         let client = spawn_paqet(&hosts.client, opts.transport, "client", &client_conf, &dir.join("client.log"))?;
         let bed = RelayBed { client, server, origin, hosts, link, scratch, transport: opts.transport };
         bed.wait_ready()?;

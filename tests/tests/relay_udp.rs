@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use paqet_tests::relay::{ORIGIN_NAME, ORIGIN_PORT, RelayBed, RelayOptions};
-use paqet_tests::{TwoHosts, pattern, require_root, socks, wait_for};
+use paqet_tests::{TwoHosts, pattern, require_root, scenarios, socks, wait_for};
 
 const MIB: u64 = 1 << 20;
 
@@ -14,9 +14,8 @@ fn curl_downloads_100_mib_with_matching_sha256() {
         return;
     }
     let bed = RelayBed::start("u1", &RelayOptions::new("udp").unwrap()).unwrap();
-    let (hash, len, took) = bed.curl_bytes(100 * MIB).unwrap();
-    assert_eq!(hash, pattern::sha256_hex(100 * MIB, 100 * MIB), "{}", bed.logs());
-    eprintln!("100 MiB over udp in {took:?} ({:.1} MB/s)", len as f64 / took.as_secs_f64() / 1e6);
+    let rate = scenarios::curl_download_is_exact(&bed, 100 * MIB);
+    eprintln!("100 MiB over udp at {rate:.1} MB/s");
 }
 
 #[test]
@@ -25,26 +24,7 @@ fn two_hundred_concurrent_streams_of_mixed_sizes_are_exact() {
         return;
     }
     let bed = RelayBed::start("u2", &RelayOptions::new("udp").unwrap()).unwrap();
-    let proxy = bed.socks_addr();
-    let sizes: Vec<u64> = (0..200u64).map(|i| [0, 1, 1000, 70_000, 300_000, 1_500_000][(i % 6) as usize] + i).collect();
-    let results = bed
-        .hosts
-        .client
-        .run(|| {
-            std::thread::scope(|s| {
-                let handles: Vec<_> = sizes
-                    .iter()
-                    .map(|&len| s.spawn(move || (len, socks::fetch_bytes(proxy, ORIGIN_NAME, ORIGIN_PORT, len))))
-                    .collect();
-                handles.into_iter().map(|h| h.join().expect("fetch thread panicked")).collect::<Vec<_>>()
-            })
-        })
-        .unwrap();
-    for (len, result) in results {
-        let (hash, got) = result.unwrap_or_else(|e| panic!("stream of {len} bytes failed: {e:#}\n{}", bed.logs()));
-        assert_eq!(got, len);
-        assert_eq!(hash, pattern::sha256_hex(len, len), "stream of {len} bytes corrupted");
-    }
+    scenarios::two_hundred_concurrent_streams(&bed);
 }
 
 #[test]

@@ -3,7 +3,7 @@
 
 use paqet_tests::capture::Capture;
 use paqet_tests::relay::{ORIGIN_NAME, ORIGIN_PORT, RelayBed, RelayOptions};
-use paqet_tests::{pattern, require_root, socks};
+use paqet_tests::{require_root, scenarios, socks};
 
 const MIB: u64 = 1 << 20;
 
@@ -35,8 +35,7 @@ fn xdp_relay_100_mib_and_the_kernel_never_sees_it() {
         Capture::start(&bed.hosts.server, &bed.hosts.server_if, kernel_answers).unwrap(),
     ];
     let before = (kernel_rejections(&bed, true), kernel_rejections(&bed, false));
-    let (hash, len, took) = bed.curl_bytes(100 * MIB).unwrap();
-    assert_eq!(hash, pattern::sha256_hex(100 * MIB, 100 * MIB), "{}", bed.logs());
+    let rate = scenarios::curl_download_is_exact(&bed, 100 * MIB);
     let after = (kernel_rejections(&bed, true), kernel_rejections(&bed, false));
     assert_eq!(before, after, "the kernel answered relay packets (RST / ICMP / no port)\n{}", bed.logs());
     for capture in captures {
@@ -45,7 +44,7 @@ fn xdp_relay_100_mib_and_the_kernel_never_sees_it() {
     }
     assert!(bed.log_of("server").contains("xdp transport open"), "server did not run on xdp\n{}", bed.logs());
     assert!(bed.log_of("client").contains("xdp transport open"), "client did not run on xdp\n{}", bed.logs());
-    eprintln!("100 MiB over xdp in {took:?} ({:.1} MB/s)", len as f64 / took.as_secs_f64() / 1e6);
+    eprintln!("100 MiB over xdp at {rate:.1} MB/s");
 }
 
 #[test]
@@ -54,26 +53,7 @@ fn xdp_relay_200_concurrent_streams_are_exact() {
         return;
     }
     let bed = RelayBed::start("x2", &RelayOptions::new("xdp").unwrap()).unwrap();
-    let proxy = bed.socks_addr();
-    let sizes: Vec<u64> = (0..200u64).map(|i| [0, 1, 1000, 70_000, 300_000, 1_500_000][(i % 6) as usize] + i).collect();
-    let results = bed
-        .hosts
-        .client
-        .run(|| {
-            std::thread::scope(|s| {
-                let handles: Vec<_> = sizes
-                    .iter()
-                    .map(|&len| s.spawn(move || (len, socks::fetch_bytes(proxy, ORIGIN_NAME, ORIGIN_PORT, len))))
-                    .collect();
-                handles.into_iter().map(|h| h.join().expect("fetch thread panicked")).collect::<Vec<_>>()
-            })
-        })
-        .unwrap();
-    for (len, result) in results {
-        let (hash, got) = result.unwrap_or_else(|e| panic!("stream of {len} bytes failed: {e:#}\n{}", bed.logs()));
-        assert_eq!(got, len);
-        assert_eq!(hash, pattern::sha256_hex(len, len), "stream of {len} bytes corrupted");
-    }
+    scenarios::two_hundred_concurrent_streams(&bed);
 }
 
 #[test]
@@ -83,9 +63,8 @@ fn xdp_relay_through_a_lossy_reordering_link_is_exact() {
     }
     let imp = paqet_tests::linkem::Impairment { delay_ms: 5.0, jitter_ms: 4.0, loss: 0.02, rate_mbit: 0.0 };
     let bed = RelayBed::start_through("x3", &RelayOptions::new("xdp").unwrap(), imp).unwrap();
-    let (hash, len, took) = bed.curl_bytes(8 * MIB).unwrap();
-    assert_eq!(hash, pattern::sha256_hex(8 * MIB, 8 * MIB), "{}", bed.logs());
-    eprintln!("8 MiB over xdp through 2% loss, 10-18 ms RTT with reordering: {took:?} ({:.1} MB/s)", len as f64 / took.as_secs_f64() / 1e6);
+    let rate = scenarios::curl_download_is_exact(&bed, 8 * MIB);
+    eprintln!("8 MiB over xdp through 2% loss, 10-18 ms RTT with reordering at {rate:.1} MB/s");
 }
 
 #[test]
