@@ -65,7 +65,8 @@ enum Side {
 /// (pins and live status).
 enum Opened {
     Udp(UdpTransport, String),
-    Xdp(XdpTransport, String),
+    // Boxed: the AF_XDP rings make it far larger than a UDP socket.
+    Xdp(Box<XdpTransport>, String),
 }
 
 fn role_name(side: &Side) -> &'static str {
@@ -121,7 +122,7 @@ fn open_udp(config: &Config, side: &Side) -> Result<Opened> {
 fn open_xdp(config: &Config, side: &Side) -> Result<Opened> {
     let opts = xdp_options(config, side)?;
     let transport = XdpTransport::open(opts.clone()).with_context(|| format!("cannot start the xdp transport on {}", opts.interface))?;
-    Ok(Opened::Xdp(transport, opts.instance))
+    Ok(Opened::Xdp(Box::new(transport), opts.instance))
 }
 
 /// Opens the transport `TRANSPORT` names; `auto` tries xdp, falls back to udp, and says
@@ -149,14 +150,14 @@ pub async fn run(config: Config) -> Result<()> {
             let server = resolve_remote(&config).await?;
             match open_transport(&config, &Side::Client { server })? {
                 Opened::Udp(t, instance) => run_client(config, server, t, instance).await,
-                Opened::Xdp(t, instance) => run_client(config, server, t, instance).await,
+                Opened::Xdp(t, instance) => run_client(config, server, *t, instance).await,
             }
         }
         Role::Server => {
             let listen = config.listen_addr.context("LISTEN_ADDR is required for a server")?;
             match open_transport(&config, &Side::Server { listen })? {
                 Opened::Udp(t, instance) => run_server(config, t, instance).await,
-                Opened::Xdp(t, instance) => run_server(config, t, instance).await,
+                Opened::Xdp(t, instance) => run_server(config, *t, instance).await,
             }
         }
     }
