@@ -223,11 +223,13 @@ pub fn veth(
     Ok(())
 }
 
-/// Interface names for a pair tagged `tag`. Unique per tag because paqet pins its maps
-/// by role and interface name in the one host-wide bpffs: two test beds that both
-/// called their interface `veth-s` would take over each other's pins.
+/// Interface names for a pair tagged `tag`, unique per tag and per test process:
+/// paqet pins its maps by role and interface name in the one host-wide bpffs, so two
+/// beds (or two test runs) that both called their interface `veth-s` would take over
+/// each other's pins.
 pub fn interface_names(tag: &str) -> (String, String) {
-    (format!("vc-{tag}"), format!("vs-{tag}"))
+    let run = std::process::id() % 100_000;
+    (format!("c{tag}{run:05}"), format!("s{tag}{run:05}"))
 }
 
 /// Two namespaces, "client" (198.18.0.1/24) and "server" (198.18.0.2/24), joined by
