@@ -24,7 +24,7 @@ pub fn run(args: &Args) -> Result<()> {
     ));
     let mut cmd = Command::new(util::cargo());
     cmd.current_dir(util::root())
-        .args(["test", "--release"])
+        .args(["test", "--release", "--no-fail-fast"])
         .env("PAQET_BIN", &bin);
     if args.cargo_args.is_empty() {
         cmd.arg("--workspace");
