@@ -1,6 +1,5 @@
 //! One KCP conversation per stream, tuned the way kcptun tunes its modes.
 
-use std::collections::VecDeque;
 use std::io;
 use std::sync::{Arc, Mutex};
 
@@ -40,23 +39,70 @@ impl KcpProfile {
 /// after each KCP call, while it still knows which peer the packets are for.
 ///
 /// KCP owns its output writer and offers no way back to it, hence the shared handle.
+/// Packets are stored back to back in one reused buffer: no allocation per packet.
 #[derive(Clone, Default)]
-pub struct OutputQueue(Arc<Mutex<VecDeque<Vec<u8>>>>);
+pub struct OutputQueue(Arc<Mutex<OutputPackets>>);
 
-impl OutputQueue {
-    pub fn drain(&self) -> Vec<Vec<u8>> {
-        let mut q = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        q.drain(..).collect()
+/// Queued output packets, back to back, with the end offset of each.
+#[derive(Default)]
+pub struct OutputPackets {
+    data: Vec<u8>,
+    ends: Vec<usize>,
+}
+
+impl OutputPackets {
+    pub fn iter(&self) -> impl Iterator<Item = &[u8]> {
+        let starts = std::iter::once(0).chain(self.ends.iter().copied());
+        starts.zip(self.ends.iter().copied()).map(|(a, b)| &self.data[a..b])
     }
 
     pub fn is_empty(&self) -> bool {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).is_empty()
+        self.ends.is_empty()
+    }
+
+    pub fn clear(&mut self) {
+        self.data.clear();
+        self.ends.clear();
+    }
+}
+
+impl OutputQueue {
+    fn lock(&self) -> std::sync::MutexGuard<'_, OutputPackets> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes the queued packets; hand the (cleared) buffers back with [`OutputQueue::restore`].
+    pub fn take(&self) -> OutputPackets {
+        std::mem::take(&mut *self.lock())
+    }
+
+    /// Returns the buffers of a [`OutputQueue::take`], keeping anything queued meanwhile.
+    pub fn restore(&self, mut spent: OutputPackets) {
+        let mut q = self.lock();
+        if q.is_empty() {
+            spent.clear();
+            *q = spent;
+        }
+    }
+
+    pub fn drain(&self) -> Vec<Vec<u8>> {
+        let packets = self.take();
+        let out = packets.iter().map(<[u8]>::to_vec).collect();
+        self.restore(packets);
+        out
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.lock().is_empty()
     }
 }
 
 impl io::Write for OutputQueue {
     fn write(&mut self, packet: &[u8]) -> io::Result<usize> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).push_back(packet.to_vec());
+        let mut q = self.lock();
+        q.data.extend_from_slice(packet);
+        let end = q.data.len();
+        q.ends.push(end);
         Ok(packet.len())
     }
 

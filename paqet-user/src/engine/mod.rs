@@ -45,6 +45,8 @@ const TOMBSTONE_TTL: Duration = Duration::from_secs(30);
 /// Housekeeping cadence when no stream needs KCP ticks.
 const IDLE_TICK: Duration = Duration::from_millis(250);
 const MIN_WINDOW: u16 = 32;
+/// Sent datagrams' buffers kept for reuse (at most this many, ~1.4 KiB each).
+const MAX_SPARE_BUFFERS: usize = 1024;
 const KCP_CMD_PUSH: u8 = 81;
 const KCP_HEADER_LEN: usize = 24;
 
@@ -213,6 +215,8 @@ pub struct Engine {
     scratch: Vec<u8>,
     /// Decrypted datagrams land here.
     open_buf: Vec<u8>,
+    /// Buffers of sent datagrams, reused for the next ones (no allocation per datagram).
+    spare: Vec<Vec<u8>>,
     /// A stream's first (control) message is read here, while `open_buf` is in use.
     control_buf: Vec<u8>,
     /// Streams that took input since the last drain and owe the peer an acknowledgement.
@@ -244,6 +248,7 @@ impl Engine {
             last_tick: now,
             scratch: Vec::with_capacity(64 * 1024),
             open_buf: vec![0u8; 64 * 1024],
+            spare: Vec::new(),
             control_buf: Vec::new(),
             unflushed: Vec::new(),
             counters: Counters::default(),
@@ -533,7 +538,7 @@ impl Engine {
         self.live_streams -= 1;
         self.events.push(Event::StreamClosed(id));
         // Anything KCP of this stream had queued is moot now.
-        self.output.drain();
+        self.output.restore(self.output.take());
         self.send_inner(id.peer, &Inner::Reset { conv: id.conv });
         let now = self.clock;
         if let Some(peer) = self.peers.get_mut(&id.peer) {
@@ -564,12 +569,23 @@ impl Engine {
         if self.output.is_empty() {
             return;
         }
-        for packet in self.output.drain() {
-            let mut plain = std::mem::take(&mut self.scratch);
+        let packets = self.output.take();
+        let mut plain = std::mem::take(&mut self.scratch);
+        for packet in packets.iter() {
             plain.clear();
-            Inner::Kcp(&packet).emit(&mut plain);
+            Inner::Kcp(packet).emit(&mut plain);
             self.seal_to(peer_id, &plain);
-            self.scratch = plain;
+        }
+        self.scratch = plain;
+        self.output.restore(packets);
+    }
+
+    /// Hands back the buffers of datagrams the edge has sent, for the next ones.
+    pub fn recycle(&mut self, spent: &mut Vec<Transmit>) {
+        for t in spent.drain(..) {
+            if self.spare.len() < MAX_SPARE_BUFFERS {
+                self.spare.push(t.payload);
+            }
         }
     }
 
@@ -578,7 +594,8 @@ impl Engine {
     fn seal_to(&mut self, peer_id: PeerId, plain: &[u8]) {
         let Some(peer) = self.peers.get_mut(&peer_id) else { return };
         let Some(session) = peer.session.as_mut() else { return };
-        let mut packet = Vec::with_capacity(plain.len() + SEAL_OVERHEAD);
+        let mut packet = self.spare.pop().unwrap_or_else(|| Vec::with_capacity(self.config.max_datagram));
+        packet.clear();
         match session.crypto.seal(session.remote_index, plain, &mut packet) {
             Ok(()) => {
                 peer.last_tx = self.clock;

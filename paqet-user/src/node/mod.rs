@@ -49,6 +49,8 @@ pub struct Node<T: Transport> {
     /// Server: streams that clients asked for, to be dialled.
     opened: Option<mpsc::UnboundedSender<(StreamId, TargetAddr)>>,
     timer: Notify,
+    /// Datagrams already sent, whose buffers the next engine call recycles.
+    spent: Mutex<Vec<Transmit>>,
 }
 
 pub fn now() -> Now {
@@ -70,7 +72,7 @@ impl<T: Transport> Node<T> {
         } else {
             (None, None)
         };
-        let node = Node { engine: Mutex::new(engine), transport, wakers: Mutex::new(HashMap::new()), opened: tx, timer: Notify::new() };
+        let node = Node { engine: Mutex::new(engine), transport, wakers: Mutex::new(HashMap::new()), opened: tx, timer: Notify::new(), spent: Mutex::new(Vec::new()) };
         (Arc::new(node), rx)
     }
 
@@ -92,10 +94,12 @@ impl<T: Transport> Node<T> {
 
     /// Runs `f` on the engine, then sends what it queued and dispatches its events.
     pub fn with_engine<R>(&self, f: impl FnOnce(&mut Engine, Now) -> R) -> R {
-        let mut transmits: Vec<Transmit> = Vec::new();
+        // Last call's sent datagrams: their buffers go back to the engine for reuse.
+        let mut transmits: Vec<Transmit> = std::mem::take(&mut *lock(&self.spent));
         let mut events = Vec::new();
         let result = {
             let mut engine = lock(&self.engine);
+            engine.recycle(&mut transmits);
             let r = f(&mut engine, now());
             engine.drain_transmits(&mut transmits);
             engine.drain_events(&mut events);
@@ -108,6 +112,12 @@ impl<T: Transport> Node<T> {
         }
         for event in events {
             self.dispatch(event);
+        }
+        if !transmits.is_empty() {
+            let mut spent = lock(&self.spent);
+            if spent.is_empty() {
+                *spent = transmits;
+            }
         }
         result
     }
