@@ -97,7 +97,7 @@ impl EngineConfig {
             peer_timeout: Duration::from_secs(30),
             max_datagram: 1432,
             window_budget: 96 << 20,
-            max_window: 1024,
+            max_window: 4096,
             seed,
         }
     }
