@@ -30,7 +30,7 @@ use paqet::engine::frame::{
 };
 use paqet::engine::mux::ReadOutcome;
 use paqet::engine::{
-    Drop, Engine, EngineConfig, Event, Now, PROTOCOL_VERSION, Role, StreamId, Transmit,
+    DropReason, Engine, EngineConfig, Event, Now, PROTOCOL_VERSION, Role, StreamId, Transmit,
 };
 
 const PSK: Psk = Psk([0x42; 32]);
@@ -241,7 +241,7 @@ fn accept_client(client: &mut Engine, clock: &Clock) -> Session {
 }
 
 /// Unauthentic input: dropped, counted, nothing sent, nothing reported.
-fn assert_dropped_silently(engine: &mut Engine, result: Result<(), Drop>) {
+fn assert_dropped_silently(engine: &mut Engine, result: Result<(), DropReason>) {
     assert!(result.is_err(), "unauthentic datagram accepted");
     assert!(
         drain(engine).is_empty(),
@@ -266,7 +266,7 @@ fn raw_to_fresh_server(datagram: &[u8]) {
         assert!(events(&mut server).is_empty());
         // The same handshake again is stale and unanswered.
         let again = server.handle_datagram(clock.now(), client_addr(), datagram);
-        assert_eq!(again, Err(Drop::StaleHandshake));
+        assert_eq!(again, Err(DropReason::StaleHandshake));
         assert!(drain(&mut server).is_empty());
     } else {
         assert_dropped_silently(&mut server, result);

@@ -129,24 +129,7 @@ impl FilterConfig {
 
 #[inline(always)]
 fn words(a: &[u8; 16]) -> (u64, u64) {
-    let [
-        a0,
-        a1,
-        a2,
-        a3,
-        a4,
-        a5,
-        a6,
-        a7,
-        b0,
-        b1,
-        b2,
-        b3,
-        b4,
-        b5,
-        b6,
-        b7,
-    ] = *a;
+    let [a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, b2, b3, b4, b5, b6, b7] = *a;
     (
         u64::from_ne_bytes([a0, a1, a2, a3, a4, a5, a6, a7]),
         u64::from_ne_bytes([b0, b1, b2, b3, b4, b5, b6, b7]),

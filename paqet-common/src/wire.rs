@@ -92,10 +92,7 @@ impl Addr {
     }
 
     pub const fn v6(a: [u8; 16]) -> Self {
-        Addr {
-            family: 6,
-            octets: a,
-        }
+        Addr { family: 6, octets: a }
     }
 
     pub fn to_ip(&self) -> Option<core::net::IpAddr> {
@@ -153,10 +150,7 @@ pub struct FrameSummary {
 
 /// Ethernet header and VLAN tags: returns (offset of the L3 header, ethertype).
 #[inline(always)]
-pub fn parse_ethernet<B: Bytes + ?Sized>(
-    b: &B,
-    s: &mut FrameSummary,
-) -> Result<(usize, u16), ParseError> {
+pub fn parse_ethernet<B: Bytes + ?Sized>(b: &B, s: &mut FrameSummary) -> Result<(usize, u16), ParseError> {
     let hdr: [u8; ETH_HEADER_LEN] = b.load(0).ok_or(ParseError::Truncated)?;
     let [d0, d1, d2, d3, d4, d5, s0, s1, s2, s3, s4, s5, t0, t1] = hdr;
     s.dst_mac = [d0, d1, d2, d3, d4, d5];
@@ -192,11 +186,7 @@ fn is_vlan(ty: u16) -> bool {
 
 /// IPv4 header at `off`: returns (offset of L4, end of the IP packet).
 #[inline(always)]
-pub fn parse_ipv4<B: Bytes + ?Sized>(
-    b: &B,
-    off: usize,
-    s: &mut FrameSummary,
-) -> Result<(usize, usize), ParseError> {
+pub fn parse_ipv4<B: Bytes + ?Sized>(b: &B, off: usize, s: &mut FrameSummary) -> Result<(usize, usize), ParseError> {
     let h: [u8; IPV4_MIN_HEADER_LEN] = b.load(off).ok_or(ParseError::Truncated)?;
     let [
         vihl,
@@ -250,13 +240,8 @@ pub fn parse_ipv4<B: Bytes + ?Sized>(
 
 /// IPv6 header at `off`: returns (offset of L4, end of the IP packet).
 #[inline(always)]
-pub fn parse_ipv6<B: Bytes + ?Sized>(
-    b: &B,
-    off: usize,
-    s: &mut FrameSummary,
-) -> Result<(usize, usize), ParseError> {
-    let [v, _tc, _fl0, _fl1, l0, l1, next, hops]: [u8; 8] =
-        b.load(off).ok_or(ParseError::Truncated)?;
+pub fn parse_ipv6<B: Bytes + ?Sized>(b: &B, off: usize, s: &mut FrameSummary) -> Result<(usize, usize), ParseError> {
+    let [v, _tc, _fl0, _fl1, l0, l1, next, hops]: [u8; 8] = b.load(off).ok_or(ParseError::Truncated)?;
     let src: [u8; 16] = b.load(off + 8).ok_or(ParseError::Truncated)?;
     let dst: [u8; 16] = b.load(off + 24).ok_or(ParseError::Truncated)?;
     if v >> 4 != 6 {
@@ -281,17 +266,11 @@ pub fn parse_ipv6<B: Bytes + ?Sized>(
 
 /// UDP header at `off` inside an IP packet ending at `end`.
 #[inline(always)]
-pub fn parse_udp<B: Bytes + ?Sized>(
-    b: &B,
-    off: usize,
-    end: usize,
-    s: &mut FrameSummary,
-) -> Result<(), ParseError> {
+pub fn parse_udp<B: Bytes + ?Sized>(b: &B, off: usize, end: usize, s: &mut FrameSummary) -> Result<(), ParseError> {
     if off + UDP_HEADER_LEN > end {
         return Err(ParseError::Malformed);
     }
-    let [p0, p1, q0, q1, l0, l1, _c0, _c1]: [u8; UDP_HEADER_LEN] =
-        b.load(off).ok_or(ParseError::Truncated)?;
+    let [p0, p1, q0, q1, l0, l1, _c0, _c1]: [u8; UDP_HEADER_LEN] = b.load(off).ok_or(ParseError::Truncated)?;
     let len = u16::from_be_bytes([l0, l1]) as usize;
     if len < UDP_HEADER_LEN || off + len > end {
         return Err(ParseError::Malformed);
@@ -307,12 +286,7 @@ pub fn parse_udp<B: Bytes + ?Sized>(
 
 /// TCP header at `off` inside an IP packet ending at `end`.
 #[inline(always)]
-pub fn parse_tcp<B: Bytes + ?Sized>(
-    b: &B,
-    off: usize,
-    end: usize,
-    s: &mut FrameSummary,
-) -> Result<(), ParseError> {
+pub fn parse_tcp<B: Bytes + ?Sized>(b: &B, off: usize, end: usize, s: &mut FrameSummary) -> Result<(), ParseError> {
     if off + TCP_MIN_HEADER_LEN > end {
         return Err(ParseError::Malformed);
     }

@@ -187,8 +187,7 @@ mod tests {
         for key in KEYS {
             let flag = flag_for_key(key);
             assert!(
-                run.get_arguments()
-                    .any(|a| a.get_long() == Some(&flag[2..])),
+                run.get_arguments().any(|a| a.get_long() == Some(&flag[2..])),
                 "no {flag} for {key}"
             );
         }
@@ -219,10 +218,7 @@ mod tests {
                 ("KCP_MODE", "fast".to_owned())
             ]
         );
-        let every: Vec<String> = KEYS
-            .iter()
-            .flat_map(|k| [flag_for_key(k), format!("v-{k}")])
-            .collect();
+        let every: Vec<String> = KEYS.iter().flat_map(|k| [flag_for_key(k), format!("v-{k}")]).collect();
         let mut argv = vec!["paqet", "run"];
         argv.extend(every.iter().map(String::as_str));
         let Cli {
@@ -238,13 +234,8 @@ mod tests {
 
     #[test]
     fn subcommands_and_help() {
-        assert!(matches!(
-            parse(&["paqet", "genkey"]).command,
-            Command::Genkey
-        ));
-        let Command::Status(s) =
-            parse(&["paqet", "status", "--json", "--instance", "client-eth0"]).command
-        else {
+        assert!(matches!(parse(&["paqet", "genkey"]).command, Command::Genkey));
+        let Command::Status(s) = parse(&["paqet", "status", "--json", "--instance", "client-eth0"]).command else {
             panic!("not status")
         };
         assert!(s.json);
@@ -261,11 +252,7 @@ mod tests {
             assert!(help.contains(line), "{line:?} missing from:\n{help}");
         }
         let mut cmd = Cli::command();
-        let client_help = cmd
-            .find_subcommand_mut("client")
-            .unwrap()
-            .render_help()
-            .to_string();
+        let client_help = cmd.find_subcommand_mut("client").unwrap().render_help().to_string();
         assert!(
             !client_help.contains("--role") && client_help.contains("/etc/flowless/paqet.conf"),
             "{client_help}"

@@ -15,7 +15,11 @@ fn init_logging(level: LogLevel) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level.as_str()));
     // Colours only on a terminal: under systemd the journal would store escape codes.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
-    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).with_ansi(ansi).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_ansi(ansi)
+        .init();
 }
 
 fn load(args: &RunArgs, role: Option<Role>) -> Result<Config> {

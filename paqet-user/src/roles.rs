@@ -13,11 +13,11 @@ use crate::dial::Dialer;
 use crate::engine::crypto::Psk;
 use crate::engine::kcp::KcpProfile;
 use crate::engine::{self, Engine, EngineConfig};
+use crate::kernel::AttachMode;
 use crate::node::Node;
 use crate::ops::live;
 use crate::socks::SocksFrontend;
 use crate::transport::Transport;
-use crate::kernel::AttachMode;
 use crate::transport::local;
 use crate::transport::udp::UdpTransport;
 use crate::transport::xdp::{XdpOptions, XdpTransport};
@@ -50,11 +50,16 @@ fn engine_config(config: &Config, role: engine::Role) -> EngineConfig {
 }
 
 async fn resolve_remote(config: &Config) -> Result<SocketAddr> {
-    let remote = config.remote_addr.as_ref().context("REMOTE_ADDR is required for a client")?;
+    let remote = config
+        .remote_addr
+        .as_ref()
+        .context("REMOTE_ADDR is required for a client")?;
     let mut addrs = tokio::net::lookup_host((remote.host.as_str(), remote.port))
         .await
         .with_context(|| format!("cannot resolve REMOTE_ADDR {remote}"))?;
-    addrs.next().with_context(|| format!("REMOTE_ADDR {remote} resolved to no address"))
+    addrs
+        .next()
+        .with_context(|| format!("REMOTE_ADDR {remote} resolved to no address"))
 }
 
 /// Where this role sits: what the xdp transport needs to find its interface and address.
@@ -81,16 +86,23 @@ fn role_name(side: &Side) -> &'static str {
 fn xdp_options(config: &Config, side: &Side) -> Result<XdpOptions> {
     let role = role_name(side);
     let (local_ip, port, peer) = match *side {
-        Side::Client { server } => (local::route_source(server).with_context(|| format!("no route to {server}"))?, 0, Some(server)),
+        Side::Client { server } => (
+            local::route_source(server).with_context(|| format!("no route to {server}"))?,
+            0,
+            Some(server),
+        ),
         Side::Server { listen } => (listen.ip(), listen.port(), None),
     };
     let interface = match (&config.interface, local_ip.is_unspecified()) {
         (Some(name), _) => name.clone(),
-        (None, false) => local::interface_with(local_ip)?.with_context(|| format!("no interface holds {local_ip}; set INTERFACE"))?,
+        (None, false) => {
+            local::interface_with(local_ip)?.with_context(|| format!("no interface holds {local_ip}; set INTERFACE"))?
+        }
         (None, true) => bail!("LISTEN_ADDR {local_ip} names no interface; set INTERFACE or a specific address"),
     };
     let local_ip = if local_ip.is_unspecified() {
-        local::address_of(&interface, local_ip.is_ipv6())?.with_context(|| format!("{interface} has no address of LISTEN_ADDR's family"))?
+        local::address_of(&interface, local_ip.is_ipv6())?
+            .with_context(|| format!("{interface} has no address of LISTEN_ADDR's family"))?
     } else {
         local_ip
     };
@@ -116,14 +128,16 @@ fn open_udp(config: &Config, side: &Side) -> Result<Opened> {
         Side::Client { .. } => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
         Side::Server { listen } => listen,
     };
-    let transport = UdpTransport::bind(local, buffer).with_context(|| format!("cannot open a UDP socket on {local}"))?;
+    let transport =
+        UdpTransport::bind(local, buffer).with_context(|| format!("cannot open a UDP socket on {local}"))?;
     let port = transport.local_addr().map_or(0, |a| a.port());
     Ok(Opened::Udp(transport, format!("{}-udp-{port}", role_name(side))))
 }
 
 fn open_xdp(config: &Config, side: &Side) -> Result<Opened> {
     let opts = xdp_options(config, side)?;
-    let transport = XdpTransport::open(opts.clone()).with_context(|| format!("cannot start the xdp transport on {}", opts.interface))?;
+    let transport = XdpTransport::open(opts.clone())
+        .with_context(|| format!("cannot start the xdp transport on {}", opts.interface))?;
     Ok(Opened::Xdp(Box::new(transport), opts.instance))
 }
 
@@ -167,14 +181,23 @@ pub async fn run(config: Config) -> Result<()> {
 
 async fn run_client<T: Transport>(config: Config, server: SocketAddr, transport: T, instance: String) -> Result<()> {
     let mut signals = StopSignals::install()?;
-    let listener = TcpListener::bind(config.socks_addr)
-        .await
-        .with_context(|| format!("cannot listen for SOCKS5 on {} (is another proxy running? `paqet check` shows who holds it)", config.socks_addr))?;
-    let engine = Engine::new(engine_config(&config, engine::Role::Client { server }), std::time::Instant::now());
+    let listener = TcpListener::bind(config.socks_addr).await.with_context(|| {
+        format!(
+            "cannot listen for SOCKS5 on {} (is another proxy running? `paqet check` shows who holds it)",
+            config.socks_addr
+        )
+    })?;
+    let engine = Engine::new(
+        engine_config(&config, engine::Role::Client { server }),
+        std::time::Instant::now(),
+    );
     let (node, _) = Node::new(engine, transport, false);
     node.with_engine(|e, now| e.connect(now));
     tracing::info!(socks = %config.socks_addr, %server, transport = node.transport().name(), kcp = ?config.kcp_mode, "paqet client running");
-    let frontend = Arc::new(SocksFrontend { credentials: config.socks_auth.clone(), open_timeout: config.timeout + Duration::from_secs(5) });
+    let frontend = Arc::new(SocksFrontend {
+        credentials: config.socks_auth.clone(),
+        open_timeout: config.timeout + Duration::from_secs(5),
+    });
     let receiver = tokio::spawn(node.clone().run_receiver());
     let timers = tokio::spawn(node.clone().run_timers());
     let accept = tokio::spawn(frontend.serve(listener, node.clone()));
@@ -193,7 +216,10 @@ async fn run_server<T: Transport>(config: Config, transport: T, instance: String
     let (node, opened) = Node::new(engine, transport, true);
     let opened = opened.context("server node without an open-stream channel")?;
     tracing::info!(listen = ?config.listen_addr, transport = node.transport().name(), kcp = ?config.kcp_mode, "paqet server running");
-    let dialer = Arc::new(Dialer { policy: config.policy.clone(), timeout: config.timeout });
+    let dialer = Arc::new(Dialer {
+        policy: config.policy.clone(),
+        timeout: config.timeout,
+    });
     let receiver = tokio::spawn(node.clone().run_receiver());
     let timers = tokio::spawn(node.clone().run_timers());
     let dialing = tokio::spawn(dialer.serve(node.clone(), opened));
@@ -249,7 +275,10 @@ impl StopSignals {
 }
 
 /// Returns on SIGTERM/SIGINT (Ok) or when the transport fails (Err).
-async fn wait_for_stop(signals: &mut StopSignals, receiver: tokio::task::JoinHandle<std::io::Result<()>>) -> Result<()> {
+async fn wait_for_stop(
+    signals: &mut StopSignals,
+    receiver: tokio::task::JoinHandle<std::io::Result<()>>,
+) -> Result<()> {
     tokio::select! {
         name = signals.next() => {
             tracing::info!("{name}: stopping; draining streams for up to {}s", DRAIN_TIMEOUT.as_secs());

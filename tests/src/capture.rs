@@ -25,11 +25,27 @@ impl Capture {
         let mut cmd = ns.command("tcpdump");
         // --immediate-mode: without it packets wait in the kernel's capture buffer and a
         // capture stopped soon after them misses them (seen here: 0 of 5 written).
-        cmd.args(["-i", iface, "-n", "-U", "--immediate-mode", "-Z", "root", "-s", "2048", "-w"]).arg(&path).arg(filter);
+        cmd.args([
+            "-i",
+            iface,
+            "-n",
+            "-U",
+            "--immediate-mode",
+            "-Z",
+            "root",
+            "-s",
+            "2048",
+            "-w",
+        ])
+        .arg(&path)
+        .arg(filter);
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
         let child = ChildGuard::spawn(&mut cmd)?;
         // tcpdump writes the pcap header once it is capturing.
-        let ready = wait_for(|| std::fs::metadata(&path).is_ok_and(|m| m.len() >= 24), Duration::from_secs(10));
+        let ready = wait_for(
+            || std::fs::metadata(&path).is_ok_and(|m| m.len() >= 24),
+            Duration::from_secs(10),
+        );
         if !ready {
             bail!("tcpdump did not start on {iface} in {}", ns.name());
         }
@@ -41,7 +57,10 @@ impl Capture {
         // SIGINT lets tcpdump flush and close the file.
         // SAFETY: signalling our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
-        let _ = wait_for(|| self.child.try_wait().is_ok_and(|s| s.is_some()), Duration::from_secs(5));
+        let _ = wait_for(
+            || self.child.try_wait().is_ok_and(|s| s.is_some()),
+            Duration::from_secs(5),
+        );
         let bytes = std::fs::read(&self.path).with_context(|| format!("reading {}", self.path.display()))?;
         let _ = std::fs::remove_file(&self.path);
         parse_pcap(&bytes)
@@ -59,7 +78,11 @@ fn parse_pcap(bytes: &[u8]) -> Result<Vec<Vec<u8>>> {
     };
     let u32_at = |off: usize| -> u32 {
         let b = [bytes[off], bytes[off + 1], bytes[off + 2], bytes[off + 3]];
-        if le { u32::from_le_bytes(b) } else { u32::from_be_bytes(b) }
+        if le {
+            u32::from_le_bytes(b)
+        } else {
+            u32::from_be_bytes(b)
+        }
     };
     let mut frames = Vec::new();
     let mut off = 24;

@@ -4,9 +4,9 @@
 //! Tests that need root call [`require_root`] first: without root they are skipped
 //! loudly, except under CI, where skipping would hide a broken suite and so panics.
 
-pub mod capture;
 #[cfg(feature = "bench")]
 pub mod bench;
+pub mod capture;
 pub mod linkem;
 pub mod netns;
 pub mod pattern;
@@ -15,6 +15,4 @@ pub mod scenarios;
 pub mod service;
 pub mod socks;
 
-pub use netns::{
-    ChildGuard, Netns, TwoHosts, fmt_mac, paqet_bin, require_root, run_checked, veth, wait_for,
-};
+pub use netns::{ChildGuard, Netns, TwoHosts, fmt_mac, paqet_bin, require_root, run_checked, veth, wait_for};

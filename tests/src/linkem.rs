@@ -48,16 +48,26 @@ pub fn hosts_through_emulator(tag: &str, imp: Impairment) -> Result<(TwoHosts, E
         .args(["--rate-mbit", &imp.rate_mbit.to_string()])
         .args(["--max-seconds", "1800"]);
     let emulator = ChildGuard::spawn(&mut cmd)?;
-    let hosts = TwoHosts { client, server, client_if, server_if };
+    let hosts = TwoHosts {
+        client,
+        server,
+        client_if,
+        server_if,
+    };
     // The path works once an ordinary datagram gets across (ARP through the emulator).
     let path_up = hosts.client.run(|| {
         wait_for(
             || {
-                let Ok(sock) = std::net::UdpSocket::bind("198.18.0.1:0") else { return false };
+                let Ok(sock) = std::net::UdpSocket::bind("198.18.0.1:0") else {
+                    return false;
+                };
                 let _ = sock.set_read_timeout(Some(Duration::from_millis(200)));
-                std::net::TcpStream::connect_timeout(&"198.18.0.2:9".parse().expect("literal"), Duration::from_millis(500))
-                    .map(|_| true)
-                    .unwrap_or_else(|e| e.kind() == std::io::ErrorKind::ConnectionRefused)
+                std::net::TcpStream::connect_timeout(
+                    &"198.18.0.2:9".parse().expect("literal"),
+                    Duration::from_millis(500),
+                )
+                .map(|_| true)
+                .unwrap_or_else(|e| e.kind() == std::io::ErrorKind::ConnectionRefused)
             },
             Duration::from_secs(20),
         )

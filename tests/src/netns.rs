@@ -35,9 +35,7 @@ pub fn require_root(test_name: &str) -> bool {
 /// Runs a command; a non-zero exit is an error carrying the command line and stderr.
 pub fn run_checked(cmd: &mut Command) -> Result<Output> {
     let line = format!("{cmd:?}");
-    let out = cmd
-        .output()
-        .with_context(|| format!("could not start {line}"))?;
+    let out = cmd.output().with_context(|| format!("could not start {line}"))?;
     if !out.status.success() {
         bail!(
             "{line} failed ({}): {}{}",
@@ -114,9 +112,7 @@ impl Netns {
     /// (`nsenter --net=`), keeping the host's mounts, so /sys/fs/bpf is the real one.
     pub fn nsenter_command(&self, program: &str) -> Command {
         let mut c = Command::new("nsenter");
-        c.arg(format!("--net={}", self.path().display()))
-            .arg("--")
-            .arg(program);
+        c.arg(format!("--net={}", self.path().display())).arg("--").arg(program);
         c
     }
 
@@ -126,8 +122,7 @@ impl Netns {
         let path = self.path();
         std::thread::scope(|s| {
             let h = s.spawn(move || -> Result<R> {
-                let file = std::fs::File::open(&path)
-                    .with_context(|| format!("opening {}", path.display()))?;
+                let file = std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
                 use std::os::fd::AsRawFd;
                 // SAFETY: a valid namespace fd; CLONE_NEWNET only affects this thread.
                 if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
@@ -168,10 +163,7 @@ impl Netns {
 impl Drop for Netns {
     fn drop(&mut self) {
         // Deleting the namespace also destroys its devices, and a veth's peer with it.
-        match Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .output()
-        {
+        match Command::new("ip").args(["netns", "del", &self.name]).output() {
             Ok(o) if o.status.success() => {}
             Ok(o) => eprintln!(
                 "warning: ip netns del {}: {}",
@@ -186,14 +178,7 @@ impl Drop for Netns {
 /// Creates a veth pair `a_if` (in `a`) ⇄ `b_if` (in `b`), with the given addresses
 /// (CIDR, e.g. `198.18.0.1/24`), both ends up, and offloads off: veth otherwise hands
 /// 64 KiB GSO frames and unchecksummed packets to anything reading frames itself.
-pub fn veth(
-    a: &Netns,
-    a_if: &str,
-    a_cidr: &str,
-    b: &Netns,
-    b_if: &str,
-    b_cidr: &str,
-) -> Result<()> {
+pub fn veth(a: &Netns, a_if: &str, a_cidr: &str, b: &Netns, b_if: &str, b_cidr: &str) -> Result<()> {
     for n in [a_if, b_if] {
         if n.len() > 15 {
             bail!("interface name {n:?} is longer than 15 characters");
@@ -314,9 +299,7 @@ pub struct ChildGuard(pub Child);
 
 impl ChildGuard {
     pub fn spawn(cmd: &mut Command) -> Result<ChildGuard> {
-        Ok(ChildGuard(
-            cmd.spawn().with_context(|| format!("spawning {cmd:?}"))?,
-        ))
+        Ok(ChildGuard(cmd.spawn().with_context(|| format!("spawning {cmd:?}"))?))
     }
 
     pub fn id(&self) -> u32 {

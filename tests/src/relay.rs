@@ -34,7 +34,10 @@ pub struct RelayOptions {
 
 /// A fresh random key, from `paqet genkey`.
 pub fn genkey() -> Result<String> {
-    let out = Command::new(paqet_bin()).arg("genkey").output().context("running paqet genkey")?;
+    let out = Command::new(paqet_bin())
+        .arg("genkey")
+        .output()
+        .context("running paqet genkey")?;
     if !out.status.success() {
         bail!("paqet genkey failed");
     }
@@ -44,7 +47,14 @@ pub fn genkey() -> Result<String> {
 impl RelayOptions {
     pub fn new(transport: &'static str) -> Result<RelayOptions> {
         let key = genkey()?;
-        Ok(RelayOptions { transport, client_key: key.clone(), server_key: key, timeout_secs: 10, server_extra: Vec::new(), client_extra: Vec::new() })
+        Ok(RelayOptions {
+            transport,
+            client_key: key.clone(),
+            server_key: key,
+            timeout_secs: 10,
+            server_extra: Vec::new(),
+            client_extra: Vec::new(),
+        })
     }
 }
 
@@ -76,7 +86,13 @@ pub struct RelayBed {
 /// demo in target/<profile>/.
 pub fn sibling_bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap_or_default();
-    let dir = exe.parent().map(|p| if p.ends_with("deps") { p.parent().unwrap_or(p).to_path_buf() } else { p.to_path_buf() });
+    let dir = exe.parent().map(|p| {
+        if p.ends_with("deps") {
+            p.parent().unwrap_or(p).to_path_buf()
+        } else {
+            p.to_path_buf()
+        }
+    });
     dir.unwrap_or_default().join(name)
 }
 
@@ -109,17 +125,44 @@ impl RelayBed {
         // `ip netns exec` bind-mounts this file over /etc/hosts inside the namespace.
         let hosts_dir = PathBuf::from("/etc/netns").join(hosts.server.name());
         std::fs::create_dir_all(&hosts_dir)?;
-        let scratch = Scratch { dir: dir.clone(), hosts_dir: hosts_dir.clone() };
-        std::fs::write(hosts_dir.join("hosts"), format!("127.0.0.1 localhost\n{} {ORIGIN_NAME}\n", TwoHosts::SERVER_IP))?;
+        let scratch = Scratch {
+            dir: dir.clone(),
+            hosts_dir: hosts_dir.clone(),
+        };
+        std::fs::write(
+            hosts_dir.join("hosts"),
+            format!("127.0.0.1 localhost\n{} {ORIGIN_NAME}\n", TwoHosts::SERVER_IP),
+        )?;
 
         let origin_addr = format!("{}:{ORIGIN_PORT}", TwoHosts::SERVER_IP);
-        let origin = ChildGuard::spawn(hosts.server.command(&sibling_bin("paqet-origin").to_string_lossy()).arg(&origin_addr).stdin(Stdio::null()))?;
+        let origin = ChildGuard::spawn(
+            hosts
+                .server
+                .command(&sibling_bin("paqet-origin").to_string_lossy())
+                .arg(&origin_addr)
+                .stdin(Stdio::null()),
+        )?;
 
-        let common = |key: &str| format!("KEY={key}\nTRANSPORT={}\nTIMEOUT={}\nLOG_LEVEL=debug\n", opts.transport, opts.timeout_secs);
+        let common = |key: &str| {
+            format!(
+                "KEY={key}\nTRANSPORT={}\nTIMEOUT={}\nLOG_LEVEL=debug\n",
+                opts.transport, opts.timeout_secs
+            )
+        };
         let server_conf = dir.join("server.conf");
-        let server_lines = format!("LISTEN_ADDR={}:{SERVER_PORT}\n{}", TwoHosts::SERVER_IP, common(&opts.server_key));
+        let server_lines = format!(
+            "LISTEN_ADDR={}:{SERVER_PORT}\n{}",
+            TwoHosts::SERVER_IP,
+            common(&opts.server_key)
+        );
         write_conf(&server_conf, &server_lines, &opts.server_extra)?;
-        let server = spawn_paqet(&hosts.server, opts.transport, "server", &server_conf, &dir.join("server.log"))?;
+        let server = spawn_paqet(
+            &hosts.server,
+            opts.transport,
+            "server",
+            &server_conf,
+            &dir.join("server.log"),
+        )?;
 
         let client_conf = dir.join("client.conf");
         let client_lines = format!(
@@ -128,8 +171,22 @@ impl RelayBed {
             common(&opts.client_key)
         );
         write_conf(&client_conf, &client_lines, &opts.client_extra)?;
-        let client = spawn_paqet(&hosts.client, opts.transport, "client", &client_conf, &dir.join("client.log"))?;
-        let bed = RelayBed { client, server, origin, hosts, link, scratch, transport: opts.transport };
+        let client = spawn_paqet(
+            &hosts.client,
+            opts.transport,
+            "client",
+            &client_conf,
+            &dir.join("client.log"),
+        )?;
+        let bed = RelayBed {
+            client,
+            server,
+            origin,
+            hosts,
+            link,
+            scratch,
+            transport: opts.transport,
+        };
         bed.wait_ready()?;
         Ok(bed)
     }
@@ -138,8 +195,14 @@ impl RelayBed {
     fn wait_ready(&self) -> Result<()> {
         let socks = self.socks_addr();
         let origin: SocketAddr = (TwoHosts::SERVER_IP, ORIGIN_PORT).into();
-        let ready = self.hosts.client.run(|| wait_for(|| std::net::TcpStream::connect(socks).is_ok(), Duration::from_secs(20)))?
-            && self.hosts.server.run(|| wait_for(|| std::net::TcpStream::connect(origin).is_ok(), Duration::from_secs(20)))?;
+        let ready = self
+            .hosts
+            .client
+            .run(|| wait_for(|| std::net::TcpStream::connect(socks).is_ok(), Duration::from_secs(20)))?
+            && self
+                .hosts
+                .server
+                .run(|| wait_for(|| std::net::TcpStream::connect(origin).is_ok(), Duration::from_secs(20)))?;
         if !ready {
             bail!("relay did not come up:\n{}", self.logs());
         }
@@ -152,7 +215,13 @@ impl RelayBed {
         let placeholder = ChildGuard::spawn(Command::new("true").stdin(Stdio::null()))?;
         drop(std::mem::replace(&mut self.client, placeholder));
         let conf = self.scratch.dir.join("client.conf");
-        self.client = spawn_paqet(&self.hosts.client, self.transport, "client", &conf, &self.scratch.dir.join("client.log"))?;
+        self.client = spawn_paqet(
+            &self.hosts.client,
+            self.transport,
+            "client",
+            &conf,
+            &self.scratch.dir.join("client.log"),
+        )?;
         self.wait_ready()
     }
 
@@ -163,8 +232,21 @@ impl RelayBed {
     /// Both paqet logs, for failure messages.
     pub fn logs(&self) -> String {
         let read = |name: &str| std::fs::read_to_string(self.scratch.dir.join(name)).unwrap_or_default();
-        let tail = |s: String| s.lines().rev().take(60).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
-        format!("--- server.log ---\n{}\n--- client.log ---\n{}", tail(read("server.log")), tail(read("client.log")))
+        let tail = |s: String| {
+            s.lines()
+                .rev()
+                .take(60)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        format!(
+            "--- server.log ---\n{}\n--- client.log ---\n{}",
+            tail(read("server.log")),
+            tail(read("client.log"))
+        )
     }
 
     pub fn log_of(&self, role: &str) -> String {
@@ -181,7 +263,12 @@ impl RelayBed {
             .hosts
             .client
             .command("bash")
-            .args(["-o", "pipefail", "-c", &format!("curl -sS --fail --max-time 300 --socks5-hostname {socks} {url} | sha256sum")])
+            .args([
+                "-o",
+                "pipefail",
+                "-c",
+                &format!("curl -sS --fail --max-time 300 --socks5-hostname {socks} {url} | sha256sum"),
+            ])
             .output()
             .context("running curl")?;
         let elapsed = started.elapsed();
@@ -226,7 +313,12 @@ fn spawn_paqet(ns: &Netns, transport: &str, role: &str, conf: &PathBuf, log: &Pa
     } else {
         ns.command(&bin.to_string_lossy())
     };
-    cmd.arg(role).arg("--config").arg(conf).stdin(Stdio::null()).stdout(log_file).stderr(err_file);
+    cmd.arg(role)
+        .arg("--config")
+        .arg(conf)
+        .stdin(Stdio::null())
+        .stdout(log_file)
+        .stderr(err_file);
     ChildGuard::spawn(&mut cmd)
 }
 
@@ -234,7 +326,10 @@ fn spawn_paqet(ns: &Netns, transport: &str, role: &str, conf: &PathBuf, log: &Pa
 /// namespace land in the host's bpffs, where bpftool and `paqet status` look.
 pub fn ensure_bpffs() -> Result<()> {
     let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
-    if mounts.lines().any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf")) {
+    if mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf"))
+    {
         return Ok(());
     }
     crate::netns::run_checked(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;

@@ -7,7 +7,9 @@ use crate::{pattern, socks};
 /// 200 streams at once, sizes from 0 bytes to 1.5 MB; every body arrives exact.
 pub fn two_hundred_concurrent_streams(bed: &RelayBed) {
     let proxy = bed.socks_addr();
-    let sizes: Vec<u64> = (0..200u64).map(|i| [0, 1, 1000, 70_000, 300_000, 1_500_000][(i % 6) as usize] + i).collect();
+    let sizes: Vec<u64> = (0..200u64)
+        .map(|i| [0, 1, 1000, 70_000, 300_000, 1_500_000][(i % 6) as usize] + i)
+        .collect();
     let results = bed
         .hosts
         .client
@@ -17,7 +19,10 @@ pub fn two_hundred_concurrent_streams(bed: &RelayBed) {
                     .iter()
                     .map(|&len| s.spawn(move || (len, socks::fetch_bytes(proxy, ORIGIN_NAME, ORIGIN_PORT, len))))
                     .collect();
-                handles.into_iter().map(|h| h.join().expect("fetch thread panicked")).collect::<Vec<_>>()
+                handles
+                    .into_iter()
+                    .map(|h| h.join().expect("fetch thread panicked"))
+                    .collect::<Vec<_>>()
             })
         })
         .expect("entering the client namespace");

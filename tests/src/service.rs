@@ -40,7 +40,10 @@ pub fn unit_text() -> Result<String> {
 /// Values of `key=` lines in the unit (in order).
 pub fn unit_values(text: &str, key: &str) -> Vec<String> {
     let prefix = format!("{key}=");
-    text.lines().filter_map(|l| l.trim().strip_prefix(&prefix)).map(|v| v.trim().to_string()).collect()
+    text.lines()
+        .filter_map(|l| l.trim().strip_prefix(&prefix))
+        .map(|v| v.trim().to_string())
+        .collect()
 }
 
 /// The unit's AmbientCapabilities, as setpriv's names (`bpf`, `net_admin`, ...).
@@ -140,7 +143,13 @@ pub struct ServiceBed {
 
 fn origin_bin() -> PathBuf {
     let exe = std::env::current_exe().unwrap_or_default();
-    let dir = exe.parent().map(|p| if p.ends_with("deps") { p.parent().unwrap_or(p).to_path_buf() } else { p.to_path_buf() });
+    let dir = exe.parent().map(|p| {
+        if p.ends_with("deps") {
+            p.parent().unwrap_or(p).to_path_buf()
+        } else {
+            p.to_path_buf()
+        }
+    });
     dir.unwrap_or_default().join("paqet-origin")
 }
 
@@ -167,7 +176,14 @@ impl ServiceBed {
             bin: dir.join("opt/flowless/bin/paqet"),
             dir: dir.clone(),
         };
-        veth(&bed.cns, &bed.client_if, "198.18.0.1/24", &bed.sns, &bed.server_if, "198.18.0.2/24")?;
+        veth(
+            &bed.cns,
+            &bed.client_if,
+            "198.18.0.1/24",
+            &bed.sns,
+            &bed.server_if,
+            "198.18.0.2/24",
+        )?;
         std::fs::create_dir_all(bed.bin.parent().unwrap())?;
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
         std::fs::copy(paqet_bin(), &bed.bin)?;
@@ -188,7 +204,10 @@ impl ServiceBed {
         }
         let origin_addr = format!("{SERVER_IP}:{ORIGIN_PORT}");
         bed.origin = Some(ChildGuard::spawn(
-            bed.sns.command(&origin_bin().to_string_lossy()).arg(&origin_addr).stdin(Stdio::null()),
+            bed.sns
+                .command(&origin_bin().to_string_lossy())
+                .arg(&origin_addr)
+                .stdin(Stdio::null()),
         )?);
         Ok(bed)
     }
@@ -215,7 +234,11 @@ impl ServiceBed {
     }
 
     pub fn interface(&self, role: &str) -> &str {
-        if role == "server" { &self.server_if } else { &self.client_if }
+        if role == "server" {
+            &self.server_if
+        } else {
+            &self.client_if
+        }
     }
 
     /// `/sys/fs/bpf/paqet/<role>-<interface>`.
@@ -227,10 +250,18 @@ impl ServiceBed {
     /// ExecStartPre), logging (appending) to `<role>.log`.
     pub fn start_role(&mut self, role: &str) -> Result<()> {
         run_exec_start_pre()?;
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path(role))?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path(role))?;
         let err = log.try_clone()?;
         let mut cmd = as_service(self.ns(role), &self.caps, &[], &self.bin);
-        cmd.arg("run").arg("--config").arg(self.conf(role)).stdin(Stdio::null()).stdout(log).stderr(err);
+        cmd.arg("run")
+            .arg("--config")
+            .arg(self.conf(role))
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(err);
         let child = ChildGuard::spawn(&mut cmd)?;
         match role {
             "server" => self.server = Some(child),
@@ -240,7 +271,11 @@ impl ServiceBed {
     }
 
     pub fn child(&mut self, role: &str) -> Option<&mut ChildGuard> {
-        if role == "server" { self.server.as_mut() } else { self.client.as_mut() }
+        if role == "server" {
+            self.server.as_mut()
+        } else {
+            self.client.as_mut()
+        }
     }
 
     /// The pid of paqet itself (nsenter and setpriv exec, so it is the child's pid).
@@ -257,9 +292,16 @@ impl ServiceBed {
     pub fn wait_ready(&self) -> Result<()> {
         let socks = self.socks_addr();
         let origin: SocketAddr = (SERVER_IP, ORIGIN_PORT).into();
-        let ok = self.cns.run(|| wait_for(|| std::net::TcpStream::connect(socks).is_ok(), Duration::from_secs(20)))?
-            && self.sns.run(|| wait_for(|| std::net::TcpStream::connect(origin).is_ok(), Duration::from_secs(20)))?
-            && wait_for(|| self.pin_dir("server").join("stats").exists(), Duration::from_secs(10));
+        let ok = self
+            .cns
+            .run(|| wait_for(|| std::net::TcpStream::connect(socks).is_ok(), Duration::from_secs(20)))?
+            && self
+                .sns
+                .run(|| wait_for(|| std::net::TcpStream::connect(origin).is_ok(), Duration::from_secs(20)))?
+            && wait_for(
+                || self.pin_dir("server").join("stats").exists(),
+                Duration::from_secs(10),
+            );
         if !ok {
             bail!("the service bed did not come up:\n{}", self.logs());
         }
@@ -271,8 +313,21 @@ impl ServiceBed {
     }
 
     pub fn logs(&self) -> String {
-        let tail = |s: String| s.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
-        format!("--- server.log ---\n{}\n--- client.log ---\n{}", tail(self.log_of("server")), tail(self.log_of("client")))
+        let tail = |s: String| {
+            s.lines()
+                .rev()
+                .take(40)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        format!(
+            "--- server.log ---\n{}\n--- client.log ---\n{}",
+            tail(self.log_of("server")),
+            tail(self.log_of("client"))
+        )
     }
 
     /// A curl through the SOCKS port, by address, hashing the body: `bash -c` with
@@ -284,7 +339,10 @@ impl ServiceBed {
             "-o",
             "pipefail",
             "-c",
-            &format!("curl -sS --fail --max-time 120 {extra} --socks5-hostname {} {url} | sha256sum", self.socks_addr()),
+            &format!(
+                "curl -sS --fail --max-time 120 {extra} --socks5-hostname {} {url} | sha256sum",
+                self.socks_addr()
+            ),
         ]);
         c
     }
@@ -293,9 +351,18 @@ impl ServiceBed {
     pub fn curl_sha256(&self, len: u64) -> Result<String> {
         let out = self.curl_command(len, "").output().context("running curl")?;
         if !out.status.success() {
-            bail!("curl failed ({}): {}\n{}", out.status, String::from_utf8_lossy(&out.stderr), self.logs());
+            bail!(
+                "curl failed ({}): {}\n{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr),
+                self.logs()
+            );
         }
-        Ok(String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap_or_default().to_string())
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_string())
     }
 
     /// Sends `sig` to a role's paqet.
@@ -315,7 +382,11 @@ impl ServiceBed {
         while started.elapsed() < timeout {
             if let Some(status) = child.try_wait()? {
                 let took = started.elapsed();
-                if role == "server" { self.server = None } else { self.client = None }
+                if role == "server" {
+                    self.server = None
+                } else {
+                    self.client = None
+                }
                 return Ok((status, took));
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -326,20 +397,30 @@ impl ServiceBed {
     /// The XDP program id attached to a role's interface, from `ip -d link` in its
     /// namespace (None: nothing attached).
     pub fn xdp_prog_id(&self, role: &str) -> Result<Option<u32>> {
-        let out = self.ns(role).exec(&["ip", "-d", "-j", "link", "show", "dev", self.interface(role)])?;
+        let out = self
+            .ns(role)
+            .exec(&["ip", "-d", "-j", "link", "show", "dev", self.interface(role)])?;
         let text = String::from_utf8_lossy(&out.stdout);
         // {"xdp":{"mode":1,"prog":{"id":123,...}}} or "attached_progs"/"prog" variants:
         // find the first "id": after "xdp".
-        let Some(at) = text.find("\"xdp\"") else { return Ok(None) };
+        let Some(at) = text.find("\"xdp\"") else {
+            return Ok(None);
+        };
         let rest = &text[at..];
-        let Some(id_at) = rest.find("\"id\":") else { return Ok(None) };
+        let Some(id_at) = rest.find("\"id\":") else {
+            return Ok(None);
+        };
         let digits: String = rest[id_at + 5..].chars().take_while(|c| c.is_ascii_digit()).collect();
         Ok(digits.parse().ok())
     }
 
     /// Whether the kernel still has a program with this id.
     pub fn prog_exists(id: u32) -> bool {
-        Command::new("bpftool").args(["prog", "show", "id", &id.to_string()]).output().map(|o| o.status.success()).unwrap_or(false)
+        Command::new("bpftool")
+            .args(["prog", "show", "id", &id.to_string()])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
     }
 }
 

@@ -14,7 +14,13 @@ pub const REPLY_TTL_EXPIRED: u8 = 6;
 pub const REPLY_COMMAND_NOT_SUPPORTED: u8 = 7;
 
 /// Connects through the proxy. `Ok(Err(code))` is a SOCKS refusal with its reply code.
-pub fn connect(proxy: SocketAddr, host: &str, port: u16, auth: Option<(&str, &str)>, cmd: u8) -> Result<std::result::Result<TcpStream, u8>> {
+pub fn connect(
+    proxy: SocketAddr,
+    host: &str,
+    port: u16,
+    auth: Option<(&str, &str)>,
+    cmd: u8,
+) -> Result<std::result::Result<TcpStream, u8>> {
     let mut s = TcpStream::connect_timeout(&proxy, Duration::from_secs(5)).context("connecting to the SOCKS port")?;
     s.set_read_timeout(Some(Duration::from_secs(60)))?;
     let method = if auth.is_some() { 2u8 } else { 0u8 };
@@ -80,16 +86,29 @@ pub fn fetch_bytes(proxy: SocketAddr, host: &str, port: u16, len: u64) -> Result
 }
 
 /// [`fetch_bytes`] with username/password authentication.
-pub fn fetch_bytes_auth(proxy: SocketAddr, host: &str, port: u16, len: u64, auth: Option<(&str, &str)>) -> Result<(String, u64)> {
+pub fn fetch_bytes_auth(
+    proxy: SocketAddr,
+    host: &str,
+    port: u16,
+    len: u64,
+    auth: Option<(&str, &str)>,
+) -> Result<(String, u64)> {
     use sha2::{Digest, Sha256};
     let mut s = match connect(proxy, host, port, auth, 1)? {
         Ok(s) => s,
         Err(code) => bail!("SOCKS refused with reply code {code}"),
     };
-    write!(s, "GET /bytes/{len} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n")?;
+    write!(
+        s,
+        "GET /bytes/{len} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )?;
     let mut all = Vec::new();
     s.read_to_end(&mut all).context("reading the response")?;
-    let split = all.windows(4).position(|w| w == b"\r\n\r\n").context("no HTTP header end")? + 4;
+    let split = all
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .context("no HTTP header end")?
+        + 4;
     let body = &all[split..];
     Ok((crate::pattern::hex(&Sha256::digest(body)), body.len() as u64))
 }

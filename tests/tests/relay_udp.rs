@@ -46,10 +46,27 @@ fn socks_reply_codes_for_refused_denied_and_unsupported() {
             (closed_port, loopback, metadata, bind)
         })
         .unwrap();
-    assert_eq!(codes.0, Some(socks::REPLY_CONNECTION_REFUSED), "closed port\n{}", bed.logs());
-    assert_eq!(codes.1, Some(socks::REPLY_NOT_ALLOWED), "server's own loopback is denied by default");
-    assert_eq!(codes.2, Some(socks::REPLY_NOT_ALLOWED), "cloud metadata is denied by default");
-    assert_eq!(codes.3, Some(socks::REPLY_COMMAND_NOT_SUPPORTED), "BIND is not supported");
+    assert_eq!(
+        codes.0,
+        Some(socks::REPLY_CONNECTION_REFUSED),
+        "closed port\n{}",
+        bed.logs()
+    );
+    assert_eq!(
+        codes.1,
+        Some(socks::REPLY_NOT_ALLOWED),
+        "server's own loopback is denied by default"
+    );
+    assert_eq!(
+        codes.2,
+        Some(socks::REPLY_NOT_ALLOWED),
+        "cloud metadata is denied by default"
+    );
+    assert_eq!(
+        codes.3,
+        Some(socks::REPLY_COMMAND_NOT_SUPPORTED),
+        "BIND is not supported"
+    );
 }
 
 #[test]
@@ -63,19 +80,26 @@ fn a_stream_killed_mid_transfer_frees_both_sides() {
         .client
         .run(|| {
             use std::io::{Read, Write};
-            let mut s = socks::connect(proxy, ORIGIN_NAME, ORIGIN_PORT, None, 1).unwrap().unwrap();
+            let mut s = socks::connect(proxy, ORIGIN_NAME, ORIGIN_PORT, None, 1)
+                .unwrap()
+                .unwrap();
             write!(s, "GET /bytes/{} HTTP/1.1\r\nHost: x\r\n\r\n", 1u64 << 40).unwrap();
             let mut buf = vec![0u8; 1 << 20];
             s.read_exact(&mut buf).unwrap();
             // Killed mid-transfer: the client application vanishes with a terabyte to go.
         })
         .unwrap();
-    let freed = wait_for(|| bed.origin_open_connections().is_ok_and(|n| n == 0), Duration::from_secs(20));
+    let freed = wait_for(
+        || bed.origin_open_connections().is_ok_and(|n| n == 0),
+        Duration::from_secs(20),
+    );
     assert!(freed, "the server side kept the origin connection open\n{}", bed.logs());
     let client_ns = bed.hosts.client.name().to_string();
     let socks_gone = wait_for(
         || {
-            let out = std::process::Command::new("ip").args(["netns", "exec", &client_ns, "ss", "-Htn", "state", "established"]).output();
+            let out = std::process::Command::new("ip")
+                .args(["netns", "exec", &client_ns, "ss", "-Htn", "state", "established"])
+                .output();
             out.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim().is_empty())
         },
         Duration::from_secs(20),
@@ -96,11 +120,25 @@ fn a_client_with_the_wrong_key_gets_nothing_through() {
     opts.timeout_secs = 2;
     let bed = RelayBed::start("u5", &opts).unwrap();
     let proxy = bed.socks_addr();
-    let code = bed.hosts.client.run(|| socks::connect(proxy, ORIGIN_NAME, ORIGIN_PORT, None, 1).unwrap().err()).unwrap();
-    assert_eq!(code, Some(socks::REPLY_TTL_EXPIRED), "the client must time out, not connect");
-    let logged = wait_for(|| bed.log_of("server").contains("failed authentication"), Duration::from_secs(15));
+    let code = bed
+        .hosts
+        .client
+        .run(|| socks::connect(proxy, ORIGIN_NAME, ORIGIN_PORT, None, 1).unwrap().err())
+        .unwrap();
+    assert_eq!(
+        code,
+        Some(socks::REPLY_TTL_EXPIRED),
+        "the client must time out, not connect"
+    );
+    let logged = wait_for(
+        || bed.log_of("server").contains("failed authentication"),
+        Duration::from_secs(15),
+    );
     assert!(logged, "the server did not report the failures\n{}", bed.logs());
-    assert!(!bed.log_of("server").contains("session established"), "a wrong key must never establish a session");
+    assert!(
+        !bed.log_of("server").contains("session established"),
+        "a wrong key must never establish a session"
+    );
 }
 
 #[test]
@@ -115,10 +153,23 @@ fn username_password_auth_and_an_ipv6_target() {
     // An IPv6 origin next to the IPv4 one, reached by its address.
     let server = &bed.hosts.server;
     server.enable_ipv6().unwrap();
-    server.exec(&["ip", "-6", "addr", "add", "2001:2::2/64", "dev", &bed.hosts.server_if, "nodad"]).unwrap();
+    server
+        .exec(&[
+            "ip",
+            "-6",
+            "addr",
+            "add",
+            "2001:2::2/64",
+            "dev",
+            &bed.hosts.server_if,
+            "nodad",
+        ])
+        .unwrap();
     server.exec(&["ip", "-6", "addr", "add", "::1/128", "dev", "lo"]).ok();
     let origin6 = paqet_tests::ChildGuard::spawn(
-        server.command(&paqet_tests::relay::sibling_bin("paqet-origin").to_string_lossy()).arg("[2001:2::2]:8081"),
+        server
+            .command(&paqet_tests::relay::sibling_bin("paqet-origin").to_string_lossy())
+            .arg("[2001:2::2]:8081"),
     )
     .unwrap();
     let proxy = bed.socks_addr();
@@ -126,7 +177,8 @@ fn username_password_auth_and_an_ipv6_target() {
         .hosts
         .client
         .run(|| {
-            let right = socks::connect(proxy, ORIGIN_NAME, ORIGIN_PORT, Some(("alice", "correct horse")), 1).map(|r| r.is_ok());
+            let right =
+                socks::connect(proxy, ORIGIN_NAME, ORIGIN_PORT, Some(("alice", "correct horse")), 1).map(|r| r.is_ok());
             let wrong = socks::connect(proxy, ORIGIN_NAME, ORIGIN_PORT, Some(("alice", "wrong")), 1).map(|r| r.is_ok());
             let anonymous = socks::connect(proxy, ORIGIN_NAME, ORIGIN_PORT, None, 1).map(|r| r.is_ok());
             let v6 = wait_for(
@@ -140,7 +192,10 @@ fn username_password_auth_and_an_ipv6_target() {
     drop(origin6);
     assert!(right.unwrap(), "the right password must be let through");
     assert!(wrong.is_err(), "a wrong password must be refused at authentication");
-    assert!(anonymous.is_err(), "no-auth must be refused when credentials are configured");
+    assert!(
+        anonymous.is_err(),
+        "no-auth must be refused when credentials are configured"
+    );
     let (hash, len) = v6.expect("IPv6 origin never answered through the relay").unwrap();
     assert_eq!((hash, len), (pattern::sha256_hex(300_000, 300_000), 300_000));
 }

@@ -10,16 +10,31 @@ const MIB: u64 = 1 << 20;
 /// The namespace's kernel counters that would move if the kernel saw a relay packet
 /// addressed to a port it has no socket for (RST, port unreachable, no port).
 fn kernel_rejections(bed: &RelayBed, server_side: bool) -> (u64, u64, u64) {
-    let ns = if server_side { &bed.hosts.server } else { &bed.hosts.client };
+    let ns = if server_side {
+        &bed.hosts.server
+    } else {
+        &bed.hosts.client
+    };
     let out = ns.exec(&["cat", "/proc/net/snmp"]).unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let field = |proto: &str, name: &str| -> u64 {
         let mut lines = text.lines().filter(|l| l.starts_with(&format!("{proto}:")));
         let (header, values) = (lines.next().unwrap_or_default(), lines.next().unwrap_or_default());
-        let idx = header.split_whitespace().position(|h| h == name).unwrap_or_else(|| panic!("no {proto} {name}"));
-        values.split_whitespace().nth(idx).and_then(|v| v.parse().ok()).unwrap_or(0)
+        let idx = header
+            .split_whitespace()
+            .position(|h| h == name)
+            .unwrap_or_else(|| panic!("no {proto} {name}"));
+        values
+            .split_whitespace()
+            .nth(idx)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
     };
-    (field("Tcp", "OutRsts"), field("Icmp", "OutDestUnreachs"), field("Udp", "NoPorts"))
+    (
+        field("Tcp", "OutRsts"),
+        field("Icmp", "OutDestUnreachs"),
+        field("Udp", "NoPorts"),
+    )
 }
 
 #[test]
@@ -37,13 +52,30 @@ fn xdp_relay_100_mib_and_the_kernel_never_sees_it() {
     let before = (kernel_rejections(&bed, true), kernel_rejections(&bed, false));
     let rate = scenarios::curl_download_is_exact(&bed, 100 * MIB);
     let after = (kernel_rejections(&bed, true), kernel_rejections(&bed, false));
-    assert_eq!(before, after, "the kernel answered relay packets (RST / ICMP / no port)\n{}", bed.logs());
+    assert_eq!(
+        before,
+        after,
+        "the kernel answered relay packets (RST / ICMP / no port)\n{}",
+        bed.logs()
+    );
     for capture in captures {
         let seen = capture.stop().unwrap();
-        assert!(seen.is_empty(), "{} RST/ICMP packets left a host during the transfer", seen.len());
+        assert!(
+            seen.is_empty(),
+            "{} RST/ICMP packets left a host during the transfer",
+            seen.len()
+        );
     }
-    assert!(bed.log_of("server").contains("xdp transport open"), "server did not run on xdp\n{}", bed.logs());
-    assert!(bed.log_of("client").contains("xdp transport open"), "client did not run on xdp\n{}", bed.logs());
+    assert!(
+        bed.log_of("server").contains("xdp transport open"),
+        "server did not run on xdp\n{}",
+        bed.logs()
+    );
+    assert!(
+        bed.log_of("client").contains("xdp transport open"),
+        "client did not run on xdp\n{}",
+        bed.logs()
+    );
     eprintln!("100 MiB over xdp at {rate:.1} MB/s");
 }
 
@@ -61,7 +93,12 @@ fn xdp_relay_through_a_lossy_reordering_link_is_exact() {
     if !require_root("xdp_relay_through_a_lossy_reordering_link_is_exact") {
         return;
     }
-    let imp = paqet_tests::linkem::Impairment { delay_ms: 5.0, jitter_ms: 4.0, loss: 0.02, rate_mbit: 0.0 };
+    let imp = paqet_tests::linkem::Impairment {
+        delay_ms: 5.0,
+        jitter_ms: 4.0,
+        loss: 0.02,
+        rate_mbit: 0.0,
+    };
     let bed = RelayBed::start_through("x3", &RelayOptions::new("xdp").unwrap(), imp).unwrap();
     let rate = scenarios::curl_download_is_exact(&bed, 8 * MIB);
     eprintln!("8 MiB over xdp through 2% loss, 10-18 ms RTT with reordering at {rate:.1} MB/s");
@@ -77,8 +114,15 @@ fn status_shows_live_sessions_streams_and_throughput() {
     let client_instance = format!("client-{}", bed.hosts.client_if);
     let server_instance = format!("server-{}", bed.hosts.server_if);
     let status = |instance: &str| -> serde_json::Value {
-        let out = std::process::Command::new(paqet_tests::paqet_bin()).args(["status", "--json", "--instance", instance]).output().unwrap();
-        assert!(out.status.success(), "paqet status failed: {}", String::from_utf8_lossy(&out.stderr));
+        let out = std::process::Command::new(paqet_tests::paqet_bin())
+            .args(["status", "--json", "--instance", instance])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "paqet status failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let all: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         all[0].clone()
     };
@@ -87,7 +131,9 @@ fn status_shows_live_sessions_streams_and_throughput() {
         std::thread::scope(|s| {
             let reader = s.spawn(move || {
                 use std::io::{Read, Write};
-                let mut sock = socks::connect(proxy, ORIGIN_NAME, ORIGIN_PORT, None, 1).unwrap().unwrap();
+                let mut sock = socks::connect(proxy, ORIGIN_NAME, ORIGIN_PORT, None, 1)
+                    .unwrap()
+                    .unwrap();
                 write!(sock, "GET /bytes/{} HTTP/1.1\r\nHost: x\r\n\r\n", 1u64 << 40).unwrap();
                 let mut buf = vec![0u8; 64 * 1024];
                 let deadline = std::time::Instant::now() + std::time::Duration::from_secs(4);
@@ -107,13 +153,25 @@ fn status_shows_live_sessions_streams_and_throughput() {
     let (client, server) = busy.unwrap();
     for (name, v) in [("client", &client), ("server", &server)] {
         assert_eq!(v["running"], true, "{name}: {v}");
-        assert!(v["program_ids"].as_array().is_some_and(|a| !a.is_empty()), "{name}: {v}");
-        assert!(v["redirected"].as_u64().unwrap_or(0) > 0, "{name}: no redirected frames: {v}");
+        assert!(
+            v["program_ids"].as_array().is_some_and(|a| !a.is_empty()),
+            "{name}: {v}"
+        );
+        assert!(
+            v["redirected"].as_u64().unwrap_or(0) > 0,
+            "{name}: no redirected frames: {v}"
+        );
         let live = &v["live"];
         assert_eq!(live["transport"], "xdp", "{name}: {v}");
         assert_eq!(live["sessions"], 1, "{name}: {v}");
         assert_eq!(live["streams"], 1, "{name}: {v}");
     }
-    assert!(client["live"]["bytes_in_per_s"].as_f64().unwrap_or(0.0) > 0.0, "client shows no throughput: {client}");
-    assert!(server["live"]["bytes_out_per_s"].as_f64().unwrap_or(0.0) > 0.0, "server shows no throughput: {server}");
+    assert!(
+        client["live"]["bytes_in_per_s"].as_f64().unwrap_or(0.0) > 0.0,
+        "client shows no throughput: {client}"
+    );
+    assert!(
+        server["live"]["bytes_out_per_s"].as_f64().unwrap_or(0.0) > 0.0,
+        "server shows no throughput: {server}"
+    );
 }

@@ -9,20 +9,29 @@ use std::time::Duration;
 
 use paqet_tests::capture::{Capture, udp_payload};
 use paqet_tests::relay::{RelayBed, RelayOptions, SERVER_PORT};
-use paqet_tests::{TwoHosts, pattern, paqet_bin, require_root, wait_for};
+use paqet_tests::{TwoHosts, paqet_bin, pattern, require_root, wait_for};
 
 const MIB: u64 = 1 << 20;
 const PROBE_PORT: u16 = 47000;
 
 /// Anything the server sends back to the prober: a datagram or an ICMP error.
 fn reply_filter() -> String {
-    format!("src host {} and (icmp or (udp and dst port {PROBE_PORT}) or (tcp and dst port {PROBE_PORT}))", TwoHosts::SERVER_IP)
+    format!(
+        "src host {} and (icmp or (udp and dst port {PROBE_PORT}) or (tcp and dst port {PROBE_PORT}))",
+        TwoHosts::SERVER_IP
+    )
 }
 
 /// The total of `field=N` over the server's periodic drop summaries.
 fn logged_count(log: &str, field: &str) -> u64 {
     log.match_indices(&format!("{field}="))
-        .filter_map(|(i, m)| log[i + m.len()..].split(|c: char| !c.is_ascii_digit()).next()?.parse::<u64>().ok())
+        .filter_map(|(i, m)| {
+            log[i + m.len()..]
+                .split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
         .sum()
 }
 
@@ -72,15 +81,31 @@ fn random_payloads_get_no_reply_and_do_not_disturb_a_transfer() {
         (download.join().expect("download thread"), sent)
     });
     let (hash, _, _) = download.unwrap();
-    assert_eq!(hash, pattern::sha256_hex(32 * MIB, 32 * MIB), "the transfer was disturbed\n{}", bed.logs());
+    assert_eq!(
+        hash,
+        pattern::sha256_hex(32 * MIB, 32 * MIB),
+        "the transfer was disturbed\n{}",
+        bed.logs()
+    );
     std::thread::sleep(Duration::from_millis(500));
     let replies = capture.stop().unwrap();
-    assert!(replies.is_empty(), "the server answered garbage: {} packets", replies.len());
+    assert!(
+        replies.is_empty(),
+        "the server answered garbage: {} packets",
+        replies.len()
+    );
     // Under load the AF_XDP ring may overflow and the kernel drop a few frames before
     // paqet sees them; everything that reaches paqet must be counted.
-    let counted = wait_for(|| logged_count(&bed.log_of("server"), "unauthentic") >= sent * 9 / 10, Duration::from_secs(15));
+    let counted = wait_for(
+        || logged_count(&bed.log_of("server"), "unauthentic") >= sent * 9 / 10,
+        Duration::from_secs(15),
+    );
     let got = logged_count(&bed.log_of("server"), "unauthentic");
-    assert!(counted, "server counted {got} of {sent} unauthentic datagrams\n{}", bed.logs());
+    assert!(
+        counted,
+        "server counted {got} of {sent} unauthentic datagrams\n{}",
+        bed.logs()
+    );
 }
 
 #[test]
@@ -96,7 +121,11 @@ fn replayed_handshake_and_data_packets_are_refused_without_reply() {
     let (hash, _, _) = bed.curl_bytes(MIB).unwrap();
     assert_eq!(hash, pattern::sha256_hex(MIB, MIB));
     let frames = capture.stop().unwrap();
-    let payloads: Vec<Vec<u8>> = frames.iter().filter_map(|f| udp_payload(f)).map(<[u8]>::to_vec).collect();
+    let payloads: Vec<Vec<u8>> = frames
+        .iter()
+        .filter_map(|f| udp_payload(f))
+        .map(<[u8]>::to_vec)
+        .collect();
     assert!(payloads.len() > 10, "captured only {} client packets", payloads.len());
     let handshake = payloads[0].clone();
     let data = payloads[payloads.len() / 2].clone();
@@ -115,10 +144,21 @@ fn replayed_handshake_and_data_packets_are_refused_without_reply() {
         .unwrap();
     std::thread::sleep(Duration::from_millis(1500));
     let answered = replies.stop().unwrap();
-    assert!(answered.is_empty(), "the server answered a replay: {} packets", answered.len());
-    let counted = wait_for(|| logged_count(&bed.log_of("server"), "replayed") >= before + 2, Duration::from_secs(15));
+    assert!(
+        answered.is_empty(),
+        "the server answered a replay: {} packets",
+        answered.len()
+    );
+    let counted = wait_for(
+        || logged_count(&bed.log_of("server"), "replayed") >= before + 2,
+        Duration::from_secs(15),
+    );
     assert!(counted, "server did not count both replays\n{}", bed.logs());
-    assert_eq!(bed.log_of("server").matches("client authenticated").count(), sessions_before, "a replayed handshake must not make a session");
+    assert_eq!(
+        bed.log_of("server").matches("client authenticated").count(),
+        sessions_before,
+        "a replayed handshake must not make a session"
+    );
 }
 
 fn temp_config(name: &str, text: &str, mode: u32) -> std::path::PathBuf {
@@ -132,23 +172,44 @@ fn temp_config(name: &str, text: &str, mode: u32) -> std::path::PathBuf {
 fn a_key_holding_config_readable_by_others_is_refused_with_the_fix() {
     let key = paqet_tests::relay::genkey().unwrap();
     let path = temp_config("open", &format!("REMOTE_ADDR=198.18.0.2:4000\nKEY={key}\n"), 0o644);
-    let out = Command::new(paqet_bin()).args(["client", "--config"]).arg(&path).output().unwrap();
+    let out = Command::new(paqet_bin())
+        .args(["client", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
     let _ = std::fs::remove_file(&path);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "paqet started with a world-readable key");
-    assert!(stderr.contains(&format!("chmod 600 {}", path.display())), "no fix printed: {stderr}");
+    assert!(
+        stderr.contains(&format!("chmod 600 {}", path.display())),
+        "no fix printed: {stderr}"
+    );
     assert!(!stderr.contains(&key), "the key leaked into the error");
 }
 
 #[test]
 fn a_public_socks_port_without_credentials_is_refused() {
     let key = paqet_tests::relay::genkey().unwrap();
-    let path = temp_config("public", &format!("SOCKS_ADDR=0.0.0.0:1080\nREMOTE_ADDR=198.18.0.2:4000\nKEY={key}\n"), 0o600);
-    let out = Command::new(paqet_bin()).args(["client", "--config"]).arg(&path).output().unwrap();
+    let path = temp_config(
+        "public",
+        &format!("SOCKS_ADDR=0.0.0.0:1080\nREMOTE_ADDR=198.18.0.2:4000\nKEY={key}\n"),
+        0o600,
+    );
+    let out = Command::new(paqet_bin())
+        .args(["client", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
     let _ = std::fs::remove_file(&path);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "paqet opened a public SOCKS port without credentials");
-    assert!(stderr.contains("open proxy") && stderr.contains("SOCKS_USER"), "unclear refusal: {stderr}");
+    assert!(
+        !out.status.success(),
+        "paqet opened a public SOCKS port without credentials"
+    );
+    assert!(
+        stderr.contains("open proxy") && stderr.contains("SOCKS_USER"),
+        "unclear refusal: {stderr}"
+    );
 }
 
 #[test]
@@ -157,8 +218,15 @@ fn genkey_prints_a_fresh_32_byte_key() {
     let b = paqet_tests::relay::genkey().unwrap();
     assert_ne!(a, b);
     let path = temp_config("genkey", &format!("REMOTE_ADDR=198.18.0.2:4000\nKEY={a}\n"), 0o600);
-    let out = Command::new(paqet_bin()).args(["check", "--config"]).arg(&path).output().unwrap();
+    let out = Command::new(paqet_bin())
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
     let _ = std::fs::remove_file(&path);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("OK    config"), "a genkey key was not accepted: {stdout}");
+    assert!(
+        stdout.contains("OK    config"),
+        "a genkey key was not accepted: {stdout}"
+    );
 }

@@ -18,7 +18,12 @@ fn status_of(pid: u32) -> String {
 }
 
 fn status_field(status: &str, key: &str) -> String {
-    status.lines().find_map(|l| l.strip_prefix(key)).unwrap_or_default().trim().to_string()
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .unwrap_or_default()
+        .trim()
+        .to_string()
 }
 
 /// Capability bits of the unit's set, by setpriv name.
@@ -46,35 +51,79 @@ fn relays_over_xdp_as_the_service_user_with_only_ambient_caps() {
     for role in ["server", "client"] {
         let pid = bed.pid(role).unwrap();
         let st = status_of(pid);
-        assert!(status_field(&st, "Name:").starts_with("paqet"), "{role}: pid {pid} is not paqet:\n{st}");
+        assert!(
+            status_field(&st, "Name:").starts_with("paqet"),
+            "{role}: pid {pid} is not paqet:\n{st}"
+        );
         for f in status_field(&st, "Uid:").split_whitespace() {
             assert_eq!(f, uid.to_string(), "{role} runs as uid {f}, not {USER}");
         }
         let eff = u64::from_str_radix(&status_field(&st, "CapEff:"), 16).unwrap();
         let bnd = u64::from_str_radix(&status_field(&st, "CapBnd:"), 16).unwrap();
         let amb = u64::from_str_radix(&status_field(&st, "CapAmb:"), 16).unwrap();
-        assert_eq!((eff, bnd, amb), (want, want, want), "{role}: CapEff/CapBnd/CapAmb are not the unit's set {:?}", bed.caps);
+        assert_eq!(
+            (eff, bnd, amb),
+            (want, want, want),
+            "{role}: CapEff/CapBnd/CapAmb are not the unit's set {:?}",
+            bed.caps
+        );
         assert_eq!(status_field(&st, "NoNewPrivs:"), "1", "{role}: NoNewPrivs");
         let log = bed.log_of(role);
-        assert!(log.contains("attached paqet_steer"), "{role} did not attach XDP:\n{log}");
-        assert!(bed.pin_dir(role).join("stats").exists(), "{role}: no pins at {}", bed.pin_dir(role).display());
-        assert!(bed.xdp_prog_id(role).unwrap().is_some(), "{role}: no XDP program on {}", bed.interface(role));
+        assert!(
+            log.contains("attached paqet_steer"),
+            "{role} did not attach XDP:\n{log}"
+        );
+        assert!(
+            bed.pin_dir(role).join("stats").exists(),
+            "{role}: no pins at {}",
+            bed.pin_dir(role).display()
+        );
+        assert!(
+            bed.xdp_prog_id(role).unwrap().is_some(),
+            "{role}: no XDP program on {}",
+            bed.interface(role)
+        );
     }
     let len = 16 * MIB;
     let hash = bed.curl_sha256(len).unwrap();
-    assert_eq!(hash, pattern::sha256_hex(len, len), "corrupted download\n{}", bed.logs());
+    assert_eq!(
+        hash,
+        pattern::sha256_hex(len, len),
+        "corrupted download\n{}",
+        bed.logs()
+    );
     // The download really went through paqet_steer into the client's AF_XDP socket:
     // `paqet status` (root, host namespace) reads the client's pinned counters.
-    let out = Command::new(&bed.bin).args(["status", "--json", "--instance"]).arg(format!("client-{}", bed.client_if)).output().unwrap();
+    let out = Command::new(&bed.bin)
+        .args(["status", "--json", "--instance"])
+        .arg(format!("client-{}", bed.client_if))
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "paqet status failed: {text} {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "paqet status failed: {text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let redirected: u64 = text
         .split("\"redirected\":")
         .nth(1)
-        .and_then(|r| r.chars().take_while(|c| c.is_ascii_digit()).collect::<String>().parse().ok())
+        .and_then(|r| {
+            r.chars()
+                .take_while(|c| c.is_ascii_digit())
+                .collect::<String>()
+                .parse()
+                .ok()
+        })
         .unwrap_or(0);
-    assert!(redirected > len / 1500, "the client redirected only {redirected} frames for {len} bytes: {text}");
-    assert!(text.contains("\"running\":true") && !text.contains("\"program_ids\":[]"), "{text}");
+    assert!(
+        redirected > len / 1500,
+        "the client redirected only {redirected} frames for {len} bytes: {text}"
+    );
+    assert!(
+        text.contains("\"running\":true") && !text.contains("\"program_ids\":[]"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -83,12 +132,22 @@ fn sigterm_during_a_transfer_exits_zero_and_leaves_nothing() {
         return;
     }
     let mut bed = ServiceBed::start("svt").unwrap();
-    let ids: Vec<(String, u32)> =
-        ["server", "client"].iter().map(|r| (r.to_string(), bed.xdp_prog_id(r).unwrap().expect("attached"))).collect();
+    let ids: Vec<(String, u32)> = ["server", "client"]
+        .iter()
+        .map(|r| (r.to_string(), bed.xdp_prog_id(r).unwrap().expect("attached")))
+        .collect();
     // A slow transfer (1 MiB/s for 64 MiB) is surely running when the signal comes.
-    let mut curl = ChildGuard::spawn(bed.curl_command(64 * MIB, "--limit-rate 1M").stdout(Stdio::null()).stderr(Stdio::null())).unwrap();
+    let mut curl = ChildGuard::spawn(
+        bed.curl_command(64 * MIB, "--limit-rate 1M")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    )
+    .unwrap();
     std::thread::sleep(Duration::from_millis(1500));
-    assert!(curl.try_wait().unwrap().is_none(), "the transfer ended before the signal");
+    assert!(
+        curl.try_wait().unwrap().is_none(),
+        "the transfer ended before the signal"
+    );
     for role in ["client", "server"] {
         bed.signal(role, libc::SIGTERM).unwrap();
         // Drain is bounded (5 s in roles.rs), so well under 15 s (the unit's TimeoutStopSec).
@@ -96,15 +155,36 @@ fn sigterm_during_a_transfer_exits_zero_and_leaves_nothing() {
         assert_eq!(status.code(), Some(0), "{role} after SIGTERM: {status}\n{}", bed.logs());
         eprintln!("{role}: SIGTERM → exit 0 in {took:?}");
         let log = bed.log_of(role);
-        assert!(log.contains("SIGTERM: stopping") && log.contains("detached paqet_steer"), "{role} log:\n{log}");
-        assert!(!bed.pin_dir(role).exists(), "{role} left its pins at {}", bed.pin_dir(role).display());
-        assert_eq!(bed.xdp_prog_id(role).unwrap(), None, "{role} left XDP attached to {}", bed.interface(role));
+        assert!(
+            log.contains("SIGTERM: stopping") && log.contains("detached paqet_steer"),
+            "{role} log:\n{log}"
+        );
+        assert!(
+            !bed.pin_dir(role).exists(),
+            "{role} left its pins at {}",
+            bed.pin_dir(role).display()
+        );
+        assert_eq!(
+            bed.xdp_prog_id(role).unwrap(),
+            None,
+            "{role} left XDP attached to {}",
+            bed.interface(role)
+        );
     }
     for (role, id) in ids {
-        assert!(!ServiceBed::prog_exists(id), "{role}'s paqet_steer (id {id}) is still loaded");
-        let out = Command::new("bpftool").args(["prog", "show", "name", "paqet_steer"]).output().unwrap();
+        assert!(
+            !ServiceBed::prog_exists(id),
+            "{role}'s paqet_steer (id {id}) is still loaded"
+        );
+        let out = Command::new("bpftool")
+            .args(["prog", "show", "name", "paqet_steer"])
+            .output()
+            .unwrap();
         let text = String::from_utf8_lossy(&out.stdout);
-        assert!(!text.lines().any(|l| l.starts_with(&format!("{id}:"))), "bpftool still shows id {id}:\n{text}");
+        assert!(
+            !text.lines().any(|l| l.starts_with(&format!("{id}:"))),
+            "bpftool still shows id {id}:\n{text}"
+        );
     }
 }
 
@@ -114,7 +194,12 @@ fn second_signal_exits_at_once() {
         return;
     }
     let mut bed = ServiceBed::start("svs").unwrap();
-    let _curl = ChildGuard::spawn(bed.curl_command(64 * MIB, "--limit-rate 1M").stdout(Stdio::null()).stderr(Stdio::null())).unwrap();
+    let _curl = ChildGuard::spawn(
+        bed.curl_command(64 * MIB, "--limit-rate 1M")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    )
+    .unwrap();
     std::thread::sleep(Duration::from_millis(1500));
     // The client has a stream open, so the first SIGTERM drains (up to 5 s); the second
     // must cut that short.
@@ -124,11 +209,22 @@ fn second_signal_exits_at_once() {
     let (status, took) = bed.wait_exit("client", Duration::from_secs(14)).unwrap();
     eprintln!("client: SIGTERM, SIGTERM → {status} after {took:?}");
     assert_eq!(status.code(), Some(0), "{}", bed.logs());
-    assert!(took < Duration::from_secs(2), "second signal took {took:?}\n{}", bed.logs());
+    assert!(
+        took < Duration::from_secs(2),
+        "second signal took {took:?}\n{}",
+        bed.logs()
+    );
     assert!(bed.log_of("client").contains("second signal"), "{}", bed.logs());
-    assert_eq!(bed.xdp_prog_id("client").unwrap(), None, "XDP still attached after the process exited");
+    assert_eq!(
+        bed.xdp_prog_id("client").unwrap(),
+        None,
+        "XDP still attached after the process exited"
+    );
     // The second signal skips only the drain: the teardown still runs.
-    assert!(!bed.pin_dir("client").exists(), "pins left behind after the second signal");
+    assert!(
+        !bed.pin_dir("client").exists(),
+        "pins left behind after the second signal"
+    );
     bed.start_role("client").unwrap();
     bed.wait_ready().unwrap();
     let hash = bed.curl_sha256(MIB).unwrap();
@@ -141,13 +237,23 @@ fn kill_9_then_start_again_replaces_stale_pins_and_relays() {
         return;
     }
     let mut bed = ServiceBed::start("svk").unwrap();
-    let old: Vec<u32> = ["server", "client"].iter().map(|r| bed.xdp_prog_id(r).unwrap().expect("attached")).collect();
+    let old: Vec<u32> = ["server", "client"]
+        .iter()
+        .map(|r| bed.xdp_prog_id(r).unwrap().expect("attached"))
+        .collect();
     for role in ["server", "client"] {
         bed.signal(role, libc::SIGKILL).unwrap();
         bed.wait_exit(role, Duration::from_secs(5)).unwrap();
         // The kernel drops the XDP link with the process; the pins stay.
-        assert_eq!(bed.xdp_prog_id(role).unwrap(), None, "{role}: XDP still attached after kill -9");
-        assert!(bed.pin_dir(role).join("stats").exists(), "{role}: kill -9 should leave stale pins");
+        assert_eq!(
+            bed.xdp_prog_id(role).unwrap(),
+            None,
+            "{role}: XDP still attached after kill -9"
+        );
+        assert!(
+            bed.pin_dir(role).join("stats").exists(),
+            "{role}: kill -9 should leave stale pins"
+        );
     }
     for role in ["server", "client"] {
         bed.start_role(role).unwrap();
@@ -155,12 +261,20 @@ fn kill_9_then_start_again_replaces_stale_pins_and_relays() {
     bed.wait_ready().unwrap();
     for (role, old_id) in ["server", "client"].iter().zip(old) {
         let log = bed.log_of(role);
-        assert!(log.contains("replacing stale pins"), "{role} did not notice the stale pins:\n{log}");
+        assert!(
+            log.contains("replacing stale pins"),
+            "{role} did not notice the stale pins:\n{log}"
+        );
         let new_id = bed.xdp_prog_id(role).unwrap().expect("attached again");
         assert_ne!(new_id, old_id, "{role}: same program id after restart");
     }
     let len = 8 * MIB;
-    assert_eq!(bed.curl_sha256(len).unwrap(), pattern::sha256_hex(len, len), "{}", bed.logs());
+    assert_eq!(
+        bed.curl_sha256(len).unwrap(),
+        pattern::sha256_hex(len, len),
+        "{}",
+        bed.logs()
+    );
 }
 
 #[test]
@@ -181,34 +295,78 @@ fn check_names_the_port_holder_and_the_missing_capabilities() {
         .stderr(Stdio::null());
     let holder = ChildGuard::spawn(&mut holder_cmd).unwrap();
     let socks = bed.socks_addr();
-    assert!(bed.cns.run(|| wait_for(|| std::net::TcpStream::connect(socks).is_ok(), Duration::from_secs(10))).unwrap());
+    assert!(
+        bed.cns
+            .run(|| wait_for(|| std::net::TcpStream::connect(socks).is_ok(), Duration::from_secs(10)))
+            .unwrap()
+    );
 
     // `paqet check` as the service user with no capabilities at all.
-    let out = service::as_service(&bed.cns, &[], &[], &bed.bin).arg("check").arg("--config").arg(bed.conf("client")).output().unwrap();
+    let out = service::as_service(&bed.cns, &[], &[], &bed.bin)
+        .arg("check")
+        .arg("--config")
+        .arg(bed.conf("client"))
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     eprintln!("{text}");
     assert!(!out.status.success(), "check passed although it has FAILs:\n{text}");
     // Lines are "OK    what: detail" / "FAIL  what: detail".
-    let line = |what: &str| text.lines().find(|l| l.get(6..).is_some_and(|r| r.starts_with(&format!("{what}:")))).unwrap_or_default().to_string();
+    let line = |what: &str| {
+        text.lines()
+            .find(|l| l.get(6..).is_some_and(|r| r.starts_with(&format!("{what}:"))))
+            .unwrap_or_default()
+            .to_string()
+    };
     let caps = line("capabilities");
     assert!(caps.starts_with("FAIL"), "{text}");
     for cap in &bed.caps {
-        assert!(caps.contains(&format!("CAP_{}", cap.to_ascii_uppercase())), "{cap} not named: {caps}");
+        assert!(
+            caps.contains(&format!("CAP_{}", cap.to_ascii_uppercase())),
+            "{cap} not named: {caps}"
+        );
     }
-    assert!(caps.contains("setcap") && caps.contains("AmbientCapabilities"), "no fix in: {caps}");
+    assert!(
+        caps.contains("setcap") && caps.contains("AmbientCapabilities"),
+        "no fix in: {caps}"
+    );
     let port = line("SOCKS port");
     assert!(port.starts_with("FAIL"), "{text}");
-    assert!(port.contains(&format!("pid {}", holder.id())) && port.contains("paqet"), "holder not named: {port}");
-    for ok in ["config", "route to server", "neighbour", "kernel BTF", "bpffs", "XDP", "AF_XDP"] {
+    assert!(
+        port.contains(&format!("pid {}", holder.id())) && port.contains("paqet"),
+        "holder not named: {port}"
+    );
+    for ok in [
+        "config",
+        "route to server",
+        "neighbour",
+        "kernel BTF",
+        "bpffs",
+        "XDP",
+        "AF_XDP",
+    ] {
         assert!(line(ok).starts_with("OK"), "expected OK for {ok}:\n{text}");
     }
 
     // With the unit's capabilities and the port free, every line is OK.
     drop(holder);
-    assert!(bed.cns.run(|| wait_for(|| std::net::TcpStream::connect(socks).is_err(), Duration::from_secs(10))).unwrap());
-    let out = service::as_service(&bed.cns, &bed.caps, &[], &bed.bin).arg("check").arg("--config").arg(bed.conf("client")).output().unwrap();
+    assert!(
+        bed.cns
+            .run(|| wait_for(|| std::net::TcpStream::connect(socks).is_err(), Duration::from_secs(10)))
+            .unwrap()
+    );
+    let out = service::as_service(&bed.cns, &bed.caps, &[], &bed.bin)
+        .arg("check")
+        .arg("--config")
+        .arg(bed.conf("client"))
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success() && !text.contains("FAIL"), "check with the unit's caps:\n{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success() && !text.contains("FAIL"),
+        "check with the unit's caps:\n{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Runs a server as the service user with `caps` and `prefix`; returns its exit code
@@ -218,17 +376,31 @@ fn server_with(bed: &ServiceBed, caps: &[String], prefix: &[&str]) -> (Option<i3
     let log_path = bed.dir.join("probe.log");
     let log = std::fs::File::create(&log_path).unwrap();
     let mut cmd = service::as_service(&bed.sns, caps, prefix, &bed.bin);
-    cmd.arg("run").arg("--config").arg(bed.conf("server")).stdin(Stdio::null()).stdout(log.try_clone().unwrap()).stderr(log);
+    cmd.arg("run")
+        .arg("--config")
+        .arg(bed.conf("server"))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
     let mut child = ChildGuard::spawn(&mut cmd).unwrap();
     let mut code = None;
-    let exited = wait_for(|| match child.try_wait().unwrap() {
-        Some(status) => { code = status.code(); true }
-        None => false,
-    }, Duration::from_secs(2));
+    let exited = wait_for(
+        || match child.try_wait().unwrap() {
+            Some(status) => {
+                code = status.code();
+                true
+            }
+            None => false,
+        },
+        Duration::from_secs(2),
+    );
     if !exited {
         // SAFETY: kill(2) on our own, unreaped child.
         unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-        assert!(wait_for(|| child.try_wait().unwrap().is_some(), Duration::from_secs(10)), "no exit after SIGTERM");
+        assert!(
+            wait_for(|| child.try_wait().unwrap().is_some(), Duration::from_secs(10)),
+            "no exit after SIGTERM"
+        );
     }
     (code, std::fs::read_to_string(&log_path).unwrap_or_default())
 }
@@ -245,14 +417,21 @@ fn each_capability_of_the_unit_is_needed() {
     assert_eq!(code, None, "the server did not stay up with the unit's caps:\n{log}");
     // 64 KiB is systemd's default LimitMEMLOCK before v253: with CAP_IPC_LOCK, fine.
     let (code, log) = server_with(&bed, &all, &["prlimit", "--memlock=65536"]);
-    assert_eq!(code, None, "with CAP_IPC_LOCK a 64 KiB RLIMIT_MEMLOCK must not matter:\n{log}");
+    assert_eq!(
+        code, None,
+        "with CAP_IPC_LOCK a 64 KiB RLIMIT_MEMLOCK must not matter:\n{log}"
+    );
     let expect: &[(&str, &[&str], &str)] = &[
         ("bpf", &[], "missing capabilities CAP_BPF"),
         ("net_admin", &[], "missing capabilities CAP_NET_ADMIN"),
         // Measured without the pre-check: the verifier refuses paqet_steer with "pointer
         // arithmetic with it prohibited for !root". paqet now names the capability first.
         ("perfmon", &[], "missing capabilities CAP_PERFMON"),
-        ("net_raw", &[], "opening an AF_XDP socket failed: Operation not permitted"),
+        (
+            "net_raw",
+            &[],
+            "opening an AF_XDP socket failed: Operation not permitted",
+        ),
         ("ipc_lock", &["prlimit", "--memlock=65536"], "registering the UMEM"),
     ];
     for (drop_cap, prefix, message) in expect {
@@ -261,10 +440,25 @@ fn each_capability_of_the_unit_is_needed() {
         }
         let caps: Vec<String> = all.iter().filter(|c| c != drop_cap).cloned().collect();
         let (code, log) = server_with(&bed, &caps, prefix);
-        let last = log.lines().filter(|l| l.starts_with("paqet:") || l.contains(message)).collect::<Vec<_>>().join("\n");
-        eprintln!("without CAP_{}: exit {code:?}: {}", drop_cap.to_ascii_uppercase(), last.chars().take(300).collect::<String>());
-        assert_eq!(code, Some(1), "without {drop_cap} the server should fail to start:\n{log}");
-        assert!(log.contains(message), "without {drop_cap}: expected {message:?} in:\n{log}");
+        let last = log
+            .lines()
+            .filter(|l| l.starts_with("paqet:") || l.contains(message))
+            .collect::<Vec<_>>()
+            .join("\n");
+        eprintln!(
+            "without CAP_{}: exit {code:?}: {}",
+            drop_cap.to_ascii_uppercase(),
+            last.chars().take(300).collect::<String>()
+        );
+        assert_eq!(
+            code,
+            Some(1),
+            "without {drop_cap} the server should fail to start:\n{log}"
+        );
+        assert!(
+            log.contains(message),
+            "without {drop_cap}: expected {message:?} in:\n{log}"
+        );
     }
     assert!(!bed.pin_dir("server").exists(), "a failed start left pins");
 }
@@ -276,7 +470,10 @@ fn unit_passes_systemd_analyze_verify() {
     }
     let text = service::unit_text().unwrap();
     let one = |key: &str| service::unit_values(&text, key).join(" ");
-    assert_eq!(one("ExecStart"), "/opt/flowless/bin/paqet run --config /etc/flowless/paqet.conf");
+    assert_eq!(
+        one("ExecStart"),
+        "/opt/flowless/bin/paqet run --config /etc/flowless/paqet.conf"
+    );
     assert_eq!(one("User"), USER);
     assert_eq!(one("Group"), USER);
     assert_eq!(one("Restart"), "always");
@@ -285,22 +482,43 @@ fn unit_passes_systemd_analyze_verify() {
     assert_eq!(one("ReadWritePaths"), "/sys/fs/bpf");
     assert_eq!(one("AmbientCapabilities"), one("CapabilityBoundingSet"));
     for cap in ["CAP_BPF", "CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_IPC_LOCK"] {
-        assert!(one("AmbientCapabilities").split_whitespace().any(|c| c == cap), "{cap} missing");
+        assert!(
+            one("AmbientCapabilities").split_whitespace().any(|c| c == cap),
+            "{cap} missing"
+        );
     }
     for family in ["AF_UNIX", "AF_INET", "AF_INET6", "AF_NETLINK", "AF_XDP"] {
-        assert!(one("RestrictAddressFamilies").split_whitespace().any(|f| f == family), "{family} missing");
+        assert!(
+            one("RestrictAddressFamilies").split_whitespace().any(|f| f == family),
+            "{family} missing"
+        );
     }
     assert!(
-        Command::new("systemd-analyze").arg("--version").output().is_ok_and(|o| o.status.success()),
+        Command::new("systemd-analyze")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success()),
         "systemd-analyze is missing: `cargo xtask setup` installs it (package systemd)"
     );
     // verify needs the ExecStart binary to exist: a copy pointing at the built binary.
     let dir = std::env::temp_dir().join(format!("paqet-unit-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let copy = dir.join("paqet.service");
-    std::fs::write(&copy, text.replace("/opt/flowless/bin/paqet", &paqet_tests::paqet_bin().to_string_lossy())).unwrap();
-    let out = Command::new("systemd-analyze").arg("verify").arg(&copy).output().unwrap();
+    std::fs::write(
+        &copy,
+        text.replace("/opt/flowless/bin/paqet", &paqet_tests::paqet_bin().to_string_lossy()),
+    )
+    .unwrap();
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&copy)
+        .output()
+        .unwrap();
     let _ = std::fs::remove_dir_all(&dir);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success() && stderr.trim().is_empty(), "systemd-analyze verify: {}\n{stderr}", out.status);
+    assert!(
+        out.status.success() && stderr.trim().is_empty(),
+        "systemd-analyze verify: {}\n{stderr}",
+        out.status
+    );
 }

@@ -28,9 +28,7 @@ struct Capture;
 
 impl std::io::Write for Capture {
     fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        LOGS.lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .extend_from_slice(b);
+        LOGS.lock().unwrap_or_else(|e| e.into_inner()).extend_from_slice(b);
         eprint!("{}", String::from_utf8_lossy(b));
         Ok(b.len())
     }
@@ -82,8 +80,7 @@ fn send(hosts: &TwoHosts, udp: &[(u16, usize)], syns: &[(u16, usize)]) {
             let sock = UdpSocket::bind((TwoHosts::CLIENT_IP, 0)).expect("bind UDP");
             for &(port, n) in udp {
                 for i in 0..n {
-                    sock.send_to(&[i as u8; 32], server(port))
-                        .expect("send UDP");
+                    sock.send_to(&[i as u8; 32], server(port)).expect("send UDP");
                 }
             }
             for &(port, n) in syns {
@@ -111,10 +108,7 @@ fn expect_stats(s: &Steering, want: Stats) {
 }
 
 fn bpftool(args: &[&str]) -> (bool, String) {
-    let out = Command::new("bpftool")
-        .args(args)
-        .output()
-        .expect("running bpftool");
+    let out = Command::new("bpftool").args(args).output().expect("running bpftool");
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -138,18 +132,10 @@ fn counts_matched_and_passed_frames_exactly() {
         AttachMode::Auto,
         FilterConfig::new(Protocol::Udp, PORT),
     );
-    assert_eq!(
-        steering.stats().unwrap(),
-        Stats::default(),
-        "the link must be silent"
-    );
+    assert_eq!(steering.stats().unwrap(), Stats::default(), "the link must be silent");
 
     // UDP filter: only the datagrams to PORT match.
-    send(
-        &hosts,
-        &[(PORT, 5), (OTHER_PORT, 3)],
-        &[(PORT, 2), (OTHER_PORT, 2)],
-    );
+    send(&hosts, &[(PORT, 5), (OTHER_PORT, 3)], &[(PORT, 2), (OTHER_PORT, 2)]);
     let mut want = Stats {
         seen: 12,
         matched: 5,
@@ -159,9 +145,7 @@ fn counts_matched_and_passed_frames_exactly() {
     expect_stats(&steering, want);
 
     // TCP filter: now the SYNs to PORT match, the datagrams to PORT do not.
-    steering
-        .set_filter(&FilterConfig::new(Protocol::Tcp, PORT))
-        .unwrap();
+    steering.set_filter(&FilterConfig::new(Protocol::Tcp, PORT)).unwrap();
     send(&hosts, &[(PORT, 2)], &[(PORT, 2), (OTHER_PORT, 1)]);
     want.seen += 5;
     want.passed += 5;
@@ -198,21 +182,11 @@ fn counts_matched_and_passed_frames_exactly() {
     let id = steering.program_id().unwrap();
     let (ok, text) = bpftool(&["prog", "show", "name", "paqet_steer"]);
     assert!(ok, "bpftool prog show name paqet_steer failed: {text}");
-    assert!(
-        text.contains(&format!("{id}: xdp")),
-        "program {id} not listed: {text}"
-    );
+    assert!(text.contains(&format!("{id}: xdp")), "program {id} not listed: {text}");
     let stats_pin = pin_dir(&instance).unwrap().join(PIN_STATS);
     let (ok, text) = bpftool(&["map", "dump", "pinned", stats_pin.to_str().unwrap()]);
     assert!(ok, "bpftool map dump failed: {text}");
-    for field in [
-        "seen",
-        "matched",
-        "passed",
-        "redirected",
-        "no_socket",
-        "malformed",
-    ] {
+    for field in ["seen", "matched", "passed", "redirected", "no_socket", "malformed"] {
         assert!(
             text.contains(&format!("\"{field}\": ")),
             "no named field {field} in: {text}"
@@ -368,14 +342,8 @@ fn stale_pins_of_the_same_instance_are_replaced() {
     )));
     hosts.pin_neighbours().unwrap();
     send(&hosts, &[], &[(PORT, 1)]); // one SYN on the server's link, one RST back on the client's
-    wait_for(
-        || second.stats().map(|s| s.seen >= 1).unwrap_or(false),
-        WAIT,
-    );
-    assert_eq!(
-        read_pinned_stats(&instance).unwrap(),
-        second.stats().unwrap()
-    );
+    wait_for(|| second.stats().map(|s| s.seen >= 1).unwrap_or(false), WAIT);
+    assert_eq!(read_pinned_stats(&instance).unwrap(), second.stats().unwrap());
     drop(second);
     assert!(!pin_dir(&instance).unwrap().exists());
     drop(first); // its pins are already gone: not an error

@@ -52,7 +52,10 @@ static SERIAL: Mutex<()> = Mutex::new(());
 fn init_tracing() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
-        let _ = tracing_subscriber::fmt().with_max_level(tracing::Level::INFO).with_ansi(false).try_init();
+        let _ = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::INFO)
+            .with_ansi(false)
+            .try_init();
     });
 }
 
@@ -160,7 +163,10 @@ impl Side<'_> {
 
     fn send_ack(&self) {
         if let Some(peer) = self.peer {
-            let ack = Transmit { peer, payload: datagram(KIND_ACK, u32::MAX, self.contiguous, 0, 0) };
+            let ack = Transmit {
+                peer,
+                payload: datagram(KIND_ACK, u32::MAX, self.contiguous, 0, 0),
+            };
             self.t.send_batch(&[ack]).expect("send_batch");
         }
     }
@@ -210,7 +216,11 @@ impl Side<'_> {
     /// Half the datagrams wait until the garbage has gone out, so the second half shows
     /// the transport still works after it.
     fn limit(&self) -> u32 {
-        if self.shared.garbage_sent.load(Ordering::Acquire) { DATAGRAMS } else { GATE }
+        if self.shared.garbage_sent.load(Ordering::Acquire) {
+            DATAGRAMS
+        } else {
+            GATE
+        }
     }
 
     fn finished(&self) -> bool {
@@ -222,8 +232,11 @@ impl Side<'_> {
             Err(_) => false,
             Ok(r) => {
                 r.expect("recv_batch");
-                let items: Vec<(SocketAddr, Vec<u8>, Option<[u8; 6]>)> =
-                    batch.filled().iter().map(|s| (s.peer, s.payload().to_vec(), s.link_src)).collect();
+                let items: Vec<(SocketAddr, Vec<u8>, Option<[u8; 6]>)> = batch
+                    .filled()
+                    .iter()
+                    .map(|s| (s.peer, s.payload().to_vec(), s.link_src))
+                    .collect();
                 let mut new_data = false;
                 for (from, bytes, link) in items {
                     let rejected_before = (self.out.corrupt, self.out.foreign);
@@ -243,9 +256,17 @@ impl Side<'_> {
         let mut batch = RecvBatch::new(64, 2048);
         let start = Instant::now();
         let mut last_progress = (Instant::now(), self.peer_acked);
-        while !(self.shared.done.iter().all(|d| d.load(Ordering::Acquire)) && self.shared.garbage_sent.load(Ordering::Acquire))
+        while !(self.shared.done.iter().all(|d| d.load(Ordering::Acquire))
+            && self.shared.garbage_sent.load(Ordering::Acquire))
         {
-            assert!(start.elapsed() < DEADLINE, "side {} timed out: {:?} next={} acked={}", self.me, self.out, self.next, self.peer_acked);
+            assert!(
+                start.elapsed() < DEADLINE,
+                "side {} timed out: {:?} next={} acked={}",
+                self.me,
+                self.out,
+                self.next,
+                self.peer_acked
+            );
             let sent = self.send_window();
             let new_data = self.recv_some(&mut batch, Duration::from_millis(20)).await;
             if self.me == 1 && self.out.received_unique > 0 {
@@ -294,7 +315,10 @@ fn side(
     seeds: (u64, u64),
     local_tx: Option<mpsc::Sender<SocketAddr>>,
 ) -> Outcome {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
     rt.block_on(async move {
         let t = XdpTransport::open(opts).expect("opening the xdp transport");
         if let Some(tx) = local_tx {
@@ -326,19 +350,31 @@ fn side(
 fn kernel_counters(ns: &paqet_tests::Netns) -> Vec<(String, u64)> {
     let out = ns.exec(&["cat", "/proc/net/snmp"]).expect("reading /proc/net/snmp");
     let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let wanted = [("Tcp", "InSegs"), ("Tcp", "OutRsts"), ("Udp", "InDatagrams"), ("Udp", "NoPorts"), ("Icmp", "OutDestUnreachs")];
+    let wanted = [
+        ("Tcp", "InSegs"),
+        ("Tcp", "OutRsts"),
+        ("Udp", "InDatagrams"),
+        ("Udp", "NoPorts"),
+        ("Icmp", "OutDestUnreachs"),
+    ];
     let lines: Vec<&str> = text.lines().collect();
     let mut found = Vec::new();
     for pair in lines.chunks(2) {
         let [names, values] = pair else { continue };
-        let (Some((proto, names)), Some((_, values))) = (names.split_once(':'), values.split_once(':')) else { continue };
+        let (Some((proto, names)), Some((_, values))) = (names.split_once(':'), values.split_once(':')) else {
+            continue;
+        };
         for (n, v) in names.split_whitespace().zip(values.split_whitespace()) {
             if wanted.contains(&(proto, n)) {
                 found.push((format!("{proto}{n}"), v.parse().unwrap_or(u64::MAX)));
             }
         }
     }
-    assert_eq!(found.len(), wanted.len(), "counters missing from /proc/net/snmp: {text}");
+    assert_eq!(
+        found.len(),
+        wanted.len(),
+        "counters missing from /proc/net/snmp: {text}"
+    );
     // TCP's counters above cover IPv6 too; UDP and ICMP have their own for IPv6.
     let out = ns.exec(&["cat", "/proc/net/snmp6"]).expect("reading /proc/net/snmp6");
     let text6 = String::from_utf8_lossy(&out.stdout).to_string();
@@ -350,7 +386,11 @@ fn kernel_counters(ns: &paqet_tests::Netns) -> Vec<(String, u64)> {
             found.push((name.to_string(), value.trim().parse().unwrap_or(u64::MAX)));
         }
     }
-    assert_eq!(found.len(), wanted.len() + wanted6.len(), "counters missing from /proc/net/snmp6: {text6}");
+    assert_eq!(
+        found.len(),
+        wanted.len() + wanted6.len(),
+        "counters missing from /proc/net/snmp6: {text6}"
+    );
     found
 }
 
@@ -362,12 +402,17 @@ fn kernel_counters(ns: &paqet_tests::Netns) -> Vec<(String, u64)> {
 /// resolution) only from a link-local source, and a tentative one does not count. On
 /// a real host the link-local address has long finished DAD.
 fn ipv6_hosts(hosts: &TwoHosts) -> (IpAddr, IpAddr) {
-    for (ns, ifname, cidr) in [(&hosts.client, &hosts.client_if, "2001:2::1/64"), (&hosts.server, &hosts.server_if, "2001:2::2/64")] {
+    for (ns, ifname, cidr) in [
+        (&hosts.client, &hosts.client_if, "2001:2::1/64"),
+        (&hosts.server, &hosts.server_if, "2001:2::2/64"),
+    ] {
         ns.sysctl("net.ipv6.conf.all.accept_ra", "0").expect("accept_ra");
         ns.sysctl("net.ipv6.conf.default.accept_ra", "0").expect("accept_ra");
-        ns.sysctl(&format!("net.ipv6.conf.{ifname}.accept_dad"), "0").expect("accept_dad");
+        ns.sysctl(&format!("net.ipv6.conf.{ifname}.accept_dad"), "0")
+            .expect("accept_dad");
         ns.enable_ipv6().expect("enabling IPv6");
-        ns.exec(&["ip", "-6", "addr", "add", cidr, "dev", ifname, "nodad"]).expect("adding an IPv6 address");
+        ns.exec(&["ip", "-6", "addr", "add", cidr, "dev", ifname, "nodad"])
+            .expect("adding an IPv6 address");
     }
     ("2001:2::1".parse().expect("v6"), "2001:2::2".parse().expect("v6"))
 }
@@ -420,7 +465,10 @@ fn run_case(wire: WireShape, tag: &str, ipv6: bool) {
         let shared = &shared;
         let hosts = &hosts;
         let server = s.spawn(move || {
-            hosts.server.run(move || side(server_opts, 1, shared, None, (2, 1), None)).expect("server namespace")
+            hosts
+                .server
+                .run(move || side(server_opts, 1, shared, None, (2, 1), None))
+                .expect("server namespace")
         });
         let client = s.spawn(move || {
             hosts
@@ -457,20 +505,33 @@ fn run_case(wire: WireShape, tag: &str, ipv6: bool) {
     // Only the server gets the garbage with a payload; the empty ones are dropped.
     assert_eq!(server.foreign, GARBAGE_EACH as u64, "random-payload garbage handed on");
     assert_eq!(client.foreign, 0);
-    assert_eq!(server.counters.rx_dropped_malformed, GARBAGE_EACH as u64, "empty-payload garbage dropped and counted");
+    assert_eq!(
+        server.counters.rx_dropped_malformed, GARBAGE_EACH as u64,
+        "empty-payload garbage dropped and counted"
+    );
     assert_eq!(client.counters.rx_dropped_malformed, 0);
 
     // Nothing lost on the way: each frame sent was received, none refused.
     for (name, o) in [("client", &client), ("server", &server)] {
         let c = &o.counters;
-        assert_eq!((c.tx_dropped_full, c.tx_dropped_no_neighbour, c.tx_dropped_invalid), (0, 0, 0), "{name} TX drops");
+        assert_eq!(
+            (c.tx_dropped_full, c.tx_dropped_no_neighbour, c.tx_dropped_invalid),
+            (0, 0, 0),
+            "{name} TX drops"
+        );
         assert_eq!(o.socket_drops, (0, 0, 0), "{name} AF_XDP socket drops");
         assert_eq!(o.steer_no_socket, 0, "{name}: matched frames with no socket");
         assert_eq!(o.retransmit_rounds, 0, "{name} had to retransmit: a frame was lost");
     }
-    assert_eq!(server.counters.rx_frames, client.counters.tx_frames + GARBAGE_EACH as u64);
+    assert_eq!(
+        server.counters.rx_frames,
+        client.counters.tx_frames + GARBAGE_EACH as u64
+    );
     assert_eq!(client.counters.rx_frames, server.counters.tx_frames);
-    assert_eq!(server.steer_redirected, server.counters.rx_frames + server.counters.rx_dropped_malformed);
+    assert_eq!(
+        server.steer_redirected,
+        server.counters.rx_frames + server.counters.rx_dropped_malformed
+    );
     assert_eq!(client.steer_redirected, client.counters.rx_frames);
 
     // The kernels never saw a relay frame, and answered none.
@@ -574,7 +635,12 @@ fn send_garbage(ifname: &str, src: [u8; 6], dst: [u8; 6], client: SocketAddr, se
                 size_of::<libc::sockaddr_ll>() as u32,
             )
         };
-        assert_eq!(n, f.len() as isize, "sending garbage: {}", std::io::Error::last_os_error());
+        assert_eq!(
+            n,
+            f.len() as isize,
+            "sending garbage: {}",
+            std::io::Error::last_os_error()
+        );
         std::thread::sleep(Duration::from_millis(2));
     }
     // SAFETY: fd is ours and closed once.

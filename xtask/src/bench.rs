@@ -32,15 +32,26 @@ pub fn run(args: &Args) -> Result<()> {
     }
     crate::setup::run(&crate::setup::Args {})?;
     crate::setup::apt_install("bench", BENCH_APT_PACKAGES)?;
-    let bin = crate::build::run(&crate::build::Args { release: true, debug: false })?;
+    let bin = crate::build::run(&crate::build::Args {
+        release: true,
+        debug: false,
+    })?;
     step("building the bench binaries (paqet-tests, feature bench)");
-    util::run(
-        Command::new(util::cargo())
-            .current_dir(util::root())
-            .args(["build", "--release", "-p", "paqet-tests", "--features", "bench", "--bins"]),
-    )?;
+    util::run(Command::new(util::cargo()).current_dir(util::root()).args([
+        "build",
+        "--release",
+        "-p",
+        "paqet-tests",
+        "--features",
+        "bench",
+        "--bins",
+    ]))?;
     let out = args.out.clone().unwrap_or_else(|| util::root().join("docs/bench"));
-    step(format!("running the bench{} (results in {})", if args.quick { " (--quick)" } else { "" }, out.display()));
+    step(format!(
+        "running the bench{} (results in {})",
+        if args.quick { " (--quick)" } else { "" },
+        out.display()
+    ));
     let mut cmd = Command::new(util::target_dir().join("release/paqet-bench"));
     cmd.env("PAQET_BIN", &bin).arg("--out").arg(&out);
     if args.quick {

@@ -69,13 +69,9 @@ pub fn build_ebpf() -> Result<PathBuf> {
 pub fn run(args: &Args) -> Result<PathBuf> {
     let obj = build_ebpf()?;
     let profile = if args.debug { "debug" } else { "release" };
-    step(format!(
-        "building paqet-user ({profile}), embedding {}",
-        obj.display()
-    ));
+    step(format!("building paqet-user ({profile}), embedding {}", obj.display()));
     let mut cmd = Command::new(util::cargo());
-    cmd.current_dir(util::root())
-        .args(["build", "-p", "paqet-user"]);
+    cmd.current_dir(util::root()).args(["build", "-p", "paqet-user"]);
     if !args.debug {
         cmd.arg("--release");
     }

@@ -95,13 +95,7 @@ fn ensure_cargo_fuzz() -> Result<()> {
     step(format!(
         "installing cargo-fuzz {CARGO_FUZZ_VERSION} (cargo install, about a minute)"
     ));
-    util::run(Command::new(util::cargo()).args([
-        "install",
-        "cargo-fuzz",
-        "--locked",
-        "--version",
-        CARGO_FUZZ_VERSION,
-    ]))
+    util::run(Command::new(util::cargo()).args(["install", "cargo-fuzz", "--locked", "--version", CARGO_FUZZ_VERSION]))
 }
 
 /// paqet-user embeds the eBPF object, so the fuzz build needs it too.
@@ -148,10 +142,7 @@ fn run_one(target: &str, seconds: u64) -> Result<Outcome> {
         {
             execs = n.parse().ok();
         }
-        let noisy = line.starts_with('#')
-            && [" NEW ", " REDUCE ", " pulse "]
-                .iter()
-                .any(|w| line.contains(w));
+        let noisy = line.starts_with('#') && [" NEW ", " REDUCE ", " pulse "].iter().any(|w| line.contains(w));
         if !noisy {
             eprintln!("{line}");
         }

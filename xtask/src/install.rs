@@ -61,12 +61,19 @@ fn user_ids(name: &str) -> Option<(u32, u32)> {
     // that we copy out of at once (xtask is single-threaded here).
     unsafe {
         let pw = libc::getpwnam(c.as_ptr());
-        if pw.is_null() { None } else { Some(((*pw).pw_uid, (*pw).pw_gid)) }
+        if pw.is_null() {
+            None
+        } else {
+            Some(((*pw).pw_uid, (*pw).pw_gid))
+        }
     }
 }
 
 fn nologin() -> &'static str {
-    ["/usr/sbin/nologin", "/sbin/nologin"].into_iter().find(|p| Path::new(p).exists()).unwrap_or("/bin/false")
+    ["/usr/sbin/nologin", "/sbin/nologin"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .unwrap_or("/bin/false")
 }
 
 /// Creates the system user and group (no login shell, no home) unless they exist.
@@ -99,7 +106,10 @@ fn chown(path: &Path, uid: u32, gid: u32) -> Result<()> {
 fn install_file(src: &Path, dst: &Path, mode: u32) -> Result<()> {
     let dir = dst.parent().context("destination has no parent")?;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let tmp = dir.join(format!(".{}.new", dst.file_name().unwrap_or_default().to_string_lossy()));
+    let tmp = dir.join(format!(
+        ".{}.new",
+        dst.file_name().unwrap_or_default().to_string_lossy()
+    ));
     std::fs::copy(src, &tmp).with_context(|| format!("copying {} to {}", src.display(), tmp.display()))?;
     std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))?;
     std::fs::rename(&tmp, dst).with_context(|| format!("renaming {} to {}", tmp.display(), dst.display()))?;
@@ -117,7 +127,10 @@ pub fn run(args: &Args) -> Result<()> {
     }
     let built = match &args.binary {
         Some(b) => b.clone(),
-        None => crate::build::run(&crate::build::Args { release: true, debug: false })?,
+        None => crate::build::run(&crate::build::Args {
+            release: true,
+            debug: false,
+        })?,
     };
     step(format!("install: binary {BIN}"));
     install_file(&built, &under(&args.destdir, BIN), 0o755)?;
@@ -168,7 +181,9 @@ pub fn run(args: &Args) -> Result<()> {
 /// is staged elsewhere (destdir), verify a copy pointing at the staged one.
 pub fn verify_unit(unit: &Path, bin: &Path) -> Result<()> {
     let Some(analyze) = util::which("systemd-analyze") else {
-        eprintln!("    systemd-analyze not found (package systemd; `cargo xtask setup` installs it): not verifying the unit");
+        eprintln!(
+            "    systemd-analyze not found (package systemd; `cargo xtask setup` installs it): not verifying the unit"
+        );
         return Ok(());
     };
     let text = std::fs::read_to_string(unit)?;
@@ -188,7 +203,12 @@ pub fn verify_unit(unit: &Path, bin: &Path) -> Result<()> {
     }
     let stderr = String::from_utf8_lossy(&out.stderr);
     if !out.status.success() || !stderr.trim().is_empty() {
-        bail!("systemd-analyze verify {} failed ({}): {}", unit.display(), out.status, stderr.trim());
+        bail!(
+            "systemd-analyze verify {} failed ({}): {}",
+            unit.display(),
+            out.status,
+            stderr.trim()
+        );
     }
     eprintln!("    unit verified");
     Ok(())
@@ -216,7 +236,9 @@ pub fn uninstall(args: &UninstallArgs) -> Result<()> {
     if live {
         step("uninstall: stopping and disabling paqet.service");
         // Not installed or not running is fine: ignore the exit status.
-        let _ = Command::new("systemctl").args(["disable", "--now", "paqet.service"]).status();
+        let _ = Command::new("systemctl")
+            .args(["disable", "--now", "paqet.service"])
+            .status();
     } else if args.destdir.is_none() {
         step("uninstall: systemd is not running: nothing to stop or disable (stop a hand-started paqet with SIGTERM)");
     }
@@ -237,7 +259,10 @@ pub fn uninstall(args: &UninstallArgs) -> Result<()> {
             util::run(Command::new("userdel").arg(USER))?;
         }
     } else if config.exists() {
-        step(format!("uninstall: keeping {} and the user {USER} (--purge removes them)", config.display()));
+        step(format!(
+            "uninstall: keeping {} and the user {USER} (--purge removes them)",
+            config.display()
+        ));
     }
     step("uninstall: done");
     Ok(())

@@ -31,14 +31,7 @@ pub fn run(args: &Args) -> Result<()> {
         step("running the demo (paqet-tests' paqet-demo)");
         let mut cmd = Command::new(util::cargo());
         cmd.current_dir(util::root())
-            .args([
-                "run",
-                "--release",
-                "-p",
-                "paqet-tests",
-                "--bin",
-                "paqet-demo",
-            ])
+            .args(["run", "--release", "-p", "paqet-tests", "--bin", "paqet-demo"])
             .env("PAQET_BIN", &bin);
         return maybe_sudo(cmd);
     }

@@ -31,10 +31,7 @@ fn apt_installed(pkg: &str) -> bool {
     Command::new("dpkg-query")
         .args(["-W", "-f=${Status}", pkg])
         .output()
-        .map(|o| {
-            o.status.success()
-                && String::from_utf8_lossy(&o.stdout).contains("install ok installed")
-        })
+        .map(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
         .unwrap_or(false)
 }
 
@@ -67,11 +64,7 @@ fn bpf_linker_command() -> String {
 
 pub fn run(_args: &Args) -> Result<()> {
     step("setup: checking apt packages");
-    let missing: Vec<&str> = APT_PACKAGES
-        .iter()
-        .copied()
-        .filter(|p| !apt_installed(p))
-        .collect();
+    let missing: Vec<&str> = APT_PACKAGES.iter().copied().filter(|p| !apt_installed(p)).collect();
     for p in APT_PACKAGES {
         if !missing.contains(p) {
             eprintln!("    {p}: installed, skipping");
@@ -129,13 +122,7 @@ pub fn run(_args: &Args) -> Result<()> {
         ));
         util::run(
             Command::new(util::cargo())
-                .args([
-                    "install",
-                    "bpf-linker",
-                    "--locked",
-                    "--version",
-                    BPF_LINKER_VERSION,
-                ])
+                .args(["install", "bpf-linker", "--locked", "--version", BPF_LINKER_VERSION])
                 .args(["--no-default-features", "--features", "llvm-22"])
                 .env("LLVM_PREFIX", LLVM_PREFIX)
                 .env_remove("RUSTC")
@@ -179,7 +166,11 @@ pub fn apt_install(what: &str, pkgs: &[&str]) -> Result<()> {
         );
     }
     step(format!("setup ({what}): installing {}", missing.join(" ")));
-    util::run(Command::new("apt-get").arg("update").env("DEBIAN_FRONTEND", "noninteractive"))?;
+    util::run(
+        Command::new("apt-get")
+            .arg("update")
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )?;
     util::run(
         Command::new("apt-get")
             .args(["install", "-y", "--no-install-recommends"])

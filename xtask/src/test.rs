@@ -18,10 +18,7 @@ pub fn run(args: &Args) -> Result<()> {
         release: true,
         debug: false,
     })?;
-    step(format!(
-        "testing the workspace (PAQET_BIN={})",
-        bin.display()
-    ));
+    step(format!("testing the workspace (PAQET_BIN={})", bin.display()));
     let mut cmd = Command::new(util::cargo());
     cmd.current_dir(util::root())
         .args(["test", "--release", "--no-fail-fast"])

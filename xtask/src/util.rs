@@ -39,9 +39,10 @@ pub fn path_with_cargo_bin() -> std::ffi::OsString {
         .map(|p| std::env::split_paths(&p).collect())
         .unwrap_or_default();
     if let Some(bin) = cargo_home_bin()
-        && !paths.contains(&bin) {
-            paths.push(bin);
-        }
+        && !paths.contains(&bin)
+    {
+        paths.push(bin);
+    }
     std::env::join_paths(paths).unwrap_or_default()
 }
 
@@ -56,9 +57,10 @@ fn describe(cmd: &Command) -> String {
     let mut s = String::new();
     for (k, v) in cmd.get_envs() {
         if let Some(v) = v
-            && k != "PATH" {
-                s.push_str(&format!("{}={} ", k.to_string_lossy(), v.to_string_lossy()));
-            }
+            && k != "PATH"
+        {
+            s.push_str(&format!("{}={} ", k.to_string_lossy(), v.to_string_lossy()));
+        }
     }
     s.push_str(&cmd.get_program().to_string_lossy());
     for a in cmd.get_args() {
@@ -75,9 +77,7 @@ fn describe(cmd: &Command) -> String {
 pub fn run(cmd: &mut Command) -> Result<()> {
     let what = describe(cmd);
     eprintln!("    $ {what}");
-    let status = cmd
-        .status()
-        .with_context(|| format!("could not start `{what}`"))?;
+    let status = cmd.status().with_context(|| format!("could not start `{what}`"))?;
     if !status.success() {
         bail!("`{what}` failed ({status})");
     }

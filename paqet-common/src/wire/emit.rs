@@ -7,8 +7,8 @@
 //! frame with a partial checksum that the peer's kernel or AF_XDP reader cannot check.
 
 use super::{
-    Addr, ETH_HEADER_LEN, IPV4_MIN_HEADER_LEN, IPV6_HEADER_LEN, TCP_MIN_HEADER_LEN, UDP_HEADER_LEN,
-    VLAN_TAG_LEN, ethertype, ipproto,
+    Addr, ETH_HEADER_LEN, IPV4_MIN_HEADER_LEN, IPV6_HEADER_LEN, TCP_MIN_HEADER_LEN, UDP_HEADER_LEN, VLAN_TAG_LEN,
+    ethertype, ipproto,
 };
 
 /// Everything the outer headers of one frame say.
@@ -72,9 +72,7 @@ impl Headers {
     /// is built in place, without a copy). Returns the frame's length.
     pub fn emit(&self, buf: &mut [u8], payload_len: usize) -> Result<usize, EmitError> {
         let hlen = self.header_len()?;
-        let total = hlen
-            .checked_add(payload_len)
-            .ok_or(EmitError::PayloadTooLong)?;
+        let total = hlen.checked_add(payload_len).ok_or(EmitError::PayloadTooLong)?;
         if buf.len() < total {
             return Err(EmitError::BufferTooSmall);
         }
@@ -106,8 +104,7 @@ impl Headers {
         let l4_len = hlen - l3 - self.l3_len() + payload_len;
         let l4 = l3 + self.l3_len();
         let pseudo = if self.src.family == 4 {
-            let total_len =
-                u16::try_from(self.l3_len() + l4_len).map_err(|_| EmitError::PayloadTooLong)?;
+            let total_len = u16::try_from(self.l3_len() + l4_len).map_err(|_| EmitError::PayloadTooLong)?;
             let h = &mut frame[l3..l4];
             h[0] = 0x45;
             h[1] = 0;

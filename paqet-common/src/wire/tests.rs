@@ -134,10 +134,7 @@ fn vlan_one_and_two_tags() {
     assert_eq!((s.vlan_count, s.vlan_ids), (2, [7, 300]));
     assert_eq!(s.l3_offset, 22);
     assert_eq!(s.payload_offset, 22 + 28);
-    assert_eq!(
-        parse_frame(&udp4(&[1, 2, 3])[..]),
-        Err(ParseError::Unsupported)
-    );
+    assert_eq!(parse_frame(&udp4(&[1, 2, 3])[..]), Err(ParseError::Unsupported));
 }
 
 #[test]
@@ -153,10 +150,7 @@ fn ipv6_tcp_and_udp() {
     assert_eq!(s.dst.octets[15], 2);
     assert_eq!((s.l4_offset, s.payload_offset, s.payload_len), (54, 74, 3));
     assert_eq!(s.ttl, 63);
-    let f = frame(
-        eth(&[9], ethertype::IPV6),
-        ipv6(ipproto::UDP, &udp(1, 2, b"")),
-    );
+    let f = frame(eth(&[9], ethertype::IPV6), ipv6(ipproto::UDP, &udp(1, 2, b"")));
     let s = parse_frame(&f[..]).unwrap();
     assert_eq!((s.dst_port, s.payload_len), (2, 0));
 }
@@ -165,10 +159,7 @@ fn ipv6_tcp_and_udp() {
 fn not_paqet_is_unsupported() {
     let arp = frame(eth(&[], ethertype::ARP), vec![0; 28]);
     assert_eq!(parse_frame(&arp[..]), Err(ParseError::Unsupported));
-    let icmp = frame(
-        eth(&[], ethertype::IPV4),
-        ipv4(1, 0, &[8, 0, 0, 0, 0, 0, 0, 0]),
-    );
+    let icmp = frame(eth(&[], ethertype::IPV4), ipv4(1, 0, &[8, 0, 0, 0, 0, 0, 0, 0]));
     assert_eq!(parse_frame(&icmp[..]), Err(ParseError::Unsupported));
     let nd = frame(
         eth(&[], ethertype::IPV6),
@@ -176,20 +167,13 @@ fn not_paqet_is_unsupported() {
     );
     assert_eq!(parse_frame(&nd[..]), Err(ParseError::Unsupported));
     // Hop-by-hop extension header in front of UDP.
-    let ext = frame(
-        eth(&[], ethertype::IPV6),
-        ipv6(0, &[17, 0, 0, 0, 0, 0, 0, 0]),
-    );
+    let ext = frame(eth(&[], ethertype::IPV6), ipv6(0, &[17, 0, 0, 0, 0, 0, 0, 0]));
     assert_eq!(parse_frame(&ext[..]), Err(ParseError::Unsupported));
     for frag in [[0x20u8, 0x00], [0x00, 0x10], [0x20, 0x10]] {
         let mut f = udp4(&[]);
         f[14 + 6] = frag[0];
         f[14 + 7] = frag[1];
-        assert_eq!(
-            parse_frame(&f[..]),
-            Err(ParseError::Unsupported),
-            "{frag:?}"
-        );
+        assert_eq!(parse_frame(&f[..]), Err(ParseError::Unsupported), "{frag:?}");
     }
 }
 
@@ -203,14 +187,8 @@ fn truncated_at_every_length() {
             eth(&[], ethertype::IPV4),
             ipv4(ipproto::TCP, 4, &tcp(1, 2, 0x12, 4, b"zz")),
         ),
-        frame(
-            eth(&[], ethertype::IPV6),
-            ipv6(ipproto::UDP, &udp(1, 2, b"q")),
-        ),
-        frame(
-            eth(&[], ethertype::IPV6),
-            ipv6(ipproto::TCP, &tcp(1, 2, 0x02, 0, b"")),
-        ),
+        frame(eth(&[], ethertype::IPV6), ipv6(ipproto::UDP, &udp(1, 2, b"q"))),
+        frame(eth(&[], ethertype::IPV6), ipv6(ipproto::TCP, &tcp(1, 2, 0x02, 0, b""))),
     ];
     for f in &frames {
         assert!(parse_frame(&f[..]).is_ok());
@@ -255,24 +233,15 @@ fn corrupt_lengths_are_malformed() {
         eth(&[], ethertype::IPV4),
         ipv4(ipproto::TCP, 0, &tcp(1, 2, 0x02, 0, b"")),
     );
-    for (doff, want) in [
-        (0x40u8, ParseError::Malformed),
-        (0x60, ParseError::Malformed),
-    ] {
+    for (doff, want) in [(0x40u8, ParseError::Malformed), (0x60, ParseError::Malformed)] {
         let mut f = t.clone();
         f[14 + 20 + 12] = doff;
         assert_eq!(parse_frame(&f[..]), Err(want), "doff {doff:#x}");
     }
-    let mut f = frame(
-        eth(&[], ethertype::IPV6),
-        ipv6(ipproto::UDP, &udp(1, 2, b"")),
-    );
+    let mut f = frame(eth(&[], ethertype::IPV6), ipv6(ipproto::UDP, &udp(1, 2, b"")));
     f[14] = 0x40;
     assert_eq!(parse_frame(&f[..]), Err(ParseError::Malformed));
-    let mut f = frame(
-        eth(&[], ethertype::IPV6),
-        ipv6(ipproto::UDP, &udp(1, 2, b"")),
-    );
+    let mut f = frame(eth(&[], ethertype::IPV6), ipv6(ipproto::UDP, &udp(1, 2, b"")));
     f[14 + 4..14 + 6].copy_from_slice(&4u16.to_be_bytes());
     assert_eq!(parse_frame(&f[..]), Err(ParseError::Malformed));
 }
@@ -334,13 +303,9 @@ mod emit {
                         let h = headers(v6, proto, vlans);
                         let f = build(&h, payload);
                         let s = parse_frame(&f[..]).unwrap();
-                        let what =
-                            format!("v6 {v6} proto {proto} vlans {vlans} len {}", payload.len());
+                        let what = format!("v6 {v6} proto {proto} vlans {vlans} len {}", payload.len());
                         assert_eq!((s.src, s.dst), (h.src, h.dst), "{what}");
-                        assert_eq!(
-                            (s.src_port, s.dst_port, s.protocol, s.ttl),
-                            (40000, 4000, proto, 64)
-                        );
+                        assert_eq!((s.src_port, s.dst_port, s.protocol, s.ttl), (40000, 4000, proto, 64));
                         assert_eq!((s.dst_mac, s.src_mac), (h.dst_mac, h.src_mac));
                         assert_eq!(s.vlan_count, vlans);
                         assert_eq!(s.vlan_ids[..vlans as usize], h.vlan_ids[..vlans as usize]);
@@ -376,8 +341,8 @@ mod emit {
     fn known_ipv4_header_checksum() {
         // The RFC 1071 / Wikipedia example header.
         let h = [
-            0x45, 0x00, 0x00, 0x73, 0x00, 0x00, 0x40, 0x00, 0x40, 0x11, 0x00, 0x00, 0xc0, 0xa8,
-            0x00, 0x01, 0xc0, 0xa8, 0x00, 0xc7,
+            0x45, 0x00, 0x00, 0x73, 0x00, 0x00, 0x40, 0x00, 0x40, 0x11, 0x00, 0x00, 0xc0, 0xa8, 0x00, 0x01, 0xc0, 0xa8,
+            0x00, 0xc7,
         ];
         assert_eq!(checksum(0, &h), 0xb861);
     }

@@ -42,14 +42,8 @@ pub enum ConfigError {
         suggestion: Option<&'static str>,
     },
 
-    #[error(
-        "{at}: duplicate key {key}, already set on line {first_line}; keep only one of the two lines"
-    )]
-    DuplicateKey {
-        at: Origin,
-        key: String,
-        first_line: usize,
-    },
+    #[error("{at}: duplicate key {key}, already set on line {first_line}; keep only one of the two lines")]
+    DuplicateKey { at: Origin, key: String, first_line: usize },
 
     /// `value` is `None` for secrets, which never appear in messages.
     #[error("{at}: {} is not valid: {reason}", shown(.key, .value.as_deref()))]
@@ -77,11 +71,7 @@ pub enum ConfigError {
         "{at} says ROLE={configured} but the command is `paqet {forced}`; \
          change ROLE, or run `paqet {configured}` (or `paqet run`)"
     )]
-    RoleConflict {
-        at: Origin,
-        configured: Role,
-        forced: Role,
-    },
+    RoleConflict { at: Origin, configured: Role, forced: Role },
 
     #[error(
         "{at}: SOCKS_ADDR={addr} is not a loopback address and no SOCKS_USER/SOCKS_PASS is set, \
@@ -105,9 +95,7 @@ pub enum ConfigError {
 }
 
 fn did_you_mean(suggestion: Option<&'static str>) -> String {
-    suggestion
-        .map(|s| format!(" (did you mean {s}?)"))
-        .unwrap_or_default()
+    suggestion.map(|s| format!(" (did you mean {s}?)")).unwrap_or_default()
 }
 
 fn valid_keys() -> String {
@@ -123,10 +111,7 @@ fn shown(key: &str, value: Option<&str>) -> String {
 
 fn where_to_set(read_from: Option<&PathBuf>) -> String {
     match read_from {
-        Some(path) => format!(
-            "in {} or with a flag (--remote-addr, --listen-addr)",
-            path.display()
-        ),
+        Some(path) => format!("in {} or with a flag (--remote-addr, --listen-addr)", path.display()),
         None => format!(
             "in a config file (none was read; the default is {}) or with a flag \
              (--remote-addr, --listen-addr)",

@@ -19,10 +19,7 @@ pub use error::{ConfigError, Origin};
 pub use keys::{KEYS, flag_for_key};
 pub use policy::{IpNet, PortRange, TargetPolicy, TargetRule};
 pub use settings::Settings;
-pub use values::{
-    Credentials, HostPort, KcpMode, Key, KeyError, LogLevel, Role, TransportKind, WireShape,
-    XdpMode,
-};
+pub use values::{Credentials, HostPort, KcpMode, Key, KeyError, LogLevel, Role, TransportKind, WireShape, XdpMode};
 
 use keys::{is_secret, known_key};
 use settings::{check_private, read_private};
@@ -65,9 +62,7 @@ impl Config {
         let mut settings = match path {
             Some(path) => Settings::parse_file(path)?,
             None => match Settings::parse_file(Path::new(DEFAULT_CONFIG_PATH)) {
-                Err(ConfigError::Unreadable { error, .. })
-                    if error.kind() == std::io::ErrorKind::NotFound =>
-                {
+                Err(ConfigError::Unreadable { error, .. }) if error.kind() == std::io::ErrorKind::NotFound => {
                     Settings::default()
                 }
                 other => other?,
@@ -87,18 +82,13 @@ impl Config {
         let role = resolve_role(s, forced_role)?;
         let config = Config {
             role,
-            socks_addr: value(s, "SOCKS_ADDR", |v| {
-                values::parse_bind_addr(v, DEFAULT_SOCKS_ADDR)
-            })?
-            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 1080))),
+            socks_addr: value(s, "SOCKS_ADDR", |v| values::parse_bind_addr(v, DEFAULT_SOCKS_ADDR))?
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 1080))),
             socks_auth: socks_auth(s)?,
             remote_addr: value(s, "REMOTE_ADDR", values::parse_host_port)?,
-            listen_addr: value(s, "LISTEN_ADDR", |v| {
-                values::parse_bind_addr(v, "0.0.0.0:4000")
-            })?,
+            listen_addr: value(s, "LISTEN_ADDR", |v| values::parse_bind_addr(v, "0.0.0.0:4000"))?,
             interface: value(s, "INTERFACE", values::parse_interface)?,
-            transport: value(s, "TRANSPORT", values::parse_transport)?
-                .unwrap_or(TransportKind::Auto),
+            transport: value(s, "TRANSPORT", values::parse_transport)?.unwrap_or(TransportKind::Auto),
             wire: value(s, "WIRE", str::parse)?.unwrap_or(WireShape::Tcp),
             xdp_mode: value(s, "XDP_MODE", str::parse)?.unwrap_or(XdpMode::Auto),
             kcp_mode: value(s, "KCP_MODE", str::parse)?.unwrap_or(KcpMode::Fast3),
@@ -171,11 +161,7 @@ fn bad_value(key: &'static str, text: &str, at: &Origin, reason: String) -> Conf
 fn resolve_role(s: &Settings, forced: Option<Role>) -> Result<Role, ConfigError> {
     match (value_at(s, "ROLE", str::parse::<Role>)?, forced) {
         (Some((configured, at)), Some(forced)) if configured != forced => {
-            Err(ConfigError::RoleConflict {
-                at,
-                configured,
-                forced,
-            })
+            Err(ConfigError::RoleConflict { at, configured, forced })
         }
         (Some((role, _)), _) | (None, Some(role)) => Ok(role),
         (None, None) if s.get("REMOTE_ADDR").is_some() => Ok(Role::Client),
@@ -252,18 +238,14 @@ fn half_credentials(s: &Settings, set: &'static str, missing: &'static str) -> C
     let at = s.get(set).map(|(_, at)| at.to_string()).unwrap_or_default();
     ConfigError::Missing {
         key: missing,
-        message: format!(
-            "{at}: {set} is set but {missing} is not; SOCKS5 authentication needs both (or neither)"
-        ),
+        message: format!("{at}: {set} is set but {missing} is not; SOCKS5 authentication needs both (or neither)"),
     }
 }
 
 fn check_socks_exposure(s: &Settings, config: &Config) -> Result<(), ConfigError> {
     // The default address is loopback, so only a SOCKS_ADDR setting can expose the port.
     match s.get("SOCKS_ADDR") {
-        Some((_, at))
-            if config.socks_auth.is_none() && !values::is_loopback(config.socks_addr.ip()) =>
-        {
+        Some((_, at)) if config.socks_auth.is_none() && !values::is_loopback(config.socks_addr.ip()) => {
             Err(ConfigError::OpenProxy {
                 at: at.clone(),
                 addr: config.socks_addr,
@@ -277,13 +259,9 @@ fn check_socks_exposure(s: &Settings, config: &Config) -> Result<(), ConfigError
 fn resolve_key(s: &Settings) -> Result<Key, ConfigError> {
     match (s.get("KEY"), s.get("KEY_FILE")) {
         (Some((_, key_at)), Some((_, file_at))) => Err(ConfigError::Conflict {
-            message: format!(
-                "KEY ({key_at}) and KEY_FILE ({file_at}) are both set; keep exactly one"
-            ),
+            message: format!("KEY ({key_at}) and KEY_FILE ({file_at}) are both set; keep exactly one"),
         }),
-        (Some((text, at)), None) => {
-            Key::from_base64(text).map_err(|e| bad_value("KEY", text, at, e.to_string()))
-        }
+        (Some((text, at)), None) => Key::from_base64(text).map_err(|e| bad_value("KEY", text, at, e.to_string())),
         (None, Some((text, at))) => key_from_file(text, at),
         (None, None) => Err(ConfigError::Missing {
             key: "KEY",
@@ -324,10 +302,9 @@ fn key_from_file(text: &str, at: &Origin) -> Result<Key, ConfigError> {
 fn key_file_path(text: &str, at: &Origin) -> PathBuf {
     let path = Path::new(text);
     match at {
-        Origin::Line { file, .. } if path.is_relative() => Path::new(&**file)
-            .parent()
-            .unwrap_or(Path::new(""))
-            .join(path),
+        Origin::Line { file, .. } if path.is_relative() => {
+            Path::new(&**file).parent().unwrap_or(Path::new("")).join(path)
+        }
         _ => path.to_owned(),
     }
 }

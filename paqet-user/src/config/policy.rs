@@ -25,9 +25,7 @@ impl IpNet {
             _ => ip,
         };
         match (self.addr, ip) {
-            (IpAddr::V4(_), IpAddr::V4(_)) | (IpAddr::V6(_), IpAddr::V6(_)) => {
-                masked(ip, self.prefix) == self.addr
-            }
+            (IpAddr::V4(_), IpAddr::V4(_)) | (IpAddr::V6(_), IpAddr::V6(_)) => masked(ip, self.prefix) == self.addr,
             _ => false,
         }
     }
@@ -44,15 +42,11 @@ fn max_prefix(addr: IpAddr) -> u8 {
 fn masked(ip: IpAddr, prefix: u8) -> IpAddr {
     match ip {
         IpAddr::V4(v4) => {
-            let mask = u32::MAX
-                .checked_shl(32 - u32::from(prefix.min(32)))
-                .unwrap_or(0);
+            let mask = u32::MAX.checked_shl(32 - u32::from(prefix.min(32))).unwrap_or(0);
             IpAddr::V4((u32::from(v4) & mask).into())
         }
         IpAddr::V6(v6) => {
-            let mask = u128::MAX
-                .checked_shl(128 - u32::from(prefix.min(128)))
-                .unwrap_or(0);
+            let mask = u128::MAX.checked_shl(128 - u32::from(prefix.min(128))).unwrap_or(0);
             IpAddr::V6((u128::from(v6) & mask).into())
         }
     }
@@ -156,8 +150,7 @@ impl TargetPolicy {
     }
 }
 
-const RULE_EXAMPLE: &str =
-    "e.g. 10.0.0.0/8, 198.18.0.2:443, 192.0.2.0/24:8000-8999 or [2001:2::/48]:443";
+const RULE_EXAMPLE: &str = "e.g. 10.0.0.0/8, 198.18.0.2:443, 192.0.2.0/24:8000-8999 or [2001:2::/48]:443";
 
 /// A comma-separated list; an empty value is an empty list.
 pub(crate) fn parse_rules(s: &str) -> Result<Vec<TargetRule>, String> {
@@ -166,9 +159,7 @@ pub(crate) fn parse_rules(s: &str) -> Result<Vec<TargetRule>, String> {
     }
     s.split(',')
         .enumerate()
-        .map(|(i, item)| {
-            parse_rule(item.trim()).map_err(|e| format!("entry {} ({:?}): {e}", i + 1, item.trim()))
-        })
+        .map(|(i, item)| parse_rule(item.trim()).map_err(|e| format!("entry {} ({:?}): {e}", i + 1, item.trim())))
         .collect()
 }
 
@@ -243,9 +234,7 @@ fn parse_port_range(s: &str) -> Result<PortRange, String> {
         None => (port(s)?, port(s)?),
     };
     if lo > hi {
-        return Err(format!(
-            "port range {lo}-{hi} is backwards; write {hi}-{lo}"
-        ));
+        return Err(format!("port range {lo}-{hi} is backwards; write {hi}-{lo}"));
     }
     Ok(PortRange { lo, hi })
 }
@@ -303,19 +292,10 @@ mod tests {
         assert_eq!(rule("2001:2::1").net.prefix, 128);
         assert_eq!(rule("2001:2::/48").ports, None);
         assert_eq!(rule("[2001:2::1]").ports, None);
-        assert_eq!(
-            rule("10.0.0.0/8:22").ports,
-            Some(PortRange { lo: 22, hi: 22 })
-        );
-        assert_eq!(
-            rule("0.0.0.0/0:1-1024").ports,
-            Some(PortRange { lo: 1, hi: 1024 })
-        );
+        assert_eq!(rule("10.0.0.0/8:22").ports, Some(PortRange { lo: 22, hi: 22 }));
+        assert_eq!(rule("0.0.0.0/0:1-1024").ports, Some(PortRange { lo: 1, hi: 1024 }));
         assert_eq!(rule("[2001:2::/48]:443").to_string(), "[2001:2::/48]:443");
-        assert_eq!(
-            rule("10.0.0.0/8:8000-8999").to_string(),
-            "10.0.0.0/8:8000-8999"
-        );
+        assert_eq!(rule("10.0.0.0/8:8000-8999").to_string(), "10.0.0.0/8:8000-8999");
         assert!(rule("::/0").matches(sa("[2001:2::1]:1")));
         assert!(!rule("10.0.0.0/8").matches(sa("[2001:2::1]:1")));
     }

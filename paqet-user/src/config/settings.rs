@@ -76,9 +76,7 @@ impl Settings {
             };
             let key = known_key(key, &at)?;
             if let Some(Entry {
-                origin: Origin::Line {
-                    line: first_line, ..
-                },
+                origin: Origin::Line { line: first_line, .. },
                 ..
             }) = settings.entries.get(key)
             {
@@ -88,9 +86,7 @@ impl Settings {
                     first_line: *first_line,
                 });
             }
-            settings
-                .entries
-                .insert(key.to_owned(), Entry { value, origin: at });
+            settings.entries.insert(key.to_owned(), Entry { value, origin: at });
         }
         Ok(settings)
     }
@@ -161,11 +157,7 @@ pub(crate) fn read_private(path: &Path) -> Result<(String, u32), ConfigError> {
     Ok((text, mode))
 }
 
-pub(crate) fn check_private(
-    path: &Path,
-    mode: u32,
-    holds: &'static str,
-) -> Result<(), ConfigError> {
+pub(crate) fn check_private(path: &Path, mode: u32, holds: &'static str) -> Result<(), ConfigError> {
     if mode & 0o077 == 0 {
         return Ok(());
     }
@@ -185,16 +177,9 @@ fn parse_line(line: &str) -> Result<Option<(&str, String)>, String> {
     if line.starts_with("export ") || line.starts_with("export\t") {
         return Err("`export` is not supported; write KEY=VALUE without it".to_owned());
     }
-    let (key, rest) = line
-        .split_once('=')
-        .ok_or("expected KEY=VALUE, but there is no '='")?;
-    if key.ends_with(char::is_whitespace)
-        || rest.starts_with(char::is_whitespace) && !is_empty_value(rest)
-    {
-        return Err(format!(
-            "no spaces allowed around '=': write {}=VALUE",
-            key.trim()
-        ));
+    let (key, rest) = line.split_once('=').ok_or("expected KEY=VALUE, but there is no '='")?;
+    if key.ends_with(char::is_whitespace) || rest.starts_with(char::is_whitespace) && !is_empty_value(rest) {
+        return Err(format!("no spaces allowed around '=': write {}=VALUE", key.trim()));
     }
     check_key_chars(key)?;
     Ok(Some((key, parse_value(rest)?)))
@@ -207,9 +192,7 @@ fn is_empty_value(rest: &str) -> bool {
 
 fn check_key_chars(key: &str) -> Result<(), String> {
     let mut bytes = key.bytes();
-    let ok = bytes
-        .next()
-        .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+    let ok = bytes.next().is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
         && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_');
     if ok {
         Ok(())
@@ -310,11 +293,7 @@ mod tests {
 
     #[test]
     fn parses_a_file_with_crlf_and_bom() {
-        let s = Settings::parse_str(
-            "\u{feff}# paqet\r\nROLE=client\r\n\r\nKCP_MODE='fast3'\r\n",
-            "t.conf",
-        )
-        .unwrap();
+        let s = Settings::parse_str("\u{feff}# paqet\r\nROLE=client\r\n\r\nKCP_MODE='fast3'\r\n", "t.conf").unwrap();
         assert_eq!(s.get("ROLE").map(|(v, _)| v), Some("client"));
         let (v, at) = s.get("KCP_MODE").unwrap();
         assert_eq!(v, "fast3");
@@ -323,9 +302,7 @@ mod tests {
 
     #[test]
     fn syntax_errors_name_file_and_line() {
-        assert!(
-            syntax_error("ROLE=client\nSOCKS_ADDR").starts_with("t.conf:2: expected KEY=VALUE")
-        );
+        assert!(syntax_error("ROLE=client\nSOCKS_ADDR").starts_with("t.conf:2: expected KEY=VALUE"));
         assert!(syntax_error("ROLE = client").contains("no spaces allowed around '='"));
         assert!(syntax_error("ROLE= client").contains("no spaces allowed"));
         assert!(syntax_error("export ROLE=client").contains("`export` is not supported"));
@@ -341,8 +318,7 @@ mod tests {
 
     #[test]
     fn unknown_key_suggests_and_lists() {
-        let e = Settings::parse_str("\n\nSOCKS_ADR=127.0.0.1:1080", "/etc/flowless/paqet.conf")
-            .unwrap_err();
+        let e = Settings::parse_str("\n\nSOCKS_ADR=127.0.0.1:1080", "/etc/flowless/paqet.conf").unwrap_err();
         let msg = e.to_string();
         assert!(matches!(
             e,
@@ -356,13 +332,8 @@ mod tests {
             "{msg}"
         );
         assert!(msg.ends_with("ALLOW, DENY, LOG_LEVEL"), "{msg}");
-        let msg = Settings::parse_str("COLOUR=red", "t")
-            .unwrap_err()
-            .to_string();
-        assert!(
-            msg.starts_with("t:1: unknown key COLOUR; valid keys: ROLE,"),
-            "{msg}"
-        );
+        let msg = Settings::parse_str("COLOUR=red", "t").unwrap_err().to_string();
+        assert!(msg.starts_with("t:1: unknown key COLOUR; valid keys: ROLE,"), "{msg}");
     }
 
     #[test]
@@ -390,10 +361,7 @@ mod tests {
     fn debug_hides_secrets() {
         let s = Settings::parse_str("KEY=c2VjcmV0\nSOCKS_PASS=hunter2\nROLE=client", "t").unwrap();
         let dbg = format!("{s:?}");
-        assert!(
-            !dbg.contains("c2VjcmV0") && !dbg.contains("hunter2"),
-            "{dbg}"
-        );
+        assert!(!dbg.contains("c2VjcmV0") && !dbg.contains("hunter2"), "{dbg}");
         assert!(dbg.contains("client"));
     }
 }

@@ -35,8 +35,7 @@ impl TempDir {
     fn new() -> TempDir {
         static NEXT: AtomicUsize = AtomicUsize::new(0);
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let dir =
-            std::env::temp_dir().join(format!("paqet-config-test-{}-{n}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("paqet-config-test-{}-{n}", std::process::id()));
         fs::create_dir_all(&dir).unwrap();
         TempDir(dir)
     }
@@ -74,12 +73,7 @@ fn seed_example_plus_key_is_a_client_with_defaults() {
     assert_eq!(c.key.0[31], 31);
     assert_eq!(
         (c.transport, c.wire, c.xdp_mode, c.log_level),
-        (
-            TransportKind::Auto,
-            WireShape::Tcp,
-            XdpMode::Auto,
-            LogLevel::Info
-        )
+        (TransportKind::Auto, WireShape::Tcp, XdpMode::Auto, LogLevel::Info)
     );
     assert_eq!(c.timeout, Duration::from_secs(30));
     assert_eq!(
@@ -114,22 +108,13 @@ fn every_key_parses() {
     assert_eq!(c.interface.as_deref(), Some("eth0"));
     assert_eq!(
         (c.transport, c.wire, c.xdp_mode, c.kcp_mode),
-        (
-            TransportKind::Udp,
-            WireShape::Udp,
-            XdpMode::Generic,
-            KcpMode::Normal
-        )
+        (TransportKind::Udp, WireShape::Udp, XdpMode::Generic, KcpMode::Normal)
     );
     assert_eq!(c.udp_buffer, Some(4 << 20));
     assert_eq!(c.timeout, Duration::from_secs(5));
     assert_eq!(c.log_level, LogLevel::Debug);
     assert_eq!(c.policy.allow.len(), 2);
-    assert_eq!(
-        c.policy.deny.len(),
-        1,
-        "an explicit DENY replaces the default list"
-    );
+    assert_eq!(c.policy.deny.len(), 1, "an explicit DENY replaces the default list");
     assert!(!c.policy.permits(sa("127.0.0.1:80")), "not in ALLOW");
 }
 
@@ -161,19 +146,13 @@ fn bad_values_name_line_key_and_what_is_valid() {
             "KCP_MODE=turbo",
             "KCP_MODE=\"turbo\" is not valid: expected one of normal, fast, fast2, fast3",
         ),
-        (
-            "LOG_LEVEL=loud",
-            "expected one of error, warn, info, debug, trace",
-        ),
+        ("LOG_LEVEL=loud", "expected one of error, warn, info, debug, trace"),
         ("UDP_BUFFER=4MB", "e.g. 4M or 4194304"),
         (
             "TIMEOUT=0",
             "TIMEOUT=\"0\" is not valid: expected whole seconds from 1 to 86400, e.g. 30",
         ),
-        (
-            "TIMEOUT=",
-            "the value is empty; remove the line to use the default",
-        ),
+        ("TIMEOUT=", "the value is empty; remove the line to use the default"),
         ("SOCKS_ADDR=localhost:1080", "e.g. 127.0.0.1:1080"),
         ("LISTEN_ADDR=4000", "e.g. 0.0.0.0:4000"),
         ("INTERFACE=a/b", "e.g. eth0"),
@@ -209,10 +188,7 @@ fn bad_keys_are_reported_without_echoing_them() {
         "{msg}"
     );
     let msg = err(&client("SOCKS_USER=a\nSOCKS_PASS=''"));
-    assert!(
-        msg.starts_with("t.conf:4: SOCKS_PASS is not valid"),
-        "{msg}"
-    );
+    assert!(msg.starts_with("t.conf:4: SOCKS_PASS is not valid"), "{msg}");
 }
 
 #[test]
@@ -236,39 +212,23 @@ fn missing_key_and_key_conflict() {
 #[test]
 fn missing_address_for_the_role() {
     let e = config(&format!("ROLE=client\nKEY={KEY_B64}")).unwrap_err();
-    assert!(matches!(
-        e,
-        ConfigError::Missing {
-            key: "REMOTE_ADDR",
-            ..
-        }
-    ));
+    assert!(matches!(e, ConfigError::Missing { key: "REMOTE_ADDR", .. }));
     assert!(
-        e.to_string().contains("set REMOTE_ADDR=198.18.0.2:4000")
-            && e.to_string().contains("--remote-addr"),
+        e.to_string().contains("set REMOTE_ADDR=198.18.0.2:4000") && e.to_string().contains("--remote-addr"),
         "{e}"
     );
-    let e = Config::from_settings(&settings(&format!("KEY={KEY_B64}")), Some(Role::Server))
-        .unwrap_err();
-    assert!(
-        matches!(
-            e,
-            ConfigError::Missing {
-                key: "LISTEN_ADDR",
-                ..
-            }
-        ),
-        "{e}"
-    );
+    let e = Config::from_settings(&settings(&format!("KEY={KEY_B64}")), Some(Role::Server)).unwrap_err();
+    assert!(matches!(e, ConfigError::Missing { key: "LISTEN_ADDR", .. }), "{e}");
     assert!(e.to_string().contains("`paqet server`"), "{e}");
 }
 
 #[test]
 fn role_with_only_the_other_roles_address_is_a_conflict() {
-    let msg = err(&format!(
-        "ROLE=server\nREMOTE_ADDR=198.18.0.2:4000\nKEY={KEY_B64}"
-    ));
-    assert!(msg.starts_with("ROLE=server (t.conf:1) asks for a server, but only REMOTE_ADDR, a client setting, is set"), "{msg}");
+    let msg = err(&format!("ROLE=server\nREMOTE_ADDR=198.18.0.2:4000\nKEY={KEY_B64}"));
+    assert!(
+        msg.starts_with("ROLE=server (t.conf:1) asks for a server, but only REMOTE_ADDR, a client setting, is set"),
+        "{msg}"
+    );
     assert!(msg.contains("set LISTEN_ADDR=0.0.0.0:4000"), "{msg}");
 }
 
@@ -291,9 +251,7 @@ fn role_is_inferred_or_undeterminable() {
 
 #[test]
 fn forced_role_must_agree_with_role() {
-    let s = settings(&format!(
-        "ROLE=server\nLISTEN_ADDR=0.0.0.0:4000\nKEY={KEY_B64}"
-    ));
+    let s = settings(&format!("ROLE=server\nLISTEN_ADDR=0.0.0.0:4000\nKEY={KEY_B64}"));
     let e = Config::from_settings(&s, Some(Role::Client)).unwrap_err();
     assert_eq!(
         e.to_string(),
@@ -316,23 +274,14 @@ fn forced_role_must_agree_with_role() {
 #[test]
 fn socks_credentials_come_in_pairs() {
     let e = config(&client("SOCKS_USER=alice")).unwrap_err();
-    assert!(matches!(
-        e,
-        ConfigError::Missing {
-            key: "SOCKS_PASS",
-            ..
-        }
-    ));
+    assert!(matches!(e, ConfigError::Missing { key: "SOCKS_PASS", .. }));
     assert_eq!(
         e.to_string(),
         "t.conf:3: SOCKS_USER is set but SOCKS_PASS is not; SOCKS5 authentication needs both (or neither)"
     );
     assert!(matches!(
         config(&client("SOCKS_PASS=x")),
-        Err(ConfigError::Missing {
-            key: "SOCKS_USER",
-            ..
-        })
+        Err(ConfigError::Missing { key: "SOCKS_USER", .. })
     ));
 }
 
@@ -344,17 +293,10 @@ fn open_socks_port_is_refused() {
         "{msg}"
     );
     assert!(
-        msg.contains(
-            "set SOCKS_USER and SOCKS_PASS, or bind to loopback, e.g. SOCKS_ADDR=127.0.0.1:1080"
-        ),
+        msg.contains("set SOCKS_USER and SOCKS_PASS, or bind to loopback, e.g. SOCKS_ADDR=127.0.0.1:1080"),
         "{msg}"
     );
-    assert!(
-        config(&client(
-            "SOCKS_ADDR=0.0.0.0:1080\nSOCKS_USER=a\nSOCKS_PASS=b"
-        ))
-        .is_ok()
-    );
+    assert!(config(&client("SOCKS_ADDR=0.0.0.0:1080\nSOCKS_USER=a\nSOCKS_PASS=b")).is_ok());
     assert!(config(&client("SOCKS_ADDR=[::1]:1080")).is_ok());
     // A server never opens the SOCKS port, so its SOCKS_ADDR is not a hole.
     assert!(
@@ -368,11 +310,7 @@ fn open_socks_port_is_refused() {
 #[test]
 fn flags_beat_the_file_and_are_named_in_errors() {
     let dir = TempDir::new();
-    let path = dir.file(
-        "paqet.conf",
-        &client("SOCKS_ADDR=127.0.0.1:1080\nKCP_MODE=fast"),
-        0o600,
-    );
+    let path = dir.file("paqet.conf", &client("SOCKS_ADDR=127.0.0.1:1080\nKCP_MODE=fast"), 0o600);
     let overrides = [
         ("SOCKS_ADDR", "127.0.0.1:2080".to_owned()),
         ("KCP_MODE", "fast2".to_owned()),
@@ -386,12 +324,7 @@ fn flags_beat_the_file_and_are_named_in_errors() {
         e.to_string(),
         "--timeout: TIMEOUT=\"soon\" is not valid: expected whole seconds from 1 to 86400, e.g. 30"
     );
-    let e = Config::load(
-        Some(&path),
-        &[("ROLE", "server".to_owned())],
-        Some(Role::Client),
-    )
-    .unwrap_err();
+    let e = Config::load(Some(&path), &[("ROLE", "server".to_owned())], Some(Role::Client)).unwrap_err();
     assert!(e.to_string().starts_with("--role says ROLE=server"), "{e}");
     let e = Config::load(Some(&path), &[("SOCKS_ADR", "x".to_owned())], None).unwrap_err();
     assert!(
@@ -428,8 +361,7 @@ fn explicit_missing_file_is_an_error() {
     let e = Config::load(Some(&path), &[], None).unwrap_err();
     assert!(matches!(e, ConfigError::Unreadable { .. }));
     assert!(
-        e.to_string()
-            .starts_with(&format!("cannot read {}: ", path.display())),
+        e.to_string().starts_with(&format!("cannot read {}: ", path.display())),
         "{e}"
     );
 }
@@ -442,9 +374,7 @@ fn secrets_in_group_readable_files_are_refused() {
     let p = path.display();
     assert_eq!(
         e.to_string(),
-        format!(
-            "{p} is readable by group or others (mode 0644) and holds a secret key; fix it with: chmod 600 {p}"
-        )
+        format!("{p} is readable by group or others (mode 0644) and holds a secret key; fix it with: chmod 600 {p}")
     );
     let path = dir.file("pass.conf", "SOCKS_USER=a\nSOCKS_PASS=b\n", 0o640);
     assert!(matches!(
@@ -455,47 +385,25 @@ fn secrets_in_group_readable_files_are_refused() {
     let path = dir.file("private.conf", &client(""), 0o600);
     assert!(Config::load(Some(&path), &[], None).is_ok());
     let path = dir.file("public.conf", "REMOTE_ADDR=198.18.0.2:4000\n", 0o644);
-    assert_eq!(
-        Settings::parse_file(&path).unwrap().read_from(),
-        Some(path.as_path())
-    );
+    assert_eq!(Settings::parse_file(&path).unwrap().read_from(), Some(path.as_path()));
 }
 
 #[test]
 fn key_file_is_read_checked_and_relative_to_the_config() {
     let dir = TempDir::new();
     dir.file("paqet.key", &format!("{KEY_B64}\n"), 0o600);
-    let conf = dir.file(
-        "paqet.conf",
-        "REMOTE_ADDR=198.18.0.2:4000\nKEY_FILE=paqet.key\n",
-        0o644,
-    );
+    let conf = dir.file("paqet.conf", "REMOTE_ADDR=198.18.0.2:4000\nKEY_FILE=paqet.key\n", 0o644);
     assert_eq!(Config::load(Some(&conf), &[], None).unwrap().key.0[1], 1);
 
     let key = dir.file("open.key", KEY_B64, 0o644);
-    let e = Config::load(
-        Some(&conf),
-        &[("KEY_FILE", key.display().to_string())],
-        None,
-    )
-    .unwrap_err();
+    let e = Config::load(Some(&conf), &[("KEY_FILE", key.display().to_string())], None).unwrap_err();
     assert!(matches!(e, ConfigError::InsecurePermissions { .. }), "{e}");
-    assert!(
-        e.to_string()
-            .ends_with(&format!("chmod 600 {}", key.display())),
-        "{e}"
-    );
+    assert!(e.to_string().ends_with(&format!("chmod 600 {}", key.display())), "{e}");
 
     let short = dir.file("short.key", "AAAA", 0o600);
-    let e = Config::load(
-        Some(&conf),
-        &[("KEY_FILE", short.display().to_string())],
-        None,
-    )
-    .unwrap_err();
+    let e = Config::load(Some(&conf), &[("KEY_FILE", short.display().to_string())], None).unwrap_err();
     assert!(
-        e.to_string().starts_with("--key-file: KEY_FILE=")
-            && e.to_string().contains("decodes to 3 bytes"),
+        e.to_string().starts_with("--key-file: KEY_FILE=") && e.to_string().contains("decodes to 3 bytes"),
         "{e}"
     );
 

@@ -49,10 +49,7 @@ macro_rules! choice_enum {
 }
 
 fn one_of<T: fmt::Display>(all: &[T]) -> String {
-    all.iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join(", ")
+    all.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
 }
 
 choice_enum!(Role { Client = "client", Server = "server" });
@@ -103,9 +100,7 @@ pub struct Key(pub [u8; 32]);
 pub enum KeyError {
     #[error("not valid base64 ({0}); make a key with `paqet genkey`")]
     Base64(String),
-    #[error(
-        "decodes to {0} bytes, a key is exactly 32 bytes (44 base64 characters); make one with `paqet genkey`"
-    )]
+    #[error("decodes to {0} bytes, a key is exactly 32 bytes (44 base64 characters); make one with `paqet genkey`")]
     Length(usize),
 }
 
@@ -121,10 +116,7 @@ impl Key {
         let bytes = KEY_BASE64
             .decode(text.trim())
             .map_err(|e| KeyError::Base64(e.to_string()))?;
-        let bytes: [u8; 32] = bytes
-            .as_slice()
-            .try_into()
-            .map_err(|_| KeyError::Length(bytes.len()))?;
+        let bytes: [u8; 32] = bytes.as_slice().try_into().map_err(|_| KeyError::Length(bytes.len()))?;
         Ok(Key(bytes))
     }
 
@@ -158,10 +150,7 @@ impl fmt::Debug for Credentials {
 /// RFC 1929 carries each field with a one-byte length.
 pub(crate) fn parse_socks_text(s: &str) -> Result<String, String> {
     if s.is_empty() || s.len() > 255 {
-        return Err(format!(
-            "must be 1 to 255 bytes (the SOCKS5 limit), got {}",
-            s.len()
-        ));
+        return Err(format!("must be 1 to 255 bytes (the SOCKS5 limit), got {}", s.len()));
     }
     Ok(s.to_owned())
 }
@@ -188,12 +177,11 @@ const HOST_PORT_EXAMPLE: &str = "e.g. 198.18.0.2:4000, relay.example.com:4000 or
 
 pub(crate) fn parse_host_port(s: &str) -> Result<HostPort, String> {
     let (host, port) = if let Some(rest) = s.strip_prefix('[') {
-        let (host, after) = rest.split_once(']').ok_or_else(|| {
-            format!("missing ']' after the IPv6 address; expected host:port, {HOST_PORT_EXAMPLE}")
-        })?;
-        host.parse::<Ipv6Addr>().map_err(|_| {
-            format!("{host:?} inside [] is not an IPv6 address; {HOST_PORT_EXAMPLE}")
-        })?;
+        let (host, after) = rest
+            .split_once(']')
+            .ok_or_else(|| format!("missing ']' after the IPv6 address; expected host:port, {HOST_PORT_EXAMPLE}"))?;
+        host.parse::<Ipv6Addr>()
+            .map_err(|_| format!("{host:?} inside [] is not an IPv6 address; {HOST_PORT_EXAMPLE}"))?;
         let port = after
             .strip_prefix(':')
             .ok_or_else(|| format!("expected host:port, {HOST_PORT_EXAMPLE}"))?;
@@ -222,8 +210,7 @@ fn check_hostname(host: &str) -> Result<(), String> {
         (1..=63).contains(&l.len())
             && !l.starts_with('-')
             && !l.ends_with('-')
-            && l.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
     };
     if name.is_empty() || name.len() > 253 || !name.split('.').all(label_ok) {
         return Err(format!(
@@ -237,9 +224,7 @@ fn check_hostname(host: &str) -> Result<(), String> {
         .next()
         .is_some_and(|l| l.bytes().all(|b| b.is_ascii_digit()))
     {
-        return Err(format!(
-            "{host:?} is not a complete IPv4 address; {HOST_PORT_EXAMPLE}"
-        ));
+        return Err(format!("{host:?} is not a complete IPv4 address; {HOST_PORT_EXAMPLE}"));
     }
     Ok(())
 }
@@ -256,9 +241,9 @@ fn parse_port(s: &str) -> Result<u16, String> {
 
 /// An address to bind: an IP literal, never a name (a name could resolve to anything).
 pub(crate) fn parse_bind_addr(s: &str, example: &str) -> Result<SocketAddr, String> {
-    let addr: SocketAddr = s.parse().map_err(|_| {
-        format!("expected ip:port with an IP address, e.g. {example} (IPv6 in brackets)")
-    })?;
+    let addr: SocketAddr = s
+        .parse()
+        .map_err(|_| format!("expected ip:port with an IP address, e.g. {example} (IPv6 in brackets)"))?;
     if addr.port() == 0 {
         return Err(PORT_ZERO.to_owned());
     }
@@ -275,9 +260,7 @@ pub(crate) fn parse_interface(s: &str) -> Result<String, String> {
     let ok = (1..=15).contains(&s.len())
         && s != "."
         && s != ".."
-        && !s
-            .bytes()
-            .any(|b| b == b'/' || b == b':' || b.is_ascii_whitespace());
+        && !s.bytes().any(|b| b == b'/' || b == b':' || b.is_ascii_whitespace());
     if ok {
         Ok(s.to_owned())
     } else {
@@ -287,7 +270,8 @@ pub(crate) fn parse_interface(s: &str) -> Result<String, String> {
 
 /// SO_SNDBUF/SO_RCVBUF take a C int, so anything above i32::MAX cannot be asked for.
 pub(crate) fn parse_size(s: &str) -> Result<usize, String> {
-    const HINT: &str = "expected bytes as a whole number, optionally with K, M or G (powers of 1024), e.g. 4M or 4194304";
+    const HINT: &str =
+        "expected bytes as a whole number, optionally with K, M or G (powers of 1024), e.g. 4M or 4194304";
     let (digits, multiplier) = match s.char_indices().last() {
         Some((i, c)) if c.eq_ignore_ascii_case(&'k') => (&s[..i], 1u64 << 10),
         Some((i, c)) if c.eq_ignore_ascii_case(&'m') => (&s[..i], 1 << 20),
@@ -297,17 +281,11 @@ pub(crate) fn parse_size(s: &str) -> Result<usize, String> {
     if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return Err(HINT.to_owned());
     }
-    let bytes = digits
-        .parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(multiplier));
+    let bytes = digits.parse::<u64>().ok().and_then(|n| n.checked_mul(multiplier));
     match bytes {
         Some(0) => Err(format!("must be more than 0; {HINT}")),
         Some(n) if n <= i32::MAX as u64 => usize::try_from(n).map_err(|_| HINT.to_owned()),
-        _ => Err(
-            "must be at most 2147483647 bytes (just under 2G), the most the kernel accepts"
-                .to_owned(),
-        ),
+        _ => Err("must be at most 2147483647 bytes (just under 2G), the most the kernel accepts".to_owned()),
     }
 }
 
@@ -332,14 +310,8 @@ mod tests {
             "verbose".parse::<LogLevel>(),
             Err("expected one of error, warn, info, debug, trace".into())
         );
-        assert_eq!(
-            "both".parse::<Role>(),
-            Err("expected one of client, server".into())
-        );
-        assert_eq!(
-            "quic".parse::<WireShape>(),
-            Err("expected one of tcp, udp".into())
-        );
+        assert_eq!("both".parse::<Role>(), Err("expected one of client, server".into()));
+        assert_eq!("quic".parse::<WireShape>(), Err("expected one of tcp, udp".into()));
         assert_eq!(LogLevel::Debug.to_tracing(), tracing::Level::DEBUG);
     }
 
@@ -350,11 +322,7 @@ mod tests {
             parse_transport("raw"),
             Err("raw is not implemented yet, use auto, xdp or udp".into())
         );
-        assert!(
-            parse_transport("tcp")
-                .unwrap_err()
-                .contains("auto, xdp, udp")
-        );
+        assert!(parse_transport("tcp").unwrap_err().contains("auto, xdp, udp"));
     }
 
     #[test]
@@ -363,15 +331,9 @@ mod tests {
         let text = key.to_base64();
         assert_eq!(text.len(), 44);
         assert_eq!(Key::from_base64(&text).unwrap().0, [7; 32]);
-        assert_eq!(
-            Key::from_base64(text.trim_end_matches('=')).unwrap().0,
-            [7; 32]
-        );
+        assert_eq!(Key::from_base64(text.trim_end_matches('=')).unwrap().0, [7; 32]);
         assert_eq!(Key::from_base64("AAAA").unwrap_err(), KeyError::Length(3));
-        assert!(matches!(
-            Key::from_base64("not base64!"),
-            Err(KeyError::Base64(_))
-        ));
+        assert!(matches!(Key::from_base64("not base64!"), Err(KeyError::Base64(_))));
         assert_eq!(format!("{key:?}"), "Key(<redacted>)");
     }
 
@@ -394,25 +356,14 @@ mod tests {
                 port: 4000
             })
         );
-        assert_eq!(
-            hp("relay.example.com:4000").unwrap().host,
-            "relay.example.com"
-        );
+        assert_eq!(hp("relay.example.com:4000").unwrap().host, "relay.example.com");
         let v6 = hp("[2001:2::2]:4000").unwrap();
         assert_eq!(v6.host, "2001:2::2");
         assert_eq!(v6.to_string(), "[2001:2::2]:4000");
         assert!(hp("2001:2::2:4000").unwrap_err().contains("needs brackets"));
         assert!(hp("198.18.0.2").unwrap_err().contains("no port"));
-        assert!(
-            hp("198.18.0:4000")
-                .unwrap_err()
-                .contains("not a complete IPv4")
-        );
-        assert!(
-            hp("bad_host!:1")
-                .unwrap_err()
-                .contains("e.g. 198.18.0.2:4000")
-        );
+        assert!(hp("198.18.0:4000").unwrap_err().contains("not a complete IPv4"));
+        assert!(hp("bad_host!:1").unwrap_err().contains("e.g. 198.18.0.2:4000"));
         assert!(hp("host:0").unwrap_err().contains("port 0"));
         assert!(hp("host:70000").unwrap_err().contains("not a port"));
         assert!(hp("[::1:4000").unwrap_err().contains("missing ']'"));
@@ -429,11 +380,7 @@ mod tests {
                 .unwrap_err()
                 .contains("e.g. 127.0.0.1:1080")
         );
-        assert!(
-            parse_bind_addr("127.0.0.1:0", "x")
-                .unwrap_err()
-                .contains("port 0")
-        );
+        assert!(parse_bind_addr("127.0.0.1:0", "x").unwrap_err().contains("port 0"));
         assert!(is_loopback("::ffff:127.0.0.1".parse().unwrap()));
         assert!(!is_loopback("0.0.0.0".parse().unwrap()));
     }
@@ -455,10 +402,7 @@ mod tests {
     fn timeouts() {
         assert_eq!(parse_timeout("30"), Ok(Duration::from_secs(30)));
         for bad in ["0", "-1", "30s", "1.5", "86401", ""] {
-            assert!(
-                parse_timeout(bad).unwrap_err().contains("e.g. 30"),
-                "{bad:?} accepted"
-            );
+            assert!(parse_timeout(bad).unwrap_err().contains("e.g. 30"), "{bad:?} accepted");
         }
     }
 

@@ -23,7 +23,11 @@ pub struct Dialer {
 
 impl Dialer {
     /// Dials every stream clients open, until the node stops.
-    pub async fn serve<T: Transport>(self: Arc<Self>, node: Arc<Node<T>>, mut opened: mpsc::UnboundedReceiver<(StreamId, TargetAddr)>) {
+    pub async fn serve<T: Transport>(
+        self: Arc<Self>,
+        node: Arc<Node<T>>,
+        mut opened: mpsc::UnboundedReceiver<(StreamId, TargetAddr)>,
+    ) {
         while let Some((id, target)) = opened.recv().await {
             let this = self.clone();
             let node = node.clone();
@@ -95,7 +99,10 @@ mod tests {
 
     #[tokio::test]
     async fn policy_refuses_loopback_even_by_name() {
-        let dialer = Dialer { policy: TargetPolicy::default(), timeout: Duration::from_secs(2) };
+        let dialer = Dialer {
+            policy: TargetPolicy::default(),
+            timeout: Duration::from_secs(2),
+        };
         let by_ip = dialer.dial(&TargetAddr::Ip("127.0.0.1:9".parse().unwrap())).await;
         assert_eq!(by_ip.err(), Some(OpenError::NotAllowed));
         let by_name = dialer.dial(&TargetAddr::Domain("localhost".into(), 9)).await;
@@ -107,7 +114,16 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         drop(listener);
-        let dialer = Dialer { policy: TargetPolicy { allow: vec![], deny: vec![] }, timeout: Duration::from_secs(2) };
-        assert_eq!(dialer.dial(&TargetAddr::Ip(addr)).await.err(), Some(OpenError::ConnectionRefused));
+        let dialer = Dialer {
+            policy: TargetPolicy {
+                allow: vec![],
+                deny: vec![],
+            },
+            timeout: Duration::from_secs(2),
+        };
+        assert_eq!(
+            dialer.dial(&TargetAddr::Ip(addr)).await.err(),
+            Some(OpenError::ConnectionRefused)
+        );
     }
 }

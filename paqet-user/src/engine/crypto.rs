@@ -158,7 +158,11 @@ impl SessionCrypto {
         let len = self.transport.write_message(counter, plaintext, body)?;
         debug_assert_eq!(len, body.len());
         let mask = counter_mask(&self.hp_send, body);
-        DataHeader { receiver_index, masked_counter: counter ^ mask }.emit(header);
+        DataHeader {
+            receiver_index,
+            masked_counter: counter ^ mask,
+        }
+        .emit(header);
         Ok(())
     }
 

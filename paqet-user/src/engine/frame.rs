@@ -28,7 +28,10 @@ pub enum FrameError {
 
 fn need(buf: &[u8], n: usize) -> Result<(), FrameError> {
     if buf.len() < n {
-        return Err(FrameError::Truncated { need: n, have: buf.len() });
+        return Err(FrameError::Truncated {
+            need: n,
+            have: buf.len(),
+        });
     }
     Ok(())
 }
@@ -57,7 +60,10 @@ pub struct DataHeader {
 impl DataHeader {
     pub fn parse(buf: &[u8]) -> Result<DataHeader, FrameError> {
         need(buf, DATA_HEADER_LEN)?;
-        Ok(DataHeader { receiver_index: be_u32(&buf[0..4]), masked_counter: be_u64(&buf[4..12]) })
+        Ok(DataHeader {
+            receiver_index: be_u32(&buf[0..4]),
+            masked_counter: be_u64(&buf[4..12]),
+        })
     }
 
     pub fn emit(&self, out: &mut [u8]) {
@@ -92,7 +98,10 @@ impl<'a> Inner<'a> {
                 Ok(Inner::Reset { conv: be_u32(body) })
             }
             INNER_KEEPALIVE => Ok(Inner::Keepalive { padding: body }),
-            other => Err(FrameError::UnknownType { what: "inner frame", value: other }),
+            other => Err(FrameError::UnknownType {
+                what: "inner frame",
+                value: other,
+            }),
         }
     }
 
@@ -164,7 +173,10 @@ impl TargetAddr {
                 let port = be_u16(&buf[2 + len..4 + len]);
                 Ok((TargetAddr::Domain(host.to_owned(), port), 4 + len))
             }
-            other => Err(FrameError::UnknownType { what: "address", value: other }),
+            other => Err(FrameError::UnknownType {
+                what: "address",
+                value: other,
+            }),
         }
     }
 
@@ -183,8 +195,8 @@ impl TargetAddr {
                 out.extend_from_slice(&a.port().to_be_bytes());
             }
             TargetAddr::Domain(host, port) => {
-                let len = u8::try_from(host.len())
-                    .map_err(|_| FrameError::Malformed("domain name longer than 255 bytes"))?;
+                let len =
+                    u8::try_from(host.len()).map_err(|_| FrameError::Malformed("domain name longer than 255 bytes"))?;
                 out.push(ATYP_DOMAIN);
                 out.push(len);
                 out.extend_from_slice(host.as_bytes());
@@ -223,7 +235,12 @@ impl OpenError {
             4 => OpenError::HostUnreachable,
             5 => OpenError::ConnectionRefused,
             6 => OpenError::TtlExpired,
-            other => return Err(FrameError::UnknownType { what: "open error", value: other }),
+            other => {
+                return Err(FrameError::UnknownType {
+                    what: "open error",
+                    value: other,
+                });
+            }
         })
     }
 }
@@ -269,7 +286,10 @@ impl<'a> StreamMsg<'a> {
             }
             MSG_DATA => Ok(StreamMsg::Data(body)),
             MSG_FIN => Ok(StreamMsg::Fin),
-            other => Err(FrameError::UnknownType { what: "stream message", value: other }),
+            other => Err(FrameError::UnknownType {
+                what: "stream message",
+                value: other,
+            }),
         }
     }
 
@@ -342,7 +362,10 @@ impl InitPayload {
 impl ResponsePayload {
     pub fn parse(buf: &[u8]) -> Result<ResponsePayload, FrameError> {
         need(buf, RESPONSE_PAYLOAD_LEN)?;
-        Ok(ResponsePayload { version: buf[0], server_index: be_u32(&buf[1..5]) })
+        Ok(ResponsePayload {
+            version: buf[0],
+            server_index: be_u32(&buf[1..5]),
+        })
     }
 
     pub fn emit(&self, out: &mut Vec<u8>) {
@@ -357,13 +380,20 @@ mod tests {
 
     fn every_prefix_fails<T: std::fmt::Debug>(full: &[u8], parse: impl Fn(&[u8]) -> Result<T, FrameError>) {
         for len in 0..full.len() {
-            assert!(parse(&full[..len]).is_err(), "prefix of {len} bytes parsed: {:?}", parse(&full[..len]));
+            assert!(
+                parse(&full[..len]).is_err(),
+                "prefix of {len} bytes parsed: {:?}",
+                parse(&full[..len])
+            );
         }
     }
 
     #[test]
     fn data_header_roundtrip_and_truncation() {
-        let h = DataHeader { receiver_index: 0xdead_beef, masked_counter: 0x0102_0304_0506_0708 };
+        let h = DataHeader {
+            receiver_index: 0xdead_beef,
+            masked_counter: 0x0102_0304_0506_0708,
+        };
         let mut buf = [0u8; DATA_HEADER_LEN];
         h.emit(&mut buf);
         assert_eq!(DataHeader::parse(&buf), Ok(h));
@@ -372,7 +402,11 @@ mod tests {
 
     #[test]
     fn inner_roundtrip() {
-        for inner in [Inner::Kcp(b"segments"), Inner::Reset { conv: 77 }, Inner::Keepalive { padding: b"xyz" }] {
+        for inner in [
+            Inner::Kcp(b"segments"),
+            Inner::Reset { conv: 77 },
+            Inner::Keepalive { padding: b"xyz" },
+        ] {
             let mut out = Vec::new();
             inner.emit(&mut out);
             assert_eq!(Inner::parse(&out), Ok(inner));
@@ -382,7 +416,13 @@ mod tests {
     #[test]
     fn inner_rejects_unknown_and_truncated() {
         assert_eq!(Inner::parse(&[]), Err(FrameError::Truncated { need: 1, have: 0 }));
-        assert_eq!(Inner::parse(&[9]), Err(FrameError::UnknownType { what: "inner frame", value: 9 }));
+        assert_eq!(
+            Inner::parse(&[9]),
+            Err(FrameError::UnknownType {
+                what: "inner frame",
+                value: 9
+            })
+        );
         assert!(Inner::parse(&[INNER_RESET, 0, 0]).is_err());
     }
 
@@ -404,7 +444,10 @@ mod tests {
     #[test]
     fn target_addr_rejects_bad_domains() {
         assert!(TargetAddr::parse(&[ATYP_DOMAIN, 0, 0, 80]).is_err(), "empty name");
-        assert!(TargetAddr::parse(&[ATYP_DOMAIN, 2, 0xff, 0xfe, 0, 80]).is_err(), "not UTF-8");
+        assert!(
+            TargetAddr::parse(&[ATYP_DOMAIN, 2, 0xff, 0xfe, 0, 80]).is_err(),
+            "not UTF-8"
+        );
         assert!(TargetAddr::parse(&[7, 1, 2, 3]).is_err(), "unknown address type");
         let long = TargetAddr::Domain("a".repeat(256), 1);
         assert!(long.emit(&mut Vec::new()).is_err());
@@ -432,19 +475,30 @@ mod tests {
         assert!(StreamMsg::parse(&[]).is_err());
         assert!(StreamMsg::parse(&[MSG_REPLY]).is_err());
         assert!(StreamMsg::parse(&[MSG_REPLY, 99]).is_err());
-        assert!(StreamMsg::parse(&[MSG_OPEN, ATYP_V4, 1, 2, 3, 4, 0, 80, 0]).is_err(), "trailing byte");
+        assert!(
+            StreamMsg::parse(&[MSG_OPEN, ATYP_V4, 1, 2, 3, 4, 0, 80, 0]).is_err(),
+            "trailing byte"
+        );
         assert!(StreamMsg::parse(&[200]).is_err());
     }
 
     #[test]
     fn handshake_payloads_roundtrip_and_truncation() {
-        let init = InitPayload { version: 1, client_index: 5, instance: 6, unix_ms: 7 };
+        let init = InitPayload {
+            version: 1,
+            client_index: 5,
+            instance: 6,
+            unix_ms: 7,
+        };
         let mut out = Vec::new();
         init.emit(&mut out);
         assert_eq!(InitPayload::parse(&out), Ok(init));
         every_prefix_fails(&out, InitPayload::parse);
 
-        let resp = ResponsePayload { version: 1, server_index: 9 };
+        let resp = ResponsePayload {
+            version: 1,
+            server_index: 9,
+        };
         let mut out = Vec::new();
         resp.emit(&mut out);
         assert_eq!(ResponsePayload::parse(&out), Ok(resp));

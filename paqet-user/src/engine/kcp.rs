@@ -31,7 +31,12 @@ impl KcpProfile {
             KcpProfile::Fast2 => (true, 20, 2, true),
             KcpProfile::Fast3 => (true, 10, 2, true),
         };
-        KcpTuning { nodelay, interval_ms, resend, no_congestion_control: nc }
+        KcpTuning {
+            nodelay,
+            interval_ms,
+            resend,
+            no_congestion_control: nc,
+        }
     }
 }
 
@@ -114,9 +119,21 @@ impl io::Write for OutputQueue {
 pub type Conversation = Kcp<OutputQueue>;
 
 /// A message-mode conversation, so every stream message keeps its boundaries.
-pub fn new_conversation(conv: u32, output: OutputQueue, tuning: KcpTuning, mtu: usize, window: u16, now_ms: u32) -> Conversation {
+pub fn new_conversation(
+    conv: u32,
+    output: OutputQueue,
+    tuning: KcpTuning,
+    mtu: usize,
+    window: u16,
+    now_ms: u32,
+) -> Conversation {
     let mut kcp = Kcp::new(conv, output);
-    kcp.set_nodelay(tuning.nodelay, tuning.interval_ms as i32, tuning.resend, tuning.no_congestion_control);
+    kcp.set_nodelay(
+        tuning.nodelay,
+        tuning.interval_ms as i32,
+        tuning.resend,
+        tuning.no_congestion_control,
+    );
     // MTU is fixed by the engine from constants well above KCP's minimum; a failure here
     // would be a programming error, and KCP keeps its default MTU in that case.
     let _ = kcp.set_mtu(mtu);
@@ -133,7 +150,10 @@ mod tests {
     #[test]
     fn fast3_matches_kcptun() {
         let t = KcpProfile::Fast3.tuning();
-        assert_eq!((t.nodelay, t.interval_ms, t.resend, t.no_congestion_control), (true, 10, 2, true));
+        assert_eq!(
+            (t.nodelay, t.interval_ms, t.resend, t.no_congestion_control),
+            (true, 10, 2, true)
+        );
         let n = KcpProfile::Normal.tuning();
         assert_eq!((n.nodelay, n.interval_ms), (false, 40));
     }

@@ -122,9 +122,15 @@ pub enum Event {
     /// Client: a session with the server is up.
     Connected,
     /// Server: a client asks for `target`; answer with `accept_stream` or `refuse_stream`.
-    StreamOpened { id: StreamId, target: TargetAddr },
+    StreamOpened {
+        id: StreamId,
+        target: TargetAddr,
+    },
     /// Client: the server's answer to `open_stream`.
-    StreamReplied { id: StreamId, result: Result<(), OpenError> },
+    StreamReplied {
+        id: StreamId,
+        result: Result<(), OpenError>,
+    },
     Readable(StreamId),
     Writable(StreamId),
     /// The stream is gone from the engine (finished both ways, reset, or its peer lost).
@@ -133,7 +139,7 @@ pub enum Event {
 
 /// Why a datagram was dropped; counted by the edge, never answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Drop {
+pub enum DropReason {
     /// Neither a live session's packet nor a valid handshake (wrong key, garbage, scan).
     Unauthentic,
     Replayed,
@@ -324,7 +330,9 @@ impl Engine {
     /// Client: starts (or restarts) the handshake with the server.
     pub fn connect(&mut self, now: Now) {
         self.clock = self.clock.max(now.instant);
-        let Role::Client { server } = self.config.role else { return };
+        let Role::Client { server } = self.config.role else {
+            return;
+        };
         let local_index = self.fresh_index();
         let payload = InitPayload {
             version: PROTOCOL_VERSION,
@@ -337,8 +345,15 @@ impl Engine {
         self.pad(16);
         match Initiator::start(&self.config.psk, &self.scratch) {
             Ok((initiator, msg)) => {
-                self.pending = Some(PendingHandshake { initiator, local_index, sent_at: now.instant });
-                self.peers.entry(self.instance).or_insert_with(|| Peer::new(server, now.instant)).last_tx = now.instant;
+                self.pending = Some(PendingHandshake {
+                    initiator,
+                    local_index,
+                    sent_at: now.instant,
+                });
+                self.peers
+                    .entry(self.instance)
+                    .or_insert_with(|| Peer::new(server, now.instant))
+                    .last_tx = now.instant;
                 self.push_transmit(server, msg);
                 tracing::debug!(%server, "handshake sent");
             }
@@ -368,7 +383,9 @@ impl Engine {
     /// says the server connected it.
     pub fn open_stream(&mut self, now: Now, target: &TargetAddr) -> Result<StreamId, StreamError> {
         self.clock = self.clock.max(now.instant);
-        let Role::Client { server } = self.config.role else { return Err(StreamError::Closed) };
+        let Role::Client { server } = self.config.role else {
+            return Err(StreamError::Closed);
+        };
         if self.pending.is_none() && !self.is_connected() {
             self.connect(now);
         }
@@ -380,7 +397,10 @@ impl Engine {
         let sent = stream.send_msg(&StreamMsg::Open(target.clone()), &mut scratch);
         self.scratch = scratch;
         sent?;
-        let peer = self.peers.entry(peer_id).or_insert_with(|| Peer::new(server, now.instant));
+        let peer = self
+            .peers
+            .entry(peer_id)
+            .or_insert_with(|| Peer::new(server, now.instant));
         peer.streams.insert(conv, stream);
         self.live_streams += 1;
         self.rebalance_windows();
@@ -390,14 +410,33 @@ impl Engine {
     }
 
     fn new_stream(&self, conv: u32, phase: Phase, now: Instant) -> Stream {
-        let window = mux::window_for(self.live_streams + 1, self.config.window_budget, self.mss(), MIN_WINDOW, self.config.max_window);
-        let kcp = kcp::new_conversation(conv, self.output.clone(), self.config.kcp.tuning(), self.kcp_mtu(), window, self.ms(now));
+        let window = mux::window_for(
+            self.live_streams + 1,
+            self.config.window_budget,
+            self.mss(),
+            MIN_WINDOW,
+            self.config.max_window,
+        );
+        let kcp = kcp::new_conversation(
+            conv,
+            self.output.clone(),
+            self.config.kcp.tuning(),
+            self.kcp_mtu(),
+            window,
+            self.ms(now),
+        );
         Stream::new(kcp, phase, now)
     }
 
     /// Gives every stream its share of the window budget, after the count changed.
     fn rebalance_windows(&mut self) {
-        let window = mux::window_for(self.live_streams, self.config.window_budget, self.mss(), MIN_WINDOW, self.config.max_window);
+        let window = mux::window_for(
+            self.live_streams,
+            self.config.window_budget,
+            self.mss(),
+            MIN_WINDOW,
+            self.config.max_window,
+        );
         for peer in self.peers.values_mut() {
             for stream in peer.streams.values_mut() {
                 if stream.kcp.snd_wnd() != window {
@@ -531,7 +570,9 @@ impl Engine {
 
     /// Drops the stream at once and tells the peer to drop it too.
     pub fn reset_stream(&mut self, id: StreamId) {
-        let Some(peer) = self.peers.get_mut(&id.peer) else { return };
+        let Some(peer) = self.peers.get_mut(&id.peer) else {
+            return;
+        };
         if peer.streams.remove(&id.conv).is_none() {
             return;
         }
@@ -592,9 +633,14 @@ impl Engine {
     /// Seals `plain` under the peer's session, or drops it if there is none yet (KCP
     /// retransmits once the session is up).
     fn seal_to(&mut self, peer_id: PeerId, plain: &[u8]) {
-        let Some(peer) = self.peers.get_mut(&peer_id) else { return };
+        let Some(peer) = self.peers.get_mut(&peer_id) else {
+            return;
+        };
         let Some(session) = peer.session.as_mut() else { return };
-        let mut packet = self.spare.pop().unwrap_or_else(|| Vec::with_capacity(self.config.max_datagram));
+        let mut packet = self
+            .spare
+            .pop()
+            .unwrap_or_else(|| Vec::with_capacity(self.config.max_datagram));
         packet.clear();
         match session.crypto.seal(session.remote_index, plain, &mut packet) {
             Ok(()) => {
@@ -622,23 +668,23 @@ impl Engine {
 
     /// Handles one datagram from the wire. Anything that does not authenticate is
     /// dropped silently (and counted): to a scanner the port looks filtered.
-    pub fn handle_datagram(&mut self, now: Now, from: SocketAddr, data: &[u8]) -> Result<(), Drop> {
+    pub fn handle_datagram(&mut self, now: Now, from: SocketAddr, data: &[u8]) -> Result<(), DropReason> {
         self.clock = self.clock.max(now.instant);
         self.counters.datagrams_in += 1;
         self.counters.bytes_in += data.len() as u64;
         let result = self.dispatch_datagram(now, from, data);
-        if let Err(drop) = result {
-            match drop {
-                Drop::Unauthentic => self.counters.dropped_unauthentic += 1,
-                Drop::Replayed => self.counters.dropped_replayed += 1,
-                Drop::StaleHandshake => self.counters.dropped_stale_handshake += 1,
-                Drop::Malformed => self.counters.dropped_malformed += 1,
+        if let Err(reason) = result {
+            match reason {
+                DropReason::Unauthentic => self.counters.dropped_unauthentic += 1,
+                DropReason::Replayed => self.counters.dropped_replayed += 1,
+                DropReason::StaleHandshake => self.counters.dropped_stale_handshake += 1,
+                DropReason::Malformed => self.counters.dropped_malformed += 1,
             }
         }
         result
     }
 
-    fn dispatch_datagram(&mut self, now: Now, from: SocketAddr, data: &[u8]) -> Result<(), Drop> {
+    fn dispatch_datagram(&mut self, now: Now, from: SocketAddr, data: &[u8]) -> Result<(), DropReason> {
         if let Ok(header) = DataHeader::parse(data)
             && let Some(&peer_id) = self.index.get(&header.receiver_index)
         {
@@ -650,7 +696,14 @@ impl Engine {
         }
     }
 
-    fn handle_data(&mut self, now: Now, from: SocketAddr, peer_id: PeerId, index: u32, data: &[u8]) -> Result<(), Drop> {
+    fn handle_data(
+        &mut self,
+        now: Now,
+        from: SocketAddr,
+        peer_id: PeerId,
+        index: u32,
+        data: &[u8],
+    ) -> Result<(), DropReason> {
         let mut out = std::mem::take(&mut self.open_buf);
         let opened = self.open_with(peer_id, index, data, &mut out);
         let result = match opened {
@@ -658,8 +711,8 @@ impl Engine {
                 self.note_peer_alive(peer_id, from, index, now.instant);
                 self.handle_inner(now, peer_id, &out[..len])
             }
-            Err(CryptoError::Replayed(_)) => Err(Drop::Replayed),
-            Err(_) => Err(Drop::Unauthentic),
+            Err(CryptoError::Replayed(_)) => Err(DropReason::Replayed),
+            Err(_) => Err(DropReason::Unauthentic),
         };
         self.open_buf = out;
         result
@@ -688,8 +741,8 @@ impl Engine {
         }
     }
 
-    fn handle_inner(&mut self, now: Now, peer_id: PeerId, plain: &[u8]) -> Result<(), Drop> {
-        match Inner::parse(plain).map_err(|_| Drop::Malformed)? {
+    fn handle_inner(&mut self, now: Now, peer_id: PeerId, plain: &[u8]) -> Result<(), DropReason> {
+        match Inner::parse(plain).map_err(|_| DropReason::Malformed)? {
             Inner::Kcp(segments) => self.handle_kcp(now, peer_id, segments),
             Inner::Reset { conv } => {
                 let id = StreamId { peer: peer_id, conv };
@@ -718,9 +771,9 @@ impl Engine {
         self.send_inner(peer_id, &Inner::Keepalive { padding: &padding });
     }
 
-    fn handle_kcp(&mut self, now: Now, peer_id: PeerId, segments: &[u8]) -> Result<(), Drop> {
+    fn handle_kcp(&mut self, now: Now, peer_id: PeerId, segments: &[u8]) -> Result<(), DropReason> {
         if segments.len() < KCP_HEADER_LEN {
-            return Err(Drop::Malformed);
+            return Err(DropReason::Malformed);
         }
         let conv = ::kcp::get_conv(segments);
         let id = StreamId { peer: peer_id, conv };
@@ -728,9 +781,9 @@ impl Engine {
         if !known && !self.adopt_conversation(now, id, segments) {
             return Ok(());
         }
-        let stream = self.stream_mut(id).ok_or(Drop::Malformed)?;
+        let stream = self.stream_mut(id).ok_or(DropReason::Malformed)?;
         if stream.kcp.input(segments).is_err() {
-            return Err(Drop::Malformed);
+            return Err(DropReason::Malformed);
         }
         stream.last_activity = now.instant;
         self.after_input(now, id);
@@ -741,7 +794,9 @@ impl Engine {
     /// segments of a closed one (ignored), or one the peer thinks is alive but we lost
     /// (e.g. after a restart): tell the peer to drop it.
     fn adopt_conversation(&mut self, now: Now, id: StreamId, segments: &[u8]) -> bool {
-        let Some(peer) = self.peers.get(&id.peer) else { return false };
+        let Some(peer) = self.peers.get(&id.peer) else {
+            return false;
+        };
         if peer.tombstones.contains_key(&id.conv) {
             return false;
         }
@@ -814,25 +869,34 @@ impl Engine {
         self.close_if_done(id, Some(now.instant));
     }
 
-    fn handle_handshake_init(&mut self, now: Now, from: SocketAddr, data: &[u8]) -> Result<(), Drop> {
-        let responder = Responder::read(&self.config.psk, data).map_err(|_| Drop::Unauthentic)?;
-        let init = InitPayload::parse(&responder.payload).map_err(|_| Drop::Malformed)?;
+    fn handle_handshake_init(&mut self, now: Now, from: SocketAddr, data: &[u8]) -> Result<(), DropReason> {
+        let responder = Responder::read(&self.config.psk, data).map_err(|_| DropReason::Unauthentic)?;
+        let init = InitPayload::parse(&responder.payload).map_err(|_| DropReason::Malformed)?;
         if init.version != PROTOCOL_VERSION {
             tracing::warn!(%from, version = init.version, "client speaks another protocol version");
-            return Err(Drop::Malformed);
+            return Err(DropReason::Malformed);
         }
-        let fingerprint = crypto::handshake_fingerprint(data).ok_or(Drop::Unauthentic)?;
-        if now.unix_ms.abs_diff(init.unix_ms) > HANDSHAKE_MAX_SKEW_MS || self.seen_handshakes.contains_key(&fingerprint) {
-            return Err(Drop::StaleHandshake);
+        let fingerprint = crypto::handshake_fingerprint(data).ok_or(DropReason::Unauthentic)?;
+        if now.unix_ms.abs_diff(init.unix_ms) > HANDSHAKE_MAX_SKEW_MS || self.seen_handshakes.contains_key(&fingerprint)
+        {
+            return Err(DropReason::StaleHandshake);
         }
         self.seen_handshakes.insert(fingerprint, now.instant);
 
         let local_index = self.fresh_index();
         self.scratch.clear();
-        ResponsePayload { version: PROTOCOL_VERSION, server_index: local_index }.emit(&mut self.scratch);
+        ResponsePayload {
+            version: PROTOCOL_VERSION,
+            server_index: local_index,
+        }
+        .emit(&mut self.scratch);
         self.pad(16);
-        let (crypto, msg) = responder.respond(&self.scratch).map_err(|_| Drop::Unauthentic)?;
-        let session = Session { local_index, remote_index: init.client_index, crypto };
+        let (crypto, msg) = responder.respond(&self.scratch).map_err(|_| DropReason::Unauthentic)?;
+        let session = Session {
+            local_index,
+            remote_index: init.client_index,
+            crypto,
+        };
         self.install_session(init.instance, from, session, now.instant);
         self.counters.handshakes += 1;
         self.push_transmit(from, msg);
@@ -840,30 +904,43 @@ impl Engine {
         Ok(())
     }
 
-    fn handle_handshake_response(&mut self, now: Now, data: &[u8]) -> Result<(), Drop> {
-        let Role::Client { server } = self.config.role else { return Err(Drop::Unauthentic) };
-        let pending = self.pending.take().ok_or(Drop::Unauthentic)?;
+    fn handle_handshake_response(&mut self, now: Now, data: &[u8]) -> Result<(), DropReason> {
+        let Role::Client { server } = self.config.role else {
+            return Err(DropReason::Unauthentic);
+        };
+        let pending = self.pending.take().ok_or(DropReason::Unauthentic)?;
         let local_index = pending.local_index;
         let sent_at = pending.sent_at;
         // A failed read consumes the handshake state; the retry timer starts a new one.
         let (crypto, payload) = match pending.initiator.finish(data) {
             Ok(done) => done,
-            Err(_) => return Err(Drop::Unauthentic),
+            Err(_) => return Err(DropReason::Unauthentic),
         };
-        let resp = ResponsePayload::parse(&payload).map_err(|_| Drop::Malformed)?;
+        let resp = ResponsePayload::parse(&payload).map_err(|_| DropReason::Malformed)?;
         if resp.version != PROTOCOL_VERSION {
             tracing::error!(version = resp.version, "server speaks another protocol version");
-            return Err(Drop::Malformed);
+            return Err(DropReason::Malformed);
         }
-        let session = Session { local_index, remote_index: resp.server_index, crypto };
+        let session = Session {
+            local_index,
+            remote_index: resp.server_index,
+            crypto,
+        };
         self.install_session(self.instance, server, session, now.instant);
         self.counters.handshakes += 1;
         self.events.push(Event::Connected);
         tracing::info!(%server, rtt_ms = now.instant.saturating_duration_since(sent_at).as_millis() as u64, "session established");
         // Streams opened while we waited: their KCP output was dropped; send it now.
-        let convs: Vec<u32> = self.peers.get(&self.instance).map(|p| p.streams.keys().copied().collect()).unwrap_or_default();
+        let convs: Vec<u32> = self
+            .peers
+            .get(&self.instance)
+            .map(|p| p.streams.keys().copied().collect())
+            .unwrap_or_default();
         for conv in convs {
-            self.flush_stream(StreamId { peer: self.instance, conv });
+            self.flush_stream(StreamId {
+                peer: self.instance,
+                conv,
+            });
         }
         Ok(())
     }
@@ -895,11 +972,14 @@ impl Engine {
             self.tick_client_handshake(now);
         }
         let horizon = Duration::from_millis(2 * HANDSHAKE_MAX_SKEW_MS);
-        self.seen_handshakes.retain(|_, at| now.instant.saturating_duration_since(*at) < horizon);
+        self.seen_handshakes
+            .retain(|_, at| now.instant.saturating_duration_since(*at) < horizon);
     }
 
     fn tick_streams(&mut self, now: Now, peer_id: PeerId, ms: u32) {
-        let Some(peer) = self.peers.get_mut(&peer_id) else { return };
+        let Some(peer) = self.peers.get_mut(&peer_id) else {
+            return;
+        };
         let mut dead = Vec::new();
         let mut forgotten = Vec::new();
         let mut woken = Vec::new();
@@ -912,7 +992,10 @@ impl Engine {
             }
             let _ = stream.kcp.update(ms);
             let stalled = now.instant.saturating_duration_since(stream.last_activity) > self.config.peer_timeout
-                && matches!(stream.phase, Phase::AwaitingOpen | Phase::AwaitingReply | Phase::Dialing);
+                && matches!(
+                    stream.phase,
+                    Phase::AwaitingOpen | Phase::AwaitingReply | Phase::Dialing
+                );
             if stream.kcp.is_dead_link() || stalled {
                 dead.push((conv, stream.phase == Phase::AwaitingReply));
             } else if stream.write_blocked && stream.writable() {
@@ -920,7 +1003,8 @@ impl Engine {
                 woken.push(conv);
             }
         }
-        peer.tombstones.retain(|_, at| now.instant.saturating_duration_since(*at) < TOMBSTONE_TTL);
+        peer.tombstones
+            .retain(|_, at| now.instant.saturating_duration_since(*at) < TOMBSTONE_TTL);
         for conv in forgotten {
             peer.streams.remove(&conv);
             peer.tombstones.insert(conv, now.instant);
@@ -935,7 +1019,10 @@ impl Engine {
             tracing::debug!(stream = %id, "stream timed out");
             if awaiting_reply {
                 // The opener learns it was a timeout, not a refusal.
-                self.events.push(Event::StreamReplied { id, result: Err(OpenError::TtlExpired) });
+                self.events.push(Event::StreamReplied {
+                    id,
+                    result: Err(OpenError::TtlExpired),
+                });
             }
             self.reset_stream(id);
         }
@@ -952,15 +1039,16 @@ impl Engine {
             }
         }
         let Some(peer) = self.peers.get(&peer_id) else { return };
-        if peer.session.is_some() && now.instant.saturating_duration_since(peer.last_tx) >= KEEPALIVE_INTERVAL {
-            if matches!(self.config.role, Role::Client { .. }) {
-                self.send_keepalive(peer_id);
-            }
+        let idle = now.instant.saturating_duration_since(peer.last_tx) >= KEEPALIVE_INTERVAL;
+        if peer.session.is_some() && idle && matches!(self.config.role, Role::Client { .. }) {
+            self.send_keepalive(peer_id);
         }
     }
 
     fn drop_peer_streams(&mut self, peer_id: PeerId) {
-        let Some(peer) = self.peers.get_mut(&peer_id) else { return };
+        let Some(peer) = self.peers.get_mut(&peer_id) else {
+            return;
+        };
         let convs: Vec<u32> = peer.streams.drain().map(|(c, _)| c).collect();
         self.live_streams -= convs.len();
         if !convs.is_empty() {
@@ -987,10 +1075,15 @@ impl Engine {
             }
             return;
         }
-        let Some(peer) = self.peers.get(&self.instance) else { return };
+        let Some(peer) = self.peers.get(&self.instance) else {
+            return;
+        };
         let silent = now.instant.saturating_duration_since(peer.last_rx);
         if peer.session.is_some() && silent >= REHANDSHAKE_AFTER && peer.last_tx > peer.last_rx {
-            tracing::info!(silent_ms = silent.as_millis() as u64, "server silent; handshaking again");
+            tracing::info!(
+                silent_ms = silent.as_millis() as u64,
+                "server silent; handshaking again"
+            );
             self.connect(now);
         }
     }

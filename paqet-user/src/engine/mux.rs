@@ -77,7 +77,14 @@ pub enum Control {
 
 impl Stream {
     pub fn new(kcp: Conversation, phase: Phase, now: Instant) -> Stream {
-        Stream { kcp, phase, sent_fin: false, recv_fin: false, write_blocked: false, last_activity: now }
+        Stream {
+            kcp,
+            phase,
+            sent_fin: false,
+            recv_fin: false,
+            write_blocked: false,
+            last_activity: now,
+        }
     }
 
     /// Queued bytes a writer may add before it must wait: KCP's own send window, so the
@@ -108,7 +115,9 @@ impl Stream {
         match StreamMsg::parse(&buf[..n])? {
             StreamMsg::Open(target) if self.phase == Phase::AwaitingOpen => Ok(Some(Control::Open(target))),
             StreamMsg::Reply(result) if self.phase == Phase::AwaitingReply => Ok(Some(Control::Reply(result))),
-            _ => Err(StreamError::Protocol(FrameError::Malformed("unexpected first stream message"))),
+            _ => Err(StreamError::Protocol(FrameError::Malformed(
+                "unexpected first stream message",
+            ))),
         }
     }
 
@@ -134,7 +143,7 @@ mod tests {
         let budget = 96 << 20;
         assert_eq!(window_for(1, budget, 1376, 32, 1024), 1024);
         let w1000 = window_for(1000, budget, 1376, 32, 1024);
-        assert!(w1000 < 64 && w1000 >= 32, "{w1000}");
+        assert!((32..64).contains(&w1000), "{w1000}");
         // 1000 streams × both windows × mss stays inside the budget.
         assert!(1000 * 2 * w1000 as usize * 1376 <= budget);
         assert_eq!(window_for(1_000_000, budget, 1376, 32, 1024), 32);

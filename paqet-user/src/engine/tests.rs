@@ -46,7 +46,13 @@ impl Sim {
 
     fn with_keys(impair: Impairment, seed: u8, client_key: Psk, server_key: Psk) -> Sim {
         let t0 = Instant::now();
-        let client_cfg = EngineConfig::new(Role::Client { server: SERVER.parse().unwrap() }, client_key, [seed; 32]);
+        let client_cfg = EngineConfig::new(
+            Role::Client {
+                server: SERVER.parse().unwrap(),
+            },
+            client_key,
+            [seed; 32],
+        );
         let server_cfg = EngineConfig::new(Role::Server, server_key, [seed.wrapping_add(1); 32]);
         Sim {
             t0,
@@ -62,7 +68,10 @@ impl Sim {
     }
 
     fn clock(&self) -> Now {
-        Now { instant: self.now, unix_ms: 1_800_000_000_000 + (self.now - self.t0).as_millis() as u64 }
+        Now {
+            instant: self.now,
+            unix_ms: 1_800_000_000_000 + (self.now - self.t0).as_millis() as u64,
+        }
     }
 
     /// Moves the engines' output onto the link, impaired.
@@ -73,7 +82,11 @@ impl Sim {
         self.server.drain_transmits(&mut out);
         for (i, t) in out.into_iter().enumerate() {
             let to_server = i < from_client;
-            let from = if to_server { CLIENT.parse().unwrap() } else { SERVER.parse().unwrap() };
+            let from = if to_server {
+                CLIENT.parse().unwrap()
+            } else {
+                SERVER.parse().unwrap()
+            };
             self.send_impaired(to_server, from, t.payload);
         }
         self.client.drain_events(&mut self.client_events);
@@ -93,9 +106,18 @@ impl Sim {
             bytes[i] ^= 1 << self.rng.random_range(0..8);
         }
         for _ in 0..copies {
-            let jitter = if self.impair.jitter_ms > 0 { self.rng.random_range(0..self.impair.jitter_ms) } else { 0 };
+            let jitter = if self.impair.jitter_ms > 0 {
+                self.rng.random_range(0..self.impair.jitter_ms)
+            } else {
+                0
+            };
             let at = self.now + Duration::from_millis(1 + jitter);
-            self.link.push(InFlight { at, to_server, from, bytes: bytes.clone() });
+            self.link.push(InFlight {
+                at,
+                to_server,
+                from,
+                bytes: bytes.clone(),
+            });
         }
     }
 
@@ -112,7 +134,11 @@ impl Sim {
             due
         };
         for p in due {
-            let engine = if p.to_server { &mut self.server } else { &mut self.client };
+            let engine = if p.to_server {
+                &mut self.server
+            } else {
+                &mut self.client
+            };
             let _ = engine.handle_datagram(now, p.from, &p.bytes);
         }
         if self.client.poll_timeout() <= self.now {
@@ -143,7 +169,10 @@ impl Sim {
         let mut sid = None;
         let ok = self.run_until(20_000, |sim| {
             if sid.is_none()
-                && let Some(pos) = sim.server_events.iter().position(|e| matches!(e, Event::StreamOpened { .. }))
+                && let Some(pos) = sim
+                    .server_events
+                    .iter()
+                    .position(|e| matches!(e, Event::StreamOpened { .. }))
                 && let Event::StreamOpened { id, target: t } = sim.server_events.remove(pos)
             {
                 assert_eq!(t, target);
@@ -151,7 +180,9 @@ impl Sim {
                 sid = Some(id);
                 sim.collect();
             }
-            sim.client_events.iter().any(|e| matches!(e, Event::StreamReplied { id, result: Ok(()) } if *id == cid))
+            sim.client_events
+                .iter()
+                .any(|e| matches!(e, Event::StreamReplied { id, result: Ok(()) } if *id == cid))
         });
         assert!(ok, "stream never opened");
         (cid, sid.unwrap())
@@ -167,9 +198,15 @@ fn transfer(sim: &mut Sim, from_client: bool, writer: StreamId, reader: StreamId
     let mut buf = vec![0u8; sim.client.read_buffer_len()];
     let ok = sim.run_until(2_000_000, |sim| {
         let now = sim.clock();
-        let (w, r) = if from_client { (&mut sim.client, &mut sim.server) } else { (&mut sim.server, &mut sim.client) };
+        let (w, r) = if from_client {
+            (&mut sim.client, &mut sim.server)
+        } else {
+            (&mut sim.server, &mut sim.client)
+        };
         if written < data.len() {
-            let n = w.stream_write(now, writer, &data[written..(written + 64 * 1024).min(data.len())]).unwrap();
+            let n = w
+                .stream_write(now, writer, &data[written..(written + 64 * 1024).min(data.len())])
+                .unwrap();
             written += n;
         } else if !finished {
             w.stream_finish(writer).unwrap();
@@ -219,13 +256,23 @@ fn clean_link_delivers_exactly() {
 
 #[test]
 fn lossy_duplicating_reordering_link_delivers_exactly() {
-    let impair = Impairment { drop: 0.05, duplicate: 0.05, corrupt: 0.0, jitter_ms: 20 };
+    let impair = Impairment {
+        drop: 0.05,
+        duplicate: 0.05,
+        corrupt: 0.0,
+        jitter_ms: 20,
+    };
     both_ways(impair, 2, 200_000);
 }
 
 #[test]
 fn corrupted_packets_are_dropped_not_delivered() {
-    let impair = Impairment { drop: 0.02, duplicate: 0.02, corrupt: 0.05, jitter_ms: 5 };
+    let impair = Impairment {
+        drop: 0.02,
+        duplicate: 0.02,
+        corrupt: 0.05,
+        jitter_ms: 5,
+    };
     let mut sim = Sim::new(impair, 3);
     let (cid, sid) = sim.open("origin.test");
     let up = pattern(150_000, 3);
@@ -236,7 +283,12 @@ fn corrupted_packets_are_dropped_not_delivered() {
 
 #[test]
 fn many_streams_do_not_mix() {
-    let impair = Impairment { drop: 0.02, duplicate: 0.01, corrupt: 0.0, jitter_ms: 10 };
+    let impair = Impairment {
+        drop: 0.02,
+        duplicate: 0.01,
+        corrupt: 0.0,
+        jitter_ms: 10,
+    };
     let mut sim = Sim::new(impair, 4);
     let pairs: Vec<_> = (0..8).map(|i| sim.open(&format!("host{i}.test"))).collect();
     for (i, (cid, sid)) in pairs.into_iter().enumerate() {
@@ -249,13 +301,19 @@ fn many_streams_do_not_mix() {
 fn wrong_key_gets_nothing_through() {
     let mut sim = Sim::with_keys(Impairment::default(), 5, Psk([1; 32]), Psk([2; 32]));
     let now = sim.clock();
-    sim.client.open_stream(now, &TargetAddr::Domain("origin.test".into(), 80)).unwrap();
+    sim.client
+        .open_stream(now, &TargetAddr::Domain("origin.test".into(), 80))
+        .unwrap();
     sim.collect();
     sim.run_until(2_000, |_| false);
     assert!(sim.server_events.is_empty(), "{:?}", sim.server_events);
     assert!(!sim.client.is_connected());
     assert!(sim.server.counters().dropped_unauthentic > 0);
-    assert_eq!(sim.server.counters().datagrams_out, 0, "server must not answer a wrong key");
+    assert_eq!(
+        sim.server.counters().datagrams_out,
+        0,
+        "server must not answer a wrong key"
+    );
 }
 
 #[test]
@@ -268,11 +326,16 @@ fn replayed_handshake_and_data_are_refused() {
     let hello = first.pop().unwrap().payload;
     let from: SocketAddr = CLIENT.parse().unwrap();
     sim.server.handle_datagram(now, from, &hello).unwrap();
-    assert_eq!(sim.server.handle_datagram(now, from, &hello), Err(Drop::StaleHandshake));
+    assert_eq!(
+        sim.server.handle_datagram(now, from, &hello),
+        Err(DropReason::StaleHandshake)
+    );
     let mut answer = Vec::new();
     sim.server.drain_transmits(&mut answer);
     assert_eq!(answer.len(), 1, "exactly one response, for the original only");
-    sim.client.handle_datagram(now, SERVER.parse().unwrap(), &answer[0].payload).unwrap();
+    sim.client
+        .handle_datagram(now, SERVER.parse().unwrap(), &answer[0].payload)
+        .unwrap();
     assert!(sim.client.is_connected());
 
     let (cid, _sid) = sim.open("origin.test");
@@ -282,7 +345,10 @@ fn replayed_handshake_and_data_are_refused() {
     sim.client.drain_transmits(&mut data);
     let packet = data.pop().unwrap().payload;
     sim.server.handle_datagram(now, from, &packet).unwrap();
-    assert_eq!(sim.server.handle_datagram(now, from, &packet), Err(Drop::Replayed));
+    assert_eq!(
+        sim.server.handle_datagram(now, from, &packet),
+        Err(DropReason::Replayed)
+    );
 }
 
 #[test]
@@ -309,7 +375,9 @@ fn restarted_server_is_noticed_and_streams_reset() {
     let cfg = EngineConfig::new(Role::Server, psk(), [99; 32]);
     sim.server = Engine::new(cfg, sim.now);
     let handshakes_before = sim.server.counters().handshakes;
-    let ok = sim.run_until(200_000, |sim| sim.server.counters().handshakes > handshakes_before && sim.client.is_connected());
+    let ok = sim.run_until(200_000, |sim| {
+        sim.server.counters().handshakes > handshakes_before && sim.client.is_connected()
+    });
     assert!(ok, "client never re-handshook");
     // Its old stream's segments are unknown to the new server, which resets it.
     let now = sim.clock();
@@ -318,22 +386,29 @@ fn restarted_server_is_noticed_and_streams_reset() {
     let reset = sim.run_until(200_000, |sim| sim.client_events.contains(&Event::StreamClosed(cid)));
     assert!(reset, "stale stream was not reset");
     let elapsed = sim.now - sim.t0;
-    assert!(elapsed < Duration::from_secs(60), "recovery took {elapsed:?} of virtual time");
+    assert!(
+        elapsed < Duration::from_secs(60),
+        "recovery took {elapsed:?} of virtual time"
+    );
 }
 
 #[test]
 fn refused_stream_reports_reason() {
     let mut sim = Sim::new(Impairment::default(), 9);
     let now = sim.clock();
-    let cid = sim.client.open_stream(now, &TargetAddr::Ip("198.18.0.2:1".parse().unwrap())).unwrap();
+    let cid = sim
+        .client
+        .open_stream(now, &TargetAddr::Ip("198.18.0.2:1".parse().unwrap()))
+        .unwrap();
     sim.collect();
     let ok = sim.run_until(20_000, |sim| {
         if let Some(Event::StreamOpened { id, .. }) = sim.server_events.pop() {
             sim.server.refuse_stream(id, OpenError::ConnectionRefused).unwrap();
             sim.collect();
         }
-        sim.client_events.iter().any(|e| matches!(e, Event::StreamReplied { id, result: Err(OpenError::ConnectionRefused) } if *id == cid))
+        sim.client_events
+            .iter()
+            .any(|e| matches!(e, Event::StreamReplied { id, result: Err(OpenError::ConnectionRefused) } if *id == cid))
     });
     assert!(ok);
 }
-

@@ -1,13 +1,12 @@
 use std::path::PathBuf;
 
 /// The command that gives a built binary what the xdp transport needs without root.
-pub const SETCAP_HINT: &str = "sudo setcap cap_bpf,cap_perfmon,cap_net_admin,cap_net_raw,cap_ipc_lock+ep target/release/paqet (or run as root)";
+pub const SETCAP_HINT: &str =
+    "sudo setcap cap_bpf,cap_perfmon,cap_net_admin,cap_net_raw,cap_ipc_lock+ep target/release/paqet (or run as root)";
 
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
-    #[error(
-        "missing capabilities {missing} to load and attach the XDP program; grant them with `{SETCAP_HINT}`"
-    )]
+    #[error("missing capabilities {missing} to load and attach the XDP program; grant them with `{SETCAP_HINT}`")]
     MissingCapability { missing: String },
 
     #[error(
@@ -22,9 +21,7 @@ pub enum KernelError {
     #[error("no network interface named {name:?} in this network namespace")]
     NoSuchInterface { name: String },
 
-    #[error(
-        "invalid instance name {name:?}: use 1 to 64 characters from A-Z a-z 0-9 . _ - (not . or ..)"
-    )]
+    #[error("invalid instance name {name:?}: use 1 to 64 characters from A-Z a-z 0-9 . _ - (not . or ..)")]
     InvalidInstance { name: String },
 
     #[error("invalid XDP mode {0:?}: expected auto, native or generic")]
@@ -34,10 +31,7 @@ pub enum KernelError {
     Load(#[source] aya::EbpfError),
 
     #[error("the eBPF object has no {what} named {name}")]
-    Missing {
-        what: &'static str,
-        name: &'static str,
-    },
+    Missing { what: &'static str, name: &'static str },
 
     #[error("loading program paqet_steer into the kernel failed (verifier or permissions)")]
     ProgramLoad(#[source] aya::programs::ProgramError),

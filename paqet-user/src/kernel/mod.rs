@@ -35,9 +35,7 @@ use aya::maps::{Array, MapData, PerCpuArray, XskMap};
 use aya::programs::{Xdp, XdpMode, xdp::XdpLinkId};
 use aya::{Ebpf, EbpfLoader};
 use paqet_common::Stats;
-use paqet_common::maps::{
-    FILTER_MAP, FilterConfig, PIN_FILTER, PIN_STATS, PIN_XSKS, PROGRAM_NAME, STATS_MAP, XSK_MAP,
-};
+use paqet_common::maps::{FILTER_MAP, FilterConfig, PIN_FILTER, PIN_STATS, PIN_XSKS, PROGRAM_NAME, STATS_MAP, XSK_MAP};
 use std::ffi::CString;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -128,8 +126,7 @@ impl Steering {
             .map_err(KernelError::Load)?;
         // Before the program loads: the logger owns the log map's fd, which the
         // program's instructions refer to.
-        let logger = aya_log::EbpfLogger::init_with_logger(&mut ebpf, logs::ToTracing)
-            .map_err(KernelError::Logger)?;
+        let logger = aya_log::EbpfLogger::init_with_logger(&mut ebpf, logs::ToTracing).map_err(KernelError::Logger)?;
         let logs = logs::LogPump::start(logger).map_err(|source| KernelError::Io {
             what: "starting the eBPF log thread for",
             path: PathBuf::from(&opts.interface),
@@ -171,18 +168,13 @@ impl Steering {
     }
 
     fn pin_maps(&mut self) -> Result<(), KernelError> {
-        for (name, file) in [
-            (FILTER_MAP, PIN_FILTER),
-            (STATS_MAP, PIN_STATS),
-            (XSK_MAP, PIN_XSKS),
-        ] {
+        for (name, file) in [(FILTER_MAP, PIN_FILTER), (STATS_MAP, PIN_STATS), (XSK_MAP, PIN_XSKS)] {
             let path = self.pin_dir.join(file);
             let map = self
                 .ebpf()
                 .map(name)
                 .ok_or(KernelError::Missing { what: "map", name })?;
-            map.pin(&path)
-                .map_err(|source| KernelError::Pin { path, source })?;
+            map.pin(&path).map_err(|source| KernelError::Pin { path, source })?;
         }
         Ok(())
     }
@@ -272,30 +264,24 @@ impl Steering {
             what: "map",
             name: STATS_MAP,
         })?;
-        let array =
-            PerCpuArray::<&MapData, Stats>::try_from(map).map_err(|source| KernelError::Map {
-                map: STATS_MAP,
-                op: "opening",
-                source,
-            })?;
+        let array = PerCpuArray::<&MapData, Stats>::try_from(map).map_err(|source| KernelError::Map {
+            map: STATS_MAP,
+            op: "opening",
+            source,
+        })?;
         sum_stats(&array)
     }
 
     /// Replaces the filter; the program sees it from its next frame on.
     pub fn set_filter(&mut self, filter: &FilterConfig) -> Result<(), KernelError> {
-        let map = self
-            .ebpf_mut()
-            .map_mut(FILTER_MAP)
-            .ok_or(KernelError::Missing {
-                what: "map",
-                name: FILTER_MAP,
-            })?;
-        let mut array = Array::<&mut MapData, FilterConfig>::try_from(map).map_err(|source| {
-            KernelError::Map {
-                map: FILTER_MAP,
-                op: "opening",
-                source,
-            }
+        let map = self.ebpf_mut().map_mut(FILTER_MAP).ok_or(KernelError::Missing {
+            what: "map",
+            name: FILTER_MAP,
+        })?;
+        let mut array = Array::<&mut MapData, FilterConfig>::try_from(map).map_err(|source| KernelError::Map {
+            map: FILTER_MAP,
+            op: "opening",
+            source,
         })?;
         array.set(0, *filter, 0).map_err(|source| KernelError::Map {
             map: FILTER_MAP,
@@ -326,13 +312,10 @@ impl Steering {
     }
 
     fn xsk_map(&mut self) -> Result<XskMap<&mut MapData>, KernelError> {
-        let map = self
-            .ebpf_mut()
-            .map_mut(XSK_MAP)
-            .ok_or(KernelError::Missing {
-                what: "map",
-                name: XSK_MAP,
-            })?;
+        let map = self.ebpf_mut().map_mut(XSK_MAP).ok_or(KernelError::Missing {
+            what: "map",
+            name: XSK_MAP,
+        })?;
         XskMap::try_from(map).map_err(|source| KernelError::Map {
             map: XSK_MAP,
             op: "opening",
@@ -349,9 +332,7 @@ impl Steering {
     fn teardown(&mut self) -> Result<(), KernelError> {
         let mut first_err = None;
         if let (Some(link), Some(ebpf)) = (self.link.take(), self.ebpf.as_mut()) {
-            let prog: Option<&mut Xdp> = ebpf
-                .program_mut(PROGRAM_NAME)
-                .and_then(|p| p.try_into().ok());
+            let prog: Option<&mut Xdp> = ebpf.program_mut(PROGRAM_NAME).and_then(|p| p.try_into().ok());
             if let Some(Err(source)) = prog.map(|p| p.detach(link)) {
                 first_err.get_or_insert(KernelError::Detach {
                     interface: self.interface.clone(),
@@ -396,9 +377,7 @@ impl std::fmt::Debug for Steering {
     }
 }
 
-fn sum_stats<M: std::borrow::Borrow<MapData>>(
-    array: &PerCpuArray<M, Stats>,
-) -> Result<Stats, KernelError> {
+fn sum_stats<M: std::borrow::Borrow<MapData>>(array: &PerCpuArray<M, Stats>) -> Result<Stats, KernelError> {
     let per_cpu = array.get(&0, 0).map_err(|source| KernelError::Map {
         map: STATS_MAP,
         op: "reading",
@@ -414,9 +393,7 @@ fn sum_stats<M: std::borrow::Borrow<MapData>>(
 /// Resolves through the kernel (ioctl) in the current network namespace: /sys/class/net
 /// would show the host's interfaces under `nsenter --net`.
 fn if_index(name: &str) -> Result<u32, KernelError> {
-    let missing = || KernelError::NoSuchInterface {
-        name: name.to_string(),
-    };
+    let missing = || KernelError::NoSuchInterface { name: name.to_string() };
     let c = CString::new(name).map_err(|_| missing())?;
     // SAFETY: c is a valid NUL-terminated string.
     let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };

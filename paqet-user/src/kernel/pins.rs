@@ -112,11 +112,10 @@ pub fn read_pinned_stats(instance: &str) -> Result<Stats, KernelError> {
         op: "opening the pin",
         source,
     })?;
-    let array =
-        aya::maps::PerCpuArray::<_, Stats>::try_from(map).map_err(|source| KernelError::Map {
-            map: paqet_common::maps::STATS_MAP,
-            op: "opening the pin",
-            source,
-        })?;
+    let array = aya::maps::PerCpuArray::<_, Stats>::try_from(map).map_err(|source| KernelError::Map {
+        map: paqet_common::maps::STATS_MAP,
+        op: "opening the pin",
+        source,
+    })?;
     super::sum_stats(&array)
 }

@@ -27,6 +27,9 @@ const RECV_BATCH: usize = 64;
 /// scan must not flood the journal).
 const DROP_REPORT_EVERY: Duration = Duration::from_secs(10);
 
+/// Where a client learns the server's answer to a stream it opened.
+pub type ReplyReceiver = oneshot::Receiver<Result<(), OpenError>>;
+
 /// Wakes one stream's tasks when the engine has something for them.
 #[derive(Default)]
 pub struct StreamWaker {
@@ -54,8 +57,13 @@ pub struct Node<T: Transport> {
 }
 
 pub fn now() -> Now {
-    let unix_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
-    Now { instant: Instant::now(), unix_ms }
+    let unix_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    Now {
+        instant: Instant::now(),
+        unix_ms,
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -65,14 +73,25 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl<T: Transport> Node<T> {
     /// A server node also returns the receiver of the streams clients open.
-    pub fn new(engine: Engine, transport: T, server: bool) -> (Arc<Self>, Option<mpsc::UnboundedReceiver<(StreamId, TargetAddr)>>) {
+    pub fn new(
+        engine: Engine,
+        transport: T,
+        server: bool,
+    ) -> (Arc<Self>, Option<mpsc::UnboundedReceiver<(StreamId, TargetAddr)>>) {
         let (tx, rx) = if server {
             let (tx, rx) = mpsc::unbounded_channel();
             (Some(tx), Some(rx))
         } else {
             (None, None)
         };
-        let node = Node { engine: Mutex::new(engine), transport, wakers: Mutex::new(HashMap::new()), opened: tx, timer: Notify::new(), spent: Mutex::new(Vec::new()) };
+        let node = Node {
+            engine: Mutex::new(engine),
+            transport,
+            wakers: Mutex::new(HashMap::new()),
+            opened: tx,
+            timer: Notify::new(),
+            spent: Mutex::new(Vec::new()),
+        };
         (Arc::new(node), rx)
     }
 
@@ -165,9 +184,12 @@ impl<T: Transport> Node<T> {
     }
 
     /// Client: opens a stream; the receiver yields the server's answer.
-    pub fn open_stream(&self, target: &TargetAddr) -> Result<(StreamId, Arc<StreamWaker>, oneshot::Receiver<Result<(), OpenError>>), StreamError> {
+    pub fn open_stream(&self, target: &TargetAddr) -> Result<(StreamId, Arc<StreamWaker>, ReplyReceiver), StreamError> {
         let (tx, rx) = oneshot::channel();
-        let waker = Arc::new(StreamWaker { reply: Mutex::new(Some(tx)), ..StreamWaker::default() });
+        let waker = Arc::new(StreamWaker {
+            reply: Mutex::new(Some(tx)),
+            ..StreamWaker::default()
+        });
         let id = self.with_engine(|engine, now| {
             let id = engine.open_stream(now, target)?;
             // Registered under the engine lock, so no event for this stream can be missed.
@@ -230,7 +252,8 @@ impl<T: Transport> Node<T> {
     fn report_drops(&self, before: Counters) -> Counters {
         let now = self.counters();
         let unauthentic = now.dropped_unauthentic - before.dropped_unauthentic;
-        let replayed = now.dropped_replayed - before.dropped_replayed + now.dropped_stale_handshake - before.dropped_stale_handshake;
+        let replayed = now.dropped_replayed - before.dropped_replayed + now.dropped_stale_handshake
+            - before.dropped_stale_handshake;
         if unauthentic + replayed > 0 {
             tracing::warn!(
                 unauthentic,

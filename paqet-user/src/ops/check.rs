@@ -48,11 +48,15 @@ pub fn find_binary() -> Option<PathBuf> {
         return Some(installed);
     }
     let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path).map(|d| d.join("paqet")).find(|p| p.is_file())
+    std::env::split_paths(&path)
+        .map(|d| d.join("paqet"))
+        .find(|p| p.is_file())
 }
 
 fn check_binary(r: &mut Report) {
-    let me = std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_else(|_| "unknown".into());
+    let me = std::env::current_exe()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "unknown".into());
     match find_binary() {
         Some(bin) if is_executable(&bin) => {
             r.line(true, "binary", &format!("{} (this is {me})", bin.display()))
@@ -83,7 +87,11 @@ const CAP_SYS_ADMIN: u32 = 21;
 /// dist/paqet.service). CAP_BPF and CAP_PERFMON are implied by CAP_SYS_ADMIN.
 pub const XDP_CAPS: [(&str, u32, &str); 5] = [
     ("CAP_BPF", 39, "load the XDP program and maps"),
-    ("CAP_PERFMON", 38, "the verifier accepts paqet_steer's packet-pointer arithmetic"),
+    (
+        "CAP_PERFMON",
+        38,
+        "the verifier accepts paqet_steer's packet-pointer arithmetic",
+    ),
     ("CAP_NET_ADMIN", 12, "attach XDP"),
     ("CAP_NET_RAW", 13, "open AF_XDP sockets"),
     ("CAP_IPC_LOCK", 14, "lock the AF_XDP UMEM beyond RLIMIT_MEMLOCK"),
@@ -105,10 +113,16 @@ pub fn missing_caps() -> Vec<&'static str> {
 fn check_caps(r: &mut Report, transport: TransportKind) {
     let missing = missing_caps();
     if missing.is_empty() {
-        r.line(true, "capabilities", "CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN, CAP_NET_RAW, CAP_IPC_LOCK held");
+        r.line(
+            true,
+            "capabilities",
+            "CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN, CAP_NET_RAW, CAP_IPC_LOCK held",
+        );
         return;
     }
-    let exe = std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_else(|_| INSTALLED_BIN.into());
+    let exe = std::env::current_exe()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| INSTALLED_BIN.into());
     let why: Vec<String> = XDP_CAPS
         .iter()
         .filter(|(n, _, _)| missing.contains(n))
@@ -119,20 +133,34 @@ fn check_caps(r: &mut Report, transport: TransportKind) {
          sudo setcap cap_bpf,cap_perfmon,cap_net_admin,cap_net_raw,cap_ipc_lock+ep {exe}"
     );
     match transport {
-        TransportKind::Xdp => r.line(false, "capabilities", &format!("missing {}; TRANSPORT=xdp needs them: {fix}", why.join(", "))),
+        TransportKind::Xdp => r.line(
+            false,
+            "capabilities",
+            &format!("missing {}; TRANSPORT=xdp needs them: {fix}", why.join(", ")),
+        ),
         TransportKind::Auto => r.line(
             true,
             "capabilities",
-            &format!("missing {}: TRANSPORT=auto will fall back to udp; for xdp, {fix}", missing.join(", ")),
+            &format!(
+                "missing {}: TRANSPORT=auto will fall back to udp; for xdp, {fix}",
+                missing.join(", ")
+            ),
         ),
-        _ => r.line(true, "capabilities", &format!("missing {} (TRANSPORT=udp needs none)", missing.join(", "))),
+        _ => r.line(
+            true,
+            "capabilities",
+            &format!("missing {} (TRANSPORT=udp needs none)", missing.join(", ")),
+        ),
     }
 }
 
 // ---------------------------------------------------------------- config
 
 fn check_config(r: &mut Report, args: &RunArgs) -> Option<Config> {
-    let path = args.config.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH));
+    let path = args
+        .config
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH));
     match Config::load(args.config.as_deref(), &args.overrides(), None) {
         Ok(config) => {
             let detail = match std::fs::metadata(&path) {
@@ -167,7 +195,13 @@ fn check_socks_port(r: &mut Report, addr: SocketAddr) {
                 &format!("{addr} is busy, held by {holder}: stop it, or set SOCKS_ADDR to a free port"),
             );
         }
-        Err(e) => r.line(false, "SOCKS port", &format!("cannot listen on {addr} ({e}): pick another SOCKS_ADDR (ports below 1024 need CAP_NET_BIND_SERVICE)")),
+        Err(e) => r.line(
+            false,
+            "SOCKS port",
+            &format!(
+                "cannot listen on {addr} ({e}): pick another SOCKS_ADDR (ports below 1024 need CAP_NET_BIND_SERVICE)"
+            ),
+        ),
     }
 }
 
@@ -175,14 +209,18 @@ fn check_socks_port(r: &mut Report, addr: SocketAddr) {
 /// process whose fd points at it (visible for our own user's processes, or as root);
 /// otherwise the owning user and the command that can tell.
 fn port_holder(port: u16) -> Option<String> {
-    let (inode, uid) = ["/proc/net/tcp", "/proc/net/tcp6"].iter().find_map(|f| listening_socket(f, port))?;
+    let (inode, uid) = ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .find_map(|f| listening_socket(f, port))?;
     let target = format!("socket:[{inode}]");
     for proc_entry in std::fs::read_dir("/proc").ok()?.flatten() {
         let pid = proc_entry.file_name().to_string_lossy().into_owned();
         if !pid.chars().all(|c| c.is_ascii_digit()) {
             continue;
         }
-        let Ok(fds) = std::fs::read_dir(proc_entry.path().join("fd")) else { continue };
+        let Ok(fds) = std::fs::read_dir(proc_entry.path().join("fd")) else {
+            continue;
+        };
         for fd in fds.flatten() {
             if std::fs::read_link(fd.path()).is_ok_and(|l| l.to_string_lossy() == target) {
                 let comm = std::fs::read_to_string(proc_entry.path().join("comm")).unwrap_or_default();
@@ -232,29 +270,57 @@ fn neighbour(next_hop: IpAddr, dev: &str) -> Option<(String, String)> {
     let v = ip_json(&["neigh", "show", &next_hop.to_string(), "dev", dev])?;
     let e = v.as_array()?.first()?;
     let mac = e.get("lladdr").and_then(|m| m.as_str()).unwrap_or_default().to_string();
-    let state = e.get("state").and_then(|s| s.as_array()).and_then(|a| a.first()).and_then(|s| s.as_str()).unwrap_or("").to_string();
+    let state = e
+        .get("state")
+        .and_then(|s| s.as_array())
+        .and_then(|a| a.first())
+        .and_then(|s| s.as_str())
+        .unwrap_or("")
+        .to_string();
     Some((mac, state))
 }
 
 fn check_route(r: &mut Report, remote: &str) {
-    let resolved = std::net::ToSocketAddrs::to_socket_addrs(remote).ok().and_then(|mut a| a.next());
+    let resolved = std::net::ToSocketAddrs::to_socket_addrs(remote)
+        .ok()
+        .and_then(|mut a| a.next());
     let Some(addr) = resolved else {
-        r.line(false, "route to server", &format!("cannot resolve {remote}: check REMOTE_ADDR and DNS"));
+        r.line(
+            false,
+            "route to server",
+            &format!("cannot resolve {remote}: check REMOTE_ADDR and DNS"),
+        );
         return;
     };
-    let bind: SocketAddr = if addr.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { (std::net::Ipv6Addr::UNSPECIFIED, 0).into() };
+    let bind: SocketAddr = if addr.is_ipv4() {
+        ([0, 0, 0, 0], 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
     // connect() on UDP sends nothing; it only asks the kernel for a route.
     let socket = match UdpSocket::bind(bind).and_then(|s| s.connect(addr).map(|_| s)) {
         Ok(s) => s,
         Err(e) => {
-            r.line(false, "route to server", &format!("no route to {addr} ({e}): add a route or a default gateway"));
+            r.line(
+                false,
+                "route to server",
+                &format!("no route to {addr} ({e}): add a route or a default gateway"),
+            );
             return;
         }
     };
     let route = ip_json(&["route", "get", &addr.ip().to_string()]);
-    let first = route.as_ref().and_then(|v| v.as_array()).and_then(|a| a.first()).cloned().unwrap_or_default();
+    let first = route
+        .as_ref()
+        .and_then(|v| v.as_array())
+        .and_then(|a| a.first())
+        .cloned()
+        .unwrap_or_default();
     let dev = first.get("dev").and_then(|d| d.as_str()).unwrap_or("").to_string();
-    let gateway = first.get("gateway").and_then(|g| g.as_str()).and_then(|g| g.parse::<IpAddr>().ok());
+    let gateway = first
+        .get("gateway")
+        .and_then(|g| g.as_str())
+        .and_then(|g| g.parse::<IpAddr>().ok());
     let local = socket.local_addr().map(|a| a.ip().to_string()).unwrap_or_default();
     if dev.is_empty() {
         r.line(true, "route to server", &format!("{addr} reachable from {local}"));
@@ -282,7 +348,9 @@ fn check_route(r: &mut Report, remote: &str) {
         }
     }
     match seen {
-        Some((mac, state)) if usable(&state) => r.line(true, "neighbour", &format!("{next_hop} is {mac} on {dev} ({state})")),
+        Some((mac, state)) if usable(&state) => {
+            r.line(true, "neighbour", &format!("{next_hop} is {mac} on {dev} ({state})"))
+        }
         other => r.line(
             false,
             "neighbour",
@@ -328,14 +396,24 @@ fn check_kernel(r: &mut Report, needed: bool) {
     r.line(
         btf || !needed,
         "kernel BTF",
-        if btf { "/sys/kernel/btf/vmlinux present" } else { "missing: the kernel lacks CONFIG_DEBUG_INFO_BTF (needed for the xdp transport)" },
+        if btf {
+            "/sys/kernel/btf/vmlinux present"
+        } else {
+            "missing: the kernel lacks CONFIG_DEBUG_INFO_BTF (needed for the xdp transport)"
+        },
     );
     let found = btf_has(&["xdp_md", "xdp_sock"]);
     let xdp = found[0];
     r.line(
         xdp || !btf || !needed,
         "XDP",
-        if xdp { "supported (struct xdp_md in the kernel's BTF)" } else if !btf { "unknown without BTF" } else { "the kernel has no XDP: use TRANSPORT=udp" },
+        if xdp {
+            "supported (struct xdp_md in the kernel's BTF)"
+        } else if !btf {
+            "unknown without BTF"
+        } else {
+            "the kernel has no XDP: use TRANSPORT=udp"
+        },
     );
     // socket(AF_XDP): EAFNOSUPPORT = not built in; EPERM = there, but no CAP_NET_RAW.
     // SAFETY: plain socket(2); the fd is closed at once.
@@ -346,9 +424,15 @@ fn check_kernel(r: &mut Report, needed: bool) {
         unsafe { libc::close(fd) };
         (true, "supported (opened an AF_XDP socket)".to_string())
     } else if err.raw_os_error() == Some(libc::EAFNOSUPPORT) {
-        (!needed, "the kernel has no AF_XDP (CONFIG_XDP_SOCKETS): use TRANSPORT=udp".to_string())
+        (
+            !needed,
+            "the kernel has no AF_XDP (CONFIG_XDP_SOCKETS): use TRANSPORT=udp".to_string(),
+        )
     } else if found[1] {
-        (true, format!("supported (struct xdp_sock in BTF; opening one here: {err}, see capabilities)"))
+        (
+            true,
+            format!("supported (struct xdp_sock in BTF; opening one here: {err}, see capabilities)"),
+        )
     } else {
         (!needed, format!("socket(AF_XDP) failed: {err}"))
     };
@@ -357,7 +441,11 @@ fn check_kernel(r: &mut Report, needed: bool) {
     let root = unsafe { libc::geteuid() } == 0;
     if !is_bpffs(BPFFS) {
         if root {
-            r.line(true, "bpffs", "not mounted at /sys/fs/bpf; paqet mounts it (running as root)");
+            r.line(
+                true,
+                "bpffs",
+                "not mounted at /sys/fs/bpf; paqet mounts it (running as root)",
+            );
         } else {
             r.line(
                 !needed,
@@ -368,14 +456,30 @@ fn check_kernel(r: &mut Report, needed: bool) {
         return;
     }
     // The service user creates <instance>/ under /sys/fs/bpf/paqet and removes it again.
-    let writable = if Path::new(PIN_ROOT).exists() { access(PIN_ROOT, libc::W_OK | libc::X_OK) } else { access(BPFFS, libc::W_OK | libc::X_OK) };
+    let writable = if Path::new(PIN_ROOT).exists() {
+        access(PIN_ROOT, libc::W_OK | libc::X_OK)
+    } else {
+        access(BPFFS, libc::W_OK | libc::X_OK)
+    };
     let fix = "run the unit's ExecStartPre as root: `chmod o+x /sys/fs/bpf && install -d -o flowless-paqet -g flowless-paqet -m 0755 /sys/fs/bpf/paqet`";
     if writable {
-        r.line(true, "bpffs", &format!("mounted at {BPFFS}; pins go under {PIN_ROOT} (writable)"));
+        r.line(
+            true,
+            "bpffs",
+            &format!("mounted at {BPFFS}; pins go under {PIN_ROOT} (writable)"),
+        );
     } else if !access(BPFFS, libc::X_OK) {
-        r.line(!needed, "bpffs", &format!("mounted, but this user cannot enter {BPFFS}: {fix}"));
+        r.line(
+            !needed,
+            "bpffs",
+            &format!("mounted, but this user cannot enter {BPFFS}: {fix}"),
+        );
     } else {
-        r.line(!needed, "bpffs", &format!("mounted, but this user cannot create pins in {PIN_ROOT}: {fix}"));
+        r.line(
+            !needed,
+            "bpffs",
+            &format!("mounted, but this user cannot create pins in {PIN_ROOT}: {fix}"),
+        );
     }
 }
 

@@ -94,7 +94,9 @@ pub fn read(instance: &str) -> Option<Value> {
 
 /// Instances that publish live state (including those without pins: the udp transport).
 pub fn instances() -> Vec<String> {
-    let Ok(dir) = std::fs::read_dir(RUN_DIR) else { return Vec::new() };
+    let Ok(dir) = std::fs::read_dir(RUN_DIR) else {
+        return Vec::new();
+    };
     dir.filter_map(|e| e.ok())
         .filter_map(|e| e.file_name().to_string_lossy().strip_suffix(".json").map(str::to_owned))
         .collect()
@@ -106,8 +108,18 @@ mod tests {
 
     #[test]
     fn rates_come_from_the_difference() {
-        let before = Snapshot { bytes_in: 1000, bytes_out: 0, ..Snapshot::default() };
-        let now = Snapshot { sessions: 2, streams: 5, bytes_in: 3000, bytes_out: 500, ..Snapshot::default() };
+        let before = Snapshot {
+            bytes_in: 1000,
+            bytes_out: 0,
+            ..Snapshot::default()
+        };
+        let now = Snapshot {
+            sessions: 2,
+            streams: 5,
+            bytes_in: 3000,
+            bytes_out: 500,
+            ..Snapshot::default()
+        };
         let v = render("server", "xdp", now, before, 2.0);
         assert_eq!(v["bytes_in_per_s"], 1000.0);
         assert_eq!(v["bytes_out_per_s"], 250.0);

@@ -24,7 +24,10 @@ fn instances(only: Option<&str>) -> Result<Vec<String>> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(e).with_context(|| format!("cannot list {PIN_ROOT}")),
     };
-    let mut names: Vec<String> = dir.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    let mut names: Vec<String> = dir
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
     names.sort();
     Ok(names)
 }
@@ -47,7 +50,10 @@ fn programs_using(stats_pin: &std::path::Path) -> Result<Vec<u32>> {
 
 /// The XDP mode and program id on `interface`, when it exists in this network namespace.
 fn xdp_attachment(interface: &str) -> Option<(String, u32)> {
-    let out = std::process::Command::new("ip").args(["-d", "-j", "link", "show", "dev", interface]).output().ok()?;
+    let out = std::process::Command::new("ip")
+        .args(["-d", "-j", "link", "show", "dev", interface])
+        .output()
+        .ok()?;
     if !out.status.success() {
         return None;
     }
@@ -103,7 +109,11 @@ pub fn run(args: &StatusArgs) -> Result<()> {
     }
     let mut all = Vec::new();
     for name in &names {
-        let mut v = if std::path::Path::new(PIN_ROOT).join(name).exists() { describe(name)? } else { describe_unpinned(name) };
+        let mut v = if std::path::Path::new(PIN_ROOT).join(name).exists() {
+            describe(name)?
+        } else {
+            describe_unpinned(name)
+        };
         v["live"] = live::read(name).unwrap_or(Value::Null);
         all.push(v);
     }
@@ -116,7 +126,12 @@ pub fn run(args: &StatusArgs) -> Result<()> {
         return Ok(());
     }
     for v in all {
-        let ids: Vec<String> = v["program_ids"].as_array().into_iter().flatten().map(|i| i.to_string()).collect();
+        let ids: Vec<String> = v["program_ids"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|i| i.to_string())
+            .collect();
         let state = if v["pins"].is_null() {
             "no XDP program (udp transport)".to_string()
         } else if v["running"].as_bool() == Some(true) {
@@ -124,10 +139,13 @@ pub fn run(args: &StatusArgs) -> Result<()> {
                 "paqet_steer id {} on {} ({})",
                 ids.join(","),
                 v["interface"].as_str().unwrap_or(""),
-                v["mode"].as_str().unwrap_or("mode not visible from this network namespace")
+                v["mode"]
+                    .as_str()
+                    .unwrap_or("mode not visible from this network namespace")
             )
         } else {
-            "STALE: no loaded program uses these pins (the process was killed; the next start replaces them)".to_string()
+            "STALE: no loaded program uses these pins (the process was killed; the next start replaces them)"
+                .to_string()
         };
         println!("{}: {state}", v["instance"].as_str().unwrap_or(""));
         if !v["pins"].is_null() {
@@ -141,12 +159,21 @@ pub fn run(args: &StatusArgs) -> Result<()> {
         }
         let live = &v["live"];
         if live.is_null() {
-            println!("  live: not published (process not running, or no writable {})", live::RUN_DIR);
+            println!(
+                "  live: not published (process not running, or no writable {})",
+                live::RUN_DIR
+            );
         } else {
             println!(
                 "  live: pid {} transport {} sessions {} streams {} in {} B/s out {} B/s, dropped unauthentic {} replayed {}",
-                live["pid"], live["transport"], live["sessions"], live["streams"], live["bytes_in_per_s"], live["bytes_out_per_s"],
-                live["dropped_unauthentic"], live["dropped_replayed"]
+                live["pid"],
+                live["transport"],
+                live["sessions"],
+                live["streams"],
+                live["bytes_in_per_s"],
+                live["bytes_out_per_s"],
+                live["dropped_unauthentic"],
+                live["dropped_replayed"]
             );
         }
     }

@@ -120,7 +120,10 @@ mod tests {
 
     #[test]
     fn credentials_compare_both_fields() {
-        let c = Credentials { user: "alice".into(), pass: "s3cret".into() };
+        let c = Credentials {
+            user: "alice".into(),
+            pass: "s3cret".into(),
+        };
         assert!(credentials_match(&c, "alice", "s3cret"));
         assert!(!credentials_match(&c, "alice", "s3cret!"));
         assert!(!credentials_match(&c, "bob", "s3cret"));
@@ -130,7 +133,14 @@ mod tests {
     #[test]
     fn every_open_error_has_its_own_reply() {
         use OpenError::*;
-        let all = [GeneralFailure, NotAllowed, NetworkUnreachable, HostUnreachable, ConnectionRefused, TtlExpired];
+        let all = [
+            GeneralFailure,
+            NotAllowed,
+            NetworkUnreachable,
+            HostUnreachable,
+            ConnectionRefused,
+            TtlExpired,
+        ];
         let codes: std::collections::HashSet<String> = all.iter().map(|e| format!("{:?}", reply_for(*e))).collect();
         assert_eq!(codes.len(), all.len());
     }

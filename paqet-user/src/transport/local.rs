@@ -57,7 +57,10 @@ pub fn interface_with(ip: IpAddr) -> io::Result<Option<String>> {
 
 /// The first address of the wanted family on `interface`.
 pub fn address_of(interface: &str, v6: bool) -> io::Result<Option<IpAddr>> {
-    Ok(addresses()?.into_iter().find(|(n, a)| n == interface && a.is_ipv6() == v6 && !is_link_local(a)).map(|(_, a)| a))
+    Ok(addresses()?
+        .into_iter()
+        .find(|(n, a)| n == interface && a.is_ipv6() == v6 && !is_link_local(a))
+        .map(|(_, a)| a))
 }
 
 fn is_link_local(ip: &IpAddr) -> bool {
@@ -67,7 +70,11 @@ fn is_link_local(ip: &IpAddr) -> bool {
 /// The source address the kernel would use towards `peer` (connecting a UDP socket
 /// sends nothing; it only consults the routing table).
 pub fn route_source(peer: SocketAddr) -> io::Result<IpAddr> {
-    let any: SocketAddr = if peer.is_ipv4() { (Ipv4Addr::UNSPECIFIED, 0).into() } else { (Ipv6Addr::UNSPECIFIED, 0).into() };
+    let any: SocketAddr = if peer.is_ipv4() {
+        (Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (Ipv6Addr::UNSPECIFIED, 0).into()
+    };
     let sock = UdpSocket::bind(any)?;
     sock.connect(peer)?;
     Ok(sock.local_addr()?.ip())

@@ -40,7 +40,14 @@ pub struct RecvBatch {
 impl RecvBatch {
     pub fn new(count: usize, max_datagram: usize) -> RecvBatch {
         let unspecified = SocketAddr::from(([0, 0, 0, 0], 0));
-        let slots = (0..count).map(|_| RecvSlot { buf: vec![0u8; max_datagram], len: 0, peer: unspecified, link_src: None }).collect();
+        let slots = (0..count)
+            .map(|_| RecvSlot {
+                buf: vec![0u8; max_datagram],
+                len: 0,
+                peer: unspecified,
+                link_src: None,
+            })
+            .collect();
         RecvBatch { slots, filled: 0 }
     }
 

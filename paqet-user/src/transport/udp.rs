@@ -46,7 +46,10 @@ impl UdpTransport {
         socket.set_nonblocking(true)?;
         socket.bind(&local.into())?;
         let socket = UdpSocket::from_std(socket.into())?;
-        Ok(UdpTransport { socket, send_dropped: AtomicU64::new(0) })
+        Ok(UdpTransport {
+            socket,
+            send_dropped: AtomicU64::new(0),
+        })
     }
 
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
@@ -70,7 +73,9 @@ fn to_raw(addr: SocketAddr) -> (RawAddr, libc::socklen_t) {
             raw.v4 = libc::sockaddr_in {
                 sin_family: libc::AF_INET as libc::sa_family_t,
                 sin_port: a.port().to_be(),
-                sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(a.ip().octets()) },
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(a.ip().octets()),
+                },
                 sin_zero: [0; 8],
             };
             (raw, size_of::<libc::sockaddr_in>() as libc::socklen_t)
@@ -80,7 +85,9 @@ fn to_raw(addr: SocketAddr) -> (RawAddr, libc::socklen_t) {
                 sin6_family: libc::AF_INET6 as libc::sa_family_t,
                 sin6_port: a.port().to_be(),
                 sin6_flowinfo: a.flowinfo(),
-                sin6_addr: libc::in6_addr { s6_addr: a.ip().octets() },
+                sin6_addr: libc::in6_addr {
+                    s6_addr: a.ip().octets(),
+                },
                 sin6_scope_id: a.scope_id(),
             };
             (raw, size_of::<libc::sockaddr_in6>() as libc::socklen_t)
@@ -116,7 +123,10 @@ fn recvmmsg(fd: i32, batch: &mut RecvBatch) -> io::Result<usize> {
     let slots = batch.slots_mut();
     let mut iovs: Vec<libc::iovec> = slots
         .iter_mut()
-        .map(|s| libc::iovec { iov_base: s.buf.as_mut_ptr().cast(), iov_len: s.buf.len() })
+        .map(|s| libc::iovec {
+            iov_base: s.buf.as_mut_ptr().cast(),
+            iov_len: s.buf.len(),
+        })
         .collect();
     // SAFETY: zeroed sockaddr storage is valid; the kernel writes at most msg_namelen.
     let mut addrs: Vec<RawAddr> = vec![unsafe { zeroed() }; n];
@@ -128,11 +138,22 @@ fn recvmmsg(fd: i32, batch: &mut RecvBatch) -> io::Result<usize> {
             hdr.msg_namelen = size_of::<RawAddr>() as libc::socklen_t;
             hdr.msg_iov = &mut iovs[i];
             hdr.msg_iovlen = 1;
-            libc::mmsghdr { msg_hdr: hdr, msg_len: 0 }
+            libc::mmsghdr {
+                msg_hdr: hdr,
+                msg_len: 0,
+            }
         })
         .collect();
     // SAFETY: msgs, iovs and addrs outlive the call and describe valid buffers.
-    let got = unsafe { libc::recvmmsg(fd, msgs.as_mut_ptr(), n as u32, libc::MSG_DONTWAIT, std::ptr::null_mut()) };
+    let got = unsafe {
+        libc::recvmmsg(
+            fd,
+            msgs.as_mut_ptr(),
+            n as u32,
+            libc::MSG_DONTWAIT,
+            std::ptr::null_mut(),
+        )
+    };
     if got < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -157,7 +178,10 @@ fn sendmmsg(fd: i32, batch: &[Transmit]) -> io::Result<usize> {
     let mut addrs: Vec<(RawAddr, libc::socklen_t)> = batch.iter().map(|t| to_raw(t.peer)).collect();
     let mut iovs: Vec<libc::iovec> = batch
         .iter()
-        .map(|t| libc::iovec { iov_base: t.payload.as_ptr() as *mut _, iov_len: t.payload.len() })
+        .map(|t| libc::iovec {
+            iov_base: t.payload.as_ptr() as *mut _,
+            iov_len: t.payload.len(),
+        })
         .collect();
     let mut msgs: Vec<libc::mmsghdr> = (0..batch.len())
         .map(|i| {
@@ -167,7 +191,10 @@ fn sendmmsg(fd: i32, batch: &[Transmit]) -> io::Result<usize> {
             hdr.msg_namelen = addrs[i].1;
             hdr.msg_iov = &mut iovs[i];
             hdr.msg_iovlen = 1;
-            libc::mmsghdr { msg_hdr: hdr, msg_len: 0 }
+            libc::mmsghdr {
+                msg_hdr: hdr,
+                msg_len: 0,
+            }
         })
         .collect();
     // SAFETY: every pointer refers to memory alive for the duration of the call.
@@ -180,7 +207,11 @@ fn sendmmsg(fd: i32, batch: &[Transmit]) -> io::Result<usize> {
 
 /// Waits up to `ms` for the socket to accept more data.
 fn wait_writable(fd: i32, ms: i32) -> bool {
-    let mut pfd = libc::pollfd { fd, events: libc::POLLOUT, revents: 0 };
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLOUT,
+        revents: 0,
+    };
     // SAFETY: one valid pollfd for the duration of the call.
     let n = unsafe { libc::poll(&mut pfd, 1, ms) };
     n > 0 && pfd.revents & libc::POLLOUT != 0
@@ -203,7 +234,8 @@ impl Transport for UdpTransport {
                         // the kernel caps SO_SNDBUF without CAP_NET_ADMIN, so wait briefly
                         // for room rather than drop what would only be retransmitted.
                         if !wait_writable(fd, SEND_WAIT_MS) {
-                            self.send_dropped.fetch_add((chunk.len() - done) as u64, Ordering::Relaxed);
+                            self.send_dropped
+                                .fetch_add((chunk.len() - done) as u64, Ordering::Relaxed);
                             break;
                         }
                     }
@@ -246,12 +278,20 @@ mod tests {
         let a = UdpTransport::bind("127.0.0.1:0".parse().unwrap(), None).unwrap();
         let b = UdpTransport::bind("127.0.0.1:0".parse().unwrap(), Some(1 << 20)).unwrap();
         let to = b.local_addr().unwrap();
-        let batch: Vec<Transmit> = (0..10u8).map(|i| Transmit { peer: to, payload: vec![i; 100 + i as usize] }).collect();
+        let batch: Vec<Transmit> = (0..10u8)
+            .map(|i| Transmit {
+                peer: to,
+                payload: vec![i; 100 + i as usize],
+            })
+            .collect();
         a.send_batch(&batch).unwrap();
         let mut got = Vec::new();
         let mut rb = RecvBatch::new(4, 2048);
         while got.len() < 10 {
-            tokio::time::timeout(std::time::Duration::from_secs(5), b.recv_batch(&mut rb)).await.unwrap().unwrap();
+            tokio::time::timeout(std::time::Duration::from_secs(5), b.recv_batch(&mut rb))
+                .await
+                .unwrap()
+                .unwrap();
             for (peer, bytes) in rb.iter() {
                 assert_eq!(peer, a.local_addr().unwrap());
                 got.push(bytes.to_vec());

@@ -7,7 +7,7 @@ use std::sync::Once;
 use anyhow::{Result, anyhow};
 use plotters::prelude::*;
 
-use super::report::{CLEAN1, CLEAN8, CEILING, Kind, LOSSY, RR, Results, STREAMS};
+use super::report::{CEILING, CLEAN1, CLEAN8, Kind, LOSSY, RR, Results, STREAMS};
 
 pub const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
 
@@ -69,7 +69,10 @@ pub fn hbar(path: &Path, title: &str, unit: &str, items: &[(String, f64, RGBColo
     chart
         .draw_series(items.iter().enumerate().map(|(i, (_, v, c))| {
             let y = n - 1 - i;
-            let mut r = Rectangle::new([(0.0, SegmentValue::Exact(y)), (*v, SegmentValue::Exact(y + 1))], c.filled());
+            let mut r = Rectangle::new(
+                [(0.0, SegmentValue::Exact(y)), (*v, SegmentValue::Exact(y + 1))],
+                c.filled(),
+            );
             r.set_margin(3, 3, 0, 0);
             r
         }))
@@ -77,8 +80,16 @@ pub fn hbar(path: &Path, title: &str, unit: &str, items: &[(String, f64, RGBColo
     chart
         .draw_series(items.iter().enumerate().map(|(i, (_, v, _))| {
             let y = n - 1 - i;
-            let text = if *v >= 100.0 { format!("{v:.0}") } else { format!("{v:.1}") };
-            Text::new(text, (*v + max * 0.005, SegmentValue::CenterOf(y)), ("sans-serif", 12).into_font())
+            let text = if *v >= 100.0 {
+                format!("{v:.0}")
+            } else {
+                format!("{v:.1}")
+            };
+            Text::new(
+                text,
+                (*v + max * 0.005, SegmentValue::CenterOf(y)),
+                ("sans-serif", 12).into_font(),
+            )
         }))
         .map_err(|e| anyhow!("{e}"))?;
     root.present().map_err(|e| anyhow!("{e}"))?;
@@ -90,18 +101,58 @@ pub fn draw_all(results: &Results, dir: &Path) -> Result<Vec<String>> {
     std::fs::create_dir_all(dir)?;
     let mut written = Vec::new();
     let pick = |test: &str, f: &dyn Fn(&super::report::Row) -> Option<f64>| -> Vec<(String, f64, RGBColor)> {
-        results.rows.iter().filter(|r| r.test == test).filter_map(|r| f(r).map(|v| (r.system.clone(), v, color(r.kind)))).collect()
+        results
+            .rows
+            .iter()
+            .filter(|r| r.test == test)
+            .filter_map(|r| f(r).map(|v| (r.system.clone(), v, color(r.kind))))
+            .collect()
     };
     let mut clean: Vec<_> = pick(CEILING, &|r| Some(r.value));
     clean.extend(pick(CLEAN1, &|r| Some(r.value)));
     let charts: Vec<(&str, &str, &str, Vec<(String, f64, RGBColor)>)> = vec![
-        ("clean-1.png", "Clean link, one stream (ceilings: frame bytes)", "MB/s", clean),
-        ("clean-8.png", "Clean link, 8 streams at once", "MB/s", pick(CLEAN8, &|r| Some(r.value))),
-        ("lossy.png", "40 ms RTT, 1 % loss each way, one stream", "MB/s", pick(LOSSY, &|r| Some(r.value))),
-        ("rr-p50.png", "64-byte request/response, p50", "µs", pick(RR, &|r| Some(r.value))),
-        ("rr-p99.png", "64-byte request/response, p99", "µs", pick(RR, &|r| Some(r.value2))),
-        ("cpu-clean-1.png", "CPU seconds per GiB, relay processes, clean link, one stream", "CPU s / GiB", pick(CLEAN1, &|r| r.cpu_per_gib)),
-        ("streams.png", "1,000 concurrent streams × 1 MiB (wall time)", "s", pick(STREAMS, &|r| Some(r.value))),
+        (
+            "clean-1.png",
+            "Clean link, one stream (ceilings: frame bytes)",
+            "MB/s",
+            clean,
+        ),
+        (
+            "clean-8.png",
+            "Clean link, 8 streams at once",
+            "MB/s",
+            pick(CLEAN8, &|r| Some(r.value)),
+        ),
+        (
+            "lossy.png",
+            "40 ms RTT, 1 % loss each way, one stream",
+            "MB/s",
+            pick(LOSSY, &|r| Some(r.value)),
+        ),
+        (
+            "rr-p50.png",
+            "64-byte request/response, p50",
+            "µs",
+            pick(RR, &|r| Some(r.value)),
+        ),
+        (
+            "rr-p99.png",
+            "64-byte request/response, p99",
+            "µs",
+            pick(RR, &|r| Some(r.value2)),
+        ),
+        (
+            "cpu-clean-1.png",
+            "CPU seconds per GiB, relay processes, clean link, one stream",
+            "CPU s / GiB",
+            pick(CLEAN1, &|r| r.cpu_per_gib),
+        ),
+        (
+            "streams.png",
+            "1,000 concurrent streams × 1 MiB (wall time)",
+            "s",
+            pick(STREAMS, &|r| Some(r.value)),
+        ),
     ];
     for (file, title, unit, items) in charts {
         if items.is_empty() {

@@ -11,8 +11,8 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -46,7 +46,11 @@ pub fn spawn_in_ns<F: FnOnce() + Send + 'static>(ns_path: PathBuf, f: F) -> Resu
         use std::os::fd::AsRawFd;
         // SAFETY: a valid namespace fd; CLONE_NEWNET only affects this thread.
         if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            eprintln!("bench: setns into {}: {}", ns_path.display(), std::io::Error::last_os_error());
+            eprintln!(
+                "bench: setns into {}: {}",
+                ns_path.display(),
+                std::io::Error::last_os_error()
+            );
             return;
         }
         f();
@@ -65,7 +69,9 @@ fn accept_loop(listener: TcpListener, stop: Arc<AtomicBool>, serve: fn(TcpStream
         match listener.accept() {
             Ok((s, _)) => {
                 let _ = s.set_nonblocking(false);
-                let _ = std::thread::Builder::new().stack_size(256 << 10).spawn(move || serve(s));
+                let _ = std::thread::Builder::new()
+                    .stack_size(256 << 10)
+                    .spawn(move || serve(s));
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(2)),
             Err(_) => std::thread::sleep(Duration::from_millis(2)),
@@ -88,11 +94,25 @@ pub fn set_socket_cc(s: &TcpStream, cc: &str) -> String {
     use std::os::fd::AsRawFd;
     // SAFETY: valid socket, buffer pointers and lengths.
     unsafe {
-        libc::setsockopt(s.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_CONGESTION, cc.as_ptr().cast(), cc.len() as u32);
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_CONGESTION,
+            cc.as_ptr().cast(),
+            cc.len() as u32,
+        );
         let mut buf = [0u8; 16];
         let mut len = buf.len() as libc::socklen_t;
-        libc::getsockopt(s.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_CONGESTION, buf.as_mut_ptr().cast(), &mut len);
-        String::from_utf8_lossy(&buf[..len as usize]).trim_end_matches('\0').to_string()
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_CONGESTION,
+            buf.as_mut_ptr().cast(),
+            &mut len,
+        );
+        String::from_utf8_lossy(&buf[..len as usize])
+            .trim_end_matches('\0')
+            .to_string()
     }
 }
 
@@ -123,7 +143,12 @@ fn serve_origin(mut s: TcpStream) {
         let _ = s.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
         return;
     };
-    if write!(s, "HTTP/1.1 200 OK\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n").is_err() {
+    if write!(
+        s,
+        "HTTP/1.1 200 OK\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n"
+    )
+    .is_err()
+    {
         return;
     }
     let block = body_block();
@@ -158,7 +183,10 @@ impl Servers {
         body_block();
         let stop = Arc::new(AtomicBool::new(false));
         let mut handles = Vec::new();
-        for (port, serve) in [(BENCH_ORIGIN_PORT, serve_origin as fn(TcpStream)), (ECHO_PORT, serve_echo)] {
+        for (port, serve) in [
+            (BENCH_ORIGIN_PORT, serve_origin as fn(TcpStream)),
+            (ECHO_PORT, serve_echo),
+        ] {
             let stop = stop.clone();
             let (tx, rx) = std::sync::mpsc::channel();
             handles.push(spawn_in_ns(ns.path(), move || {
@@ -172,7 +200,9 @@ impl Servers {
                     }
                 }
             })?);
-            rx.recv_timeout(Duration::from_secs(5)).context("bench server did not start")?.context("binding a bench server")?;
+            rx.recv_timeout(Duration::from_secs(5))
+                .context("bench server did not start")?
+                .context("binding a bench server")?;
         }
         Ok(Servers { stop, handles })
     }
@@ -199,11 +229,15 @@ pub enum Access {
 impl Access {
     pub fn open(&self) -> Result<TcpStream> {
         let s = match self {
-            Access::Socks { proxy, target } => match crate::socks::connect(*proxy, &target.ip().to_string(), target.port(), None, 1)? {
-                Ok(s) => s,
-                Err(code) => bail!("SOCKS refused with reply code {code}"),
-            },
-            Access::Direct(a) => TcpStream::connect_timeout(a, Duration::from_secs(10)).with_context(|| format!("connecting to {a}"))?,
+            Access::Socks { proxy, target } => {
+                match crate::socks::connect(*proxy, &target.ip().to_string(), target.port(), None, 1)? {
+                    Ok(s) => s,
+                    Err(code) => bail!("SOCKS refused with reply code {code}"),
+                }
+            }
+            Access::Direct(a) => {
+                TcpStream::connect_timeout(a, Duration::from_secs(10)).with_context(|| format!("connecting to {a}"))?
+            }
         };
         Ok(s)
     }
@@ -220,7 +254,11 @@ pub struct Transfer {
 
 impl Transfer {
     pub fn mb_per_s(&self) -> f64 {
-        if self.secs > 0.0 { self.bytes as f64 / self.secs / 1e6 } else { 0.0 }
+        if self.secs > 0.0 {
+            self.bytes as f64 / self.secs / 1e6
+        } else {
+            0.0
+        }
     }
     pub fn all_complete(&self) -> bool {
         self.complete == self.streams
@@ -233,7 +271,10 @@ impl Transfer {
 pub fn download_one(access: &Access, len: u64, deadline: Instant) -> Result<(u64, bool)> {
     let mut s = access.open()?;
     s.set_read_timeout(Some(Duration::from_millis(250)))?;
-    write!(s, "GET /bytes/{len} HTTP/1.1\r\nHost: origin\r\nConnection: close\r\n\r\n")?;
+    write!(
+        s,
+        "GET /bytes/{len} HTTP/1.1\r\nHost: origin\r\nConnection: close\r\n\r\n"
+    )?;
     let mut buf = vec![0u8; 256 << 10];
     let mut head = Vec::new();
     let mut body = 0u64;
@@ -289,7 +330,10 @@ pub fn download_many(access: &Access, streams: usize, len_each: u64, cap: Durati
                     .expect("spawning a stream thread")
             })
             .collect();
-        handles.into_iter().map(|h| h.join().unwrap_or((0, false, Instant::now()))).collect()
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or((0, false, Instant::now())))
+            .collect()
     });
     let last = results.iter().map(|r| r.2).max().unwrap_or(started);
     Transfer {
@@ -361,7 +405,10 @@ pub fn total_cpu(procs: &[Proc]) -> f64 {
 /// as `sh -c ... exec` may sit in between for a moment).
 pub fn find_comm(pid: u32, comm: &str) -> u32 {
     for _ in 0..100 {
-        if std::fs::read_to_string(format!("/proc/{pid}/comm")).map(|c| c.trim() == comm).unwrap_or(false) {
+        if std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            .map(|c| c.trim() == comm)
+            .unwrap_or(false)
+        {
             return pid;
         }
         if let Some(child) = descendant_with_comm(pid, comm) {

@@ -37,12 +37,27 @@ impl KcpConfig {
     fn common_args(&self) -> Vec<String> {
         let (ds, ps) = if self.fec { ("10", "3") } else { ("0", "0") };
         [
-            "--key", "paqet-bench-key", "--crypt", self.crypt, "--mode", "fast3", "--nocomp", "--quiet",
-            "--ds", ds, "--ps", ps,
+            "--key",
+            "paqet-bench-key",
+            "--crypt",
+            self.crypt,
+            "--mode",
+            "fast3",
+            "--nocomp",
+            "--quiet",
+            "--ds",
+            ds,
+            "--ps",
+            ps,
         ]
         .iter()
         .map(|s| s.to_string())
-        .chain(["--sndwnd".into(), self.wnd.to_string(), "--rcvwnd".into(), self.wnd.to_string()])
+        .chain([
+            "--sndwnd".into(),
+            self.wnd.to_string(),
+            "--rcvwnd".into(),
+            self.wnd.to_string(),
+        ])
         .collect()
     }
 }
@@ -68,16 +83,32 @@ pub struct Kcptun {
     pub local: SocketAddr,
 }
 
-pub fn start_kcptun(hosts: &TwoHosts, cfg: &KcpConfig, udp_port: u16, local_port: u16, target: SocketAddr) -> Result<Kcptun> {
+pub fn start_kcptun(
+    hosts: &TwoHosts,
+    cfg: &KcpConfig,
+    udp_port: u16,
+    local_port: u16,
+    target: SocketAddr,
+) -> Result<Kcptun> {
     let listen = format!("{}:{udp_port}", TwoHosts::SERVER_IP);
     let mut cmd = hosts.server.command("kcptun-server");
-    cmd.args(["-l", &listen, "-t", &target.to_string()]).args(cfg.common_args()).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+    cmd.args(["-l", &listen, "-t", &target.to_string()])
+        .args(cfg.common_args())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
     let server = ChildGuard::spawn(&mut cmd)?;
     let local: SocketAddr = ([127, 0, 0, 1], local_port).into();
     let mut cmd = hosts.client.command("kcptun-client");
-    cmd.args(["-l", &local.to_string(), "-r", &listen]).args(cfg.common_args()).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+    cmd.args(["-l", &local.to_string(), "-r", &listen])
+        .args(cfg.common_args())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
     let client = ChildGuard::spawn(&mut cmd)?;
-    let up = hosts.client.run(|| wait_for(|| std::net::TcpStream::connect(local).is_ok(), Duration::from_secs(10)))?;
+    let up = hosts
+        .client
+        .run(|| wait_for(|| std::net::TcpStream::connect(local).is_ok(), Duration::from_secs(10)))?;
     if !up {
         bail!("kcptun-client did not start listening on {local}");
     }
@@ -89,7 +120,10 @@ pub const MICROSOCKS_PORT: u16 = 1081;
 /// microsocks on the server's loopback: the SOCKS5 server kcptun forwards to.
 pub fn start_microsocks(ns: &Netns) -> Result<ChildGuard> {
     let mut cmd = ns.command("microsocks");
-    cmd.args(["-i", "127.0.0.1", "-p", &MICROSOCKS_PORT.to_string()]).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+    cmd.args(["-i", "127.0.0.1", "-p", &MICROSOCKS_PORT.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
     let g = ChildGuard::spawn(&mut cmd)?;
     let addr: SocketAddr = ([127, 0, 0, 1], MICROSOCKS_PORT).into();
     if !ns.run(|| wait_for(|| std::net::TcpStream::connect(addr).is_ok(), Duration::from_secs(10)))? {

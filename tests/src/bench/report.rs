@@ -69,13 +69,20 @@ impl Results {
 
     fn best(&self, test: &str, pred: impl Fn(Kind) -> bool, higher: bool) -> Option<&Row> {
         let it = self.rows.iter().filter(|r| r.test == test && pred(r.kind));
-        if higher { it.max_by(|a, b| a.value.total_cmp(&b.value)) } else { it.min_by(|a, b| a.value.total_cmp(&b.value)) }
+        if higher {
+            it.max_by(|a, b| a.value.total_cmp(&b.value))
+        } else {
+            it.min_by(|a, b| a.value.total_cmp(&b.value))
+        }
     }
 
     /// The side-by-side table, as markdown.
     pub fn table(&self) -> String {
         let mut t = String::new();
-        let _ = writeln!(t, "| system | clean 1 stream MB/s | CPU s/GiB | clean 8 streams MB/s | CPU s/GiB | rr p50 µs | rr p99 µs | lossy MB/s | CPU s/GiB | 1000 streams s | CPU s/GiB | peak RSS MiB |");
+        let _ = writeln!(
+            t,
+            "| system | clean 1 stream MB/s | CPU s/GiB | clean 8 streams MB/s | CPU s/GiB | rr p50 µs | rr p99 µs | lossy MB/s | CPU s/GiB | 1000 streams s | CPU s/GiB | peak RSS MiB |"
+        );
         let _ = writeln!(t, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         let f = |v: Option<f64>, p: usize| v.map_or("–".to_string(), |v| format!("{v:.p$}"));
         for (sys, kind) in self.systems() {
@@ -90,7 +97,11 @@ impl Results {
                 }
                 (v, f(r.and_then(|r| r.cpu_per_gib), 2))
             };
-            let (c1, c1cpu) = if kind == Kind::Ceiling { xfer(CEILING) } else { xfer(CLEAN1) };
+            let (c1, c1cpu) = if kind == Kind::Ceiling {
+                xfer(CEILING)
+            } else {
+                xfer(CLEAN1)
+            };
             let (c8, c8cpu) = xfer(CLEAN8);
             let rr = g(RR);
             let (lo, locpu) = xfer(LOSSY);
@@ -99,7 +110,10 @@ impl Results {
             let rss = if rss.is_empty() {
                 "–".to_string()
             } else {
-                rss.iter().map(|k| format!("{:.0}", *k as f64 / 1024.0)).collect::<Vec<_>>().join(" + ")
+                rss.iter()
+                    .map(|k| format!("{:.0}", *k as f64 / 1024.0))
+                    .collect::<Vec<_>>()
+                    .join(" + ")
             };
             let _ = writeln!(
                 t,
@@ -128,13 +142,36 @@ impl Results {
             let c1 = self.get(&sys, CLEAN1);
             if tr == "xdp" {
                 let ok = c1.zip(ceiling).map(|(a, b)| a.value >= 0.5 * b.value);
-                let d = c1.zip(ceiling).map_or(String::new(), |(a, b)| format!("{:.1} / {:.1} MB/s = {:.0} %", a.value, b.value, 100.0 * a.value / b.value));
-                out.push(("clean, 1 stream, xdp ≥ 50 % of the raw AF_XDP ceiling".to_string(), verdict(ok), d));
+                let d = c1.zip(ceiling).map_or(String::new(), |(a, b)| {
+                    format!(
+                        "{:.1} / {:.1} MB/s = {:.0} %",
+                        a.value,
+                        b.value,
+                        100.0 * a.value / b.value
+                    )
+                });
+                out.push((
+                    "clean, 1 stream, xdp ≥ 50 % of the raw AF_XDP ceiling".to_string(),
+                    verdict(ok),
+                    d,
+                ));
             }
             let k = if tr == "xdp" { 5.0 } else { 3.0 };
             let ok = c1.zip(best_kcp_enc).map(|(a, b)| a.value >= k * b.value);
-            let d = c1.zip(best_kcp_enc).map_or(String::new(), |(a, b)| format!("{:.1} vs {:.1} MB/s ({}) = {:.1}×", a.value, b.value, b.system, a.value / b.value));
-            out.push((format!("clean, 1 stream, {tr} ≥ {k}× kcptun's best encrypted"), verdict(ok), d));
+            let d = c1.zip(best_kcp_enc).map_or(String::new(), |(a, b)| {
+                format!(
+                    "{:.1} vs {:.1} MB/s ({}) = {:.1}×",
+                    a.value,
+                    b.value,
+                    b.system,
+                    a.value / b.value
+                )
+            });
+            out.push((
+                format!("clean, 1 stream, {tr} ≥ {k}× kcptun's best encrypted"),
+                verdict(ok),
+                d,
+            ));
         }
         for tr in ["xdp", "udp"] {
             let sys = format!("paqet {tr}");
@@ -147,8 +184,14 @@ impl Results {
                     .filter_map(|r| r.cpu_per_gib.map(|c| (c, r.system.clone())))
                     .min_by(|a, b| a.0.total_cmp(&b.0));
                 let ok = mine.zip(theirs.as_ref()).map(|(a, b)| a < b.0);
-                let d = mine.zip(theirs.as_ref()).map_or(String::new(), |(a, b)| format!("{a:.2} vs {:.2} s/GiB (kcptun's lowest: {})", b.0, b.1));
-                out.push((format!("CPU s/GiB, {tr}, {test}: below every kcptun configuration"), verdict(ok), d));
+                let d = mine.zip(theirs.as_ref()).map_or(String::new(), |(a, b)| {
+                    format!("{a:.2} vs {:.2} s/GiB (kcptun's lowest: {})", b.0, b.1)
+                });
+                out.push((
+                    format!("CPU s/GiB, {tr}, {test}: below every kcptun configuration"),
+                    verdict(ok),
+                    d,
+                ));
             }
         }
         let tcp_p50 = self.best(RR, |k| k == Kind::Tcp, false);
@@ -157,10 +200,20 @@ impl Results {
             let sys = format!("paqet {tr}");
             let rr = self.get(&sys, RR);
             let ok = rr.zip(tcp_p50).map(|(a, b)| a.value <= 2.0 * b.value);
-            let d = rr.zip(tcp_p50).map_or(String::new(), |(a, b)| format!("{:.0} vs {:.0} µs = {:.2}×", a.value, b.value, a.value / b.value));
+            let d = rr.zip(tcp_p50).map_or(String::new(), |(a, b)| {
+                format!("{:.0} vs {:.0} µs = {:.2}×", a.value, b.value, a.value / b.value)
+            });
             out.push((format!("rr p50, {tr} ≤ 2× direct TCP"), verdict(ok), d));
             let ok = rr.zip(kcp_socks_p50).map(|(a, b)| a.value <= 0.5 * b.value);
-            let d = rr.zip(kcp_socks_p50).map_or(String::new(), |(a, b)| format!("{:.0} vs {:.0} µs ({}) = {:.2}×", a.value, b.value, b.system, a.value / b.value));
+            let d = rr.zip(kcp_socks_p50).map_or(String::new(), |(a, b)| {
+                format!(
+                    "{:.0} vs {:.0} µs ({}) = {:.2}×",
+                    a.value,
+                    b.value,
+                    b.system,
+                    a.value / b.value
+                )
+            });
             out.push((format!("rr p50, {tr} ≤ ½ kcptun + SOCKS5"), verdict(ok), d));
         }
         let kcp_lossy = self.best(LOSSY, any_kcp, true);
@@ -169,10 +222,20 @@ impl Results {
             let sys = format!("paqet {tr}");
             let lo = self.get(&sys, LOSSY);
             let ok = lo.zip(kcp_lossy).map(|(a, b)| a.value >= 1.5 * b.value);
-            let d = lo.zip(kcp_lossy).map_or(String::new(), |(a, b)| format!("{:.1} vs {:.1} MB/s ({}) = {:.2}×", a.value, b.value, b.system, a.value / b.value));
+            let d = lo.zip(kcp_lossy).map_or(String::new(), |(a, b)| {
+                format!(
+                    "{:.1} vs {:.1} MB/s ({}) = {:.2}×",
+                    a.value,
+                    b.value,
+                    b.system,
+                    a.value / b.value
+                )
+            });
             out.push((format!("lossy, {tr} ≥ 1.5× kcptun's best"), verdict(ok), d));
             let ok = lo.zip(bbr_lossy).map(|(a, b)| a.value >= b.value);
-            let d = lo.zip(bbr_lossy).map_or(String::new(), |(a, b)| format!("{:.1} vs {:.1} MB/s = {:.2}×", a.value, b.value, a.value / b.value));
+            let d = lo.zip(bbr_lossy).map_or(String::new(), |(a, b)| {
+                format!("{:.1} vs {:.1} MB/s = {:.2}×", a.value, b.value, a.value / b.value)
+            });
             out.push((format!("lossy, {tr} ≥ TCP with BBR"), verdict(ok), d));
         }
         for tr in ["xdp", "udp"] {
@@ -180,8 +243,14 @@ impl Results {
             let st = self.get(&sys, STREAMS);
             let rss = self.rss.iter().filter(|(s, _, _)| *s == sys).map(|r| r.2).max();
             let ok = st.zip(rss).map(|(s, r)| s.note.starts_with("all ") && r < 256 * 1024);
-            let d = st.zip(rss).map_or(String::new(), |(s, r)| format!("{}, {:.1} s; peak RSS {:.0} MiB", s.note, s.value, r as f64 / 1024.0));
-            out.push((format!("1,000 streams, {tr}: all complete and RSS < 256 MiB"), verdict(ok), d));
+            let d = st.zip(rss).map_or(String::new(), |(s, r)| {
+                format!("{}, {:.1} s; peak RSS {:.0} MiB", s.note, s.value, r as f64 / 1024.0)
+            });
+            out.push((
+                format!("1,000 streams, {tr}: all complete and RSS < 256 MiB"),
+                verdict(ok),
+                d,
+            ));
         }
         out
     }
@@ -198,7 +267,16 @@ impl Results {
     pub fn tsv(&self) -> String {
         let mut t = String::from("system\ttest\tvalue\tvalue2\tcpu_s_per_gib\tnote\n");
         for r in &self.rows {
-            let _ = writeln!(t, "{}\t{}\t{:.3}\t{:.3}\t{}\t{}", r.system, r.test, r.value, r.value2, r.cpu_per_gib.map_or(String::new(), |c| format!("{c:.3}")), r.note);
+            let _ = writeln!(
+                t,
+                "{}\t{}\t{:.3}\t{:.3}\t{}\t{}",
+                r.system,
+                r.test,
+                r.value,
+                r.value2,
+                r.cpu_per_gib.map_or(String::new(), |c| format!("{c:.3}")),
+                r.note
+            );
         }
         for (s, p, k) in &self.rss {
             let _ = writeln!(t, "{s}\trss:{p}\t{k}\t\t\tKiB");

@@ -76,7 +76,12 @@ const QUICK: Sizes = Sizes {
 };
 
 /// 40 ms RTT, 1 % loss (each way).
-const LOSSY_LINK: Impairment = Impairment { delay_ms: 20.0, jitter_ms: 0.0, loss: 0.01, rate_mbit: 0.0 };
+const LOSSY_LINK: Impairment = Impairment {
+    delay_ms: 20.0,
+    jitter_ms: 0.0,
+    loss: 0.01,
+    rate_mbit: 0.0,
+};
 
 struct Bench {
     s: Sizes,
@@ -92,33 +97,68 @@ fn echo() -> SocketAddr {
 }
 
 fn mib(b: u64) -> String {
-    if b < MIB { format!("{} KiB", b >> 10) } else { format!("{:.0} MiB", b as f64 / MIB as f64) }
+    if b < MIB {
+        format!("{} KiB", b >> 10)
+    } else {
+        format!("{:.0} MiB", b as f64 / MIB as f64)
+    }
 }
 
 impl Bench {
     /// Downloads (`streams` × `len_each`) from the client namespace, with the relay's CPU.
     #[allow(clippy::too_many_arguments)]
-    fn transfer(&mut self, sys: &str, kind: Kind, test: &'static str, ns: &Netns, access: &Access, streams: usize, len_each: u64, cap: Duration, procs: &[Proc]) -> Result<()> {
+    fn transfer(
+        &mut self,
+        sys: &str,
+        kind: Kind,
+        test: &'static str,
+        ns: &Netns,
+        access: &Access,
+        streams: usize,
+        len_each: u64,
+        cap: Duration,
+        procs: &[Proc],
+    ) -> Result<()> {
         let c0 = bench::total_cpu(procs);
         let t = ns.run(|| bench::download_many(access, streams, len_each, cap))?;
         let cpu = bench::total_cpu(procs) - c0;
         let cpu_per_gib = (!procs.is_empty() && t.bytes > 0).then(|| cpu / (t.bytes as f64 / GIB));
         let note = if test == STREAMS {
-            if t.all_complete() { format!("all {}", t.streams) } else { format!("{}/{} complete", t.complete, t.streams) }
+            if t.all_complete() {
+                format!("all {}", t.streams)
+            } else {
+                format!("{}/{} complete", t.complete, t.streams)
+            }
         } else if !t.all_complete() {
             format!("{} in {:.0} s cap", mib(t.bytes), t.secs)
         } else {
             String::new()
         };
         let value = if test == STREAMS { t.secs } else { t.mb_per_s() };
-        self.r.add(Row { system: sys.into(), kind, test, value, value2: 0.0, cpu_per_gib, note });
+        self.r.add(Row {
+            system: sys.into(),
+            kind,
+            test,
+            value,
+            value2: 0.0,
+            cpu_per_gib,
+            note,
+        });
         Ok(())
     }
 
     fn rr(&mut self, sys: &str, kind: Kind, ns: &Netns, access: &Access) -> Result<()> {
         let n = self.s.rr;
         let (p50, p99) = ns.run(|| bench::round_trips(access, n))??;
-        self.r.add(Row { system: sys.into(), kind, test: RR, value: p50, value2: p99, cpu_per_gib: None, note: String::new() });
+        self.r.add(Row {
+            system: sys.into(),
+            kind,
+            test: RR,
+            value: p50,
+            value2: p99,
+            cpu_per_gib: None,
+            note: String::new(),
+        });
         Ok(())
     }
 
@@ -131,13 +171,32 @@ impl Bench {
     }
 
     /// The four clean-link measurements through one access path.
-    fn clean_suite(&mut self, sys: &str, kind: Kind, ns: &Netns, origin: &Access, echo: &Access, procs: &[Proc], streams_too: bool) -> Result<()> {
+    fn clean_suite(
+        &mut self,
+        sys: &str,
+        kind: Kind,
+        ns: &Netns,
+        origin: &Access,
+        echo: &Access,
+        procs: &[Proc],
+        streams_too: bool,
+    ) -> Result<()> {
         let s = self.s;
         self.transfer(sys, kind, CLEAN1, ns, origin, 1, s.clean, s.clean_cap, procs)?;
         self.transfer(sys, kind, CLEAN8, ns, origin, 8, s.multi_each, s.clean_cap, procs)?;
         self.rr(sys, kind, ns, echo)?;
         if streams_too {
-            self.transfer(sys, kind, STREAMS, ns, origin, s.streams, s.stream_len, s.streams_cap, procs)?;
+            self.transfer(
+                sys,
+                kind,
+                STREAMS,
+                ns,
+                origin,
+                s.streams,
+                s.stream_len,
+                s.streams_cap,
+                procs,
+            )?;
         }
         Ok(())
     }
@@ -151,14 +210,31 @@ impl Bench {
         let send_secs = (self.s.ceiling_secs + 3.0).to_string();
         let server = format!("{SERVER_IP}:4000");
         for (name, recv_args, send_args) in [
-            ("ceiling UDP", vec!["udp-recv", server.as_str(), &secs], vec!["udp-send", server.as_str(), &send_secs, "1400"]),
+            (
+                "ceiling UDP",
+                vec!["udp-recv", server.as_str(), &secs],
+                vec!["udp-send", server.as_str(), &send_secs, "1400"],
+            ),
             (
                 "ceiling AF_XDP",
                 vec!["xdp-recv", &hosts.server_if, server.as_str(), &secs],
-                vec!["xdp-send", &hosts.client_if, "198.18.0.1:5000", server.as_str(), &send_secs, "1400"],
+                vec![
+                    "xdp-send",
+                    &hosts.client_if,
+                    "198.18.0.1:5000",
+                    server.as_str(),
+                    &send_secs,
+                    "1400",
+                ],
             ),
         ] {
-            let mk = |ns: &Netns| if name.contains("XDP") { ns.nsenter_command(&blast) } else { ns.command(&blast) };
+            let mk = |ns: &Netns| {
+                if name.contains("XDP") {
+                    ns.nsenter_command(&blast)
+                } else {
+                    ns.command(&blast)
+                }
+            };
             let mut rc = mk(&hosts.server);
             rc.args(&recv_args).stdin(Stdio::null()).stdout(Stdio::piped());
             let mut recv = ChildGuard::spawn(&mut rc)?;
@@ -173,7 +249,12 @@ impl Bench {
             let _send = ChildGuard::spawn(&mut sc)?;
             line.clear();
             out.read_line(&mut line)?;
-            let field = |k: &str| -> f64 { line.split_whitespace().find_map(|w| w.strip_prefix(k)).and_then(|v| v.parse().ok()).unwrap_or(0.0) };
+            let field = |k: &str| -> f64 {
+                line.split_whitespace()
+                    .find_map(|w| w.strip_prefix(k))
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0.0)
+            };
             let (frames, secs_m) = (field("frames="), field("secs="));
             if frames == 0.0 || secs_m == 0.0 {
                 bail!("{name}: no frames arrived ({line:?})");
@@ -198,12 +279,24 @@ impl Bench {
         let bed = RelayBed::start(tag, &RelayOptions::new(transport)?)?;
         let _servers = Servers::start(&bed.hosts.server)?;
         let procs = vec![
-            Proc { label: "client".into(), pid: bench::find_comm(bed.client.id(), "paqet") },
-            Proc { label: "server".into(), pid: bench::find_comm(bed.server.id(), "paqet") },
+            Proc {
+                label: "client".into(),
+                pid: bench::find_comm(bed.client.id(), "paqet"),
+            },
+            Proc {
+                label: "server".into(),
+                pid: bench::find_comm(bed.server.id(), "paqet"),
+            },
         ];
         let socks = bed.socks_addr();
-        let o = Access::Socks { proxy: socks, target: origin() };
-        let e = Access::Socks { proxy: socks, target: echo() };
+        let o = Access::Socks {
+            proxy: socks,
+            target: origin(),
+        };
+        let e = Access::Socks {
+            proxy: socks,
+            target: echo(),
+        };
         let res = self.clean_suite(&sys, Kind::Paqet, &bed.hosts.client, &o, &e, &procs, true);
         self.rss(&sys, &procs);
         if res.is_err() {
@@ -218,12 +311,31 @@ impl Bench {
         let bed = RelayBed::start_through(tag, &RelayOptions::new(transport)?, LOSSY_LINK)?;
         let _servers = Servers::start(&bed.hosts.server)?;
         let procs = vec![
-            Proc { label: "client".into(), pid: bench::find_comm(bed.client.id(), "paqet") },
-            Proc { label: "server".into(), pid: bench::find_comm(bed.server.id(), "paqet") },
+            Proc {
+                label: "client".into(),
+                pid: bench::find_comm(bed.client.id(), "paqet"),
+            },
+            Proc {
+                label: "server".into(),
+                pid: bench::find_comm(bed.server.id(), "paqet"),
+            },
         ];
-        let o = Access::Socks { proxy: bed.socks_addr(), target: origin() };
+        let o = Access::Socks {
+            proxy: bed.socks_addr(),
+            target: origin(),
+        };
         let s = self.s;
-        self.transfer(&sys, Kind::Paqet, LOSSY, &bed.hosts.client, &o, 1, s.lossy, s.lossy_cap, &procs)
+        self.transfer(
+            &sys,
+            Kind::Paqet,
+            LOSSY,
+            &bed.hosts.client,
+            &o,
+            1,
+            s.lossy,
+            s.lossy_cap,
+            &procs,
+        )
     }
 
     /// The kcptun sweep (port-forward), then the best encrypted configuration's full
@@ -238,7 +350,20 @@ impl Bench {
             let k = peers::start_kcptun(&hosts, &cfg, 29900, 12948, origin())?;
             let procs = kcp_procs(&k, None);
             let sys = cfg.name(false);
-            self.transfer(&sys, Kind::Kcptun { encrypted: cfg.encrypted(), socks: false }, CLEAN1, &hosts.client, &Access::Direct(k.local), 1, s.kcptun_sweep, s.kcptun_cap, &procs)?;
+            self.transfer(
+                &sys,
+                Kind::Kcptun {
+                    encrypted: cfg.encrypted(),
+                    socks: false,
+                },
+                CLEAN1,
+                &hosts.client,
+                &Access::Direct(k.local),
+                1,
+                s.kcptun_sweep,
+                s.kcptun_cap,
+                &procs,
+            )?;
             self.rss(&sys, &procs);
             let v = self.r.get(&sys, CLEAN1).map_or(0.0, |r| r.value);
             if cfg.encrypted() && best.is_none_or(|(_, b)| v > b) {
@@ -249,14 +374,45 @@ impl Bench {
         // Port forward straight to the echo server: kcptun's own round trip.
         {
             let k = peers::start_kcptun(&hosts, &cfg, 29902, 12950, echo())?;
-            self.rr(&cfg.name(false), Kind::Kcptun { encrypted: true, socks: false }, &hosts.client, &Access::Direct(k.local))?;
+            self.rr(
+                &cfg.name(false),
+                Kind::Kcptun {
+                    encrypted: true,
+                    socks: false,
+                },
+                &hosts.client,
+                &Access::Direct(k.local),
+            )?;
         }
-        let k = peers::start_kcptun(&hosts, &cfg, 29901, 12949, ([127, 0, 0, 1], peers::MICROSOCKS_PORT).into())?;
+        let k = peers::start_kcptun(
+            &hosts,
+            &cfg,
+            29901,
+            12949,
+            ([127, 0, 0, 1], peers::MICROSOCKS_PORT).into(),
+        )?;
         let procs = kcp_procs(&k, Some(microsocks.id()));
         let sys = cfg.name(true);
-        let o = Access::Socks { proxy: k.local, target: origin() };
-        let e = Access::Socks { proxy: k.local, target: echo() };
-        let res = self.clean_suite(&sys, Kind::Kcptun { encrypted: true, socks: true }, &hosts.client, &o, &e, &procs, true);
+        let o = Access::Socks {
+            proxy: k.local,
+            target: origin(),
+        };
+        let e = Access::Socks {
+            proxy: k.local,
+            target: echo(),
+        };
+        let res = self.clean_suite(
+            &sys,
+            Kind::Kcptun {
+                encrypted: true,
+                socks: true,
+            },
+            &hosts.client,
+            &o,
+            &e,
+            &procs,
+            true,
+        );
         self.rss(&sys, &procs);
         res.map(|_| Some(cfg))
     }
@@ -269,12 +425,22 @@ impl Bench {
         let avail = peers::available_cc();
         for cc in ["bbr", "cubic"] {
             if !avail.split_whitespace().any(|c| c == cc) {
-                self.r.notes.push(format!("{cc} is not available here (tcp_available_congestion_control: {avail}); TCP {cc} was not measured"));
+                self.r.notes.push(format!(
+                    "{cc} is not available here (tcp_available_congestion_control: {avail}); TCP {cc} was not measured"
+                ));
                 continue;
             }
             peers::set_cc(&hosts, cc)?;
             let sys = format!("TCP {cc}");
-            let res = self.clean_suite(&sys, Kind::Tcp, &hosts.client, &Access::Direct(origin()), &Access::Direct(echo()), &[], cc == "bbr");
+            let res = self.clean_suite(
+                &sys,
+                Kind::Tcp,
+                &hosts.client,
+                &Access::Direct(origin()),
+                &Access::Direct(echo()),
+                &[],
+                cc == "bbr",
+            );
             bench::set_origin_cc(None);
             res?;
         }
@@ -291,7 +457,17 @@ impl Bench {
                 continue;
             }
             peers::set_cc(&hosts, cc)?;
-            let res = self.transfer(&format!("TCP {cc}"), Kind::Tcp, LOSSY, &hosts.client, &Access::Direct(origin()), 1, s.lossy, s.lossy_cap, &[]);
+            let res = self.transfer(
+                &format!("TCP {cc}"),
+                Kind::Tcp,
+                LOSSY,
+                &hosts.client,
+                &Access::Direct(origin()),
+                1,
+                s.lossy,
+                s.lossy_cap,
+                &[],
+            );
             bench::set_origin_cc(None);
             res?;
         }
@@ -302,7 +478,20 @@ impl Bench {
             let cfg = KcpConfig { crypt, fec, wnd };
             let k = peers::start_kcptun(&hosts, &cfg, 29900, 12948, origin())?;
             let procs = kcp_procs(&k, None);
-            self.transfer(&cfg.name(false), Kind::Kcptun { encrypted: cfg.encrypted(), socks: false }, LOSSY, &hosts.client, &Access::Direct(k.local), 1, s.lossy, s.lossy_cap, &procs)?;
+            self.transfer(
+                &cfg.name(false),
+                Kind::Kcptun {
+                    encrypted: cfg.encrypted(),
+                    socks: false,
+                },
+                LOSSY,
+                &hosts.client,
+                &Access::Direct(k.local),
+                1,
+                s.lossy,
+                s.lossy_cap,
+                &procs,
+            )?;
         }
         Ok(())
     }
@@ -317,26 +506,67 @@ impl Bench {
         let bed = RelayBed::start("bp", &RelayOptions::new(transport)?)?;
         let _servers = Servers::start(&bed.hosts.server)?;
         let procs = vec![
-            Proc { label: "client".into(), pid: bench::find_comm(bed.client.id(), "paqet") },
-            Proc { label: "server".into(), pid: bench::find_comm(bed.server.id(), "paqet") },
+            Proc {
+                label: "client".into(),
+                pid: bench::find_comm(bed.client.id(), "paqet"),
+            },
+            Proc {
+                label: "server".into(),
+                pid: bench::find_comm(bed.server.id(), "paqet"),
+            },
         ];
         let mut perfs = Vec::new();
         for p in &procs {
             let data = out.join(format!("perf-{transport}-{}.data", p.label));
             let mut cmd = std::process::Command::new("perf");
-            cmd.args(["record", "-q", "-e", "cpu-clock", "-F", "1999", "-p", &p.pid.to_string(), "-o"]).arg(&data).stdin(Stdio::null()).stdout(Stdio::null());
+            cmd.args([
+                "record",
+                "-q",
+                "-e",
+                "cpu-clock",
+                "-F",
+                "1999",
+                "-p",
+                &p.pid.to_string(),
+                "-o",
+            ])
+            .arg(&data)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
             perfs.push((ChildGuard::spawn(&mut cmd)?, data, p.label.clone()));
         }
         std::thread::sleep(Duration::from_millis(500));
-        let o = Access::Socks { proxy: bed.socks_addr(), target: origin() };
+        let o = Access::Socks {
+            proxy: bed.socks_addr(),
+            target: origin(),
+        };
         let s = self.s;
-        let res = self.transfer(&format!("paqet {transport}"), Kind::Paqet, CLEAN1, &bed.hosts.client, &o, 1, s.clean, s.clean_cap, &procs);
+        let res = self.transfer(
+            &format!("paqet {transport}"),
+            Kind::Paqet,
+            CLEAN1,
+            &bed.hosts.client,
+            &o,
+            1,
+            s.clean,
+            s.clean_cap,
+            &procs,
+        );
         for (mut g, data, label) in perfs {
             // SAFETY: signalling our own child.
             unsafe { libc::kill(g.id() as i32, libc::SIGINT) };
             let _ = g.0.wait();
             let rep = std::process::Command::new("perf")
-                .args(["report", "--stdio", "--no-children", "--sort", "dso,symbol", "--percent-limit", "0.7", "-i"])
+                .args([
+                    "report",
+                    "--stdio",
+                    "--no-children",
+                    "--sort",
+                    "dso,symbol",
+                    "--percent-limit",
+                    "0.7",
+                    "-i",
+                ])
                 .arg(&data)
                 .output()?;
             let text = out.join(format!("profile-{transport}-{label}.txt"));
@@ -349,11 +579,20 @@ impl Bench {
 
 fn kcp_procs(k: &peers::Kcptun, microsocks: Option<u32>) -> Vec<Proc> {
     let mut v = vec![
-        Proc { label: "client".into(), pid: bench::find_comm(k.client.id(), "kcptun-client") },
-        Proc { label: "server".into(), pid: bench::find_comm(k.server.id(), "kcptun-server") },
+        Proc {
+            label: "client".into(),
+            pid: bench::find_comm(k.client.id(), "kcptun-client"),
+        },
+        Proc {
+            label: "server".into(),
+            pid: bench::find_comm(k.server.id(), "kcptun-server"),
+        },
     ];
     if let Some(pid) = microsocks {
-        v.push(Proc { label: "microsocks".into(), pid });
+        v.push(Proc {
+            label: "microsocks".into(),
+            pid,
+        });
     }
     v
 }
@@ -361,7 +600,12 @@ fn kcp_procs(k: &peers::Kcptun, microsocks: Option<u32>) -> Vec<Proc> {
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|c| c.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).map(|s| s.trim().to_string()))
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_string())
+        })
         .unwrap_or_else(|| "unknown CPU".into());
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
@@ -386,7 +630,10 @@ fn main() {
     if let Some(tr) = value_of("--profile") {
         let tr: &'static str = if tr == "xdp" { "xdp" } else { "udp" };
         bench::raise_nofile();
-        let mut b = Bench { s: if quick { QUICK } else { FULL }, r: Results::default() };
+        let mut b = Bench {
+            s: if quick { QUICK } else { FULL },
+            r: Results::default(),
+        };
         if let Err(e) = b.profile(tr, &out) {
             eprintln!("paqet-bench: profile failed: {e:#}");
             std::process::exit(1);
@@ -403,8 +650,14 @@ fn main() {
     let nofile = bench::raise_nofile();
     let started = Instant::now();
     let machine = machine();
-    eprintln!("paqet-bench: {machine}; RLIMIT_NOFILE {nofile}; {}", if quick { "quick run" } else { "full run" });
-    let mut b = Bench { s: if quick { QUICK } else { FULL }, r: Results::default() };
+    eprintln!(
+        "paqet-bench: {machine}; RLIMIT_NOFILE {nofile}; {}",
+        if quick { "quick run" } else { "full run" }
+    );
+    let mut b = Bench {
+        s: if quick { QUICK } else { FULL },
+        r: Results::default(),
+    };
 
     let section = |b: &mut Bench, name: &str, f: &dyn Fn(&mut Bench) -> Result<()>| {
         if !want(name) {
@@ -438,12 +691,24 @@ fn main() {
     let sizes = format!(
         "clean link: 1 stream × {} (cap {} s; kcptun's port-forward sweep {} capped at {} s), 8 streams × {}; rr: {} round trips of 64 bytes; \
          lossy link (40 ms RTT, 1 % loss each way): {} (cap {} s); {} concurrent streams × {}; ceilings: {} s of 1442-byte frames",
-        mib(s.clean), s.clean_cap.as_secs(), mib(s.kcptun_sweep), s.kcptun_cap.as_secs(), mib(s.multi_each), s.rr,
-        mib(s.lossy), s.lossy_cap.as_secs(), s.streams, mib(s.stream_len), s.ceiling_secs
+        mib(s.clean),
+        s.clean_cap.as_secs(),
+        mib(s.kcptun_sweep),
+        s.kcptun_cap.as_secs(),
+        mib(s.multi_each),
+        s.rr,
+        mib(s.lossy),
+        s.lossy_cap.as_secs(),
+        s.streams,
+        mib(s.stream_len),
+        s.ceiling_secs
     );
     let table = b.r.table();
     let targets = b.r.targets_table();
-    let mut md = format!("Machine: {machine}\n\nSizes: {sizes}\n\nTotal bench time: {:.0} s\n\n{table}\n{targets}", started.elapsed().as_secs_f64());
+    let mut md = format!(
+        "Machine: {machine}\n\nSizes: {sizes}\n\nTotal bench time: {:.0} s\n\n{table}\n{targets}",
+        started.elapsed().as_secs_f64()
+    );
     if !b.r.notes.is_empty() {
         md.push_str("\nNotes:\n");
         for n in &b.r.notes {
@@ -458,7 +723,12 @@ fn main() {
         eprintln!("paqet-bench: writing {}: {e}", out.display());
     }
     match bench::charts::draw_all(&b.r, &out) {
-        Ok(files) => eprintln!("paqet-bench: wrote {} and charts {} in {}", "results.md", files.join(", "), out.display()),
+        Ok(files) => eprintln!(
+            "paqet-bench: wrote {} and charts {} in {}",
+            "results.md",
+            files.join(", "),
+            out.display()
+        ),
         Err(e) => eprintln!("paqet-bench: charts: {e:#}"),
     }
     let _ = report::CEILING;

@@ -42,7 +42,13 @@ struct Tally {
 
 impl Tally {
     fn new(secs: f64) -> Tally {
-        Tally { first: None, last: Instant::now(), frames: 0, bytes: 0, window: Duration::from_secs_f64(secs) }
+        Tally {
+            first: None,
+            last: Instant::now(),
+            frames: 0,
+            bytes: 0,
+            window: Duration::from_secs_f64(secs),
+        }
     }
     fn add(&mut self, frames: u64, bytes: u64) {
         let now = Instant::now();
@@ -71,7 +77,12 @@ fn udp_send(dest: SocketAddr, secs: f64, payload: usize) {
     let sock = UdpSocket::bind(if dest.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }).expect("bind");
     sock.connect(dest).expect("connect");
     let buf = vec![0x5au8; payload];
-    let mut iov: Vec<libc::iovec> = (0..BATCH).map(|_| libc::iovec { iov_base: buf.as_ptr() as *mut _, iov_len: payload }).collect();
+    let mut iov: Vec<libc::iovec> = (0..BATCH)
+        .map(|_| libc::iovec {
+            iov_base: buf.as_ptr() as *mut _,
+            iov_len: payload,
+        })
+        .collect();
     // SAFETY: all-zero mmsghdr is valid; each points at one iovec that outlives the calls.
     let mut msgs: Vec<libc::mmsghdr> = (0..BATCH).map(|_| unsafe { std::mem::zeroed() }).collect();
     for (m, v) in msgs.iter_mut().zip(iov.iter_mut()) {
@@ -95,11 +106,24 @@ fn udp_recv(bind: SocketAddr, secs: f64) {
     let size: libc::c_int = 8 << 20;
     // SAFETY: valid option pointer and length.
     unsafe {
-        libc::setsockopt(sock.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUF, (&size as *const libc::c_int).cast(), 4);
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&size as *const libc::c_int).cast(),
+            4,
+        );
     }
-    sock.set_read_timeout(Some(Duration::from_millis(200))).expect("timeout");
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("timeout");
     let mut bufs = vec![[0u8; 2048]; BATCH];
-    let mut iov: Vec<libc::iovec> = bufs.iter_mut().map(|b| libc::iovec { iov_base: b.as_mut_ptr().cast(), iov_len: b.len() }).collect();
+    let mut iov: Vec<libc::iovec> = bufs
+        .iter_mut()
+        .map(|b| libc::iovec {
+            iov_base: b.as_mut_ptr().cast(),
+            iov_len: b.len(),
+        })
+        .collect();
     // SAFETY: as in udp_send.
     let mut msgs: Vec<libc::mmsghdr> = (0..BATCH).map(|_| unsafe { std::mem::zeroed() }).collect();
     for (m, v) in msgs.iter_mut().zip(iov.iter_mut()) {
@@ -111,7 +135,15 @@ fn udp_recv(bind: SocketAddr, secs: f64) {
     let mut tally = Tally::new(secs);
     while !tally.done(started) {
         // SAFETY: msgs is valid for BATCH entries; the socket has a read timeout.
-        let n = unsafe { libc::recvmmsg(sock.as_raw_fd(), msgs.as_mut_ptr(), BATCH as u32, libc::MSG_WAITFORONE, std::ptr::null_mut()) };
+        let n = unsafe {
+            libc::recvmmsg(
+                sock.as_raw_fd(),
+                msgs.as_mut_ptr(),
+                BATCH as u32,
+                libc::MSG_WAITFORONE,
+                std::ptr::null_mut(),
+            )
+        };
         if n > 0 {
             let bytes: u64 = msgs[..n as usize].iter().map(|m| m.msg_len as u64).sum();
             tally.add(n as u64, bytes);
@@ -136,10 +168,18 @@ fn xdp_send(iface: &str, local: SocketAddr, peer: SocketAddr, secs: f64, payload
     use paqet::engine::Transmit;
     use paqet::transport::Transport;
     use paqet::transport::xdp::XdpTransport;
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
     rt.block_on(async move {
         let t = XdpTransport::open(xdp_opts(iface, local, Some(peer), "send")).expect("opening the xdp transport");
-        let batch: Vec<Transmit> = (0..256).map(|_| Transmit { peer, payload: vec![0x5a; payload] }).collect();
+        let batch: Vec<Transmit> = (0..256)
+            .map(|_| Transmit {
+                peer,
+                payload: vec![0x5a; payload],
+            })
+            .collect();
         let until = Instant::now() + Duration::from_secs_f64(secs);
         let mut rounds = 0u64;
         while Instant::now() < until {
@@ -157,7 +197,10 @@ fn xdp_send(iface: &str, local: SocketAddr, peer: SocketAddr, secs: f64, payload
 fn xdp_recv(iface: &str, local: SocketAddr, secs: f64) {
     use paqet::transport::xdp::XdpTransport;
     use paqet::transport::{RecvBatch, Transport};
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
     rt.block_on(async move {
         let t = XdpTransport::open(xdp_opts(iface, local, None, "recv")).expect("opening the xdp transport");
         println!("ready");
@@ -175,7 +218,11 @@ fn xdp_recv(iface: &str, local: SocketAddr, secs: f64) {
             }
         }
         tally.report();
-        eprintln!("paqet-blast: xdp-recv: {:?} socket drops {:?}", t.counters().snapshot(), t.socket_drops());
+        eprintln!(
+            "paqet-blast: xdp-recv: {:?} socket drops {:?}",
+            t.counters().snapshot(),
+            t.socket_drops()
+        );
     });
 }
 
@@ -185,8 +232,18 @@ fn main() {
     match args.first().map(String::as_str) {
         Some("udp-send") => udp_send(parse(args.get(1)), parse(args.get(2)), parse(args.get(3))),
         Some("udp-recv") => udp_recv(parse(args.get(1)), parse(args.get(2))),
-        Some("xdp-send") => xdp_send(&args.get(1).cloned().unwrap_or_else(|| usage()), parse(args.get(2)), parse(args.get(3)), parse(args.get(4)), parse(args.get(5))),
-        Some("xdp-recv") => xdp_recv(&args.get(1).cloned().unwrap_or_else(|| usage()), parse(args.get(2)), parse(args.get(3))),
+        Some("xdp-send") => xdp_send(
+            &args.get(1).cloned().unwrap_or_else(|| usage()),
+            parse(args.get(2)),
+            parse(args.get(3)),
+            parse(args.get(4)),
+            parse(args.get(5)),
+        ),
+        Some("xdp-recv") => xdp_recv(
+            &args.get(1).cloned().unwrap_or_else(|| usage()),
+            parse(args.get(2)),
+            parse(args.get(3)),
+        ),
         _ => usage(),
     }
     let _ = std::io::stdout().flush();

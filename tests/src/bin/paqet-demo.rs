@@ -17,9 +17,17 @@ fn main() -> Result<()> {
     }
     let transport = std::env::var("PAQET_DEMO_TRANSPORT").unwrap_or_else(|_| "xdp".into());
     let transport: &'static str = if transport == "udp" { "udp" } else { "xdp" };
-    println!("paqet demo: client ns ({}) ⇄ veth ⇄ server ns ({}), transport {transport}", TwoHosts::CLIENT_IP, TwoHosts::SERVER_IP);
+    println!(
+        "paqet demo: client ns ({}) ⇄ veth ⇄ server ns ({}), transport {transport}",
+        TwoHosts::CLIENT_IP,
+        TwoHosts::SERVER_IP
+    );
     let bed = RelayBed::start("demo", &RelayOptions::new(transport)?)?;
-    println!("  paqet server on {}:4000, origin web server on {}:8080, SOCKS5 on 127.0.0.1:{SOCKS_PORT} in the client ns", TwoHosts::SERVER_IP, TwoHosts::SERVER_IP);
+    println!(
+        "  paqet server on {}:4000, origin web server on {}:8080, SOCKS5 on 127.0.0.1:{SOCKS_PORT} in the client ns",
+        TwoHosts::SERVER_IP,
+        TwoHosts::SERVER_IP
+    );
     println!("  downloading {} MiB with curl --socks5-hostname ...", DEMO_BYTES >> 20);
     let (hash, len, took) = bed.curl_bytes(DEMO_BYTES)?;
     let expected = pattern::sha256_hex(DEMO_BYTES, DEMO_BYTES);
@@ -28,7 +36,12 @@ fn main() -> Result<()> {
     if hash != expected {
         bail!("hash mismatch: the relay corrupted the download\n{}", bed.logs());
     }
-    println!("  OK: {} MiB in {:.2} s = {:.1} MB/s through paqet", len >> 20, took.as_secs_f64(), len as f64 / took.as_secs_f64() / 1e6);
+    println!(
+        "  OK: {} MiB in {:.2} s = {:.1} MB/s through paqet",
+        len >> 20,
+        took.as_secs_f64(),
+        len as f64 / took.as_secs_f64() / 1e6
+    );
     println!("paqet demo: done; namespaces and processes removed");
     Ok(())
 }

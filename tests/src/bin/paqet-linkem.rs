@@ -12,8 +12,8 @@
 //!   dropped at the tail, like a router's buffer.
 //! - max-seconds: exits by itself after this long (every loop here is bounded).
 
-use std::collections::BinaryHeap;
 use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -62,7 +62,13 @@ fn packet_socket(ifname: &str) -> io::Result<OwnedFd> {
     addr.sll_protocol = proto;
     addr.sll_ifindex = ifindex as i32;
     // SAFETY: addr is a valid sockaddr_ll of the given size.
-    let rc = unsafe { libc::bind(sock.as_raw_fd(), (&addr as *const libc::sockaddr_ll).cast(), size_of::<libc::sockaddr_ll>() as u32) };
+    let rc = unsafe {
+        libc::bind(
+            sock.as_raw_fd(),
+            (&addr as *const libc::sockaddr_ll).cast(),
+            size_of::<libc::sockaddr_ll>() as u32,
+        )
+    };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
@@ -70,7 +76,13 @@ fn packet_socket(ifname: &str) -> io::Result<OwnedFd> {
     let one: libc::c_int = 1;
     // SAFETY: valid option pointer and length.
     unsafe {
-        libc::setsockopt(sock.as_raw_fd(), libc::SOL_PACKET, libc::PACKET_IGNORE_OUTGOING, (&one as *const libc::c_int).cast(), 4);
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_PACKET,
+            libc::PACKET_IGNORE_OUTGOING,
+            (&one as *const libc::c_int).cast(),
+            4,
+        );
     }
     Ok(sock)
 }
@@ -116,13 +128,26 @@ fn pump(input: &OwnedFd, output: &OwnedFd, imp: Impairment, seed: u64, until: In
     let mut buf = vec![0u8; 65536];
     while Instant::now() < until {
         let now = Instant::now();
-        let wait_ms = queue.peek().map_or(50, |Reverse(q)| q.due.saturating_duration_since(now).as_millis().min(50) as i32);
-        let mut pfd = libc::pollfd { fd: input.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        let wait_ms = queue.peek().map_or(50, |Reverse(q)| {
+            q.due.saturating_duration_since(now).as_millis().min(50) as i32
+        });
+        let mut pfd = libc::pollfd {
+            fd: input.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
         // SAFETY: one valid pollfd.
         unsafe { libc::poll(&mut pfd, 1, wait_ms) };
         loop {
             // SAFETY: buf is valid for its length.
-            let n = unsafe { libc::recv(input.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+            let n = unsafe {
+                libc::recv(
+                    input.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
             if n <= 0 {
                 break;
             }
@@ -142,7 +167,11 @@ fn pump(input: &OwnedFd, output: &OwnedFd, imp: Impairment, seed: u64, until: In
                 due = due.max(wire_free + imp.delay);
             }
             seq += 1;
-            queue.push(Reverse(Queued { due, seq, frame: buf[..n as usize].to_vec() }));
+            queue.push(Reverse(Queued {
+                due,
+                seq,
+                frame: buf[..n as usize].to_vec(),
+            }));
         }
         let now = Instant::now();
         while queue.peek().is_some_and(|Reverse(q)| q.due <= now) {
@@ -161,18 +190,25 @@ fn arg<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> T {
     args.iter()
         .position(|a| a == name)
         .and_then(|i| args.get(i + 1))
-        .map(|v| v.parse().unwrap_or_else(|_| usage(&format!("bad value for {name}: {v}"))))
+        .map(|v| {
+            v.parse()
+                .unwrap_or_else(|_| usage(&format!("bad value for {name}: {v}")))
+        })
         .unwrap_or(default)
 }
 
 fn usage(why: &str) -> ! {
-    eprintln!("paqet-linkem: {why}\nusage: paqet-linkem IF_A IF_B [--delay-ms D] [--jitter-ms J] [--loss P] [--rate-mbit R] [--queue-frames N] [--seed S] [--max-seconds T]");
+    eprintln!(
+        "paqet-linkem: {why}\nusage: paqet-linkem IF_A IF_B [--delay-ms D] [--jitter-ms J] [--loss P] [--rate-mbit R] [--queue-frames N] [--seed S] [--max-seconds T]"
+    );
     std::process::exit(2);
 }
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let (Some(if_a), Some(if_b)) = (args.first().cloned(), args.get(1).cloned()) else { usage("two interfaces are required") };
+    let (Some(if_a), Some(if_b)) = (args.first().cloned(), args.get(1).cloned()) else {
+        usage("two interfaces are required")
+    };
     let imp = Impairment {
         delay: Duration::from_secs_f64(arg(&args, "--delay-ms", 0.0) / 1000.0),
         jitter: Duration::from_secs_f64(arg(&args, "--jitter-ms", 0.0) / 1000.0),

@@ -24,12 +24,22 @@ fn respond(stream: &mut TcpStream, open: &AtomicUsize) -> std::io::Result<()> {
     if path == "/open" {
         // This connection itself is not counted.
         let body = (open.load(Ordering::SeqCst) - 1).to_string();
-        return write!(stream, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+        return write!(
+            stream,
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
     }
     let Some(len) = path.strip_prefix("/bytes/").and_then(|n| n.parse::<u64>().ok()) else {
-        return write!(stream, "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        return write!(
+            stream,
+            "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        );
     };
-    write!(stream, "HTTP/1.1 200 OK\r\nContent-Length: {len}\r\nContent-Type: application/octet-stream\r\nConnection: close\r\n\r\n")?;
+    write!(
+        stream,
+        "HTTP/1.1 200 OK\r\nContent-Length: {len}\r\nContent-Type: application/octet-stream\r\nConnection: close\r\n\r\n"
+    )?;
     let mut buf = vec![0u8; 64 * 1024];
     let mut sent = 0u64;
     while sent < len {

@@ -72,8 +72,17 @@ fn headers(f: &Frame<'_>) -> Headers {
 
 /// Bytes of headers in front of the payload for this address family and wire shape.
 pub fn header_len(ipv6: bool, wire: WireShape) -> usize {
-    let ip = if ipv6 { IpAddr::from([0u16; 8]) } else { IpAddr::from([0u8; 4]) };
-    let h = Headers { src: Addr::from(ip), dst: Addr::from(ip), protocol: protocol(wire), ..Headers::default() };
+    let ip = if ipv6 {
+        IpAddr::from([0u16; 8])
+    } else {
+        IpAddr::from([0u8; 4])
+    };
+    let h = Headers {
+        src: Addr::from(ip),
+        dst: Addr::from(ip),
+        protocol: protocol(wire),
+        ..Headers::default()
+    };
     // Cannot fail: both addresses of one family, TCP or UDP, no VLAN tags.
     h.header_len().unwrap_or(usize::MAX)
 }
@@ -84,7 +93,9 @@ pub fn emit(buf: &mut [u8], f: &Frame<'_>) -> Result<usize, EmitError> {
     let h = headers(f);
     let hlen = h.header_len()?;
     let end = hlen.checked_add(f.payload.len()).ok_or(EmitError::PayloadTooLong)?;
-    buf.get_mut(hlen..end).ok_or(EmitError::BufferTooSmall)?.copy_from_slice(f.payload);
+    buf.get_mut(hlen..end)
+        .ok_or(EmitError::BufferTooSmall)?
+        .copy_from_slice(f.payload);
     h.emit(buf, f.payload.len())
 }
 
@@ -100,7 +111,10 @@ mod tests {
             src: src.parse().unwrap(),
             dst: dst.parse().unwrap(),
             wire,
-            tcp: TcpNumbers { seq: 0x0102_0304, ack: 0xa0b0_c0d0 },
+            tcp: TcpNumbers {
+                seq: 0x0102_0304,
+                ack: 0xa0b0_c0d0,
+            },
             ip_id: 7,
             payload,
         }
@@ -119,7 +133,10 @@ mod tests {
     fn roundtrips_through_the_shared_parser() {
         let payloads: [&[u8]; 4] = [b"x", b"odd-length", &[0u8; 0], &[0xab; 1400]];
         for wire in [WireShape::Tcp, WireShape::Udp] {
-            for (src, dst) in [("198.18.0.1:40000", "198.18.0.2:4000"), ("[2001:2::1]:40000", "[2001:2::2]:4000")] {
+            for (src, dst) in [
+                ("198.18.0.1:40000", "198.18.0.2:4000"),
+                ("[2001:2::1]:40000", "[2001:2::2]:4000"),
+            ] {
                 for p in payloads {
                     let f = frame(src, dst, wire, p);
                     let mut buf = [0u8; 2048];

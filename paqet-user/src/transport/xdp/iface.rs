@@ -54,7 +54,10 @@ fn ifreq_for(name: &str) -> io::Result<libc::ifreq> {
     let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
     let bytes = name.as_bytes();
     if bytes.is_empty() || bytes.len() >= req.ifr_name.len() || bytes.contains(&0) {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("invalid interface name {name:?}")));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("invalid interface name {name:?}"),
+        ));
     }
     for (d, s) in req.ifr_name.iter_mut().zip(bytes) {
         *d = *s as libc::c_char;
@@ -65,7 +68,11 @@ fn ifreq_for(name: &str) -> io::Result<libc::ifreq> {
 fn ioctl(sock: &OwnedFd, request: libc::c_ulong, req: &mut libc::ifreq) -> io::Result<()> {
     // SAFETY: `req` is a valid ifreq for these requests and outlives the call.
     let rc = unsafe { libc::ioctl(sock.as_raw_fd(), request as _, req as *mut libc::ifreq) };
-    if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
 }
 
 fn hwaddr(sock: &OwnedFd, name: &str) -> io::Result<[u8; 6]> {
@@ -98,19 +105,28 @@ fn mtu(sock: &OwnedFd, name: &str) -> io::Result<u32> {
 /// without the ethtool call has one queue.
 fn rx_queues(sock: &OwnedFd, name: &str) -> u32 {
     let Ok(mut req) = ifreq_for(name) else { return 1 };
-    let mut ch = EthtoolChannels { cmd: ETHTOOL_GCHANNELS, ..Default::default() };
+    let mut ch = EthtoolChannels {
+        cmd: ETHTOOL_GCHANNELS,
+        ..Default::default()
+    };
     req.ifr_ifru.ifru_data = (&mut ch as *mut EthtoolChannels).cast();
     match ioctl(sock, libc::SIOCETHTOOL, &mut req) {
         Ok(()) => (ch.rx_count + ch.combined_count).max(1),
         Err(e) => {
-            tracing::debug!(interface = name, "ETHTOOL_GCHANNELS failed ({e}); assuming one RX queue");
+            tracing::debug!(
+                interface = name,
+                "ETHTOOL_GCHANNELS failed ({e}); assuming one RX queue"
+            );
             1
         }
     }
 }
 
 pub fn fmt_mac(m: [u8; 6]) -> String {
-    format!("{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5])
+    format!(
+        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        m[0], m[1], m[2], m[3], m[4], m[5]
+    )
 }
 
 pub fn parse_mac(s: &str) -> Option<[u8; 6]> {

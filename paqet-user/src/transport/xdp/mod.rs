@@ -38,9 +38,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Poll;
 use std::time::Instant;
 
+use paqet_common::Stats;
 use paqet_common::maps::{FilterConfig, Protocol};
 use paqet_common::wire::{Addr, parse_frame};
-use paqet_common::Stats;
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
@@ -176,7 +176,10 @@ impl XdpTransport {
         if let Some(peer) = opts.peer
             && peer.is_ipv4() != opts.local.is_ipv4()
         {
-            return Err(XdpError::FamilyMismatch { local: opts.local, peer });
+            return Err(XdpError::FamilyMismatch {
+                local: opts.local,
+                peer,
+            });
         }
         let info = iface::query(&opts.interface).map_err(|source| XdpError::Interface {
             interface: opts.interface.clone(),
@@ -258,9 +261,16 @@ impl XdpTransport {
     /// Frames the kernel dropped for the sockets (RX ring full, no fill frames...),
     /// summed over queues: (rx_dropped, rx_ring_full, rx_fill_ring_empty).
     pub fn socket_drops(&self) -> (u64, u64, u64) {
-        self.queues.iter().filter_map(|q| q.xsk.statistics().ok()).fold((0, 0, 0), |acc, s| {
-            (acc.0 + s.rx_dropped, acc.1 + s.rx_ring_full, acc.2 + s.rx_fill_ring_empty_descriptors)
-        })
+        self.queues
+            .iter()
+            .filter_map(|q| q.xsk.statistics().ok())
+            .fold((0, 0, 0), |acc, s| {
+                (
+                    acc.0 + s.rx_dropped,
+                    acc.1 + s.rx_ring_full,
+                    acc.2 + s.rx_fill_ring_empty_descriptors,
+                )
+            })
     }
 
     fn peers(&self) -> MutexGuard<'_, Peers> {
@@ -372,7 +382,13 @@ impl XdpTransport {
     /// payload length, or `None` to drop it. Checksums are not checked: a veth peer
     /// hands over frames whose checksums were never filled in, and the AEAD above
     /// authenticates every payload anyway.
-    fn accept(&self, frame: &[u8], peers: &mut Peers, now: Instant, buf: &mut [u8]) -> Option<(SocketAddr, usize, [u8; 6])> {
+    fn accept(
+        &self,
+        frame: &[u8],
+        peers: &mut Peers,
+        now: Instant,
+        buf: &mut [u8],
+    ) -> Option<(SocketAddr, usize, [u8; 6])> {
         let s = parse_frame(frame).ok()?;
         if !self.filter.matches(&s) || s.dst.to_ip()? != self.local.ip() {
             return None;
@@ -459,7 +475,11 @@ fn open_queues(steering: &mut Steering, info: &iface::InterfaceInfo) -> Result<V
             // Queue 0 must work; a later one failing means the driver reported more
             // queues than it lets us bind, and the ones we have still carry traffic.
             Err(e) if queue > 0 => {
-                tracing::warn!(queue, "no AF_XDP socket on this queue: {}", crate::kernel::error_chain(&e));
+                tracing::warn!(
+                    queue,
+                    "no AF_XDP socket on this queue: {}",
+                    crate::kernel::error_chain(&e)
+                );
                 break;
             }
             Err(e) => return Err(e.into()),

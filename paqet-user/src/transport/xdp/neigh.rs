@@ -51,7 +51,12 @@ pub enum NeighError {
     #[error("unexpected output of `{cmd}`: {detail}")]
     Parse { cmd: String, detail: String },
     #[error("no neighbour entry for next hop {next_hop} (to reach {peer}) on {dev} after {waited:?}")]
-    Unresolved { peer: IpAddr, next_hop: IpAddr, dev: String, waited: Duration },
+    Unresolved {
+        peer: IpAddr,
+        next_hop: IpAddr,
+        dev: String,
+        waited: Duration,
+    },
 }
 
 /// Where packets to a peer go next, per the kernel's routing table.
@@ -64,17 +69,32 @@ pub struct Route {
 
 fn ip_json(args: &[&str]) -> Result<Value, NeighError> {
     let cmd = format!("ip {}", args.join(" "));
-    let out = Command::new("ip").args(args).output().map_err(|source| NeighError::Spawn { cmd: cmd.clone(), source })?;
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|source| NeighError::Spawn {
+            cmd: cmd.clone(),
+            source,
+        })?;
     if !out.status.success() {
-        return Err(NeighError::Command { cmd, stderr: String::from_utf8_lossy(&out.stderr).trim().to_string() });
+        return Err(NeighError::Command {
+            cmd,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
     }
-    serde_json::from_slice(&out.stdout).map_err(|e| NeighError::Parse { cmd, detail: e.to_string() })
+    serde_json::from_slice(&out.stdout).map_err(|e| NeighError::Parse {
+        cmd,
+        detail: e.to_string(),
+    })
 }
 
 pub fn route_get(peer: IpAddr) -> Result<Route, NeighError> {
     let peer_s = peer.to_string();
     let v = ip_json(&["-j", "route", "get", &peer_s])?;
-    parse_route(peer, &v).ok_or_else(|| NeighError::Parse { cmd: format!("ip -j route get {peer}"), detail: v.to_string() })
+    parse_route(peer, &v).ok_or_else(|| NeighError::Parse {
+        cmd: format!("ip -j route get {peer}"),
+        detail: v.to_string(),
+    })
 }
 
 fn parse_route(peer: IpAddr, v: &Value) -> Option<Route> {
@@ -117,9 +137,18 @@ pub fn trigger(next_hop: IpAddr, dev: &str) -> Result<(), NeighError> {
     let hop = next_hop.to_string();
     let args = ["neigh", "replace", hop.as_str(), "dev", dev, "use"];
     let cmd = format!("ip {}", args.join(" "));
-    let out = Command::new("ip").args(args).output().map_err(|source| NeighError::Spawn { cmd: cmd.clone(), source })?;
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|source| NeighError::Spawn {
+            cmd: cmd.clone(),
+            source,
+        })?;
     if !out.status.success() {
-        return Err(NeighError::Command { cmd, stderr: String::from_utf8_lossy(&out.stderr).trim().to_string() });
+        return Err(NeighError::Command {
+            cmd,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
     }
     Ok(())
 }
@@ -143,7 +172,12 @@ pub fn resolve(peer: IpAddr, interface: &str, wait: Duration) -> Result<[u8; 6],
             return Ok(mac);
         }
         if Instant::now() >= deadline {
-            return Err(NeighError::Unresolved { peer, next_hop: route.next_hop, dev: interface.to_string(), waited: wait });
+            return Err(NeighError::Unresolved {
+                peer,
+                next_hop: route.next_hop,
+                dev: interface.to_string(),
+                waited: wait,
+            });
         }
     }
 }
@@ -162,7 +196,10 @@ impl Resolver {
         let thread = std::thread::Builder::new()
             .name("paqet-xdp-neigh".into())
             .spawn(move || run(&interface, &peers, &rx))?;
-        Ok(Resolver { requests: Some(tx), thread: Some(thread) })
+        Ok(Resolver {
+            requests: Some(tx),
+            thread: Some(thread),
+        })
     }
 
     /// Queues `ip` for resolution; the caller has marked it pending in [`Peers`].
@@ -248,10 +285,19 @@ mod tests {
             r#"[{"dst":"198.18.0.2","dev":"veth-c","prefsrc":"198.18.0.1","flags":[],"uid":0,"cache":[]}]"#,
         )
         .unwrap();
-        assert_eq!(parse_route(peer, &onlink), Some(Route { dev: "veth-c".into(), next_hop: peer }));
+        assert_eq!(
+            parse_route(peer, &onlink),
+            Some(Route {
+                dev: "veth-c".into(),
+                next_hop: peer
+            })
+        );
         let via: Value =
             serde_json::from_str(r#"[{"dst":"198.18.0.2","gateway":"198.18.1.1","dev":"eth0","flags":[]}]"#).unwrap();
-        assert_eq!(parse_route(peer, &via).unwrap().next_hop, "198.18.1.1".parse::<IpAddr>().unwrap());
+        assert_eq!(
+            parse_route(peer, &via).unwrap().next_hop,
+            "198.18.1.1".parse::<IpAddr>().unwrap()
+        );
         assert_eq!(parse_route(peer, &Value::Array(vec![])), None);
     }
 
@@ -264,7 +310,8 @@ mod tests {
         let failed: Value = serde_json::from_str(r#"[{"dst":"198.18.0.2","state":["FAILED"]}]"#).unwrap();
         assert_eq!(parse_neigh(hop, &failed), None);
         let other: Value =
-            serde_json::from_str(r#"[{"dst":"198.18.0.3","lladdr":"92:2f:98:d1:38:df","state":["REACHABLE"]}]"#).unwrap();
+            serde_json::from_str(r#"[{"dst":"198.18.0.3","lladdr":"92:2f:98:d1:38:df","state":["REACHABLE"]}]"#)
+                .unwrap();
         assert_eq!(parse_neigh(hop, &other), None);
     }
 }

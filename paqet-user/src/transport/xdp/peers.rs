@@ -52,11 +52,19 @@ impl Peers {
     }
 
     pub fn learn(&mut self, ip: IpAddr, mac: [u8; 6], now: Instant) {
-        let e = self.macs.entry(ip).or_insert(MacEntry { mac, origin: MacOrigin::Learned, used: now });
+        let e = self.macs.entry(ip).or_insert(MacEntry {
+            mac,
+            origin: MacOrigin::Learned,
+            used: now,
+        });
         if e.mac != mac || e.origin != MacOrigin::Learned {
             tracing::debug!(%ip, mac = %super::iface::fmt_mac(mac), "learned next hop from a received frame");
         }
-        *e = MacEntry { mac, origin: MacOrigin::Learned, used: now };
+        *e = MacEntry {
+            mac,
+            origin: MacOrigin::Learned,
+            used: now,
+        };
     }
 
     /// A MAC from the kernel's neighbour table; never overrides a learned one.
@@ -65,7 +73,14 @@ impl Peers {
             Some(e) if e.origin == MacOrigin::Learned => {}
             Some(e) => e.mac = mac,
             None => {
-                self.macs.insert(ip, MacEntry { mac, origin: MacOrigin::Kernel, used: now });
+                self.macs.insert(
+                    ip,
+                    MacEntry {
+                        mac,
+                        origin: MacOrigin::Kernel,
+                        used: now,
+                    },
+                );
             }
         }
     }
@@ -81,7 +96,11 @@ impl Peers {
 
     /// Addresses whose MAC came from the kernel, for periodic refresh.
     pub fn kernel_resolved(&self) -> Vec<IpAddr> {
-        self.macs.iter().filter(|(_, e)| e.origin == MacOrigin::Kernel).map(|(ip, _)| *ip).collect()
+        self.macs
+            .iter()
+            .filter(|(_, e)| e.origin == MacOrigin::Kernel)
+            .map(|(ip, _)| *ip)
+            .collect()
     }
 
     /// Numbers for the next TCP-shaped frame to `peer`; the sequence advances by the
@@ -117,7 +136,12 @@ impl Peers {
 
 fn new_flow(now: Instant) -> Flow {
     // Random initial numbers, as a real stack picks them, so flows do not all start alike.
-    Flow { seq: rand::random(), ack: rand::random(), ack_known: false, used: now }
+    Flow {
+        seq: rand::random(),
+        ack: rand::random(),
+        ack_known: false,
+        used: now,
+    }
 }
 
 #[cfg(test)]

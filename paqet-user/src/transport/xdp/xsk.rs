@@ -106,16 +106,21 @@ impl Xsk {
     fn open_mode(ifindex: u32, queue: u32, frames: u32, zero_copy: bool) -> Result<Xsk, XskError> {
         let ring_size = frames / 2;
         let umem = Umem::builder();
-        let umem = s2n_quic_xdp::umem::Builder { frame_size: FRAME_SIZE, frame_count: frames, ..umem }
-            .build()
-            .map_err(setup("allocating the UMEM"))?;
+        let umem = s2n_quic_xdp::umem::Builder {
+            frame_size: FRAME_SIZE,
+            frame_count: frames,
+            ..umem
+        }
+        .build()
+        .map_err(setup("allocating the UMEM"))?;
         let fd = socket::Fd::open().map_err(setup("opening an AF_XDP socket"))?;
-        fd.attach_umem(&umem).map_err(setup("registering the UMEM (locked memory: RLIMIT_MEMLOCK or CAP_IPC_LOCK)"))?;
+        fd.attach_umem(&umem).map_err(setup(
+            "registering the UMEM (locked memory: RLIMIT_MEMLOCK or CAP_IPC_LOCK)",
+        ))?;
         let offsets = syscall::offsets(&fd).map_err(setup("reading the ring offsets"))?;
-        let mut fill =
-            ring::Fill::new(fd.clone(), &offsets, ring_size).map_err(setup("creating the fill ring"))?;
-        let completion = ring::Completion::new(fd.clone(), &offsets, ring_size)
-            .map_err(setup("creating the completion ring"))?;
+        let mut fill = ring::Fill::new(fd.clone(), &offsets, ring_size).map_err(setup("creating the fill ring"))?;
+        let completion =
+            ring::Completion::new(fd.clone(), &offsets, ring_size).map_err(setup("creating the completion ring"))?;
         let rx = ring::Rx::new(fd.clone(), &offsets, ring_size).map_err(setup("creating the RX ring"))?;
         let tx = ring::Tx::new(fd.clone(), &offsets, ring_size).map_err(setup("creating the TX ring"))?;
 
@@ -125,8 +130,12 @@ impl Xsk {
         let free: Vec<u64> = umem.frames().skip(ring_size as usize).map(|d| d.address).collect();
 
         let mode_flag = if zero_copy { XdpFlags::ZEROCOPY } else { XdpFlags::COPY };
-        let mut addr =
-            Address { ifindex, queue_id: queue, flags: mode_flag | XdpFlags::USE_NEED_WAKEUP, ..Default::default() };
+        let mut addr = Address {
+            ifindex,
+            queue_id: queue,
+            flags: mode_flag | XdpFlags::USE_NEED_WAKEUP,
+            ..Default::default()
+        };
         syscall::bind(&fd, &mut addr).map_err(|source| XskError::Bind {
             ifindex,
             queue,
@@ -192,7 +201,9 @@ impl Xsk {
             for (d, slot) in a.iter().chain(b.iter()).take(n as usize).zip(fill_slots) {
                 each(self.rx_frame(*d));
                 // Aligned-chunk UMEM: the kernel wants the frame's start back.
-                *slot = UmemDescriptor { address: d.address & !u64::from(FRAME_SIZE - 1) };
+                *slot = UmemDescriptor {
+                    address: d.address & !u64::from(FRAME_SIZE - 1),
+                };
             }
         }
         side.rx.release(n);
@@ -232,14 +243,16 @@ impl Xsk {
                 let Some(&addr) = free.last() else { break };
                 // SAFETY: `addr` is a TX frame on our free list: the kernel is not using
                 // it, and its FRAME_SIZE bytes lie inside the UMEM (`frames()` made it).
-                let frame = unsafe {
-                    std::slice::from_raw_parts_mut(self.umem.as_ptr().add(addr as usize), MAX_FRAME)
-                };
+                let frame = unsafe { std::slice::from_raw_parts_mut(self.umem.as_ptr().add(addr as usize), MAX_FRAME) };
                 let i = processed;
                 processed += 1;
                 let Some(len) = write(i, frame) else { continue };
                 let Some(slot) = slots.next() else { break };
-                *slot = RxTxDescriptor { address: addr, len: len as u32, options: DescriptorFlags::empty() };
+                *slot = RxTxDescriptor {
+                    address: addr,
+                    len: len as u32,
+                    options: DescriptorFlags::empty(),
+                };
                 free.pop();
                 queued += 1;
             }
@@ -286,7 +299,8 @@ fn reap_completions(side: &mut TxSide) {
         return;
     }
     let (a, b) = side.completion.data();
-    side.free.extend(a.iter().chain(b.iter()).take(n as usize).map(|d| d.address));
+    side.free
+        .extend(a.iter().chain(b.iter()).take(n as usize).map(|d| d.address));
     side.completion.release(n);
 }
 
