@@ -231,22 +231,7 @@ impl RelayBed {
 
     /// Both paqet logs, for failure messages.
     pub fn logs(&self) -> String {
-        let read = |name: &str| std::fs::read_to_string(self.scratch.dir.join(name)).unwrap_or_default();
-        let tail = |s: String| {
-            s.lines()
-                .rev()
-                .take(60)
-                .collect::<Vec<_>>()
-                .into_iter()
-                .rev()
-                .collect::<Vec<_>>()
-                .join("\n")
-        };
-        format!(
-            "--- server.log ---\n{}\n--- client.log ---\n{}",
-            tail(read("server.log")),
-            tail(read("client.log"))
-        )
+        both_logs(&self.log_of("server"), &self.log_of("client"), 60)
     }
 
     pub fn log_of(&self, role: &str) -> String {
@@ -334,4 +319,17 @@ pub fn ensure_bpffs() -> Result<()> {
     }
     crate::netns::run_checked(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
     Ok(())
+}
+
+/// The last `lines` lines of a server's and a client's log, for failure messages.
+pub fn both_logs(server: &str, client: &str, lines: usize) -> String {
+    let tail = |log: &str| {
+        let all: Vec<&str> = log.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    };
+    format!(
+        "--- server.log ---\n{}\n--- client.log ---\n{}",
+        tail(server),
+        tail(client)
+    )
 }

@@ -313,21 +313,7 @@ impl ServiceBed {
     }
 
     pub fn logs(&self) -> String {
-        let tail = |s: String| {
-            s.lines()
-                .rev()
-                .take(40)
-                .collect::<Vec<_>>()
-                .into_iter()
-                .rev()
-                .collect::<Vec<_>>()
-                .join("\n")
-        };
-        format!(
-            "--- server.log ---\n{}\n--- client.log ---\n{}",
-            tail(self.log_of("server")),
-            tail(self.log_of("client"))
-        )
+        crate::relay::both_logs(&self.log_of("server"), &self.log_of("client"), 40)
     }
 
     /// A curl through the SOCKS port, by address, hashing the body: `bash -c` with
