@@ -101,17 +101,7 @@ pub fn run(_args: &Args) -> Result<()> {
     }
     if !missing.is_empty() {
         step(format!("setup: installing {}", missing.join(" ")));
-        util::run(
-            Command::new("apt-get")
-                .arg("update")
-                .env("DEBIAN_FRONTEND", "noninteractive"),
-        )?;
-        util::run(
-            Command::new("apt-get")
-                .args(["install", "-y", "--no-install-recommends"])
-                .args(&missing)
-                .env("DEBIAN_FRONTEND", "noninteractive"),
-        )?;
+        apt_get_install(&missing)?;
     }
     step("setup: checking bpf-linker");
     if linker_ok {
@@ -166,6 +156,11 @@ pub fn apt_install(what: &str, pkgs: &[&str]) -> Result<()> {
         );
     }
     step(format!("setup ({what}): installing {}", missing.join(" ")));
+    apt_get_install(&missing)
+}
+
+/// `apt-get update`, then install `pkgs` without prompts or recommends.
+fn apt_get_install(pkgs: &[&str]) -> Result<()> {
     util::run(
         Command::new("apt-get")
             .arg("update")
@@ -174,7 +169,7 @@ pub fn apt_install(what: &str, pkgs: &[&str]) -> Result<()> {
     util::run(
         Command::new("apt-get")
             .args(["install", "-y", "--no-install-recommends"])
-            .args(&missing)
+            .args(pkgs)
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )
 }

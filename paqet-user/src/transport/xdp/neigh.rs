@@ -67,7 +67,9 @@ pub struct Route {
     pub next_hop: IpAddr,
 }
 
-fn ip_json(args: &[&str]) -> Result<Value, NeighError> {
+/// Runs `ip ARGS`; a failure to start or a non-zero exit is an error naming the command.
+/// Returns the command line (for later error messages) and its stdout.
+fn run_ip(args: &[&str]) -> Result<(String, Vec<u8>), NeighError> {
     let cmd = format!("ip {}", args.join(" "));
     let out = Command::new("ip")
         .args(args)
@@ -82,7 +84,12 @@ fn ip_json(args: &[&str]) -> Result<Value, NeighError> {
             stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
         });
     }
-    serde_json::from_slice(&out.stdout).map_err(|e| NeighError::Parse {
+    Ok((cmd, out.stdout))
+}
+
+fn ip_json(args: &[&str]) -> Result<Value, NeighError> {
+    let (cmd, stdout) = run_ip(args)?;
+    serde_json::from_slice(&stdout).map_err(|e| NeighError::Parse {
         cmd,
         detail: e.to_string(),
     })
@@ -135,22 +142,7 @@ fn parse_neigh(next_hop: IpAddr, v: &Value) -> Option<[u8; 6]> {
 /// Asks the kernel to resolve (or re-confirm) `next_hop` now.
 pub fn trigger(next_hop: IpAddr, dev: &str) -> Result<(), NeighError> {
     let hop = next_hop.to_string();
-    let args = ["neigh", "replace", hop.as_str(), "dev", dev, "use"];
-    let cmd = format!("ip {}", args.join(" "));
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|source| NeighError::Spawn {
-            cmd: cmd.clone(),
-            source,
-        })?;
-    if !out.status.success() {
-        return Err(NeighError::Command {
-            cmd,
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
-    }
-    Ok(())
+    run_ip(&["neigh", "replace", hop.as_str(), "dev", dev, "use"]).map(|_| ())
 }
 
 /// The MAC to send frames for `peer` to, resolving through the kernel if it has no
