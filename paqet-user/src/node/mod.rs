@@ -216,11 +216,16 @@ impl<T: Transport> Node<T> {
         loop {
             self.transport.recv_batch(&mut batch).await?;
             self.with_engine(|engine, now| {
+                // A batch mostly comes from one peer over one path: tell the transport
+                // once per change, not once per datagram (it takes a lock).
+                let mut confirmed = None;
                 for slot in batch.filled() {
                     let authentic = engine.handle_datagram(now, slot.peer, slot.payload()).is_ok();
+                    let path = (slot.peer, slot.link_src);
                     // Before the replies go out: they may need the path just proven.
-                    if authentic && slot.link_src.is_some() {
+                    if authentic && slot.link_src.is_some() && confirmed != Some(path) {
                         self.transport.peer_authenticated(slot.peer, slot.link_src);
+                        confirmed = Some(path);
                     }
                 }
             });
