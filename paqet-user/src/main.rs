@@ -29,7 +29,11 @@ fn load(args: &RunArgs, role: Option<Role>) -> Result<Config> {
 fn run_role(args: &RunArgs, role: Option<Role>) -> Result<()> {
     let config = load(args, role)?;
     init_logging(config.log_level);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    // One thread: every task shares the engine's lock and hands work to the others, so
+    // a second worker mostly adds futex wake-ups and lock contention. Measured with
+    // `cargo xtask bench` (BENCHMARKS.md): xdp one stream 200 → 337 MB/s, and less CPU
+    // per GiB; the peer process and the kernel use the machine's other cores.
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
