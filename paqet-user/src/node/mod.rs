@@ -5,9 +5,12 @@
 //! events before the lock is released, sends the datagrams as one batch, and wakes the
 //! stream tasks the events name.
 
+mod busy_poll;
 mod relay;
 
 pub use relay::relay_stream;
+
+use busy_poll::BusyPoll;
 
 use std::collections::HashMap;
 use std::io;
@@ -54,6 +57,9 @@ pub struct Node<T: Transport> {
     timer: Notify,
     /// Datagrams already sent, whose buffers the next engine call recycles.
     spent: Mutex<Vec<Transmit>>,
+    busy_poll: Mutex<BusyPoll>,
+    /// Wakes a sleeping receiver when a datagram goes out, so it polls for the answer.
+    sent: Notify,
 }
 
 pub fn now() -> Now {
@@ -91,6 +97,8 @@ impl<T: Transport> Node<T> {
             opened: tx,
             timer: Notify::new(),
             spent: Mutex::new(Vec::new()),
+            busy_poll: Mutex::new(BusyPoll::new(Instant::now())),
+            sent: Notify::new(),
         };
         (Arc::new(node), rx)
     }
@@ -124,10 +132,12 @@ impl<T: Transport> Node<T> {
             engine.drain_events(&mut events);
             r
         };
-        if !transmits.is_empty()
-            && let Err(e) = self.transport.send_batch(&transmits)
-        {
-            tracing::warn!("send failed on {}: {e}", self.transport.name());
+        if !transmits.is_empty() {
+            if let Err(e) = self.transport.send_batch(&transmits) {
+                tracing::warn!("send failed on {}: {e}", self.transport.name());
+            }
+            self.record_activity(transmits.iter().map(|t| t.payload.len()).sum());
+            self.sent.notify_one();
         }
         for event in events {
             self.dispatch(event);
@@ -209,27 +219,60 @@ impl<T: Transport> Node<T> {
         self.with_engine(|e, _| e.reset_stream(id));
     }
 
-    /// Reads datagrams until the transport fails.
+    fn record_activity(&self, bytes: usize) {
+        lock(&self.busy_poll).record(Instant::now(), bytes);
+    }
+
+    fn should_poll(&self) -> bool {
+        lock(&self.busy_poll).should_poll(Instant::now())
+    }
+
+    /// Reads datagrams until the transport fails: polls for a while after activity (see
+    /// [`busy_poll`]), sleeps on the transport's readiness otherwise.
     pub async fn run_receiver(self: Arc<Self>) -> io::Result<()> {
         let max = self.transport.max_payload().max(2048);
         let mut batch = RecvBatch::new(RECV_BATCH, max);
         loop {
-            self.transport.recv_batch(&mut batch).await?;
-            self.with_engine(|engine, now| {
-                // A batch mostly comes from one peer over one path: tell the transport
-                // once per change, not once per datagram (it takes a lock).
-                let mut confirmed = None;
-                for slot in batch.filled() {
-                    let authentic = engine.handle_datagram(now, slot.peer, slot.payload()).is_ok();
-                    let path = (slot.peer, slot.link_src);
-                    // Before the replies go out: they may need the path just proven.
-                    if authentic && slot.link_src.is_some() && confirmed != Some(path) {
-                        self.transport.peer_authenticated(slot.peer, slot.link_src);
-                        confirmed = Some(path);
-                    }
+            if self.transport.try_recv_batch(&mut batch)? > 0 {
+                self.handle_batch(&batch);
+                // A steady flow never leaves the ring empty: let the stream tasks run.
+                tokio::task::consume_budget().await;
+                continue;
+            }
+            if self.should_poll() {
+                // Yielding also polls the runtime's sockets without blocking; the
+                // thread yield lets a thread waiting for this CPU (the peer process,
+                // the application) run first.
+                std::thread::yield_now();
+                tokio::task::yield_now().await;
+                continue;
+            }
+            tokio::select! {
+                received = self.transport.recv_batch(&mut batch) => {
+                    received?;
+                    self.handle_batch(&batch);
                 }
-            });
+                _ = self.sent.notified() => {}
+            }
         }
+    }
+
+    fn handle_batch(&self, batch: &RecvBatch) {
+        self.record_activity(batch.filled().iter().map(|s| s.len).sum());
+        self.with_engine(|engine, now| {
+            // A batch mostly comes from one peer over one path: tell the transport
+            // once per change, not once per datagram (it takes a lock).
+            let mut confirmed = None;
+            for slot in batch.filled() {
+                let authentic = engine.handle_datagram(now, slot.peer, slot.payload()).is_ok();
+                let path = (slot.peer, slot.link_src);
+                // Before the replies go out: they may need the path just proven.
+                if authentic && slot.link_src.is_some() && confirmed != Some(path) {
+                    self.transport.peer_authenticated(slot.peer, slot.link_src);
+                    confirmed = Some(path);
+                }
+            }
+        });
     }
 
     /// Runs the engine's timers forever.

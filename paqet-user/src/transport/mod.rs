@@ -94,6 +94,9 @@ pub trait Transport: Send + Sync + 'static {
     /// are ready.
     fn recv_batch<'a>(&'a self, batch: &'a mut RecvBatch) -> impl Future<Output = io::Result<()>> + Send + 'a;
 
+    /// Fills `batch` with the datagrams already waiting, without waiting; how many.
+    fn try_recv_batch(&self, batch: &mut RecvBatch) -> io::Result<usize>;
+
     /// Largest payload one datagram can carry on this transport.
     fn max_payload(&self) -> usize;
 

@@ -264,6 +264,14 @@ impl Transport for UdpTransport {
         }
     }
 
+    fn try_recv_batch(&self, batch: &mut RecvBatch) -> io::Result<usize> {
+        batch.set_filled(0);
+        match recvmmsg(self.socket.as_raw_fd(), batch) {
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::ConnectionRefused) => Ok(0),
+            r => r,
+        }
+    }
+
     fn max_payload(&self) -> usize {
         MAX_PAYLOAD
     }

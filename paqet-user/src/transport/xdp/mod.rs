@@ -559,6 +559,10 @@ impl Transport for XdpTransport {
         }
     }
 
+    fn try_recv_batch(&self, batch: &mut RecvBatch) -> io::Result<usize> {
+        Ok(self.drain(batch))
+    }
+
     fn max_payload(&self) -> usize {
         self.max_payload
     }
