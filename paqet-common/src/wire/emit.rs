@@ -173,16 +173,29 @@ impl Headers {
 
 /// One's-complement sum of big-endian 16-bit words (odd tail padded with zero), not yet
 /// folded, added to `acc`.
+///
+/// Summed 8 bytes at a time in native byte order and swapped once at the end (RFC 1071
+/// §2: the sum is independent of byte order), which the compiler vectorises: it runs
+/// over every payload paqet sends, and word by word it was a tenth of the sender's CPU.
 pub fn sum(acc: u32, data: &[u8]) -> u32 {
-    let mut acc = acc as u64;
-    let mut chunks = data.chunks_exact(2);
-    for c in &mut chunks {
-        acc += u16::from_be_bytes([c[0], c[1]]) as u64;
+    let mut native = 0u64;
+    let mut words = data.chunks_exact(8);
+    for w in &mut words {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(w);
+        let w = u64::from_ne_bytes(b);
+        // Two 32-bit halves: the sum cannot overflow for any frame.
+        native += (w & 0xffff_ffff) + (w >> 32);
     }
-    if let [last] = chunks.remainder() {
-        acc += (*last as u64) << 8;
+    let mut pairs = words.remainder().chunks_exact(2);
+    for p in &mut pairs {
+        native += u16::from_ne_bytes([p[0], p[1]]) as u64;
     }
-    fold(acc) as u32
+    if let [last] = pairs.remainder() {
+        native += u16::from_ne_bytes([*last, 0]) as u64;
+    }
+    let big_endian = u16::from_be_bytes(fold(native).to_ne_bytes());
+    fold(acc as u64 + big_endian as u64) as u32
 }
 
 fn fold(mut acc: u64) -> u16 {

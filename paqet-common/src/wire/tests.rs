@@ -337,6 +337,33 @@ mod emit {
         }
     }
 
+    /// RFC 1071's definition, word by word: what the wide `sum` must equal.
+    fn reference_sum(acc: u32, data: &[u8]) -> u32 {
+        let mut acc = acc as u64;
+        for pair in data.chunks(2) {
+            acc += (pair[0] as u64) << 8 | pair.get(1).copied().unwrap_or(0) as u64;
+        }
+        while acc > 0xffff {
+            acc = (acc & 0xffff) + (acc >> 16);
+        }
+        acc as u32
+    }
+
+    #[test]
+    fn wide_sum_matches_rfc1071_for_every_length_and_offset() {
+        // Bytes chosen to carry often (many 0xff) but not uniformly.
+        let data: Vec<u8> = (0..1500u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8 | 0x80).collect();
+        for start in 0..9 {
+            for len in (0..80).chain([1399, 1400, 1401, 1472]) {
+                let slice = &data[start..start + len];
+                for acc in [0, 1, 0xfffe, 0x1_2345] {
+                    assert_eq!(sum(acc, slice), reference_sum(acc, slice), "start {start} len {len} acc {acc:#x}");
+                }
+            }
+        }
+        assert_eq!(sum(0, &[0xff; 1400]), 0xffff);
+    }
+
     #[test]
     fn known_ipv4_header_checksum() {
         // The RFC 1071 / Wikipedia example header.
