@@ -84,7 +84,50 @@ fn packet_socket(ifname: &str) -> io::Result<OwnedFd> {
             4,
         );
     }
+    // A deep socket buffer: the emulated link loses what `--loss` says, not whatever a
+    // burst finds no room for in the kernel's default (~200 KiB, ~90 frames).
+    for (force, plain) in [
+        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
+        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
+    ] {
+        if set_int(&sock, libc::SOL_SOCKET, force, SOCKET_BUFFER).is_err() {
+            let _ = set_int(&sock, libc::SOL_SOCKET, plain, SOCKET_BUFFER);
+        }
+    }
     Ok(sock)
+}
+
+const SOCKET_BUFFER: libc::c_int = 64 << 20;
+
+fn set_int(sock: &OwnedFd, level: libc::c_int, name: libc::c_int, value: libc::c_int) -> io::Result<()> {
+    // SAFETY: valid option pointer and length.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            level,
+            name,
+            (&value as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as u32,
+        )
+    };
+    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+}
+
+/// Frames the kernel dropped before this bridge could read them (a full socket buffer).
+fn kernel_drops(sock: &OwnedFd) -> u64 {
+    let mut stats = libc::tpacket_stats { tp_packets: 0, tp_drops: 0 };
+    let mut len = size_of::<libc::tpacket_stats>() as libc::socklen_t;
+    // SAFETY: valid output pointer and length for PACKET_STATISTICS.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_PACKET,
+            libc::PACKET_STATISTICS,
+            (&mut stats as *mut libc::tpacket_stats).cast(),
+            &mut len,
+        )
+    };
+    if rc == 0 { stats.tp_drops as u64 } else { 0 }
 }
 
 struct Queued {
@@ -115,6 +158,8 @@ struct Tally {
     forwarded: u64,
     lost: u64,
     tail_dropped: u64,
+    /// Dropped by the kernel before the bridge read them: should stay 0.
+    kernel_dropped: u64,
 }
 
 /// Forwards frames from `input` to `output` with the impairment, until `until`.
@@ -182,6 +227,7 @@ fn pump(input: &OwnedFd, output: &OwnedFd, imp: Impairment, seed: u64, until: In
                 tally.forwarded += 1;
             }
         }
+        tally.kernel_dropped += kernel_drops(input);
     }
     tally
 }
