@@ -17,6 +17,9 @@ pub mod kcp;
 pub mod mux;
 
 use std::collections::HashMap;
+
+/// For the maps looked up once per datagram (see Cargo.toml).
+pub type FastMap<K, V> = foldhash::HashMap<K, V>;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -174,7 +177,7 @@ struct Peer {
     /// The session before the last re-handshake: packets already in flight under it
     /// still open until the peer switches over.
     previous: Option<Session>,
-    streams: HashMap<u32, Stream>,
+    streams: FastMap<u32, Stream>,
     tombstones: HashMap<u32, Instant>,
     last_rx: Instant,
     last_tx: Instant,
@@ -186,7 +189,7 @@ impl Peer {
             addr,
             session: None,
             previous: None,
-            streams: HashMap::new(),
+            streams: FastMap::default(),
             tombstones: HashMap::new(),
             last_rx: now,
             last_tx: now,
@@ -206,9 +209,9 @@ pub struct Engine {
     epoch: Instant,
     /// Our own instance id (client) — the server's peer key for us.
     instance: PeerId,
-    peers: HashMap<PeerId, Peer>,
+    peers: FastMap<PeerId, Peer>,
     /// Local session index → peer, for both current and previous sessions.
-    index: HashMap<u32, PeerId>,
+    index: FastMap<u32, PeerId>,
     pending: Option<PendingHandshake>,
     /// Server: handshakes already answered, by ephemeral key, until they are too old to
     /// pass the clock check anyway.
@@ -243,8 +246,8 @@ impl Engine {
             rng,
             epoch: now,
             instance,
-            peers: HashMap::new(),
-            index: HashMap::new(),
+            peers: FastMap::default(),
+            index: FastMap::default(),
             pending: None,
             seen_handshakes: HashMap::new(),
             output: OutputQueue::default(),
@@ -312,6 +315,8 @@ impl Engine {
     }
 
     pub fn drain_events(&mut self, into: &mut Vec<Event>) {
+        // A batch of datagrams for one stream wakes its reader once, not once each.
+        self.events.dedup();
         into.append(&mut self.events);
     }
 

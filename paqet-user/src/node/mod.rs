@@ -12,7 +12,6 @@ pub use relay::relay_stream;
 
 use busy_poll::BusyPoll;
 
-use std::collections::HashMap;
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -22,7 +21,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::engine::frame::{OpenError, TargetAddr};
 use crate::engine::mux::StreamError;
-use crate::engine::{Counters, Engine, Event, Now, StreamId, Transmit};
+use crate::engine::{Counters, Engine, Event, FastMap, Now, StreamId, Transmit};
 use crate::transport::{RecvBatch, Transport};
 
 const RECV_BATCH: usize = 64;
@@ -51,7 +50,7 @@ impl StreamWaker {
 pub struct Node<T: Transport> {
     engine: Mutex<Engine>,
     transport: T,
-    wakers: Mutex<HashMap<StreamId, Arc<StreamWaker>>>,
+    wakers: Mutex<FastMap<StreamId, Arc<StreamWaker>>>,
     /// Server: streams that clients asked for, to be dialled.
     opened: Option<mpsc::UnboundedSender<(StreamId, TargetAddr)>>,
     timer: Notify,
@@ -93,7 +92,7 @@ impl<T: Transport> Node<T> {
         let node = Node {
             engine: Mutex::new(engine),
             transport,
-            wakers: Mutex::new(HashMap::new()),
+            wakers: Mutex::new(FastMap::default()),
             opened: tx,
             timer: Notify::new(),
             spent: Mutex::new(Vec::new()),
