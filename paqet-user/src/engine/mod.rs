@@ -520,8 +520,11 @@ impl Engine {
         result
     }
 
-    /// Reads the next stream message into `buf` (at least `read_buffer_len` bytes).
+    /// Reads the stream's next data into `buf` (at least `read_buffer_len` bytes): as
+    /// many whole messages as fit, back to back, so the edge writes them to TCP in one
+    /// call rather than one per message. A FIN after some data is reported next call.
     pub fn stream_read(&mut self, id: StreamId, buf: &mut [u8]) -> Result<ReadOutcome, StreamError> {
+        let message_room = self.read_buffer_len();
         let stream = self.stream_mut(id).ok_or(StreamError::Closed)?;
         if stream.recv_fin {
             return Ok(ReadOutcome::Fin);
@@ -529,32 +532,54 @@ impl Engine {
         if stream.phase != Phase::Open {
             return Ok(ReadOutcome::WouldBlock);
         }
-        let n = match stream.kcp.recv(buf) {
-            Ok(n) => n,
-            Err(::kcp::Error::RecvQueueEmpty | ::kcp::Error::ExpectingFragment) => return Ok(ReadOutcome::WouldBlock),
-            // Larger than any message we send: the peer breaks the protocol.
-            Err(_) => {
-                self.reset_stream(id);
-                return Err(StreamError::Closed);
+        // Data gathered so far is buf[1..end]; each next message is received over the
+        // last gathered byte (its type byte lands there, then the byte is put back), so
+        // the data of all messages ends up contiguous without a copy.
+        let mut end = 0usize;
+        let mut outcome = ReadOutcome::WouldBlock;
+        loop {
+            let at = end.saturating_sub(1);
+            if buf.len() - at < message_room {
+                break;
             }
-        };
-        let outcome = match StreamMsg::parse(&buf[..n]) {
-            Ok(StreamMsg::Data(_)) => ReadOutcome::Data(1..n),
-            Ok(StreamMsg::Fin) => {
+            let kept = buf.get(at).copied().unwrap_or(0);
+            let n = match stream.kcp.recv(&mut buf[at..]) {
+                Ok(n) => n,
+                Err(::kcp::Error::RecvQueueEmpty | ::kcp::Error::ExpectingFragment) => break,
+                // Larger than any message we send: the peer breaks the protocol.
+                Err(_) => return Err(self.protocol_violation(id)),
+            };
+            let is_data = match StreamMsg::parse(&buf[at..at + n]) {
+                Ok(StreamMsg::Data(_)) => true,
+                Ok(StreamMsg::Fin) => false,
+                Ok(_) | Err(_) => return Err(self.protocol_violation(id)),
+            };
+            if end > 0 {
+                buf[at] = kept;
+            }
+            if !is_data {
                 stream.recv_fin = true;
-                ReadOutcome::Fin
+                if end == 0 {
+                    outcome = ReadOutcome::Fin;
+                }
+                break;
             }
-            Ok(_) | Err(_) => {
-                tracing::debug!(stream = %id, "protocol violation on stream; resetting");
-                self.reset_stream(id);
-                return Err(StreamError::Closed);
-            }
-        };
-        // Reading may reopen the receive window: tell the peer soon, and finish a
-        // stream whose last FIN this was.
-        self.flush_stream(id);
-        self.close_if_done(id, None);
+            end = at + n;
+            outcome = ReadOutcome::Data(1..end);
+        }
+        if outcome != ReadOutcome::WouldBlock {
+            // Reading may reopen the receive window: tell the peer soon, and finish a
+            // stream whose last FIN this was.
+            self.flush_stream(id);
+            self.close_if_done(id, None);
+        }
         Ok(outcome)
+    }
+
+    fn protocol_violation(&mut self, id: StreamId) -> StreamError {
+        tracing::debug!(stream = %id, "protocol violation on stream; resetting");
+        self.reset_stream(id);
+        StreamError::Closed
     }
 
     /// Half-closes our direction: the peer reads `Fin` after the data already written.

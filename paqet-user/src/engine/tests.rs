@@ -195,7 +195,10 @@ fn transfer(sim: &mut Sim, from_client: bool, writer: StreamId, reader: StreamId
     let mut finished = false;
     let mut got = Vec::new();
     let mut fin = false;
-    let mut buf = vec![0u8; sim.client.read_buffer_len()];
+    // The smallest buffer one way (one message per read), a larger one the other way
+    // (several messages gathered per read).
+    let buffers = if from_client { 1 } else { 5 };
+    let mut buf = vec![0u8; sim.client.read_buffer_len() * buffers];
     let ok = sim.run_until(2_000_000, |sim| {
         let now = sim.clock();
         let (w, r) = if from_client {

@@ -17,6 +17,8 @@ use crate::engine::mux::ReadOutcome;
 use crate::transport::Transport;
 
 const TCP_READ_CHUNK: usize = 64 * 1024;
+/// Stream data gathered for one write to TCP (plus room for one more message).
+const TCP_WRITE_CHUNK: usize = 64 * 1024;
 
 #[derive(Debug, PartialEq, Eq)]
 enum End {
@@ -82,7 +84,7 @@ async fn tcp_to_stream<T: Transport>(node: &Node<T>, id: StreamId, waker: &Strea
 }
 
 async fn stream_to_tcp<T: Transport>(node: &Node<T>, id: StreamId, waker: &StreamWaker, mut wr: OwnedWriteHalf) -> End {
-    let mut buf = vec![0u8; node.read_buffer_len()];
+    let mut buf = vec![0u8; node.read_buffer_len() + TCP_WRITE_CHUNK];
     loop {
         match node.with_engine(|e, _| e.stream_read(id, &mut buf)) {
             Ok(ReadOutcome::Data(range)) => {
