@@ -1,37 +1,60 @@
 //! The unprivileged transport: one UDP socket, batched with `recvmmsg`/`sendmmsg` so a
-//! batch of datagrams costs one system call each way.
+//! batch of datagrams costs one system call each way, and with Linux's UDP segmentation
+//! offloads so a run of datagrams to one peer costs the kernel about one datagram's work:
+//! GSO on send (`send.rs`), GRO on receive (`recv.rs`). Both fall back to one datagram
+//! per message where the kernel or the path will not have them.
 
-use std::future::Future;
+mod recv;
+mod send;
+mod sys;
+
 use std::io;
-use std::mem::{MaybeUninit, zeroed};
-use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
 
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
 
+use self::recv::RecvState;
+use self::send::{SendState, Sent};
 use super::{RecvBatch, Transport};
 use crate::engine::Transmit;
 
 /// Keeps every datagram under the smallest common path MTU (IPv6 1280 would be safer but
 /// halves throughput; the engine's 1432-byte datagrams fit 1500-byte links).
 const MAX_PAYLOAD: usize = 1432;
-const SEND_BATCH: usize = 64;
-/// Longest a full send buffer may hold up a batch before the rest is dropped.
-const SEND_WAIT_MS: i32 = 20;
 
 pub struct UdpTransport {
     socket: UdpSocket,
     /// Datagrams dropped because the socket's send buffer was full.
     pub send_dropped: AtomicU64,
+    /// Whether sends use UDP GSO: cleared for good the first time the kernel refuses it.
+    gso: AtomicBool,
+    /// Scratch reused by every call, so the hot path allocates nothing. The runtime is
+    /// single-threaded: the locks are never contended. Boxed, as the xdp transport's
+    /// rings are, to keep the transport itself small.
+    send: Box<Mutex<SendState>>,
+    recv: Box<Mutex<RecvState>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Headers are rebuilt by every call and the receive cursor moves before it copies, so
+    // nothing a panic could interrupt is left half-done: carry on rather than wedge.
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl UdpTransport {
     /// Binds `local` (port 0 for a client). `buffer` asks for socket buffers of that size;
     /// the kernel may clamp it, so what it granted is logged.
     pub fn bind(local: SocketAddr, buffer: Option<usize>) -> io::Result<UdpTransport> {
+        UdpTransport::open(local, buffer, true)
+    }
+
+    /// As [`UdpTransport::bind`]; `gro` says whether to ask for receive coalescing.
+    fn open(local: SocketAddr, buffer: Option<usize>, gro: bool) -> io::Result<UdpTransport> {
         let socket = Socket::new(Domain::for_address(local), Type::DGRAM, Some(Protocol::UDP))?;
         if let Some(bytes) = buffer {
             socket.set_recv_buffer_size(bytes)?;
@@ -45,176 +68,36 @@ impl UdpTransport {
         }
         socket.set_nonblocking(true)?;
         socket.bind(&local.into())?;
+        // A kernel without UDP_GRO (before 5.0) delivers datagrams one by one, as asked.
+        let gro = gro && sys::set_udp_option(socket.as_raw_fd(), libc::UDP_GRO, 1).is_ok();
+        tracing::debug!(gro, "UDP receive offload");
         let socket = UdpSocket::from_std(socket.into())?;
         Ok(UdpTransport {
             socket,
             send_dropped: AtomicU64::new(0),
+            gso: AtomicBool::new(true),
+            send: Box::new(Mutex::new(SendState::new())),
+            recv: Box::new(Mutex::new(RecvState::new(gro))),
         })
     }
 
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         self.socket.local_addr()
     }
-}
 
-/// A socket address in the form the kernel reads and writes.
-#[derive(Clone, Copy)]
-#[repr(C)]
-union RawAddr {
-    v4: libc::sockaddr_in,
-    v6: libc::sockaddr_in6,
-}
-
-fn to_raw(addr: SocketAddr) -> (RawAddr, libc::socklen_t) {
-    // SAFETY: all-zero is a valid sockaddr of either family.
-    let mut raw: RawAddr = unsafe { zeroed() };
-    match addr {
-        SocketAddr::V4(a) => {
-            raw.v4 = libc::sockaddr_in {
-                sin_family: libc::AF_INET as libc::sa_family_t,
-                sin_port: a.port().to_be(),
-                sin_addr: libc::in_addr {
-                    s_addr: u32::from_ne_bytes(a.ip().octets()),
-                },
-                sin_zero: [0; 8],
-            };
-            (raw, size_of::<libc::sockaddr_in>() as libc::socklen_t)
-        }
-        SocketAddr::V6(a) => {
-            raw.v6 = libc::sockaddr_in6 {
-                sin6_family: libc::AF_INET6 as libc::sa_family_t,
-                sin6_port: a.port().to_be(),
-                sin6_flowinfo: a.flowinfo(),
-                sin6_addr: libc::in6_addr {
-                    s6_addr: a.ip().octets(),
-                },
-                sin6_scope_id: a.scope_id(),
-            };
-            (raw, size_of::<libc::sockaddr_in6>() as libc::socklen_t)
+    fn gso_refused(&self, error: &io::Error) {
+        if self.gso.swap(false, Ordering::Relaxed) {
+            tracing::info!(%error, "the kernel refused UDP GSO; sending one datagram per message from now on");
         }
     }
-}
 
-fn from_raw(raw: &RawAddr) -> Option<SocketAddr> {
-    // SAFETY: the family field overlaps in both variants and the kernel filled it.
-    unsafe {
-        match raw.v4.sin_family as libc::c_int {
-            libc::AF_INET => {
-                let a = raw.v4;
-                let ip = a.sin_addr.s_addr.to_ne_bytes().into();
-                Some(SocketAddr::V4(SocketAddrV4::new(ip, u16::from_be(a.sin_port))))
-            }
-            libc::AF_INET6 => {
-                let a = raw.v6;
-                Some(SocketAddr::V6(SocketAddrV6::new(
-                    a.sin6_addr.s6_addr.into(),
-                    u16::from_be(a.sin6_port),
-                    a.sin6_flowinfo,
-                    a.sin6_scope_id,
-                )))
-            }
-            _ => None,
-        }
+    fn recv_pending(&self) -> bool {
+        lock(&self.recv).has_pending()
     }
-}
 
-fn recvmmsg(fd: i32, batch: &mut RecvBatch) -> io::Result<usize> {
-    let n = batch.capacity();
-    let slots = batch.slots_mut();
-    let mut iovs: Vec<libc::iovec> = slots
-        .iter_mut()
-        .map(|s| libc::iovec {
-            iov_base: s.buf.as_mut_ptr().cast(),
-            iov_len: s.buf.len(),
-        })
-        .collect();
-    // SAFETY: zeroed sockaddr storage is valid; the kernel writes at most msg_namelen.
-    let mut addrs: Vec<RawAddr> = vec![unsafe { zeroed() }; n];
-    let mut msgs: Vec<libc::mmsghdr> = (0..n)
-        .map(|i| {
-            // SAFETY: an all-zero msghdr is valid; the pointers are filled in below.
-            let mut hdr: libc::msghdr = unsafe { MaybeUninit::zeroed().assume_init() };
-            hdr.msg_name = (&mut addrs[i] as *mut RawAddr).cast();
-            hdr.msg_namelen = size_of::<RawAddr>() as libc::socklen_t;
-            hdr.msg_iov = &mut iovs[i];
-            hdr.msg_iovlen = 1;
-            libc::mmsghdr {
-                msg_hdr: hdr,
-                msg_len: 0,
-            }
-        })
-        .collect();
-    // SAFETY: msgs, iovs and addrs outlive the call and describe valid buffers.
-    let got = unsafe {
-        libc::recvmmsg(
-            fd,
-            msgs.as_mut_ptr(),
-            n as u32,
-            libc::MSG_DONTWAIT,
-            std::ptr::null_mut(),
-        )
-    };
-    if got < 0 {
-        return Err(io::Error::last_os_error());
+    fn fill(&self, batch: &mut RecvBatch) -> io::Result<usize> {
+        lock(&self.recv).fill(self.socket.as_raw_fd(), batch)
     }
-    let got = got as usize;
-    let mut filled = 0;
-    for i in 0..got {
-        let Some(peer) = from_raw(&addrs[i]) else { continue };
-        let len = msgs[i].msg_len as usize;
-        let slots = batch.slots_mut();
-        if filled != i {
-            slots.swap(filled, i);
-        }
-        slots[filled].len = len;
-        slots[filled].peer = peer;
-        filled += 1;
-    }
-    batch.set_filled(filled);
-    Ok(filled)
-}
-
-fn sendmmsg(fd: i32, batch: &[Transmit]) -> io::Result<usize> {
-    let mut addrs: Vec<(RawAddr, libc::socklen_t)> = batch.iter().map(|t| to_raw(t.peer)).collect();
-    let mut iovs: Vec<libc::iovec> = batch
-        .iter()
-        .map(|t| libc::iovec {
-            iov_base: t.payload.as_ptr() as *mut _,
-            iov_len: t.payload.len(),
-        })
-        .collect();
-    let mut msgs: Vec<libc::mmsghdr> = (0..batch.len())
-        .map(|i| {
-            // SAFETY: as in recvmmsg.
-            let mut hdr: libc::msghdr = unsafe { MaybeUninit::zeroed().assume_init() };
-            hdr.msg_name = (&mut addrs[i].0 as *mut RawAddr).cast();
-            hdr.msg_namelen = addrs[i].1;
-            hdr.msg_iov = &mut iovs[i];
-            hdr.msg_iovlen = 1;
-            libc::mmsghdr {
-                msg_hdr: hdr,
-                msg_len: 0,
-            }
-        })
-        .collect();
-    // SAFETY: every pointer refers to memory alive for the duration of the call.
-    let sent = unsafe { libc::sendmmsg(fd, msgs.as_mut_ptr(), msgs.len() as u32, libc::MSG_DONTWAIT) };
-    if sent < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(sent as usize)
-}
-
-/// Waits up to `ms` for the socket to accept more data.
-fn wait_writable(fd: i32, ms: i32) -> bool {
-    let mut pfd = libc::pollfd {
-        fd,
-        events: libc::POLLOUT,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd for the duration of the call.
-    let n = unsafe { libc::poll(&mut pfd, 1, ms) };
-    n > 0 && pfd.revents & libc::POLLOUT != 0
 }
 
 impl Transport for UdpTransport {
@@ -224,49 +107,46 @@ impl Transport for UdpTransport {
 
     fn send_batch(&self, batch: &[Transmit]) -> io::Result<()> {
         let fd = self.socket.as_raw_fd();
-        for chunk in batch.chunks(SEND_BATCH) {
-            let mut done = 0;
-            while done < chunk.len() {
-                match sendmmsg(fd, &chunk[done..]) {
-                    Ok(n) => done += n.max(1),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        // The send buffer is full. KCP bursts a whole window at once, and
-                        // the kernel caps SO_SNDBUF without CAP_NET_ADMIN, so wait briefly
-                        // for room rather than drop what would only be retransmitted.
-                        if !wait_writable(fd, SEND_WAIT_MS) {
-                            self.send_dropped
-                                .fetch_add((chunk.len() - done) as u64, Ordering::Relaxed);
-                            break;
-                        }
-                    }
-                    // A peer's ICMP error surfaces here on the next call; skip that datagram.
-                    Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => done += 1,
-                    Err(e) => return Err(e),
+        let mut send = lock(&self.send);
+        let mut rest = batch;
+        while !rest.is_empty() {
+            let covered = send.prepare(rest, self.gso.load(Ordering::Relaxed));
+            match send.transmit(fd)? {
+                Sent::All { dropped } => {
+                    self.send_dropped.fetch_add(dropped as u64, Ordering::Relaxed);
+                    rest = &rest[covered..];
+                }
+                // What the refused message held goes again, one datagram per message.
+                Sent::GsoRefused { resume, error } => {
+                    self.gso_refused(&error);
+                    rest = &rest[resume..];
                 }
             }
         }
         Ok(())
     }
 
-    fn recv_batch<'a>(&'a self, batch: &'a mut RecvBatch) -> impl Future<Output = io::Result<()>> + Send + 'a {
-        async move {
-            loop {
-                self.socket.readable().await?;
-                let fd = self.socket.as_raw_fd();
-                match self.socket.try_io(Interest::READABLE, || recvmmsg(fd, batch)) {
-                    Ok(0) => continue,
-                    Ok(_) => return Ok(()),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                    Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => continue,
-                    Err(e) => return Err(e),
-                }
+    async fn recv_batch(&self, batch: &mut RecvBatch) -> io::Result<()> {
+        loop {
+            // Datagrams of an earlier coalesced receive wait here, not in the socket, so
+            // readiness would not announce them.
+            if self.recv_pending() && self.try_recv_batch(batch)? > 0 {
+                return Ok(());
+            }
+            self.socket.readable().await?;
+            match self.socket.try_io(Interest::READABLE, || self.fill(batch)) {
+                Ok(0) => continue,
+                Ok(_) => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => continue,
+                Err(e) => return Err(e),
             }
         }
     }
 
     fn try_recv_batch(&self, batch: &mut RecvBatch) -> io::Result<usize> {
         batch.set_filled(0);
-        match recvmmsg(self.socket.as_raw_fd(), batch) {
+        match self.fill(batch) {
             Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::ConnectionRefused) => Ok(0),
             r => r,
         }
@@ -279,7 +159,56 @@ impl Transport for UdpTransport {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
+
+    fn open(gro: bool) -> UdpTransport {
+        UdpTransport::open("127.0.0.1:0".parse().unwrap(), Some(1 << 22), gro).unwrap()
+    }
+
+    /// A payload naming its datagram, so one cut, merged, reordered or sent to the wrong
+    /// peer does not compare equal.
+    fn payload(seq: usize, len: usize) -> Vec<u8> {
+        (0..len).map(|j| (seq * 31 + j * 7 + j / 251) as u8).collect()
+    }
+
+    fn transmits(runs: &[(SocketAddr, &[usize])]) -> Vec<Transmit> {
+        let lens = runs
+            .iter()
+            .flat_map(|&(peer, lens)| lens.iter().map(move |&len| (peer, len)));
+        lens.enumerate()
+            .map(|(seq, (peer, len))| Transmit {
+                peer,
+                payload: payload(seq, len),
+            })
+            .collect()
+    }
+
+    /// What `to` should receive of `batch`, from `from`, in order.
+    fn expected(batch: &[Transmit], from: SocketAddr, to: SocketAddr) -> Vec<(SocketAddr, Vec<u8>)> {
+        batch
+            .iter()
+            .filter(|t| t.peer == to)
+            .map(|t| (from, t.payload.clone()))
+            .collect()
+    }
+
+    /// Receives on `rx` in batches of `slots` until `count` datagrams have arrived, then
+    /// checks that nothing more came.
+    async fn receive(rx: &UdpTransport, count: usize, slots: usize) -> Vec<(SocketAddr, Vec<u8>)> {
+        let mut got = Vec::new();
+        let mut batch = RecvBatch::new(slots, 2048);
+        while got.len() < count {
+            tokio::time::timeout(Duration::from_secs(5), rx.recv_batch(&mut batch))
+                .await
+                .expect("datagrams missing")
+                .unwrap();
+            got.extend(batch.iter().map(|(peer, bytes)| (peer, bytes.to_vec())));
+        }
+        assert_eq!(rx.try_recv_batch(&mut batch).unwrap(), 0, "more datagrams than sent");
+        got
+    }
 
     #[tokio::test]
     async fn batch_roundtrip_over_loopback() {
@@ -307,5 +236,90 @@ mod tests {
         }
         let expected: Vec<Vec<u8>> = batch.into_iter().map(|t| t.payload).collect();
         assert_eq!(got, expected);
+    }
+
+    #[tokio::test]
+    async fn mixed_batches_roundtrip_with_and_without_offloads() {
+        for (gso, gro) in [(true, true), (true, false), (false, true), (false, false)] {
+            let tx = open(true);
+            tx.gso.store(gso, Ordering::Relaxed);
+            let (p_rx, q_rx) = (open(gro), open(gro));
+            let (p, q) = (p_rx.local_addr().unwrap(), q_rx.local_addr().unwrap());
+            let mut full_then_short = vec![1432; 50];
+            full_then_short.push(5);
+            let batch = transmits(&[
+                (p, &[1432; 10]),
+                (p, &[700]),
+                (q, &[1432; 3]),
+                (p, &[1]),
+                (q, &[1000; 100]),
+                (p, &[1200, 1200, 1200, 1200, 1300, 1200]),
+                (p, &[0]),
+                (q, &[1432, 1432]),
+                (p, &full_then_short),
+            ]);
+            tx.send_batch(&batch).unwrap();
+            assert_eq!(tx.gso.load(Ordering::Relaxed), gso, "loopback refused GSO");
+            assert_eq!(tx.send_dropped.load(Ordering::Relaxed), 0);
+            let from = tx.local_addr().unwrap();
+            for (rx, to) in [(&p_rx, p), (&q_rx, q)] {
+                let want = expected(&batch, from, to);
+                let got = receive(rx, want.len(), 8).await;
+                assert!(got == want, "gso {gso}, gro {gro}: datagrams differ");
+                // On loopback a GSO message reaches a GRO socket still whole.
+                let coalesced = lock(&rx.recv).coalesced;
+                assert_eq!(coalesced > 0, gso && gro, "gso {gso}, gro {gro}: {coalesced} coalesced");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_run_longer_than_the_batch_loses_nothing() {
+        let (tx, rx) = (open(true), open(true));
+        let to = rx.local_addr().unwrap();
+        let batch = transmits(&[(to, &[1432; 300])]);
+        tx.send_batch(&batch).unwrap();
+        let mut slots = RecvBatch::new(8, 2048);
+        tokio::time::timeout(Duration::from_secs(5), rx.recv_batch(&mut slots))
+            .await
+            .expect("datagrams missing")
+            .unwrap();
+        assert_eq!(slots.len(), 8);
+        assert!(rx.recv_pending(), "one coalesced receive should outlast the batch");
+        let mut got: Vec<_> = slots.iter().map(|(peer, bytes)| (peer, bytes.to_vec())).collect();
+        got.extend(receive(&rx, batch.len() - got.len(), 8).await);
+        assert!(
+            got == expected(&batch, tx.local_addr().unwrap(), to),
+            "datagrams differ"
+        );
+    }
+
+    #[tokio::test]
+    async fn refused_gso_falls_back_and_loses_nothing() {
+        let (tx, rx) = (open(true), open(true));
+        // With UDP checksums off (SO_NO_CHECK, 11 in asm-generic/socket.h) the kernel
+        // refuses every GSO send with EINVAL.
+        let one: libc::c_int = 1;
+        // SAFETY: a live c_int option value of the length given.
+        let r = unsafe {
+            libc::setsockopt(
+                tx.socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                11,
+                (&one as *const libc::c_int).cast(),
+                size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(r, 0, "SO_NO_CHECK: {}", io::Error::last_os_error());
+        let to = rx.local_addr().unwrap();
+        let batch = transmits(&[(to, &[1432; 100]), (to, &[3])]);
+        tx.send_batch(&batch).unwrap();
+        assert!(!tx.gso.load(Ordering::Relaxed), "GSO should have been refused");
+        let got = receive(&rx, batch.len(), 64).await;
+        assert!(
+            got == expected(&batch, tx.local_addr().unwrap(), to),
+            "datagrams differ"
+        );
+        assert_eq!(lock(&rx.recv).coalesced, 0);
     }
 }
