@@ -277,6 +277,11 @@ impl Bench {
         let sys = format!("paqet {transport}");
         let tag = if transport == "xdp" { "bx" } else { "bu" };
         let bed = RelayBed::start(tag, &RelayOptions::new(transport)?)?;
+        if transport == "udp" {
+            // As a host would run the udp transport (AF_XDP is what needs them off): UDP
+            // GSO/GRO may then carry coalesced datagrams through the veth.
+            peers::set_offloads(&bed.hosts, true)?;
+        }
         let _servers = Servers::start(&bed.hosts.server)?;
         let procs = vec![
             Proc {
@@ -342,6 +347,8 @@ impl Bench {
     /// suite with microsocks behind it. Returns that configuration.
     fn kcptun(&mut self) -> Result<Option<KcpConfig>> {
         let hosts = TwoHosts::new("bk")?;
+        // kcptun uses UDP sockets: offloads on, as for paqet's udp transport.
+        peers::set_offloads(&hosts, true)?;
         let _servers = Servers::start(&hosts.server)?;
         let microsocks = peers::start_microsocks(&hosts.server)?;
         let s = self.s;
