@@ -18,7 +18,7 @@ use crate::transport::Transport;
 
 const TCP_READ_CHUNK: usize = 64 * 1024;
 /// Stream data gathered for one write to TCP (plus room for one more message).
-const TCP_WRITE_CHUNK: usize = 64 * 1024;
+const TCP_WRITE_CHUNK: usize = 32 * 1024;
 
 #[derive(Debug, PartialEq, Eq)]
 enum End {
