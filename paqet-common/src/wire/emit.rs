@@ -171,8 +171,8 @@ impl Headers {
     }
 }
 
-/// One's-complement sum of big-endian 16-bit words (odd tail padded with zero), not yet
-/// folded, added to `acc`.
+/// One's-complement sum of big-endian 16-bit words (odd tail padded with zero) with
+/// `acc` added, folded to 16 bits but not complemented.
 ///
 /// Summed 8 bytes at a time in native byte order and swapped once at the end (RFC 1071
 /// §2: the sum is independent of byte order), which the compiler vectorises: it runs

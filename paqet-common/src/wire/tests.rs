@@ -352,12 +352,18 @@ mod emit {
     #[test]
     fn wide_sum_matches_rfc1071_for_every_length_and_offset() {
         // Bytes chosen to carry often (many 0xff) but not uniformly.
-        let data: Vec<u8> = (0..1500u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8 | 0x80).collect();
+        let data: Vec<u8> = (0..1500u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8 | 0x80)
+            .collect();
         for start in 0..9 {
             for len in (0..80).chain([1399, 1400, 1401, 1472]) {
                 let slice = &data[start..start + len];
                 for acc in [0, 1, 0xfffe, 0x1_2345] {
-                    assert_eq!(sum(acc, slice), reference_sum(acc, slice), "start {start} len {len} acc {acc:#x}");
+                    assert_eq!(
+                        sum(acc, slice),
+                        reference_sum(acc, slice),
+                        "start {start} len {len} acc {acc:#x}"
+                    );
                 }
             }
         }

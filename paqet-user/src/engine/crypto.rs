@@ -8,9 +8,9 @@
 //! session, counters only grow), checked against a sliding replay window, and their
 //! counter is masked QUIC-style so no cleartext byte is constant or predictable.
 
-use blake2::{Blake2s256, Digest};
 use aes::Aes256;
 use aes::cipher::{BlockEncrypt, KeyInit};
+use blake2::{Blake2s256, Digest};
 use snow::{HandshakeState, StatelessTransportState};
 
 use super::frame::{DATA_HEADER_LEN, DataHeader};
@@ -22,6 +22,7 @@ pub const TAG_LEN: usize = 16;
 pub const SEAL_OVERHEAD: usize = DATA_HEADER_LEN + TAG_LEN;
 /// The header mask is drawn from one AES block of ciphertext; the tag alone has it.
 const HP_SAMPLE_LEN: usize = 16;
+const _: () = assert!(HP_SAMPLE_LEN <= TAG_LEN);
 const MAX_HANDSHAKE_LEN: usize = 512;
 
 #[derive(Debug, thiserror::Error)]

@@ -17,9 +17,6 @@ pub mod kcp;
 pub mod mux;
 
 use std::collections::HashMap;
-
-/// For the maps looked up once per datagram (see Cargo.toml).
-pub type FastMap<K, V> = foldhash::HashMap<K, V>;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -30,6 +27,9 @@ use crypto::{CryptoError, Initiator, Psk, Responder, SEAL_OVERHEAD, SessionCrypt
 use frame::{DataHeader, InitPayload, Inner, OpenError, ResponsePayload, StreamMsg, TargetAddr};
 use kcp::{KcpProfile, OutputQueue};
 use mux::{Control, Phase, ReadOutcome, Stream, StreamError};
+
+/// For the maps looked up once per datagram (see Cargo.toml).
+pub type FastMap<K, V> = foldhash::HashMap<K, V>;
 
 /// Bumped whenever the wire format changes; travels inside the handshake.
 pub const PROTOCOL_VERSION: u8 = 2;
@@ -319,7 +319,8 @@ impl Engine {
     }
 
     pub fn drain_events(&mut self, into: &mut Vec<Event>) {
-        // A batch of datagrams for one stream wakes its reader once, not once each.
+        // A run of datagrams for one stream wakes its reader once, not once each (a
+        // wake-up left over from an interleaved run is harmless: one Notify permit).
         self.events.dedup();
         into.append(&mut self.events);
     }
@@ -529,6 +530,7 @@ impl Engine {
     /// call rather than one per message. A FIN after some data is reported next call.
     pub fn stream_read(&mut self, id: StreamId, buf: &mut [u8]) -> Result<ReadOutcome, StreamError> {
         let message_room = self.read_buffer_len();
+        debug_assert!(buf.len() >= message_room, "stream_read needs read_buffer_len bytes");
         let stream = self.stream_mut(id).ok_or(StreamError::Closed)?;
         if stream.recv_fin {
             return Ok(ReadOutcome::Fin);
@@ -536,41 +538,15 @@ impl Engine {
         if stream.phase != Phase::Open {
             return Ok(ReadOutcome::WouldBlock);
         }
-        // Data gathered so far is buf[1..end]; each next message is received over the
-        // last gathered byte (its type byte lands there, then the byte is put back), so
-        // the data of all messages ends up contiguous without a copy.
-        let mut end = 0usize;
-        let mut outcome = ReadOutcome::WouldBlock;
-        loop {
-            let at = end.saturating_sub(1);
-            if buf.len() - at < message_room {
-                break;
+        let outcome = if std::mem::take(&mut stream.fin_unreported) {
+            stream.recv_fin = true;
+            ReadOutcome::Fin
+        } else {
+            match gather_messages(stream, buf, message_room) {
+                Ok(outcome) => outcome,
+                Err(()) => return Err(self.protocol_violation(id)),
             }
-            let kept = buf.get(at).copied().unwrap_or(0);
-            let n = match stream.kcp.recv(&mut buf[at..]) {
-                Ok(n) => n,
-                Err(::kcp::Error::RecvQueueEmpty | ::kcp::Error::ExpectingFragment) => break,
-                // Larger than any message we send: the peer breaks the protocol.
-                Err(_) => return Err(self.protocol_violation(id)),
-            };
-            let is_data = match StreamMsg::parse(&buf[at..at + n]) {
-                Ok(StreamMsg::Data(_)) => true,
-                Ok(StreamMsg::Fin) => false,
-                Ok(_) | Err(_) => return Err(self.protocol_violation(id)),
-            };
-            if end > 0 {
-                buf[at] = kept;
-            }
-            if !is_data {
-                stream.recv_fin = true;
-                if end == 0 {
-                    outcome = ReadOutcome::Fin;
-                }
-                break;
-            }
-            end = at + n;
-            outcome = ReadOutcome::Data(1..end);
-        }
+        };
         if outcome != ReadOutcome::WouldBlock {
             // Reading may reopen the receive window: tell the peer soon, and finish a
             // stream whose last FIN this was.
@@ -1123,5 +1099,50 @@ impl Engine {
     }
 }
 
+/// Receives whole stream messages into `buf` while another one surely fits (each at most
+/// `message_room` bytes): data back to back in `buf[1..end]`, or a FIN. `Err` is a
+/// protocol violation.
+///
+/// Each next message is received over the last gathered byte (its type byte lands there,
+/// then the byte is put back), so the data of all messages ends up contiguous without a
+/// copy. A FIN behind data stays unreported until the next read.
+fn gather_messages(stream: &mut Stream, buf: &mut [u8], message_room: usize) -> Result<ReadOutcome, ()> {
+    let mut end = 0usize;
+    loop {
+        let at = end.saturating_sub(1);
+        if buf.len() - at < message_room {
+            break;
+        }
+        let kept = buf[at];
+        let n = match stream.kcp.recv(&mut buf[at..at + message_room]) {
+            Ok(n) => n,
+            Err(::kcp::Error::RecvQueueEmpty | ::kcp::Error::ExpectingFragment) => break,
+            // Larger than any message we send: the peer breaks the protocol.
+            Err(_) => return Err(()),
+        };
+        let is_data = match StreamMsg::parse(&buf[at..at + n]) {
+            Ok(StreamMsg::Data(_)) => true,
+            Ok(StreamMsg::Fin) => false,
+            Ok(_) | Err(_) => return Err(()),
+        };
+        if end > 0 {
+            buf[at] = kept;
+        }
+        if !is_data {
+            if end == 0 {
+                stream.recv_fin = true;
+                return Ok(ReadOutcome::Fin);
+            }
+            stream.fin_unreported = true;
+            break;
+        }
+        end = at + n;
+    }
+    Ok(if end == 0 {
+        ReadOutcome::WouldBlock
+    } else {
+        ReadOutcome::Data(1..end)
+    })
+}
 #[cfg(test)]
 mod tests;

@@ -39,6 +39,10 @@ pub struct Stream {
     pub phase: Phase,
     pub sent_fin: bool,
     pub recv_fin: bool,
+    /// The peer's FIN was taken from KCP behind data and is reported by the next read;
+    /// until then the stream counts as still receiving (so it cannot be retired while
+    /// the reader is still writing the data before it).
+    pub fin_unreported: bool,
     /// A writer was told to wait; tell it when the queue drains.
     pub write_blocked: bool,
     pub last_activity: Instant,
@@ -82,6 +86,7 @@ impl Stream {
             phase,
             sent_fin: false,
             recv_fin: false,
+            fin_unreported: false,
             write_blocked: false,
             last_activity: now,
         }

@@ -415,3 +415,34 @@ fn refused_stream_reports_reason() {
     });
     assert!(ok);
 }
+
+#[test]
+fn fin_behind_data_waits_for_a_slow_reader() {
+    let mut sim = Sim::new(Impairment::default(), 9);
+    let (cid, sid) = sim.open("origin.test");
+    let now = sim.clock();
+    let data = pattern(3000, 9);
+    assert_eq!(sim.server.stream_write(now, sid, &data).unwrap(), data.len());
+    sim.server.stream_finish(sid).unwrap();
+    sim.client.stream_finish(cid).unwrap();
+    sim.collect();
+    // Everything arrives and is acknowledged while the client's reader is away for
+    // longer than the linger time.
+    let away = sim.now + LINGER * 3;
+    sim.run_until(100_000, |sim| sim.now >= away);
+    let mut buf = vec![0u8; sim.client.read_buffer_len() * 5];
+    let Ok(ReadOutcome::Data(range)) = sim.client.stream_read(cid, &mut buf) else {
+        panic!("the data must be readable")
+    };
+    assert_eq!(&buf[range], &data[..]);
+    sim.client.drain_events(&mut sim.client_events);
+    assert!(
+        !sim.client_events.contains(&Event::StreamClosed(cid)),
+        "the stream closed before its FIN was read: {:?}",
+        sim.client_events
+    );
+    // Time passes while the reader writes that data out; the stream must stay.
+    let later = sim.now + LINGER * 3;
+    sim.run_until(100_000, |sim| sim.now >= later);
+    assert_eq!(sim.client.stream_read(cid, &mut buf), Ok(ReadOutcome::Fin));
+}

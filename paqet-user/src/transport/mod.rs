@@ -86,8 +86,9 @@ pub trait Transport: Send + Sync + 'static {
     /// A short name for logs and `paqet status`.
     fn name(&self) -> &'static str;
 
-    /// Sends what the wire takes now, without waiting. Datagrams it cannot take are
-    /// dropped and counted: KCP retransmits, and a relay must not stall on a full queue.
+    /// Sends what the wire takes now. Datagrams it cannot take are dropped and counted:
+    /// KCP retransmits, and a relay must not stall on a full queue (`udp` waits at most
+    /// 20 ms for a full socket buffer to drain first; `xdp` never waits).
     fn send_batch(&self, batch: &[Transmit]) -> io::Result<()>;
 
     /// Waits until at least one datagram has arrived, then fills `batch` with as many as

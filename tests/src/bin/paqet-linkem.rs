@@ -84,8 +84,9 @@ fn packet_socket(ifname: &str) -> io::Result<OwnedFd> {
             4,
         );
     }
-    // A deep socket buffer: the emulated link loses what `--loss` says, not whatever a
-    // burst finds no room for in the kernel's default (~200 KiB, ~90 frames).
+    // A deep socket buffer (64 MiB asked, which the kernel doubles): the emulated link
+    // loses what `--loss` says, not whatever a burst finds no room for in the kernel's
+    // default (~200 KiB, ~90 frames).
     for (force, plain) in [
         (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
         (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
@@ -110,12 +111,19 @@ fn set_int(sock: &OwnedFd, level: libc::c_int, name: libc::c_int, value: libc::c
             size_of::<libc::c_int>() as u32,
         )
     };
-    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// Frames the kernel dropped before this bridge could read them (a full socket buffer).
 fn kernel_drops(sock: &OwnedFd) -> u64 {
-    let mut stats = libc::tpacket_stats { tp_packets: 0, tp_drops: 0 };
+    let mut stats = libc::tpacket_stats {
+        tp_packets: 0,
+        tp_drops: 0,
+    };
     let mut len = size_of::<libc::tpacket_stats>() as libc::socklen_t;
     // SAFETY: valid output pointer and length for PACKET_STATISTICS.
     let rc = unsafe {
