@@ -236,6 +236,12 @@ pub struct Engine {
     unflushed: Vec<StreamId>,
     counters: Counters,
     live_streams: usize,
+    /// Segments queued or in flight in all streams' send sides: exact after each tick,
+    /// and only ever over-estimated between ticks (writes add, acknowledgements are
+    /// counted at the next tick). Writers wait while it exceeds the send half of the
+    /// window budget, so streams that opened with a large window (before the others
+    /// came) cannot together queue more than the budget.
+    queued_segments: usize,
     /// The latest time the edge told us; for the calls that need no fresh reading.
     clock: Instant,
 }
@@ -266,6 +272,7 @@ impl Engine {
             unflushed: Vec::new(),
             counters: Counters::default(),
             live_streams: 0,
+            queued_segments: 0,
             clock: now,
         };
         engine.control_buf = vec![0u8; engine.read_buffer_len()];
@@ -300,6 +307,12 @@ impl Engine {
     /// A buffer size that holds any message `stream_read` can return.
     pub fn read_buffer_len(&self) -> usize {
         mux::read_buffer_len(self.mss())
+    }
+
+    /// The send half of the window budget, in segments (`mux::window_for` splits the
+    /// same budget between both directions).
+    fn send_budget_segments(&self) -> usize {
+        self.config.window_budget / (2 * self.mss())
     }
 
     pub fn max_write_chunk(&self) -> usize {
@@ -499,6 +512,8 @@ impl Engine {
     pub fn stream_write(&mut self, now: Now, id: StreamId, data: &[u8]) -> Result<usize, StreamError> {
         self.clock = self.clock.max(now.instant);
         let chunk = self.max_write_chunk();
+        let budget = self.send_budget_segments();
+        let mut queued = self.queued_segments;
         let mut scratch = std::mem::take(&mut self.scratch);
         let result = (|| {
             let stream = self.stream_mut(id).ok_or(StreamError::Closed)?;
@@ -509,15 +524,18 @@ impl Engine {
                 return Err(StreamError::Finished);
             }
             let mut taken = 0;
-            while taken < data.len() && stream.writable() {
+            while taken < data.len() && stream.writable() && queued < budget {
                 let end = (taken + chunk).min(data.len());
+                let before = stream.kcp.wait_snd();
                 stream.send_msg(&StreamMsg::Data(&data[taken..end]), &mut scratch)?;
+                queued += stream.kcp.wait_snd().saturating_sub(before);
                 taken = end;
             }
             stream.write_blocked = taken < data.len();
             stream.last_activity = now.instant;
             Ok(taken)
         })();
+        self.queued_segments = queued;
         self.scratch = scratch;
         if result.is_ok() {
             self.flush_stream(id);
@@ -974,6 +992,7 @@ impl Engine {
         self.last_tick = now.instant;
         let ms = self.ms(now.instant);
         let peer_ids: Vec<PeerId> = self.peers.keys().copied().collect();
+        self.queued_segments = 0;
         for peer_id in peer_ids {
             self.tick_streams(now, peer_id, ms);
             self.tick_peer(now, peer_id);
@@ -1001,6 +1020,7 @@ impl Engine {
                 continue;
             }
             let _ = stream.kcp.update(ms);
+            self.queued_segments += stream.kcp.wait_snd();
             let stalled = now.instant.saturating_duration_since(stream.last_activity) > self.config.peer_timeout
                 && matches!(
                     stream.phase,

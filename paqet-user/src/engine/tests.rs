@@ -446,3 +446,35 @@ fn fin_behind_data_waits_for_a_slow_reader() {
     sim.run_until(100_000, |sim| sim.now >= later);
     assert_eq!(sim.client.stream_read(cid, &mut buf), Ok(ReadOutcome::Fin));
 }
+
+#[test]
+fn streams_together_queue_no_more_than_the_send_budget() {
+    let mut sim = Sim::new(Impairment::default(), 10);
+    let (_, first) = sim.open("first.test");
+    let (_, second) = sim.open("second.test");
+    // Both streams have windows far larger than the budget set now (as streams that
+    // opened before many others came have), and nothing gets acknowledged for a while.
+    let segments = 100;
+    sim.server.config.window_budget = 2 * sim.server.mss() * segments;
+    sim.impair.drop = 1.0;
+    let now = sim.clock();
+    let data = pattern(4 << 20, 10);
+    let took_first = sim.server.stream_write(now, first, &data).unwrap();
+    assert!(took_first > 0);
+    let took_second = sim.server.stream_write(now, second, &data).unwrap();
+    assert_eq!(took_second, 0, "the second stream queued past the shared budget");
+    let queued: usize = [first, second]
+        .iter()
+        .map(|id| sim.server.stream_mut(*id).unwrap().kcp.wait_snd())
+        .sum();
+    assert!(queued <= segments + 8, "{queued} segments queued for a budget of {segments}");
+    // Once the first stream's data is acknowledged (and counted at the next tick), the
+    // second may write.
+    sim.impair.drop = 0.0;
+    let drained = sim.run_until(100_000, |sim| sim.server.stream_mut(first).unwrap().kcp.wait_snd() == 0);
+    assert!(drained);
+    let tick = sim.now + Duration::from_millis(50);
+    sim.run_until(100_000, |sim| sim.now >= tick);
+    let now = sim.clock();
+    assert!(sim.server.stream_write(now, second, &data).unwrap() > 0);
+}
