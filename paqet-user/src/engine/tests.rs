@@ -467,7 +467,10 @@ fn streams_together_queue_no_more_than_the_send_budget() {
         .iter()
         .map(|id| sim.server.stream_mut(*id).unwrap().kcp.wait_snd())
         .sum();
-    assert!(queued <= segments + 8, "{queued} segments queued for a budget of {segments}");
+    assert!(
+        queued <= segments + 8,
+        "{queued} segments queued for a budget of {segments}"
+    );
     // Once the first stream's data is acknowledged (and counted at the next tick), the
     // second may write.
     sim.impair.drop = 0.0;
