@@ -283,16 +283,7 @@ impl Bench {
             peers::set_offloads(&bed.hosts, true)?;
         }
         let _servers = Servers::start(&bed.hosts.server)?;
-        let procs = vec![
-            Proc {
-                label: "client".into(),
-                pid: bench::find_comm(bed.client.id(), "paqet"),
-            },
-            Proc {
-                label: "server".into(),
-                pid: bench::find_comm(bed.server.id(), "paqet"),
-            },
-        ];
+        let procs = paqet_procs(&bed);
         let socks = bed.socks_addr();
         let o = Access::Socks {
             proxy: socks,
@@ -315,16 +306,7 @@ impl Bench {
         let tag = if transport == "xdp" { "blx" } else { "blu" };
         let bed = RelayBed::start_through(tag, &RelayOptions::new(transport)?, LOSSY_LINK)?;
         let _servers = Servers::start(&bed.hosts.server)?;
-        let procs = vec![
-            Proc {
-                label: "client".into(),
-                pid: bench::find_comm(bed.client.id(), "paqet"),
-            },
-            Proc {
-                label: "server".into(),
-                pid: bench::find_comm(bed.server.id(), "paqet"),
-            },
-        ];
+        let procs = paqet_procs(&bed);
         let o = Access::Socks {
             proxy: bed.socks_addr(),
             target: origin(),
@@ -515,16 +497,7 @@ impl Bench {
         std::fs::create_dir_all(out)?;
         let bed = RelayBed::start("bp", &RelayOptions::new(transport)?)?;
         let _servers = Servers::start(&bed.hosts.server)?;
-        let procs = vec![
-            Proc {
-                label: "client".into(),
-                pid: bench::find_comm(bed.client.id(), "paqet"),
-            },
-            Proc {
-                label: "server".into(),
-                pid: bench::find_comm(bed.server.id(), "paqet"),
-            },
-        ];
+        let procs = paqet_procs(&bed);
         let mut perfs = Vec::new();
         for p in &procs {
             let data = out.join(format!("perf-{transport}-{}.data", p.label));
@@ -585,6 +558,17 @@ impl Bench {
         }
         res
     }
+}
+
+/// The paqet client and server of a bed, whose CPU and RSS count as paqet's.
+fn paqet_procs(bed: &RelayBed) -> Vec<Proc> {
+    [("client", &bed.client), ("server", &bed.server)]
+        .into_iter()
+        .map(|(label, child)| Proc {
+            label: label.into(),
+            pid: bench::find_comm(child.id(), "paqet"),
+        })
+        .collect()
 }
 
 fn kcp_procs(k: &peers::Kcptun, microsocks: Option<u32>) -> Vec<Proc> {
