@@ -32,7 +32,7 @@ use mux::{Control, Phase, ReadOutcome, Stream, StreamError};
 pub type FastMap<K, V> = foldhash::HashMap<K, V>;
 
 /// Bumped whenever the wire format changes; travels inside the handshake.
-pub const PROTOCOL_VERSION: u8 = 2;
+pub const PROTOCOL_VERSION: u8 = 3;
 /// How far a client's clock may be from the server's before its handshake is refused.
 const HANDSHAKE_MAX_SKEW_MS: u64 = 120_000;
 const HANDSHAKE_RETRY: Duration = Duration::from_secs(1);

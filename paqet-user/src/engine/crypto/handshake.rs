@@ -1,0 +1,85 @@
+//! The Noise `NNpsk0` handshake (through `snow`) that opens every session.
+//!
+//! Both sides contribute a fresh ephemeral key, the PSK authenticates both, and the
+//! client's first message is already encrypted under the PSK, so a responder learns
+//! nothing — and spends no Diffie-Hellman — before the sender has proven it holds the key.
+
+use snow::HandshakeState;
+
+use super::{CryptoError, Psk, SessionCrypto};
+
+const NOISE_PARAMS: &str = "Noise_NNpsk0_25519_ChaChaPoly_BLAKE2s";
+const MAX_HANDSHAKE_LEN: usize = 512;
+
+fn builder(psk: &Psk) -> Result<snow::Builder<'_>, CryptoError> {
+    let params = NOISE_PARAMS.parse().map_err(CryptoError::Handshake)?;
+    Ok(snow::Builder::new(params).psk(0, &psk.0)?)
+}
+
+/// The client's half-done handshake, waiting for the server's response.
+pub struct Initiator {
+    state: HandshakeState,
+}
+
+impl Initiator {
+    /// Starts a handshake; returns the state and the first message to send.
+    pub fn start(psk: &Psk, payload: &[u8]) -> Result<(Initiator, Vec<u8>), CryptoError> {
+        let mut state = builder(psk)?.build_initiator()?;
+        let mut msg = vec![0u8; MAX_HANDSHAKE_LEN];
+        let len = state.write_message(payload, &mut msg)?;
+        msg.truncate(len);
+        Ok((Initiator { state }, msg))
+    }
+
+    /// Reads the server's response; on success the session keys and its payload.
+    pub fn finish(mut self, response: &[u8]) -> Result<(SessionCrypto, Vec<u8>), CryptoError> {
+        let mut payload = vec![0u8; MAX_HANDSHAKE_LEN];
+        let len = self.state.read_message(response, &mut payload)?;
+        payload.truncate(len);
+        Ok((SessionCrypto::from_handshake(self.state)?, payload))
+    }
+}
+
+/// The server's side: authenticates a first message and answers it.
+pub struct Responder {
+    state: HandshakeState,
+    pub payload: Vec<u8>,
+}
+
+impl Responder {
+    /// Authenticates the client's first message. Cheap for garbage: NNpsk0's first
+    /// message needs no Diffie-Hellman, only hashing and one AEAD open.
+    pub fn read(psk: &Psk, message: &[u8]) -> Result<Responder, CryptoError> {
+        let mut state = builder(psk)?.build_responder()?;
+        let mut payload = vec![0u8; MAX_HANDSHAKE_LEN];
+        let len = state.read_message(message, &mut payload)?;
+        payload.truncate(len);
+        Ok(Responder { state, payload })
+    }
+
+    pub fn respond(mut self, payload: &[u8]) -> Result<(SessionCrypto, Vec<u8>), CryptoError> {
+        let mut msg = vec![0u8; MAX_HANDSHAKE_LEN];
+        let len = self.state.write_message(payload, &mut msg)?;
+        msg.truncate(len);
+        Ok((SessionCrypto::from_handshake(self.state)?, msg))
+    }
+}
+
+/// The ephemeral public key that opens a handshake message; the server remembers
+/// recent ones to refuse a replayed handshake.
+pub fn handshake_fingerprint(message: &[u8]) -> Option<[u8; 32]> {
+    message.get(..32).and_then(|b| b.try_into().ok())
+}
+
+/// The two directions' secrets from the finished handshake, as (sending, receiving).
+pub(super) fn split(mut state: HandshakeState) -> Result<([u8; 32], [u8; 32]), CryptoError> {
+    if !state.is_handshake_finished() {
+        return Err(CryptoError::Handshake(snow::Error::State(snow::error::StateProblem::HandshakeNotFinished)));
+    }
+    let (initiator_to_responder, responder_to_initiator) = state.dangerously_get_raw_split();
+    Ok(if state.is_initiator() {
+        (initiator_to_responder, responder_to_initiator)
+    } else {
+        (responder_to_initiator, initiator_to_responder)
+    })
+}
