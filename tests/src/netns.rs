@@ -310,10 +310,36 @@ impl ChildGuard {
     pub fn try_wait(&mut self) -> Result<Option<std::process::ExitStatus>> {
         Ok(self.0.try_wait()?)
     }
+
+    /// Waits up to `timeout` for the child to exit by itself.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.0.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() >= deadline {
+                bail!("pid {} still running after {timeout:?}", self.0.id());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
 
+/// How long a child gets to exit after SIGTERM before it is killed.
+const TERM_GRACE: Duration = Duration::from_secs(5);
+
 impl Drop for ChildGuard {
+    /// SIGTERM first, as systemd stops paqet: one killed outright cannot detach its
+    /// program or remove its pins under /sys/fs/bpf/paqet, and they pile up.
     fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait()
+            && let Ok(pid) = libc::pid_t::try_from(self.0.id())
+        {
+            // SAFETY: `pid` is our own unreaped child, so it names no other process.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+            let _ = self.wait_exit(TERM_GRACE);
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }

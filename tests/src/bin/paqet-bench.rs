@@ -246,9 +246,13 @@ impl Bench {
             }
             let mut sc = mk(&hosts.client);
             sc.args(&send_args).stdin(Stdio::null()).stdout(Stdio::null());
-            let _send = ChildGuard::spawn(&mut sc)?;
+            let mut send = ChildGuard::spawn(&mut sc)?;
             line.clear();
             out.read_line(&mut line)?;
+            // Both exit by themselves (the sender 3 s after the receiver), each dropping
+            // its xdp transport: killed, they would leave their pins behind.
+            recv.wait_exit(Duration::from_secs(10))?;
+            send.wait_exit(Duration::from_secs(10))?;
             let field = |k: &str| -> f64 {
                 line.split_whitespace()
                     .find_map(|w| w.strip_prefix(k))
