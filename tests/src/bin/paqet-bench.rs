@@ -1,10 +1,8 @@
 //! `cargo xtask bench`'s driver: paqet over `xdp` and `udp` side by side with the raw
 //! packet ceilings, kcptun and direct TCP, all in one run on one machine.
 //!
-//! Usage: paqet-bench [--quick] [--out DIR] [--only SECTIONS]
-//!   SECTIONS: comma-separated of ceilings, paqet-xdp, paqet-udp, kcptun, tcp, lossy
-//!        paqet-bench [--quick] --profile xdp|udp --out DIR
-//!   one clean-link download under `perf record`, reports in DIR/profile-*.txt
+//! Usage: `paqet-bench --help` ([`USAGE`]). `--profile` runs one clean-link download
+//! under `perf record` and writes the reports to DIR/profile-*.txt.
 //!
 //! Testbeds (each torn down before the next, so only one thing runs at a time):
 //! - clean link: two namespaces joined by one veth pair, no emulator (paqet-linkem
@@ -620,8 +618,46 @@ fn machine() -> String {
     )
 }
 
+const USAGE: &str = "usage: paqet-bench [--quick] [--out DIR] [--only SECTIONS]
+       paqet-bench [--quick] --profile xdp|udp --out DIR
+SECTIONS: comma-separated of ceilings, paqet-xdp, paqet-udp, kcptun, tcp, lossy";
+const SECTIONS: [&str; 6] = ["ceilings", "paqet-xdp", "paqet-udp", "kcptun", "tcp", "lossy"];
+
+/// Refuses what it does not know: a typo must not start a ten-minute run of everything.
+fn check_args(args: &[String]) -> std::result::Result<(), String> {
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--quick" => {}
+            "--out" => {
+                it.next().ok_or("--out needs a directory")?;
+            }
+            "--profile" => match it.next().map(String::as_str) {
+                Some("xdp" | "udp") => {}
+                _ => return Err("--profile takes xdp or udp".into()),
+            },
+            "--only" => {
+                let list = it.next().ok_or("--only needs a list of sections")?;
+                if let Some(bad) = list.split(',').find(|s| !SECTIONS.contains(s)) {
+                    return Err(format!("unknown section {bad:?}"));
+                }
+            }
+            "-h" | "--help" => return Err(String::new()),
+            other => return Err(format!("unknown argument {other:?}")),
+        }
+    }
+    Ok(())
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if let Err(why) = check_args(&args) {
+        if !why.is_empty() {
+            eprintln!("paqet-bench: {why}");
+        }
+        eprintln!("{USAGE}");
+        std::process::exit(if why.is_empty() { 0 } else { 2 });
+    }
     let quick = args.iter().any(|a| a == "--quick");
     let value_of = |k: &str| args.iter().position(|a| a == k).and_then(|i| args.get(i + 1)).cloned();
     let out = PathBuf::from(value_of("--out").unwrap_or_else(|| "docs/bench".into()));

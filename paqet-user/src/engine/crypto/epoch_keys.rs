@@ -146,9 +146,15 @@ mod tests {
         let b = sealed(&mut send, last_of_first + 1, b"same text");
         let c = sealed(&mut send, (2 << EPOCH_BITS) + 5, b"two epochs on");
         // The boundary packet opens first, then a straggler from the epoch before.
-        assert_eq!(recv.open_in_place(last_of_first + 1, &mut b.clone()).unwrap(), b"same text");
+        assert_eq!(
+            recv.open_in_place(last_of_first + 1, &mut b.clone()).unwrap(),
+            b"same text"
+        );
         assert_eq!(recv.open_in_place(last_of_first, &mut a.clone()).unwrap(), b"same text");
-        assert_eq!(recv.open_in_place((2 << EPOCH_BITS) + 5, &mut c.clone()).unwrap(), b"two epochs on");
+        assert_eq!(
+            recv.open_in_place((2 << EPOCH_BITS) + 5, &mut c.clone()).unwrap(),
+            b"two epochs on"
+        );
         // Two epochs back is no longer kept.
         assert!(recv.open_in_place(last_of_first, &mut a.clone()).is_err());
     }
@@ -158,7 +164,10 @@ mod tests {
         let (mut send, mut recv) = (SealKeys::new([1; 32]), OpenKeys::new([1; 32]));
         let far = 7 << EPOCH_BITS;
         let packet = sealed(&mut send, far, b"x");
-        assert!(matches!(recv.open_in_place(far, &mut packet.clone()), Err(CryptoError::Unauthentic)));
+        assert!(matches!(
+            recv.open_in_place(far, &mut packet.clone()),
+            Err(CryptoError::Unauthentic)
+        ));
         assert_eq!(recv.current.epoch, 0, "a refused packet moves no key");
     }
 
@@ -168,6 +177,9 @@ mod tests {
         let packet = sealed(&mut send, 3, b"secret");
         assert!(OpenKeys::new([3; 32]).open_in_place(3, &mut packet.clone()).is_err());
         assert!(OpenKeys::new([2; 32]).open_in_place(4, &mut packet.clone()).is_err());
-        assert_eq!(OpenKeys::new([2; 32]).open_in_place(3, &mut packet.clone()).unwrap(), b"secret");
+        assert_eq!(
+            OpenKeys::new([2; 32]).open_in_place(3, &mut packet.clone()).unwrap(),
+            b"secret"
+        );
     }
 }

@@ -74,7 +74,9 @@ pub fn handshake_fingerprint(message: &[u8]) -> Option<[u8; 32]> {
 /// The two directions' secrets from the finished handshake, as (sending, receiving).
 pub(super) fn split(mut state: HandshakeState) -> Result<([u8; 32], [u8; 32]), CryptoError> {
     if !state.is_handshake_finished() {
-        return Err(CryptoError::Handshake(snow::Error::State(snow::error::StateProblem::HandshakeNotFinished)));
+        return Err(CryptoError::Handshake(snow::Error::State(
+            snow::error::StateProblem::HandshakeNotFinished,
+        )));
     }
     let (initiator_to_responder, responder_to_initiator) = state.dangerously_get_raw_split();
     Ok(if state.is_initiator() {

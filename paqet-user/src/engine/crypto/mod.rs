@@ -99,7 +99,9 @@ impl SessionCrypto {
         let start = out.len();
         out.resize(start + DATA_HEADER_LEN, 0);
         out.extend_from_slice(plaintext);
-        let tag = self.seal_keys.seal_in_place(counter, &mut out[start + DATA_HEADER_LEN..])?;
+        let tag = self
+            .seal_keys
+            .seal_in_place(counter, &mut out[start + DATA_HEADER_LEN..])?;
         out.extend_from_slice(&tag);
         let (header, body) = out[start..].split_at_mut(DATA_HEADER_LEN);
         let mask = counter_mask(&self.hp_send, body);
