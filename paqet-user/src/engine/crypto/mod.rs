@@ -94,11 +94,22 @@ impl SessionCrypto {
 
     /// Appends `header ‖ ciphertext ‖ tag` for `plaintext` to `out`.
     pub fn seal(&mut self, receiver_index: u32, plaintext: &[u8], out: &mut Vec<u8>) -> Result<(), CryptoError> {
+        self.seal_with(receiver_index, out, |buf| buf.extend_from_slice(plaintext))
+    }
+
+    /// As [`SessionCrypto::seal`], with the plaintext appended by `write_plaintext`
+    /// right where it is then encrypted in place.
+    pub fn seal_with(
+        &mut self,
+        receiver_index: u32,
+        out: &mut Vec<u8>,
+        write_plaintext: impl FnOnce(&mut Vec<u8>),
+    ) -> Result<(), CryptoError> {
         let counter = self.send_counter;
         self.send_counter = counter.checked_add(1).ok_or(CryptoError::CounterExhausted)?;
         let start = out.len();
         out.resize(start + DATA_HEADER_LEN, 0);
-        out.extend_from_slice(plaintext);
+        write_plaintext(out);
         let tag = self
             .seal_keys
             .seal_in_place(counter, &mut out[start + DATA_HEADER_LEN..])?;
