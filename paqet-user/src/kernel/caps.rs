@@ -5,6 +5,7 @@ const CAP_NET_ADMIN: u32 = 12;
 const CAP_SYS_ADMIN: u32 = 21;
 const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
+const CAP_IPC_LOCK: u32 = 14;
 
 fn effective() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -38,6 +39,11 @@ pub fn missing_for_attach() -> Option<String> {
     } else {
         Some(missing.join(", "))
     }
+}
+
+/// Whether locked memory is free of RLIMIT_MEMLOCK (what the AF_XDP UMEM is charged to).
+pub fn may_lock_memory() -> bool {
+    effective().is_some_and(|s| has(s, CAP_IPC_LOCK))
 }
 
 pub fn may_mount() -> bool {

@@ -23,7 +23,7 @@
 //! process dies the kernel detaches the program, and the next start of the same
 //! instance replaces the stale pins.
 
-mod caps;
+pub mod caps;
 mod error;
 mod logs;
 mod pins;

@@ -25,7 +25,7 @@ mod xsk;
 
 pub use emit::{EmitError, TcpNumbers};
 pub use neigh::NeighError;
-pub use xsk::{FRAME_SIZE, UMEM_FRAMES, XskError};
+pub use xsk::{FRAME_SIZE, UMEM_FRAMES, UMEM_FRAMES_LOCKED, XskError};
 
 pub use crate::config::WireShape;
 pub use crate::kernel::AttachMode;
@@ -466,7 +466,12 @@ fn open_queues(steering: &mut Steering, info: &iface::InterfaceInfo) -> Result<V
             "only the first {count} RX queues get an AF_XDP socket; paqet's frames on the others reach the kernel"
         );
     }
-    let frames = xsk::frames_per_queue(count);
+    let budget = if crate::kernel::caps::may_lock_memory() {
+        xsk::UMEM_FRAMES_LOCKED
+    } else {
+        xsk::UMEM_FRAMES
+    };
+    let frames = xsk::frames_per_queue(budget, count);
     let try_zero_copy = steering.mode() == AttachedMode::Native;
     let mut queues = Vec::with_capacity(count as usize);
     for queue in 0..count {
