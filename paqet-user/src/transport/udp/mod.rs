@@ -57,10 +57,16 @@ impl UdpTransport {
     fn open(local: SocketAddr, buffer: Option<usize>, gro: bool) -> io::Result<UdpTransport> {
         let socket = Socket::new(Domain::for_address(local), Type::DGRAM, Some(Protocol::UDP))?;
         if let Some(bytes) = buffer {
-            socket.set_recv_buffer_size(bytes)?;
-            socket.set_send_buffer_size(bytes)?;
+            // Past net.core.rmem_max (often 208 KiB or 4 MiB) only with CAP_NET_ADMIN,
+            // which the service has; anyone else gets what the kernel clamps to.
+            let forced = libc::c_int::try_from(bytes).is_ok_and(|b| sys::force_buffers(socket.as_raw_fd(), b).is_ok());
+            if !forced {
+                socket.set_recv_buffer_size(bytes)?;
+                socket.set_send_buffer_size(bytes)?;
+            }
             tracing::info!(
                 requested = bytes,
+                forced,
                 recv_granted = socket.recv_buffer_size()?,
                 send_granted = socket.send_buffer_size()?,
                 "UDP socket buffers"

@@ -154,11 +154,21 @@ pub(super) fn gro_segment_size(msg: &libc::mmsghdr) -> Option<usize> {
 
 /// Sets a SOL_UDP integer option.
 pub(super) fn set_udp_option(fd: i32, name: libc::c_int, value: libc::c_int) -> io::Result<()> {
+    set_int_option(fd, libc::SOL_UDP, name, value)
+}
+
+/// Sets both socket buffers past `net.core.[rw]mem_max`, which only CAP_NET_ADMIN may.
+pub(super) fn force_buffers(fd: i32, bytes: libc::c_int) -> io::Result<()> {
+    set_int_option(fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, bytes)?;
+    set_int_option(fd, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, bytes)
+}
+
+fn set_int_option(fd: i32, level: libc::c_int, name: libc::c_int, value: libc::c_int) -> io::Result<()> {
     // SAFETY: the option value is a live c_int of the length given.
     let r = unsafe {
         libc::setsockopt(
             fd,
-            libc::SOL_UDP,
+            level,
             name,
             (&value as *const libc::c_int).cast(),
             size_of::<libc::c_int>() as libc::socklen_t,
