@@ -247,6 +247,7 @@ async fn publish_live<T: Transport>(node: Arc<Node<T>>, instance: String, role: 
             bytes_out: c.bytes_out,
             dropped_unauthentic: c.dropped_unauthentic,
             dropped_replayed: c.dropped_replayed + c.dropped_stale_handshake,
+            receive_overflows: node.transport().receive_overflows(),
         }
     })
     .await

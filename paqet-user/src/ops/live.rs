@@ -21,6 +21,8 @@ pub struct Snapshot {
     pub bytes_out: u64,
     pub dropped_unauthentic: u64,
     pub dropped_replayed: u64,
+    /// Datagrams the kernel dropped for a full receive ring or socket buffer.
+    pub receive_overflows: u64,
 }
 
 pub fn state_path(instance: &str) -> PathBuf {
@@ -42,6 +44,7 @@ fn render(role: &str, transport: &str, now: Snapshot, before: Snapshot, secs: f6
         "bytes_out_per_s": rate(now.bytes_out, before.bytes_out),
         "dropped_unauthentic": now.dropped_unauthentic,
         "dropped_replayed": now.dropped_replayed,
+        "receive_overflows": now.receive_overflows,
     })
 }
 

@@ -165,7 +165,7 @@ pub fn run(args: &StatusArgs) -> Result<()> {
             );
         } else {
             println!(
-                "  live: pid {} transport {} sessions {} streams {} in {} B/s out {} B/s, dropped unauthentic {} replayed {}",
+                "  live: pid {} transport {} sessions {} streams {} in {} B/s out {} B/s, dropped unauthentic {} replayed {}, receive overflows {}",
                 live["pid"],
                 live["transport"],
                 live["sessions"],
@@ -173,7 +173,8 @@ pub fn run(args: &StatusArgs) -> Result<()> {
                 live["bytes_in_per_s"],
                 live["bytes_out_per_s"],
                 live["dropped_unauthentic"],
-                live["dropped_replayed"]
+                live["dropped_replayed"],
+                live["receive_overflows"]
             );
         }
     }

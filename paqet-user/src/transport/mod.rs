@@ -101,6 +101,12 @@ pub trait Transport: Send + Sync + 'static {
     /// Largest payload one datagram can carry on this transport.
     fn max_payload(&self) -> usize;
 
+    /// Datagrams the kernel dropped because paqet's receive ring or socket buffer was
+    /// full: invisible to KCP except as loss, so `paqet status` shows them.
+    fn receive_overflows(&self) -> u64 {
+        0
+    }
+
     /// The engine authenticated a datagram from `peer` that arrived from `link_src`:
     /// the transport may now trust that path (e.g. the next-hop MAC for replies).
     fn peer_authenticated(&self, _peer: SocketAddr, _link_src: Option<[u8; 6]>) {}

@@ -132,6 +132,10 @@ impl Transport for UdpTransport {
         Ok(())
     }
 
+    fn receive_overflows(&self) -> u64 {
+        sys::socket_drops(self.socket.as_raw_fd()).unwrap_or(0)
+    }
+
     async fn recv_batch(&self, batch: &mut RecvBatch) -> io::Result<()> {
         loop {
             // Datagrams of an earlier coalesced receive wait here, not in the socket, so
@@ -327,5 +331,18 @@ mod tests {
             "datagrams differ"
         );
         assert_eq!(lock(&rx.recv).coalesced, 0);
+    }
+
+    #[tokio::test]
+    async fn a_full_receive_buffer_is_counted_as_overflow() {
+        let rx = UdpTransport::open("127.0.0.1:0".parse().unwrap(), Some(4096), false).unwrap();
+        assert_eq!(rx.receive_overflows(), 0);
+        let tx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let to = rx.local_addr().unwrap();
+        // Nobody reads: a 4 KiB buffer holds a few of these, the rest overflow.
+        for _ in 0..200 {
+            tx.send_to(&[0x5a; 1000], to).unwrap();
+        }
+        assert!(rx.receive_overflows() > 100, "{} overflows", rx.receive_overflows());
     }
 }

@@ -163,6 +163,28 @@ pub(super) fn force_buffers(fd: i32, bytes: libc::c_int) -> io::Result<()> {
     set_int_option(fd, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, bytes)
 }
 
+/// Datagrams the kernel dropped for this socket, most for a full receive buffer
+/// (`sk_drops`, from SO_MEMINFO).
+pub(super) fn socket_drops(fd: i32) -> io::Result<u64> {
+    let mut info = [0u32; libc::SK_MEMINFO_DROPS as usize + 1];
+    let mut len = size_of_val(&info) as libc::socklen_t;
+    // SAFETY: `info` is writable for `len` bytes, and the kernel writes at most that.
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_MEMINFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let drops = info.get(libc::SK_MEMINFO_DROPS as usize).copied().unwrap_or(0);
+    Ok(u64::from(drops))
+}
+
 fn set_int_option(fd: i32, level: libc::c_int, name: libc::c_int, value: libc::c_int) -> io::Result<()> {
     // SAFETY: the option value is a live c_int of the length given.
     let r = unsafe {

@@ -538,6 +538,11 @@ impl Transport for XdpTransport {
         "xdp"
     }
 
+    fn receive_overflows(&self) -> u64 {
+        let (dropped, ring_full, _fill_empty) = self.socket_drops();
+        dropped + ring_full
+    }
+
     fn peer_authenticated(&self, peer: SocketAddr, link_src: Option<[u8; 6]>) {
         if let (true, Some(mac)) = (self.learn_macs, link_src) {
             self.peers().learn(peer.ip(), mac, Instant::now());
