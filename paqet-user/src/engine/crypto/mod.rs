@@ -172,6 +172,19 @@ mod tests {
     }
 
     #[test]
+    fn a_packet_larger_than_the_buffer_is_refused_and_still_opens_later() {
+        let psk = Psk([4; 32]);
+        let (mut c, mut s) = pair(&psk, &psk).unwrap();
+        let mut wire = Vec::new();
+        c.seal(1, &[0xab; 100], &mut wire).unwrap();
+        let mut small = [0u8; 64];
+        assert!(matches!(s.open(&wire, &mut small), Err(CryptoError::TooLong(_))));
+        // Refused before the replay window saw it: the packet is not burnt.
+        let mut big = [0u8; 256];
+        assert_eq!(s.open(&wire, &mut big).unwrap(), &[0xab; 100][..]);
+    }
+
+    #[test]
     fn wrong_psk_fails_at_the_first_message() {
         let (_, msg1) = Initiator::start(&Psk([1; 32]), b"x").unwrap();
         assert!(Responder::read(&Psk([2; 32]), &msg1).is_err());
