@@ -11,6 +11,7 @@
 //! new peer. Sessions carry the keys; each side names its session by a random index that
 //! the other side puts in front of every data packet.
 
+pub mod arq;
 pub mod crypto;
 pub mod frame;
 pub mod kcp;
