@@ -1,9 +1,9 @@
-//! One KCP conversation per stream, tuned the way kcptun tunes its modes.
+//! One KCP conversation per stream ([`super::arq`]), tuned the way kcptun tunes its modes.
 
 use std::io;
 use std::sync::{Arc, Mutex};
 
-use kcp::Kcp;
+use super::arq::Arq;
 
 /// kcptun's named parameter sets: (nodelay, interval ms, fast resend, no congestion control).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,7 +43,8 @@ impl KcpProfile {
 /// Where every conversation's KCP writes its output packets; the engine drains it right
 /// after each KCP call, while it still knows which peer the packets are for.
 ///
-/// KCP owns its output writer and offers no way back to it, hence the shared handle.
+/// The conversation owns its output writer and offers no way back to it, hence the shared
+/// handle.
 /// Packets are stored back to back in one reused buffer: no allocation per packet.
 #[derive(Clone, Default)]
 pub struct OutputQueue(Arc<Mutex<OutputPackets>>);
@@ -116,7 +117,7 @@ impl io::Write for OutputQueue {
     }
 }
 
-pub type Conversation = Kcp<OutputQueue>;
+pub type Conversation = Arq<OutputQueue>;
 
 /// A message-mode conversation, so every stream message keeps its boundaries.
 pub fn new_conversation(
@@ -127,7 +128,7 @@ pub fn new_conversation(
     window: u16,
     now_ms: u32,
 ) -> Conversation {
-    let mut kcp = Kcp::new(conv, output);
+    let mut kcp = Arq::new(conv, output);
     kcp.set_nodelay(
         tuning.nodelay,
         tuning.interval_ms as i32,

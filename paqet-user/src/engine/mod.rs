@@ -799,7 +799,7 @@ impl Engine {
         if segments.len() < KCP_HEADER_LEN {
             return Err(DropReason::Malformed);
         }
-        let conv = ::kcp::get_conv(segments);
+        let conv = arq::get_conv(segments);
         let id = StreamId { peer: peer_id, conv };
         let known = self.peers.get(&peer_id).is_some_and(|p| p.streams.contains_key(&conv));
         if !known && !self.adopt_conversation(now, id, segments) {
@@ -1132,7 +1132,7 @@ fn gather_messages(stream: &mut Stream, buf: &mut [u8], message_room: usize) -> 
         let kept = buf[at];
         let n = match stream.kcp.recv(&mut buf[at..at + message_room]) {
             Ok(n) => n,
-            Err(::kcp::Error::RecvQueueEmpty | ::kcp::Error::ExpectingFragment) => break,
+            Err(arq::ArqError::RecvQueueEmpty | arq::ArqError::ExpectingFragment) => break,
             // Larger than any message we send: the peer breaks the protocol.
             Err(_) => return Err(()),
         };

@@ -4,6 +4,7 @@
 
 use std::time::Instant;
 
+use super::arq::ArqError;
 use super::frame::{FrameError, OpenError, StreamMsg, TargetAddr};
 use super::kcp::Conversation;
 
@@ -114,7 +115,7 @@ impl Stream {
     pub fn take_control(&mut self, buf: &mut [u8]) -> Result<Option<Control>, StreamError> {
         let n = match self.kcp.recv(buf) {
             Ok(n) => n,
-            Err(::kcp::Error::RecvQueueEmpty | ::kcp::Error::ExpectingFragment) => return Ok(None),
+            Err(ArqError::RecvQueueEmpty | ArqError::ExpectingFragment) => return Ok(None),
             Err(_) => return Err(StreamError::Protocol(FrameError::Malformed("oversized stream message"))),
         };
         match StreamMsg::parse(&buf[..n])? {
