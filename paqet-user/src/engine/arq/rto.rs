@@ -33,6 +33,9 @@ impl RttEstimator {
 
     /// `interval` floors the variance term: a peer acks at most once per flush interval.
     pub fn sample(&mut self, rtt: u32, interval: u32) {
+        // The timestamp is the peer's echo: a hostile or broken one can claim any RTT, and
+        // one beyond the largest RTO says nothing more (and would overflow the averages).
+        let rtt = rtt.min(RTO_MAX);
         if self.srtt == 0 {
             self.srtt = rtt;
             self.rttval = rtt / 2;
@@ -68,5 +71,14 @@ mod tests {
         assert_eq!(e.rto(), RTO_MIN_NODELAY);
         e.sample(u32::MAX / 16, 10);
         assert_eq!(e.rto(), RTO_MAX);
+    }
+
+    #[test]
+    fn absurd_samples_saturate_instead_of_overflowing() {
+        let mut e = RttEstimator::default();
+        for rtt in [i32::MAX as u32, u32::MAX, 5, i32::MAX as u32] {
+            e.sample(rtt, 10);
+            assert!((RTO_MIN_NORMAL..=RTO_MAX).contains(&e.rto()), "{}", e.rto());
+        }
     }
 }
