@@ -79,6 +79,9 @@ pub struct Arq<W> {
     resend: u32,
     snd_wnd: u16,
     rcv_wnd: u16,
+    /// The highest `rcv_nxt + rcv_wnd` while the window was larger: what the peer may
+    /// still send after the engine shrank the window (see `set_wndsize`).
+    accept_until: u32,
     /// The free window the peer advertised last.
     rmt_wnd: u16,
     dead: bool,
@@ -123,6 +126,7 @@ impl<W: Write> Arq<W> {
             resend: 0,
             snd_wnd: WND_SND,
             rcv_wnd: WND_RCV,
+            accept_until: WND_RCV as u32,
             rmt_wnd: WND_RCV,
             dead: false,
             rtt: RttEstimator::default(),
@@ -162,13 +166,29 @@ impl<W: Write> Arq<W> {
     }
 
     /// Zero leaves a window unchanged; the receive window is at least 128 like ikcp's.
+    ///
+    /// The engine resizes windows while streams run, which plain ikcp never expects:
+    /// - shrinking, segments the peer sent within the old window are still taken (dropped,
+    ///   they would only come back after a backed-off RTO, and a paused reader's stream
+    ///   could even be declared dead);
+    /// - growing a window we had advertised as full, the peer is told at the next flush
+    ///   (it would otherwise wait for its 7 s window probe).
     pub fn set_wndsize(&mut self, snd: u16, rcv: u16) {
         if snd > 0 {
             self.snd_wnd = snd;
         }
-        if rcv > 0 {
-            self.rcv_wnd = rcv.max(WND_RCV);
+        if rcv == 0 {
+            return;
         }
+        let rcv = rcv.max(WND_RCV);
+        let edge = self.recv.next_sn().wrapping_add(self.rcv_wnd as u32);
+        if timediff(edge, self.accept_until) > 0 {
+            self.accept_until = edge;
+        }
+        if rcv > self.rcv_wnd && self.recv.unused_window(self.rcv_wnd) == 0 {
+            self.probe.tell = true;
+        }
+        self.rcv_wnd = rcv;
     }
 
     pub fn snd_wnd(&self) -> u16 {
@@ -269,7 +289,8 @@ impl<W: Write> Arq<W> {
 
     fn on_push(&mut self, header: &Header, payload: &[u8]) {
         let rcv_nxt = self.recv.next_sn();
-        if timediff(header.sn, rcv_nxt.wrapping_add(self.rcv_wnd as u32)) >= 0 {
+        let edge = rcv_nxt.wrapping_add(self.rcv_wnd as u32);
+        if timediff(header.sn, edge) >= 0 && timediff(header.sn, self.accept_until) >= 0 {
             return;
         }
         // Duplicates below rcv_nxt are acknowledged again: the first ACK may have been lost.

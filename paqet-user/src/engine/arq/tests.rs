@@ -563,3 +563,59 @@ fn recv_reports_empty_incomplete_and_small_buffers() {
     let mut buf = vec![0; 2 * MSS];
     assert_eq!(b.recv(&mut buf).unwrap(), MSS + 10);
 }
+
+#[test]
+fn shrinking_the_window_still_takes_what_the_old_window_let_the_peer_send() {
+    let ((mut a, wa), (mut b, wb)) = (arq(6), arq(6));
+    a.set_wndsize(1024, 1024);
+    b.set_wndsize(1024, 1024);
+    // The peer learns b's large window from a segment of b's.
+    b.send(b"hello").unwrap();
+    b.flush().unwrap();
+    for packet in wb.take() {
+        a.input(&packet).unwrap();
+    }
+    for i in 0..600u32 {
+        a.send(&i.to_le_bytes()).unwrap();
+    }
+    a.flush().unwrap();
+    let sent = wa.take();
+    assert_eq!(pushes(&sent).len(), 600);
+    // Another stream opened: b's window shrinks while those 600 are on the wire.
+    b.set_wndsize(1024, 128);
+    for packet in &sent {
+        b.input(packet).unwrap();
+    }
+    b.flush().unwrap();
+    let acked: Vec<u32> = segments(&wb.take(), Command::Ack).map(|h| h.sn).collect();
+    assert_eq!(acked.len(), 600, "segments beyond the new window were dropped");
+    let mut buf = [0u8; 64];
+    for i in 0..600u32 {
+        assert_eq!(b.recv(&mut buf).unwrap(), 4);
+        assert_eq!(buf[..4], i.to_le_bytes());
+    }
+}
+
+#[test]
+fn growing_a_full_window_tells_the_peer_at_once() {
+    let ((mut a, wa), (mut b, wb)) = (arq(7), arq(7));
+    b.set_wndsize(256, 128);
+    for i in 0..128u32 {
+        a.send(&i.to_le_bytes()).unwrap();
+    }
+    a.flush().unwrap();
+    for packet in wa.take() {
+        b.input(&packet).unwrap();
+    }
+    b.flush().unwrap();
+    let advertised: Vec<u16> = segments(&wb.take(), Command::Ack).map(|h| h.wnd).collect();
+    assert_eq!(
+        advertised.last(),
+        Some(&0),
+        "the reader has not read: the window is full"
+    );
+    b.set_wndsize(256, 512);
+    b.flush().unwrap();
+    let tells: Vec<u16> = segments(&wb.take(), Command::WindowTell).map(|h| h.wnd).collect();
+    assert_eq!(tells, [384], "the peer must hear the window reopened");
+}
