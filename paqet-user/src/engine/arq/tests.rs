@@ -71,47 +71,33 @@ trait Endpoint {
     fn pending(&self) -> usize;
 }
 
-impl Endpoint for Arq<Wire> {
-    fn send_msg(&mut self, msg: &[u8]) -> bool {
-        self.send(msg).is_ok()
-    }
-    fn recv_msg(&mut self, buf: &mut [u8]) -> Option<usize> {
-        self.recv(buf).ok()
-    }
-    fn input_packet(&mut self, packet: &[u8]) {
-        self.input(packet).unwrap();
-    }
-    fn tick(&mut self, now: u32) {
-        self.update(now).unwrap();
-    }
-    fn flush_now(&mut self) {
-        self.flush().unwrap();
-    }
-    fn pending(&self) -> usize {
-        self.wait_snd()
-    }
+/// The two implementations share method names but no trait of their own.
+macro_rules! endpoint {
+    ($($t:ty),*) => {$(
+        impl Endpoint for $t {
+            fn send_msg(&mut self, msg: &[u8]) -> bool {
+                self.send(msg).is_ok()
+            }
+            fn recv_msg(&mut self, buf: &mut [u8]) -> Option<usize> {
+                self.recv(buf).ok()
+            }
+            fn input_packet(&mut self, packet: &[u8]) {
+                self.input(packet).unwrap();
+            }
+            fn tick(&mut self, now: u32) {
+                self.update(now).unwrap();
+            }
+            fn flush_now(&mut self) {
+                self.flush().unwrap();
+            }
+            fn pending(&self) -> usize {
+                self.wait_snd()
+            }
+        }
+    )*};
 }
 
-impl Endpoint for kcp::Kcp<Wire> {
-    fn send_msg(&mut self, msg: &[u8]) -> bool {
-        self.send(msg).is_ok()
-    }
-    fn recv_msg(&mut self, buf: &mut [u8]) -> Option<usize> {
-        self.recv(buf).ok()
-    }
-    fn input_packet(&mut self, packet: &[u8]) {
-        self.input(packet).unwrap();
-    }
-    fn tick(&mut self, now: u32) {
-        self.update(now).unwrap();
-    }
-    fn flush_now(&mut self) {
-        self.flush().unwrap();
-    }
-    fn pending(&self) -> usize {
-        self.wait_snd()
-    }
-}
+endpoint!(Arq<Wire>, kcp::Kcp<Wire>);
 
 /// kcptun's fast3 with a window large enough for 200 kB messages.
 fn arq(conv: u32) -> (Arq<Wire>, Wire) {
