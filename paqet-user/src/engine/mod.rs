@@ -89,7 +89,7 @@ pub struct EngineConfig {
     /// A lone stream's window, in segments. 16384 (~22 MiB) carries ~80 MB/s over a
     /// 40 ms, 1 %-loss path, where 4096 capped near 46 MB/s: a lost segment holds the
     /// window's left edge for a retransmission round trip. 32768 bought nothing more and
-    /// cost CPU (KCP scans its send buffer per acknowledgement). BENCHMARKS.md.
+    /// cost CPU (measured with the `kcp` crate, before `arq`). BENCHMARKS.md.
     pub max_window: u16,
     /// Seeds session indices, instance ids and padding (never key material: snow draws
     /// ephemeral keys from the OS).
@@ -561,9 +561,9 @@ impl Engine {
             stream.recv_fin = true;
             ReadOutcome::Fin
         } else {
-            match gather_messages(stream, buf, message_room) {
+            match stream.gather_data(buf, message_room) {
                 Ok(outcome) => outcome,
-                Err(()) => return Err(self.protocol_violation(id)),
+                Err(_) => return Err(self.protocol_violation(id)),
             }
         };
         if outcome != ReadOutcome::WouldBlock {
@@ -1115,50 +1115,5 @@ impl Engine {
     }
 }
 
-/// Receives whole stream messages into `buf` while another one surely fits (each at most
-/// `message_room` bytes): data back to back in `buf[1..end]`, or a FIN. `Err` is a
-/// protocol violation.
-///
-/// Each next message is received over the last gathered byte (its type byte lands there,
-/// then the byte is put back), so the data of all messages ends up contiguous without a
-/// copy. A FIN behind data stays unreported until the next read.
-fn gather_messages(stream: &mut Stream, buf: &mut [u8], message_room: usize) -> Result<ReadOutcome, ()> {
-    let mut end = 0usize;
-    loop {
-        let at = end.saturating_sub(1);
-        if buf.len() - at < message_room {
-            break;
-        }
-        let kept = buf[at];
-        let n = match stream.kcp.recv(&mut buf[at..at + message_room]) {
-            Ok(n) => n,
-            Err(arq::ArqError::RecvQueueEmpty | arq::ArqError::ExpectingFragment) => break,
-            // Larger than any message we send: the peer breaks the protocol.
-            Err(_) => return Err(()),
-        };
-        let is_data = match StreamMsg::parse(&buf[at..at + n]) {
-            Ok(StreamMsg::Data(_)) => true,
-            Ok(StreamMsg::Fin) => false,
-            Ok(_) | Err(_) => return Err(()),
-        };
-        if end > 0 {
-            buf[at] = kept;
-        }
-        if !is_data {
-            if end == 0 {
-                stream.recv_fin = true;
-                return Ok(ReadOutcome::Fin);
-            }
-            stream.fin_unreported = true;
-            break;
-        }
-        end = at + n;
-    }
-    Ok(if end == 0 {
-        ReadOutcome::WouldBlock
-    } else {
-        ReadOutcome::Data(1..end)
-    })
-}
 #[cfg(test)]
 mod tests;

@@ -111,12 +111,20 @@ impl Stream {
         Ok(())
     }
 
+    /// The next whole message into `buf`, its length; `None` while none has arrived.
+    fn recv_message(&mut self, buf: &mut [u8]) -> Result<Option<usize>, StreamError> {
+        match self.kcp.recv(buf) {
+            Ok(n) => Ok(Some(n)),
+            Err(ArqError::RecvQueueEmpty | ArqError::ExpectingFragment) => Ok(None),
+            // Larger than any message we send: the peer breaks the protocol.
+            Err(_) => Err(StreamError::Protocol(FrameError::Malformed("oversized stream message"))),
+        }
+    }
+
     /// Reads the stream's first message, which must be the control message its phase expects.
     pub fn take_control(&mut self, buf: &mut [u8]) -> Result<Option<Control>, StreamError> {
-        let n = match self.kcp.recv(buf) {
-            Ok(n) => n,
-            Err(ArqError::RecvQueueEmpty | ArqError::ExpectingFragment) => return Ok(None),
-            Err(_) => return Err(StreamError::Protocol(FrameError::Malformed("oversized stream message"))),
+        let Some(n) = self.recv_message(buf)? else {
+            return Ok(None);
         };
         match StreamMsg::parse(&buf[..n])? {
             StreamMsg::Open(target) if self.phase == Phase::AwaitingOpen => Ok(Some(Control::Open(target))),
@@ -125,6 +133,53 @@ impl Stream {
                 "unexpected first stream message",
             ))),
         }
+    }
+
+    /// Receives whole data messages into `buf` while another one surely fits (each at
+    /// most `message_room` bytes): their data back to back in `buf[1..end]`, or a FIN.
+    /// An error is a protocol violation.
+    ///
+    /// Each next message is received over the last gathered byte (its type byte lands
+    /// there, then the byte is put back), so the data of all messages ends up contiguous
+    /// without a copy. A FIN behind data stays unreported until the next read.
+    pub fn gather_data(&mut self, buf: &mut [u8], message_room: usize) -> Result<ReadOutcome, StreamError> {
+        let mut end = 0usize;
+        loop {
+            let at = end.saturating_sub(1);
+            if buf.len() - at < message_room {
+                break;
+            }
+            let kept = buf[at];
+            let Some(n) = self.recv_message(&mut buf[at..at + message_room])? else {
+                break;
+            };
+            let is_data = match StreamMsg::parse(&buf[at..at + n])? {
+                StreamMsg::Data(_) => true,
+                StreamMsg::Fin => false,
+                _ => {
+                    return Err(StreamError::Protocol(FrameError::Malformed(
+                        "control message on an open stream",
+                    )));
+                }
+            };
+            if end > 0 {
+                buf[at] = kept;
+            }
+            if !is_data {
+                if end == 0 {
+                    self.recv_fin = true;
+                    return Ok(ReadOutcome::Fin);
+                }
+                self.fin_unreported = true;
+                break;
+            }
+            end = at + n;
+        }
+        Ok(if end == 0 {
+            ReadOutcome::WouldBlock
+        } else {
+            ReadOutcome::Data(1..end)
+        })
     }
 
     /// Both directions finished and everything we sent is acknowledged.
