@@ -313,16 +313,15 @@ impl ChildGuard {
 
     /// Waits up to `timeout` for the child to exit by itself.
     pub fn wait_exit(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.0.try_wait()? {
-                return Ok(status);
-            }
-            if Instant::now() >= deadline {
-                bail!("pid {} still running after {timeout:?}", self.0.id());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let mut status = None;
+        wait_for(
+            || {
+                status = self.0.try_wait().ok().flatten();
+                status.is_some()
+            },
+            timeout,
+        );
+        status.with_context(|| format!("pid {} still running after {timeout:?}", self.0.id()))
     }
 }
 

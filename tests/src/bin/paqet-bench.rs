@@ -9,6 +9,7 @@
 //!   would put a copying bridge, and a third busy thread, on a two-core machine);
 //! - lossy link: the same two namespaces through paqet-linkem in a middle namespace,
 //!   20 ms each way (40 ms RTT), 1 % loss each way.
+//!
 //! The origin (GET /bytes/N) and the echo server run as threads of this process inside
 //! the server namespace; the clients run as threads of this process inside the client
 //! namespace. CPU and peak RSS are read from /proc for the relay processes only.
@@ -328,7 +329,7 @@ impl Bench {
     }
 
     /// The kcptun sweep (port-forward), then the best encrypted configuration's full
-    /// suite with microsocks behind it. Returns that configuration.
+    /// suite with microsocks behind it.
     fn kcptun(&mut self) -> Result<()> {
         let hosts = TwoHosts::new("bk")?;
         // kcptun uses UDP sockets: offloads on, as for paqet's udp transport.
@@ -623,46 +624,70 @@ const USAGE: &str = "usage: paqet-bench [--quick] [--out DIR] [--only SECTIONS]
 SECTIONS: comma-separated of ceilings, paqet-xdp, paqet-udp, kcptun, tcp, lossy";
 const SECTIONS: [&str; 6] = ["ceilings", "paqet-xdp", "paqet-udp", "kcptun", "tcp", "lossy"];
 
+struct Args {
+    quick: bool,
+    out: PathBuf,
+    profile: Option<&'static str>,
+    /// Sections to run; all when `None`.
+    only: Option<Vec<&'static str>>,
+}
+
 /// Refuses what it does not know: a typo must not start a ten-minute run of everything.
-fn check_args(args: &[String]) -> std::result::Result<(), String> {
+/// `Err("")` is a request for the usage.
+fn parse_args(args: &[String]) -> std::result::Result<Args, String> {
+    let mut parsed = Args {
+        quick: false,
+        out: PathBuf::from("docs/bench"),
+        profile: None,
+        only: None,
+    };
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
-            "--quick" => {}
-            "--out" => {
-                it.next().ok_or("--out needs a directory")?;
+            "--quick" => parsed.quick = true,
+            "--out" => parsed.out = it.next().ok_or("--out needs a directory")?.into(),
+            "--profile" => {
+                parsed.profile = match it.next().map(String::as_str) {
+                    Some("xdp") => Some("xdp"),
+                    Some("udp") => Some("udp"),
+                    _ => return Err("--profile takes xdp or udp".into()),
+                }
             }
-            "--profile" => match it.next().map(String::as_str) {
-                Some("xdp" | "udp") => {}
-                _ => return Err("--profile takes xdp or udp".into()),
-            },
             "--only" => {
                 let list = it.next().ok_or("--only needs a list of sections")?;
-                if let Some(bad) = list.split(',').find(|s| !SECTIONS.contains(s)) {
-                    return Err(format!("unknown section {bad:?}"));
-                }
+                let sections = list.split(',').map(|name| {
+                    SECTIONS
+                        .into_iter()
+                        .find(|s| *s == name)
+                        .ok_or_else(|| format!("unknown section {name:?}"))
+                });
+                parsed.only = Some(sections.collect::<std::result::Result<_, _>>()?);
             }
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
-    Ok(())
+    Ok(parsed)
 }
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    if let Err(why) = check_args(&args) {
-        if !why.is_empty() {
-            eprintln!("paqet-bench: {why}");
+    let Args {
+        quick,
+        out,
+        profile,
+        only,
+    } = match parse_args(&args) {
+        Ok(parsed) => parsed,
+        Err(why) => {
+            if !why.is_empty() {
+                eprintln!("paqet-bench: {why}");
+            }
+            eprintln!("{USAGE}");
+            std::process::exit(if why.is_empty() { 0 } else { 2 });
         }
-        eprintln!("{USAGE}");
-        std::process::exit(if why.is_empty() { 0 } else { 2 });
-    }
-    let quick = args.iter().any(|a| a == "--quick");
-    let value_of = |k: &str| args.iter().position(|a| a == k).and_then(|i| args.get(i + 1)).cloned();
-    let out = PathBuf::from(value_of("--out").unwrap_or_else(|| "docs/bench".into()));
-    if let Some(tr) = value_of("--profile") {
-        let tr: &'static str = if tr == "xdp" { "xdp" } else { "udp" };
+    };
+    if let Some(tr) = profile {
         bench::raise_nofile();
         let mut b = Bench {
             s: if quick { QUICK } else { FULL },
@@ -674,8 +699,7 @@ fn main() {
         }
         return;
     }
-    let only: Option<Vec<String>> = value_of("--only").map(|s| s.split(',').map(str::to_string).collect());
-    let want = |s: &str| only.as_ref().is_none_or(|o| o.iter().any(|x| x == s));
+    let want = |s: &str| only.as_ref().is_none_or(|o| o.contains(&s));
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         eprintln!("paqet-bench: needs root (network namespaces, XDP)");
