@@ -25,7 +25,7 @@ mod xsk;
 
 pub use emit::{EmitError, TcpNumbers};
 pub use neigh::NeighError;
-pub use xsk::{FRAME_SIZE, UMEM_FRAMES, UMEM_FRAMES_LOCKED, XskError};
+pub use xsk::{FRAME_SIZE, UMEM_FRAMES, XskError};
 
 pub use crate::config::WireShape;
 pub use crate::kernel::AttachMode;
