@@ -5,6 +5,7 @@
 //!
 //! ```text
 //!  send_batch ─▶ emit headers + checksums ─▶ UMEM frame ─▶ TX ring ─▶ sendto kick ─▶ wire
+                                                        (a burst: kicked by the TX thread)
 //!  wire ─▶ paqet_steer (filter match) ─▶ XSKMAP[rx queue] ─▶ RX ring ─▶ parse_frame ─▶ RecvBatch
 //! ```
 //!
@@ -21,6 +22,7 @@ mod emit;
 mod iface;
 mod neigh;
 mod peers;
+mod tx_kicker;
 mod xsk;
 
 pub use emit::{EmitError, TcpNumbers};
@@ -475,7 +477,7 @@ fn open_queues(steering: &mut Steering, info: &iface::InterfaceInfo) -> Result<V
     let try_zero_copy = steering.mode() == AttachedMode::Native;
     let mut queues = Vec::with_capacity(count as usize);
     for queue in 0..count {
-        let xsk = match xsk::Xsk::open(steering.ifindex(), queue, frames, try_zero_copy) {
+        let mut xsk = match xsk::Xsk::open(steering.ifindex(), queue, frames, try_zero_copy) {
             Ok(x) => x,
             // Queue 0 must work; a later one failing means the driver reported more
             // queues than it lets us bind, and the ones we have still carry traffic.
@@ -493,6 +495,12 @@ fn open_queues(steering: &mut Steering, info: &iface::InterfaceInfo) -> Result<V
         // last clone drops; the AsyncFd holds one, so the fd stays open and the same.
         let ready = unsafe { AsyncFd::register_with_interest(xsk.fd().clone(), Interest::READABLE) }
             .map_err(|e| XdpError::Reactor(e.into()))?;
+        // All frames leave through queue 0's socket.
+        if queue == 0
+            && let Err(e) = xsk.start_tx_thread()
+        {
+            tracing::warn!("no AF_XDP TX thread ({e}); the engine's thread transmits");
+        }
         steering.register_xsk(queue, &xsk)?;
         tracing::debug!(queue, zero_copy = xsk.zero_copy(), frames, "AF_XDP socket registered");
         queues.push(Queue { xsk, ready });

@@ -20,6 +20,8 @@ use std::sync::Mutex;
 use s2n_quic_xdp::if_xdp::{Address, DescriptorFlags, RxTxDescriptor, UmemDescriptor, XdpFlags};
 use s2n_quic_xdp::{ring, socket, syscall, umem::Umem};
 
+use super::tx_kicker::{self, TxKicker};
+
 /// Bytes per UMEM frame: one Ethernet frame of a 1500-byte MTU plus the 256 bytes of
 /// headroom the kernel keeps in front of received packets.
 pub const FRAME_SIZE: u32 = 2048;
@@ -40,8 +42,9 @@ const XDP_PACKET_HEADROOM: u32 = 256;
 /// Largest frame this UMEM can carry (RX keeps the kernel's headroom; TX uses the same
 /// bound so a frame we send is one we could receive).
 pub const MAX_FRAME: usize = (FRAME_SIZE - XDP_PACKET_HEADROOM) as usize;
-/// Bounds the `sendto` kicks of one flush: copy mode sends at most 32 frames per call.
-const MAX_KICKS: usize = 256;
+/// Frames one copy-mode `sendto` transmits: a TX ring holding more is handed to the
+/// TX thread.
+const FRAMES_PER_KICK: usize = 32;
 
 #[derive(Debug, thiserror::Error)]
 pub enum XskError {
@@ -85,6 +88,8 @@ pub struct TxSide {
 }
 
 pub struct Xsk {
+    // Dropped first: the thread stops before the socket and the UMEM go.
+    tx_thread: Option<TxKicker>,
     fd: socket::Fd,
     umem: Umem,
     queue: u32,
@@ -150,6 +155,7 @@ impl Xsk {
             source,
         })?;
         Ok(Xsk {
+            tx_thread: None,
             fd,
             umem,
             queue,
@@ -157,6 +163,14 @@ impl Xsk {
             rx: Mutex::new(RxSide { rx, fill }),
             tx: Mutex::new(TxSide { tx, completion, free }),
         })
+    }
+
+    /// Moves copy-mode transmission to a thread of its own (see [`tx_kicker`]).
+    pub fn start_tx_thread(&mut self) -> io::Result<()> {
+        if !self.zero_copy && self.tx_thread.is_none() {
+            self.tx_thread = Some(TxKicker::spawn(self.fd.clone(), self.queue)?);
+        }
+        Ok(())
     }
 
     pub fn queue(&self) -> u32 {
@@ -239,6 +253,12 @@ impl Xsk {
         mut write: impl FnMut(usize, &mut [u8]) -> Option<usize>,
     ) -> (usize, usize) {
         reap_completions(side);
+        if side.free.len() < count && self.tx_thread.is_some() {
+            // The TX thread has not caught up: wait for the kernel here rather than
+            // drop what does not fit (KCP would have to resend it).
+            self.kick_tx(side);
+            reap_completions(side);
+        }
         let room = (side.tx.acquire(count as u32) as usize).min(side.free.len());
         let mut queued = 0usize;
         let mut processed = 0usize;
@@ -267,35 +287,24 @@ impl Xsk {
             // skipped by `write` still counts as processed.
         }
         side.tx.release(queued as u32);
-        let outstanding = (side.tx.acquire(u32::MAX) as usize) < side.tx.capacity();
-        if outstanding {
-            self.kick_tx(side);
+        let pending = side.tx.capacity() - side.tx.acquire(u32::MAX) as usize;
+        match &self.tx_thread {
+            Some(t) if pending > FRAMES_PER_KICK || (pending > 0 && t.busy()) => t.request(),
+            _ if pending > 0 => self.kick_tx(side),
+            _ => {}
         }
         (queued, processed)
     }
 
     /// Tells the kernel to transmit what is on the TX ring, when it asks to be told
-    /// (copy mode always does: its TX runs inside `sendto`, at most 32 frames a call).
+    /// (copy mode always does). Busy or out-of-buffer devices keep the frames on the
+    /// ring for the next kick.
     fn kick_tx(&self, side: &mut TxSide) {
-        for _ in 0..MAX_KICKS {
-            if !side.tx.needs_wakeup() {
-                return;
-            }
-            match syscall::wake_tx(&self.fd) {
-                Ok(()) => return,
-                // More descriptors than one call's budget: go again.
-                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
-                    reap_completions(side);
-                    continue;
-                }
-                // The device is busy or out of buffers: the frames stay on the ring and
-                // the next send kicks again.
-                Err(e) if matches!(e.raw_os_error(), Some(libc::EBUSY | libc::ENOBUFS)) => return,
-                Err(e) => {
-                    tracing::debug!(queue = self.queue, "AF_XDP TX kick failed: {e}");
-                    return;
-                }
-            }
+        if !side.tx.needs_wakeup() {
+            return;
+        }
+        if let Err(e) = tx_kicker::drain_tx_ring(&self.fd) {
+            tracing::debug!(queue = self.queue, "AF_XDP TX kick failed: {e}");
         }
     }
 }
