@@ -5,7 +5,7 @@
 //!
 //! ```text
 //!  send_batch ─▶ emit headers + checksums ─▶ UMEM frame ─▶ TX ring ─▶ sendto kick ─▶ wire
-                                                        (a burst: kicked by the TX thread)
+//!                                                        (a burst: by the TX thread)
 //!  wire ─▶ paqet_steer (filter match) ─▶ XSKMAP[rx queue] ─▶ RX ring ─▶ parse_frame ─▶ RecvBatch
 //! ```
 //!
