@@ -328,6 +328,13 @@ impl Engine {
     pub fn drain_transmits(&mut self, into: &mut Vec<Transmit>) {
         for id in std::mem::take(&mut self.unflushed) {
             self.flush_stream(id);
+            if let Some(stream) = self.stream_mut(id)
+                && stream.write_blocked
+                && stream.writable()
+            {
+                stream.write_blocked = false;
+                self.events.push(Event::Writable(id));
+            }
         }
         into.append(&mut self.transmits);
     }
@@ -879,17 +886,11 @@ impl Engine {
             }
         }
         let Some(stream) = self.stream_mut(id) else { return };
-        let readable = stream.phase == Phase::Open && stream.has_message();
-        let writable = stream.write_blocked && stream.writable();
-        if writable {
-            stream.write_blocked = false;
-        }
-        if readable {
+        if stream.phase == Phase::Open && stream.has_message() {
             self.events.push(Event::Readable(id));
         }
-        if writable {
-            self.events.push(Event::Writable(id));
-        }
+        // Writers are woken in `drain_transmits`, once the flush has taken what the
+        // acknowledgements made room for.
         self.close_if_done(id, Some(now.instant));
     }
 

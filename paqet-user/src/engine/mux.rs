@@ -8,6 +8,10 @@ use super::arq::ArqError;
 use super::frame::{FrameError, OpenError, StreamMsg, TargetAddr};
 use super::kcp::Conversation;
 
+/// Segments a stream may hold queued but unsent. Refilled from TCP whenever a flush
+/// takes some, so it only has to cover one turn of the writer.
+pub const MAX_UNSENT_SEGMENTS: usize = 512;
+
 /// Largest stream message payload: exactly eight full KCP segments with its type byte.
 pub fn max_data_per_message(mss: usize) -> usize {
     mss * 8 - super::frame::DATA_MSG_OVERHEAD
@@ -93,10 +97,12 @@ impl Stream {
         }
     }
 
-    /// Queued bytes a writer may add before it must wait: KCP's own send window, so the
-    /// unsent queue never holds more than one window beyond what is in flight.
+    /// Whether a writer may queue more: while KCP's send window has room and few
+    /// segments wait unsent. A lone stream's window is 16,384 segments (22 MB): when the
+    /// peer's reader lags and its window closes, the sender used to take a whole window
+    /// more from TCP and hold it; now TCP's own flow control pushes back instead.
     pub fn writable(&self) -> bool {
-        self.kcp.wait_snd() < self.kcp.snd_wnd() as usize
+        self.kcp.wait_snd() < self.kcp.snd_wnd() as usize && self.kcp.unsent() < MAX_UNSENT_SEGMENTS
     }
 
     pub fn has_message(&self) -> bool {

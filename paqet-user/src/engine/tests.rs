@@ -481,3 +481,40 @@ fn streams_together_queue_no_more_than_the_send_budget() {
     let now = sim.clock();
     assert!(sim.server.stream_write(now, second, &data).unwrap() > 0);
 }
+
+#[test]
+fn a_stream_queues_few_unsent_segments_and_a_reader_wakes_its_writer() {
+    let mut sim = Sim::new(Impairment::default(), 11);
+    let (cid, sid) = sim.open("bulk.test");
+    // The client's reader is away: its window fills, the server's flight stops, and
+    // what the writer adds waits unsent.
+    let data = pattern(128 << 20, 11);
+    let mut taken = 0;
+    for _ in 0..100_000 {
+        let now = sim.clock();
+        let n = sim.server.stream_write(now, sid, &data[taken..]).unwrap();
+        taken += n;
+        if n == 0 && sim.link.is_empty() {
+            break;
+        }
+        sim.step();
+    }
+    let unsent = sim.server.stream_mut(sid).unwrap().kcp.unsent();
+    assert!(
+        (mux::MAX_UNSENT_SEGMENTS..=mux::MAX_UNSENT_SEGMENTS + 8).contains(&unsent),
+        "{unsent} segments wait unsent; the cap is {}",
+        mux::MAX_UNSENT_SEGMENTS
+    );
+    assert!(taken < data.len() / 2, "the writer was never stopped: {taken} bytes taken");
+    // The reader comes back: the window it opens lets the flush take the queue, and the
+    // writer is told.
+    sim.server_events.clear();
+    let mut buf = vec![0u8; sim.client.read_buffer_len() * 4];
+    let woken = sim.run_until(100_000, |sim| {
+        while let Ok(ReadOutcome::Data(_)) = sim.client.stream_read(cid, &mut buf) {}
+        sim.server_events.contains(&Event::Writable(sid))
+    });
+    assert!(woken, "the writer was never woken");
+    let now = sim.clock();
+    assert!(sim.server.stream_write(now, sid, &data[taken..]).unwrap() > 0);
+}

@@ -200,6 +200,11 @@ impl<W: Write> Arq<W> {
         self.send.waiting()
     }
 
+    /// Segments queued and not yet sent.
+    pub fn unsent(&self) -> usize {
+        self.send.unsent()
+    }
+
     /// Some segment was sent 20 times without being acknowledged.
     pub fn is_dead_link(&self) -> bool {
         self.dead

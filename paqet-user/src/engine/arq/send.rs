@@ -145,6 +145,11 @@ impl SendBuffer {
         self.queue.len() + self.unacked
     }
 
+    /// Segments queued and not yet sent.
+    pub fn unsent(&self) -> usize {
+        self.queue.len()
+    }
+
     pub fn enqueue(&mut self, frg: u8, data: Vec<u8>) {
         self.queue.push_back(Queued { frg, data });
     }
