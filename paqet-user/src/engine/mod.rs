@@ -48,6 +48,14 @@ const LINGER: Duration = Duration::from_secs(2);
 const TOMBSTONE_TTL: Duration = Duration::from_secs(30);
 /// Housekeeping cadence when no stream needs KCP ticks.
 const IDLE_TICK: Duration = Duration::from_millis(250);
+/// A receiver that owes only ACKs sends them once this many are due, or after
+/// [`ACK_DELAY`]: during a download it acknowledged every input batch, one ACK datagram
+/// per ~8 data datagrams, and each cost both relays a datagram's full path. (TCP's
+/// delayed ACK and QUIC's ACK frequency do the same.)
+const ACKS_PER_DATAGRAM: usize = 32;
+/// Far below any RTO (≥ 30 ms in the fast modes); the sender's RTT samples grow by at
+/// most this much.
+const ACK_DELAY: Duration = Duration::from_millis(1);
 const MIN_WINDOW: u16 = 32;
 /// Sent datagrams' buffers kept for reuse (at most this many, ~1.4 KiB each).
 const MAX_SPARE_BUFFERS: usize = 1024;
@@ -235,6 +243,11 @@ pub struct Engine {
     control_buf: Vec<u8>,
     /// Streams that took input since the last drain and owe the peer an acknowledgement.
     unflushed: Vec<StreamId>,
+    /// Streams whose few ACKs wait for more, or for `ack_deadline`.
+    delayed_acks: Vec<StreamId>,
+    ack_deadline: Option<Instant>,
+    /// Set when `ack_deadline` is armed: the edge's timer must look again.
+    timer_moved: bool,
     counters: Counters,
     live_streams: usize,
     /// Segments queued or in flight in all streams' send sides: exact after each tick,
@@ -271,6 +284,9 @@ impl Engine {
             spare: Vec::new(),
             control_buf: Vec::new(),
             unflushed: Vec::new(),
+            delayed_acks: Vec::new(),
+            ack_deadline: None,
+            timer_moved: false,
             counters: Counters::default(),
             live_streams: 0,
             queued_segments: 0,
@@ -327,7 +343,9 @@ impl Engine {
     /// Takes every queued datagram at once, for a batched send.
     pub fn drain_transmits(&mut self, into: &mut Vec<Transmit>) {
         for id in std::mem::take(&mut self.unflushed) {
-            self.flush_stream(id);
+            if !self.delay_acks(id) {
+                self.flush_stream(id);
+            }
             if let Some(stream) = self.stream_mut(id)
                 && stream.write_blocked
                 && stream.writable()
@@ -348,12 +366,23 @@ impl Engine {
 
     /// When `handle_timeout` must next run.
     pub fn poll_timeout(&self) -> Instant {
+        let tick = self.next_tick();
+        self.ack_deadline.map_or(tick, |d| d.min(tick))
+    }
+
+    fn next_tick(&self) -> Instant {
         let tick = if self.live_streams > 0 {
             Duration::from_millis(self.config.kcp.tuning().interval_ms as u64)
         } else {
             IDLE_TICK
         };
         self.last_tick + tick
+    }
+
+    /// True once after a call made [`poll_timeout`](Self::poll_timeout) earlier than the
+    /// edge's timer may be set for.
+    pub fn take_timer_moved(&mut self) -> bool {
+        std::mem::take(&mut self.timer_moved)
     }
 
     // ---------------------------------------------------------------- client side
@@ -635,6 +664,29 @@ impl Engine {
     }
 
     /// Sends whatever KCP of this stream has ready, sealed for its peer.
+    /// Holds back a flush that would only send a few ACKs; true if it did.
+    fn delay_acks(&mut self, id: StreamId) -> bool {
+        let owed = self.stream_mut(id).and_then(|s| s.kcp.only_acks_owed());
+        if !owed.is_some_and(|n| n > 0 && n < ACKS_PER_DATAGRAM) {
+            return false;
+        }
+        if !self.delayed_acks.contains(&id) {
+            self.delayed_acks.push(id);
+        }
+        if self.ack_deadline.is_none() {
+            self.ack_deadline = Some(self.clock + ACK_DELAY);
+            self.timer_moved = true;
+        }
+        true
+    }
+
+    fn flush_delayed_acks(&mut self) {
+        self.ack_deadline = None;
+        for id in std::mem::take(&mut self.delayed_acks) {
+            self.flush_stream(id);
+        }
+    }
+
     fn flush_stream(&mut self, id: StreamId) {
         if let Some(stream) = self.stream_mut(id) {
             let _ = stream.kcp.flush();
@@ -986,6 +1038,12 @@ impl Engine {
     /// Runs KCP's clock, retransmits, keepalives, handshake retries and reaping.
     pub fn handle_timeout(&mut self, now: Now) {
         self.clock = self.clock.max(now.instant);
+        if self.ack_deadline.is_some_and(|d| d <= now.instant) {
+            self.flush_delayed_acks();
+        }
+        if now.instant < self.next_tick() {
+            return;
+        }
         self.last_tick = now.instant;
         let ms = self.ms(now.instant);
         let peer_ids: Vec<PeerId> = self.peers.keys().copied().collect();

@@ -33,6 +33,8 @@ struct Sim {
     impair: Impairment,
     client_events: Vec<Event>,
     server_events: Vec<Event>,
+    /// Datagrams each side sent: [client, server].
+    datagrams_sent: [usize; 2],
 }
 
 fn psk() -> Psk {
@@ -64,6 +66,7 @@ impl Sim {
             impair,
             client_events: Vec::new(),
             server_events: Vec::new(),
+            datagrams_sent: [0, 0],
         }
     }
 
@@ -80,6 +83,8 @@ impl Sim {
         self.client.drain_transmits(&mut out);
         let from_client = out.len();
         self.server.drain_transmits(&mut out);
+        self.datagrams_sent[0] += from_client;
+        self.datagrams_sent[1] += out.len() - from_client;
         for (i, t) in out.into_iter().enumerate() {
             let to_server = i < from_client;
             let from = if to_server {
@@ -517,4 +522,25 @@ fn a_stream_queues_few_unsent_segments_and_a_reader_wakes_its_writer() {
     assert!(woken, "the writer was never woken");
     let now = sim.clock();
     assert!(sim.server.stream_write(now, sid, &data[taken..]).unwrap() > 0);
+}
+
+#[test]
+fn a_few_owed_acks_go_out_after_the_ack_delay() {
+    let mut sim = Sim::new(Impairment::default(), 13);
+    let (_, sid) = sim.open("echo.test");
+    let settled = sim.run_until(10_000, |sim| sim.link.is_empty() && sim.client.ack_deadline.is_none());
+    assert!(settled);
+    let now = sim.clock();
+    sim.server.stream_write(now, sid, b"one small reply").unwrap();
+    sim.collect();
+    // The reply arrives; the client owes one ACK and holds it back.
+    let sent_before = sim.datagrams_sent[0];
+    sim.step();
+    let arrived = sim.now;
+    assert_eq!(sim.datagrams_sent[0], sent_before, "a lone ACK went out at once");
+    assert_eq!(sim.client.poll_timeout(), arrived + ACK_DELAY);
+    // At the deadline it goes.
+    let sent = sim.run_until(100, |sim| sim.datagrams_sent[0] > sent_before);
+    assert!(sent);
+    assert_eq!(sim.now, arrived + ACK_DELAY);
 }

@@ -129,6 +129,9 @@ impl<T: Transport> Node<T> {
             let r = f(&mut engine, now());
             engine.drain_transmits(&mut transmits);
             engine.drain_events(&mut events);
+            if engine.take_timer_moved() {
+                self.timer.notify_one();
+            }
             r
         };
         if !transmits.is_empty() {

@@ -205,6 +205,13 @@ impl<W: Write> Arq<W> {
         self.send.unsent()
     }
 
+    /// ACKs the next flush sends, when nothing else is due: no new segments wait and no
+    /// window probe is wanted. `None` when the flush has more to do than acknowledge.
+    pub fn only_acks_owed(&self) -> Option<usize> {
+        let idle = self.send.unsent() == 0 && !self.probe.ask && !self.probe.tell;
+        idle.then_some(self.acks.len())
+    }
+
     /// Some segment was sent 20 times without being acknowledged.
     pub fn is_dead_link(&self) -> bool {
         self.dead
