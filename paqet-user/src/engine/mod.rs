@@ -346,13 +346,7 @@ impl Engine {
             if !self.delay_acks(id) {
                 self.flush_stream(id);
             }
-            if let Some(stream) = self.stream_mut(id)
-                && stream.write_blocked
-                && stream.writable()
-            {
-                stream.write_blocked = false;
-                self.events.push(Event::Writable(id));
-            }
+            self.wake_writer_if_room(id);
         }
         into.append(&mut self.transmits);
     }
@@ -576,8 +570,20 @@ impl Engine {
         self.scratch = scratch;
         if result.is_ok() {
             self.flush_stream(id);
+            // The flush may have sent what stopped the writer (the unsent cap).
+            self.wake_writer_if_room(id);
         }
         result
+    }
+
+    fn wake_writer_if_room(&mut self, id: StreamId) {
+        if let Some(stream) = self.stream_mut(id)
+            && stream.write_blocked
+            && stream.writable()
+        {
+            stream.write_blocked = false;
+            self.events.push(Event::Writable(id));
+        }
     }
 
     /// Reads the stream's next data into `buf` (at least `read_buffer_len` bytes): as

@@ -544,3 +544,34 @@ fn a_few_owed_acks_go_out_after_the_ack_delay() {
     assert!(sent);
     assert_eq!(sim.now, arrived + ACK_DELAY);
 }
+
+#[test]
+fn a_writer_stopped_by_the_unsent_cap_is_woken_when_its_own_flush_makes_room() {
+    let mut sim = Sim::new(Impairment::default(), 14);
+    let (_, sid) = sim.open("write.test");
+    let data = pattern(4 << 20, 14);
+    let now = sim.clock();
+    let taken = sim.server.stream_write(now, sid, &data).unwrap();
+    assert!(taken < data.len(), "the cap did not stop the writer");
+    // The window was empty: the flush put everything in flight, so the writer may go on.
+    sim.collect();
+    assert!(sim.server_events.contains(&Event::Writable(sid)), "{:?}", sim.server_events);
+}
+
+#[test]
+fn acks_for_data_past_a_hole_go_out_at_once() {
+    let mut sim = Sim::new(Impairment::default(), 15);
+    let (_, sid) = sim.open("hole.test");
+    let settled = sim.run_until(10_000, |sim| sim.link.is_empty() && sim.client.ack_deadline.is_none());
+    assert!(settled);
+    let now = sim.clock();
+    sim.server.stream_write(now, sid, &pattern(8 * 1024, 15)).unwrap();
+    sim.collect();
+    let to_client = sim.link.iter().filter(|p| !p.to_server).count();
+    assert!(to_client >= 3, "the data took {to_client} datagrams");
+    let first = sim.link.iter().position(|p| !p.to_server).unwrap();
+    sim.link.remove(first);
+    let sent_before = sim.datagrams_sent[0];
+    sim.step();
+    assert!(sim.datagrams_sent[0] > sent_before, "ACKs past a hole were held back");
+}

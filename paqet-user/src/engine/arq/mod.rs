@@ -205,11 +205,16 @@ impl<W: Write> Arq<W> {
         self.send.unsent()
     }
 
-    /// ACKs the next flush sends, when nothing else is due: no new segments wait and no
-    /// window probe is wanted. `None` when the flush has more to do than acknowledge.
+    /// ACKs the next flush sends, when that is all it would do and they acknowledge
+    /// in-order data. `None` while anything of ours waits (a queued or unacknowledged
+    /// segment may be due for a fast retransmit), a window probe is wanted, or data came
+    /// past a hole: the sender counts ACKs past a hole to retransmit it, so those go out
+    /// at once, as TCP sends its out-of-order ACKs.
     pub fn only_acks_owed(&self) -> Option<usize> {
-        let idle = self.send.unsent() == 0 && !self.probe.ask && !self.probe.tell;
-        idle.then_some(self.acks.len())
+        let ours_idle = self.send.waiting() == 0 && !self.probe.ask && !self.probe.tell;
+        let next = self.recv.next_sn();
+        let in_order = self.acks.iter().all(|&(sn, _)| timediff(sn, next) < 0);
+        (ours_idle && in_order).then_some(self.acks.len())
     }
 
     /// Some segment was sent 20 times without being acknowledged.

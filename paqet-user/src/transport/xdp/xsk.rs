@@ -253,7 +253,7 @@ impl Xsk {
         mut write: impl FnMut(usize, &mut [u8]) -> Option<usize>,
     ) -> (usize, usize) {
         reap_completions(side);
-        if side.free.len() < count && self.tx_thread.is_some() {
+        if side.free.len() < count.min(side.tx.capacity()) && self.tx_thread.is_some() {
             // The TX thread has not caught up: wait for the kernel here rather than
             // drop what does not fit (KCP would have to resend it).
             self.kick_tx(side);
