@@ -576,8 +576,13 @@ impl Engine {
         result
     }
 
+    /// Only when the write would take something: a writer woken while the streams'
+    /// shared budget is spent takes nothing and blocks again, and with this called
+    /// after every write it would spin (the next tick recounts the budget).
     fn wake_writer_if_room(&mut self, id: StreamId) {
+        let budget_left = self.queued_segments < self.send_budget_segments();
         if let Some(stream) = self.stream_mut(id)
+            && budget_left
             && stream.write_blocked
             && stream.writable()
         {

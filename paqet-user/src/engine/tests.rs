@@ -468,6 +468,9 @@ fn streams_together_queue_no_more_than_the_send_budget() {
     assert!(took_first > 0);
     let took_second = sim.server.stream_write(now, second, &data).unwrap();
     assert_eq!(took_second, 0, "the second stream queued past the shared budget");
+    // Nor is its writer told to try again before the budget has room: it would spin.
+    sim.server.drain_events(&mut sim.server_events);
+    assert!(!sim.server_events.contains(&Event::Writable(second)), "{:?}", sim.server_events);
     let queued: usize = [first, second]
         .iter()
         .map(|id| sim.server.stream_mut(*id).unwrap().kcp.wait_snd())
