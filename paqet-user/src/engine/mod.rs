@@ -674,7 +674,6 @@ impl Engine {
         self.events.push(Event::StreamClosed(id));
     }
 
-    /// Sends whatever KCP of this stream has ready, sealed for its peer.
     /// Holds back a flush that would only send a few ACKs; true if it did.
     fn delay_acks(&mut self, id: StreamId) -> bool {
         let owed = self.stream_mut(id).and_then(|s| s.kcp.only_acks_owed());
@@ -698,6 +697,7 @@ impl Engine {
         }
     }
 
+    /// Sends whatever KCP of this stream has ready, sealed for its peer.
     fn flush_stream(&mut self, id: StreamId) {
         if let Some(stream) = self.stream_mut(id) {
             let _ = stream.kcp.flush();
