@@ -470,7 +470,11 @@ fn streams_together_queue_no_more_than_the_send_budget() {
     assert_eq!(took_second, 0, "the second stream queued past the shared budget");
     // Nor is its writer told to try again before the budget has room: it would spin.
     sim.server.drain_events(&mut sim.server_events);
-    assert!(!sim.server_events.contains(&Event::Writable(second)), "{:?}", sim.server_events);
+    assert!(
+        !sim.server_events.contains(&Event::Writable(second)),
+        "{:?}",
+        sim.server_events
+    );
     let queued: usize = [first, second]
         .iter()
         .map(|id| sim.server.stream_mut(*id).unwrap().kcp.wait_snd())
@@ -513,7 +517,10 @@ fn a_stream_queues_few_unsent_segments_and_a_reader_wakes_its_writer() {
         "{unsent} segments wait unsent; the cap is {}",
         mux::MAX_UNSENT_SEGMENTS
     );
-    assert!(taken < data.len() / 2, "the writer was never stopped: {taken} bytes taken");
+    assert!(
+        taken < data.len() / 2,
+        "the writer was never stopped: {taken} bytes taken"
+    );
     // The reader comes back: the window it opens lets the flush take the queue, and the
     // writer is told.
     sim.server_events.clear();
@@ -558,7 +565,11 @@ fn a_writer_stopped_by_the_unsent_cap_is_woken_when_its_own_flush_makes_room() {
     assert!(taken < data.len(), "the cap did not stop the writer");
     // The window was empty: the flush put everything in flight, so the writer may go on.
     sim.collect();
-    assert!(sim.server_events.contains(&Event::Writable(sid)), "{:?}", sim.server_events);
+    assert!(
+        sim.server_events.contains(&Event::Writable(sid)),
+        "{:?}",
+        sim.server_events
+    );
 }
 
 #[test]

@@ -50,12 +50,10 @@ pub struct TxKicker {
 impl TxKicker {
     pub fn spawn(fd: socket::Fd, queue: u32) -> io::Result<TxKicker> {
         let flags = Arc::new(Flags::default());
-        let thread = std::thread::Builder::new()
-            .name(format!("paqet-tx{queue}"))
-            .spawn({
-                let flags = flags.clone();
-                move || run(&fd, queue, &flags)
-            })?;
+        let thread = std::thread::Builder::new().name(format!("paqet-tx{queue}")).spawn({
+            let flags = flags.clone();
+            move || run(&fd, queue, &flags)
+        })?;
         Ok(TxKicker {
             flags,
             thread: Some(thread),
