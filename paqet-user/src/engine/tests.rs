@@ -155,6 +155,12 @@ impl Sim {
         self.collect();
     }
 
+    /// Runs until nothing is on the link and the client holds back no ACKs.
+    fn settle(&mut self) {
+        let settled = self.run_until(10_000, |sim| sim.link.is_empty() && sim.client.ack_deadline.is_none());
+        assert!(settled);
+    }
+
     fn run_until(&mut self, max_steps: usize, mut done: impl FnMut(&mut Sim) -> bool) -> bool {
         for _ in 0..max_steps {
             if done(self) {
@@ -538,8 +544,7 @@ fn a_stream_queues_few_unsent_segments_and_a_reader_wakes_its_writer() {
 fn a_few_owed_acks_go_out_after_the_ack_delay() {
     let mut sim = Sim::new(Impairment::default(), 13);
     let (_, sid) = sim.open("echo.test");
-    let settled = sim.run_until(10_000, |sim| sim.link.is_empty() && sim.client.ack_deadline.is_none());
-    assert!(settled);
+    sim.settle();
     let now = sim.clock();
     sim.server.stream_write(now, sid, b"one small reply").unwrap();
     sim.collect();
@@ -576,8 +581,7 @@ fn a_writer_stopped_by_the_unsent_cap_is_woken_when_its_own_flush_makes_room() {
 fn acks_for_data_past_a_hole_go_out_at_once() {
     let mut sim = Sim::new(Impairment::default(), 15);
     let (_, sid) = sim.open("hole.test");
-    let settled = sim.run_until(10_000, |sim| sim.link.is_empty() && sim.client.ack_deadline.is_none());
-    assert!(settled);
+    sim.settle();
     let now = sim.clock();
     sim.server.stream_write(now, sid, &pattern(8 * 1024, 15)).unwrap();
     sim.collect();
