@@ -193,7 +193,7 @@ fn connect_to_server(server: &mut Engine, clock: &Clock) -> Session {
     let (initiator, hello) =
         Initiator::start(&PSK, &handshake_init_payload(clock.now().unix_ms)).unwrap();
     server
-        .handle_datagram(clock.now(), client_addr(), &hello)
+        .handle_datagram(clock.now(), client_addr(), &mut hello.clone())
         .expect("valid handshake refused");
     let tx = drain(server);
     assert_eq!(tx.len(), 1, "a handshake gets exactly one answer");
@@ -228,7 +228,7 @@ fn accept_client(client: &mut Engine, clock: &Clock) -> Session {
     .emit(&mut p);
     let (crypto, answer) = responder.respond(&p).unwrap();
     client
-        .handle_datagram(clock.now(), server_addr(), &answer)
+        .handle_datagram(clock.now(), server_addr(), &mut answer.clone())
         .expect("client refused a valid answer");
     assert!(client.is_connected());
     assert_eq!(events(client), vec![Event::Connected]);
@@ -258,14 +258,14 @@ fn assert_dropped_silently(engine: &mut Engine, result: Result<(), DropReason>) 
 fn raw_to_fresh_server(datagram: &[u8]) {
     let clock = Clock::new();
     let mut server = server_engine(&clock);
-    let result = server.handle_datagram(clock.now(), client_addr(), datagram);
+    let result = server.handle_datagram(clock.now(), client_addr(), &mut datagram.to_vec());
     if result.is_ok() {
         // Only a valid handshake (from the seed corpus) gets here: one answer, no event.
         assert_eq!(server.counters().handshakes, 1);
         assert_eq!(drain(&mut server).len(), 1);
         assert!(events(&mut server).is_empty());
         // The same handshake again is stale and unanswered.
-        let again = server.handle_datagram(clock.now(), client_addr(), datagram);
+        let again = server.handle_datagram(clock.now(), client_addr(), &mut datagram.to_vec());
         assert_eq!(again, Err(DropReason::StaleHandshake));
         assert!(drain(&mut server).is_empty());
     } else {
@@ -282,7 +282,7 @@ fn raw_to_established_server(datagram: &[u8]) {
     if d.len() >= 4 {
         d[..4].copy_from_slice(&session.engine_index.to_be_bytes());
     }
-    let result = server.handle_datagram(clock.now(), client_addr(), &d);
+    let result = server.handle_datagram(clock.now(), client_addr(), &mut d);
     assert_dropped_silently(&mut server, result);
     assert_eq!(server.peer_count(), 1);
 }
@@ -300,7 +300,7 @@ fn raw_to_client(datagram: &[u8], connected: bool) {
         client.connect(clock.now());
         assert_eq!(drain(&mut client).len(), 1);
     }
-    let result = client.handle_datagram(clock.now(), server_addr(), &d);
+    let result = client.handle_datagram(clock.now(), server_addr(), &mut d);
     assert_dropped_silently(&mut client, result);
     assert_eq!(client.is_connected(), connected);
 }
@@ -446,7 +446,7 @@ impl<'a> Script<'a> {
         }
         let _ = self
             .engine
-            .handle_datagram(self.clock.now(), self.peer, &packet);
+            .handle_datagram(self.clock.now(), self.peer, &mut packet.clone());
         self.delivered.push(packet);
     }
 
@@ -455,10 +455,10 @@ impl<'a> Script<'a> {
             return;
         }
         self.check_output();
-        let packet = self.delivered[i % self.delivered.len()].clone();
+        let mut packet = self.delivered[i % self.delivered.len()].clone();
         let result = self
             .engine
-            .handle_datagram(self.clock.now(), self.peer, &packet);
+            .handle_datagram(self.clock.now(), self.peer, &mut packet);
         assert!(result.is_err(), "replayed packet accepted");
         assert!(
             drain(&mut self.engine).is_empty(),
@@ -519,16 +519,15 @@ impl<'a> Script<'a> {
     /// Everything the engine sends goes to its peer, under the session (or, from a client,
     /// as a fresh handshake), and parses; events are tracked for later ops.
     fn check_output(&mut self) {
-        for t in drain(&mut self.engine) {
+        for mut t in drain(&mut self.engine) {
             assert_eq!(t.peer, self.peer, "datagram to a stranger");
             let to_us = DataHeader::parse(&t.payload)
                 .is_ok_and(|h| h.receiver_index == self.session.own_index);
             if to_us {
-                let mut out = vec![0u8; t.payload.len()];
                 let plain = self
                     .session
                     .crypto
-                    .open(&t.payload, &mut out)
+                    .open_in_place(&mut t.payload)
                     .expect("engine sent a packet that does not open");
                 Inner::parse(plain).expect("engine sent an unparsable inner frame");
             } else {

@@ -235,11 +235,9 @@ pub struct Engine {
     next_conv: u32,
     last_tick: Instant,
     scratch: Vec<u8>,
-    /// Decrypted datagrams land here.
-    open_buf: Vec<u8>,
     /// Buffers of sent datagrams, reused for the next ones (no allocation per datagram).
     spare: Vec<Vec<u8>>,
-    /// A stream's first (control) message is read here, while `open_buf` is in use.
+    /// A stream's first (control) message is read here.
     control_buf: Vec<u8>,
     /// Streams that took input since the last drain and owe the peer an acknowledgement.
     unflushed: Vec<StreamId>,
@@ -280,7 +278,6 @@ impl Engine {
             next_conv,
             last_tick: now,
             scratch: Vec::with_capacity(64 * 1024),
-            open_buf: vec![0u8; 64 * 1024],
             spare: Vec::new(),
             control_buf: Vec::new(),
             unflushed: Vec::new(),
@@ -762,8 +759,9 @@ impl Engine {
     // ---------------------------------------------------------------- input
 
     /// Handles one datagram from the wire. Anything that does not authenticate is
-    /// dropped silently (and counted): to a scanner the port looks filtered.
-    pub fn handle_datagram(&mut self, now: Now, from: SocketAddr, data: &[u8]) -> Result<(), DropReason> {
+    /// dropped silently (and counted): to a scanner the port looks filtered. A data
+    /// packet is decrypted where it lies, so `data` is spent afterwards.
+    pub fn handle_datagram(&mut self, now: Now, from: SocketAddr, data: &mut [u8]) -> Result<(), DropReason> {
         self.clock = self.clock.max(now.instant);
         self.counters.datagrams_in += 1;
         self.counters.bytes_in += data.len() as u64;
@@ -779,7 +777,7 @@ impl Engine {
         result
     }
 
-    fn dispatch_datagram(&mut self, now: Now, from: SocketAddr, data: &[u8]) -> Result<(), DropReason> {
+    fn dispatch_datagram(&mut self, now: Now, from: SocketAddr, data: &mut [u8]) -> Result<(), DropReason> {
         if let Ok(header) = DataHeader::parse(data)
             && let Some(&peer_id) = self.index.get(&header.receiver_index)
         {
@@ -797,30 +795,26 @@ impl Engine {
         from: SocketAddr,
         peer_id: PeerId,
         index: u32,
-        data: &[u8],
+        data: &mut [u8],
     ) -> Result<(), DropReason> {
-        let mut out = std::mem::take(&mut self.open_buf);
-        let opened = self.open_with(peer_id, index, data, &mut out);
-        let result = match opened {
-            Ok(len) => {
+        match self.open_with(peer_id, index, data) {
+            Ok(plain) => {
                 self.note_peer_alive(peer_id, from, index, now.instant);
-                self.handle_inner(now, peer_id, &out[..len])
+                self.handle_inner(now, peer_id, plain)
             }
             Err(CryptoError::Replayed(_)) => Err(DropReason::Replayed),
             Err(_) => Err(DropReason::Unauthentic),
-        };
-        self.open_buf = out;
-        result
+        }
     }
 
-    fn open_with(&mut self, peer_id: PeerId, index: u32, data: &[u8], out: &mut [u8]) -> Result<usize, CryptoError> {
+    fn open_with<'d>(&mut self, peer_id: PeerId, index: u32, data: &'d mut [u8]) -> Result<&'d [u8], CryptoError> {
         let peer = self.peers.get_mut(&peer_id).ok_or(CryptoError::Unauthentic)?;
         let session = [peer.session.as_mut(), peer.previous.as_mut()]
             .into_iter()
             .flatten()
             .find(|s| s.local_index == index)
             .ok_or(CryptoError::Unauthentic)?;
-        Ok(session.crypto.open(data, out)?.len())
+        session.crypto.open_in_place(data)
     }
 
     /// An authentic packet arrived: the peer is alive, and (server) may have roamed.

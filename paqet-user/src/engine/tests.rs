@@ -138,13 +138,13 @@ impl Sim {
             self.link = later;
             due
         };
-        for p in due {
+        for mut p in due {
             let engine = if p.to_server {
                 &mut self.server
             } else {
                 &mut self.client
             };
-            let _ = engine.handle_datagram(now, p.from, &p.bytes);
+            let _ = engine.handle_datagram(now, p.from, &mut p.bytes);
         }
         if self.client.poll_timeout() <= self.now {
             self.client.handle_timeout(now);
@@ -339,16 +339,16 @@ fn replayed_handshake_and_data_are_refused() {
     sim.client.drain_transmits(&mut first);
     let hello = first.pop().unwrap().payload;
     let from: SocketAddr = CLIENT.parse().unwrap();
-    sim.server.handle_datagram(now, from, &hello).unwrap();
+    sim.server.handle_datagram(now, from, &mut hello.clone()).unwrap();
     assert_eq!(
-        sim.server.handle_datagram(now, from, &hello),
+        sim.server.handle_datagram(now, from, &mut hello.clone()),
         Err(DropReason::StaleHandshake)
     );
     let mut answer = Vec::new();
     sim.server.drain_transmits(&mut answer);
     assert_eq!(answer.len(), 1, "exactly one response, for the original only");
     sim.client
-        .handle_datagram(now, SERVER.parse().unwrap(), &answer[0].payload)
+        .handle_datagram(now, SERVER.parse().unwrap(), &mut answer[0].payload)
         .unwrap();
     assert!(sim.client.is_connected());
 
@@ -358,9 +358,9 @@ fn replayed_handshake_and_data_are_refused() {
     let mut data = Vec::new();
     sim.client.drain_transmits(&mut data);
     let packet = data.pop().unwrap().payload;
-    sim.server.handle_datagram(now, from, &packet).unwrap();
+    sim.server.handle_datagram(now, from, &mut packet.clone()).unwrap();
     assert_eq!(
-        sim.server.handle_datagram(now, from, &packet),
+        sim.server.handle_datagram(now, from, &mut packet.clone()),
         Err(DropReason::Replayed)
     );
 }
@@ -372,8 +372,8 @@ fn garbage_is_dropped_silently() {
     let from: SocketAddr = CLIENT.parse().unwrap();
     let mut rng = StdRng::seed_from_u64(7);
     for len in [0usize, 1, 11, 12, 13, 31, 32, 48, 64, 100, 1400, 2000] {
-        let junk: Vec<u8> = (0..len).map(|_| rng.random()).collect();
-        assert!(sim.server.handle_datagram(now, from, &junk).is_err());
+        let mut junk: Vec<u8> = (0..len).map(|_| rng.random()).collect();
+        assert!(sim.server.handle_datagram(now, from, &mut junk).is_err());
     }
     let mut out = Vec::new();
     sim.server.drain_transmits(&mut out);

@@ -236,7 +236,7 @@ impl<T: Transport> Node<T> {
         let mut batch = RecvBatch::new(RECV_BATCH, max);
         loop {
             if self.transport.try_recv_batch(&mut batch)? > 0 {
-                self.handle_batch(&batch);
+                self.handle_batch(&mut batch);
                 // A steady flow never leaves the ring empty: the stream tasks on this
                 // thread run when tokio's budget (128 units) is spent. Yielding every
                 // few batches instead halved one-stream xdp throughput: the RX ring
@@ -255,21 +255,21 @@ impl<T: Transport> Node<T> {
             tokio::select! {
                 received = self.transport.recv_batch(&mut batch) => {
                     received?;
-                    self.handle_batch(&batch);
+                    self.handle_batch(&mut batch);
                 }
                 _ = self.sent.notified() => {}
             }
         }
     }
 
-    fn handle_batch(&self, batch: &RecvBatch) {
+    fn handle_batch(&self, batch: &mut RecvBatch) {
         let mut authentic_bytes = 0;
         self.with_engine(|engine, now| {
             // A batch mostly comes from one peer over one path: tell the transport
             // once per change, not once per datagram (it takes a lock).
             let mut confirmed = None;
-            for slot in batch.filled() {
-                let authentic = engine.handle_datagram(now, slot.peer, slot.payload()).is_ok();
+            for slot in batch.filled_mut() {
+                let authentic = engine.handle_datagram(now, slot.peer, slot.payload_mut()).is_ok();
                 if authentic {
                     authentic_bytes += slot.len;
                 }

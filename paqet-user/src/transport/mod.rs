@@ -28,6 +28,11 @@ impl RecvSlot {
     pub fn payload(&self) -> &[u8] {
         &self.buf[..self.len]
     }
+
+    /// The datagram, mutable: the engine decrypts it where it lies.
+    pub fn payload_mut(&mut self) -> &mut [u8] {
+        &mut self.buf[..self.len]
+    }
 }
 
 /// Reusable buffers for one batch of received datagrams: filled by a transport, read by
@@ -67,6 +72,10 @@ impl RecvBatch {
     /// The filled slots.
     pub fn filled(&self) -> &[RecvSlot] {
         &self.slots[..self.filled]
+    }
+
+    pub fn filled_mut(&mut self) -> &mut [RecvSlot] {
+        &mut self.slots[..self.filled]
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (SocketAddr, &[u8])> {
