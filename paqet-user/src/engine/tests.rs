@@ -1,6 +1,9 @@
 //! The engine end to end over an in-memory link that drops, duplicates, reorders and
 //! corrupts datagrams, on a virtual clock: delivery must still be exact and in order.
 
+use super::mux::ReadOutcome;
+use super::output::ACK_DELAY;
+use super::streams::LINGER;
 use super::*;
 use rand::rngs::StdRng;
 

@@ -1,0 +1,188 @@
+//! Datagrams in: authenticate, find the session and the stream, hand KCP its input,
+//! and deliver a stream's control messages.
+
+use std::net::SocketAddr;
+
+use super::crypto::CryptoError;
+use super::frame::{DataHeader, Inner};
+use super::mux::{Control, Phase};
+use super::{DropReason, Engine, Event, KCP_HEADER_LEN, Now, PeerId, Role, StreamId, arq};
+
+const KCP_CMD_PUSH: u8 = 81;
+
+impl Engine {
+    /// Handles one datagram from the wire. Anything that does not authenticate is
+    /// dropped silently (and counted): to a scanner the port looks filtered. A data
+    /// packet is decrypted where it lies, so `data` is spent afterwards.
+    pub fn handle_datagram(&mut self, now: Now, from: SocketAddr, data: &mut [u8]) -> Result<(), DropReason> {
+        self.clock = self.clock.max(now.instant);
+        self.counters.datagrams_in += 1;
+        self.counters.bytes_in += data.len() as u64;
+        let result = self.dispatch_datagram(now, from, data);
+        if let Err(reason) = result {
+            match reason {
+                DropReason::Unauthentic => self.counters.dropped_unauthentic += 1,
+                DropReason::Replayed => self.counters.dropped_replayed += 1,
+                DropReason::StaleHandshake => self.counters.dropped_stale_handshake += 1,
+                DropReason::Malformed => self.counters.dropped_malformed += 1,
+            }
+        }
+        result
+    }
+
+    fn dispatch_datagram(&mut self, now: Now, from: SocketAddr, data: &mut [u8]) -> Result<(), DropReason> {
+        if let Ok(header) = DataHeader::parse(data)
+            && let Some(&peer_id) = self.index.get(&header.receiver_index)
+        {
+            return self.handle_data(now, from, peer_id, header.receiver_index, data);
+        }
+        match self.config.role {
+            Role::Server => self.handle_handshake_init(now, from, data),
+            Role::Client { .. } => self.handle_handshake_response(now, data),
+        }
+    }
+
+    fn handle_data(
+        &mut self,
+        now: Now,
+        from: SocketAddr,
+        peer_id: PeerId,
+        index: u32,
+        data: &mut [u8],
+    ) -> Result<(), DropReason> {
+        match self.open_with(peer_id, index, data) {
+            Ok(plain) => {
+                self.note_peer_alive(peer_id, from, index, now.instant);
+                self.handle_inner(now, peer_id, plain)
+            }
+            Err(CryptoError::Replayed(_)) => Err(DropReason::Replayed),
+            Err(_) => Err(DropReason::Unauthentic),
+        }
+    }
+
+    fn open_with<'d>(&mut self, peer_id: PeerId, index: u32, data: &'d mut [u8]) -> Result<&'d [u8], CryptoError> {
+        let peer = self.peers.get_mut(&peer_id).ok_or(CryptoError::Unauthentic)?;
+        let session = [peer.session.as_mut(), peer.previous.as_mut()]
+            .into_iter()
+            .flatten()
+            .find(|s| s.local_index == index)
+            .ok_or(CryptoError::Unauthentic)?;
+        session.crypto.open_in_place(data)
+    }
+
+    fn handle_inner(&mut self, now: Now, peer_id: PeerId, plain: &[u8]) -> Result<(), DropReason> {
+        match Inner::parse(plain).map_err(|_| DropReason::Malformed)? {
+            Inner::Kcp(segments) => self.handle_kcp(now, peer_id, segments),
+            Inner::Reset { conv } => {
+                let id = StreamId { peer: peer_id, conv };
+                if let Some(peer) = self.peers.get_mut(&peer_id)
+                    && peer.streams.remove(&conv).is_some()
+                {
+                    peer.tombstones.insert(conv, now.instant);
+                    self.live_streams -= 1;
+                    self.events.push(Event::StreamClosed(id));
+                    tracing::debug!(stream = %id, "peer reset stream");
+                }
+                Ok(())
+            }
+            Inner::Keepalive { .. } => {
+                if matches!(self.config.role, Role::Server) {
+                    self.send_keepalive(peer_id);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn handle_kcp(&mut self, now: Now, peer_id: PeerId, segments: &[u8]) -> Result<(), DropReason> {
+        if segments.len() < KCP_HEADER_LEN {
+            return Err(DropReason::Malformed);
+        }
+        let conv = arq::get_conv(segments);
+        let id = StreamId { peer: peer_id, conv };
+        let known = self.peers.get(&peer_id).is_some_and(|p| p.streams.contains_key(&conv));
+        if !known && !self.adopt_conversation(now, id, segments) {
+            return Ok(());
+        }
+        let stream = self.stream_mut(id).ok_or(DropReason::Malformed)?;
+        if stream.kcp.input(segments).is_err() {
+            return Err(DropReason::Malformed);
+        }
+        stream.last_activity = now.instant;
+        self.after_input(now, id);
+        Ok(())
+    }
+
+    /// A conversation we don't know: a new stream (server, first data segment), late
+    /// segments of a closed one (ignored), or one the peer thinks is alive but we lost
+    /// (e.g. after a restart): tell the peer to drop it.
+    fn adopt_conversation(&mut self, now: Now, id: StreamId, segments: &[u8]) -> bool {
+        let Some(peer) = self.peers.get(&id.peer) else {
+            return false;
+        };
+        if peer.tombstones.contains_key(&id.conv) {
+            return false;
+        }
+        let is_push = segments[4] == KCP_CMD_PUSH;
+        if matches!(self.config.role, Role::Server) && is_push && id.conv != 0 {
+            let stream = self.new_stream(id.conv, Phase::AwaitingOpen, now.instant);
+            if let Some(peer) = self.peers.get_mut(&id.peer) {
+                peer.streams.insert(id.conv, stream);
+                self.live_streams += 1;
+                self.rebalance_windows();
+                return true;
+            }
+            return false;
+        }
+        self.seal_to(id.peer, &Inner::Reset { conv: id.conv });
+        if let Some(peer) = self.peers.get_mut(&id.peer) {
+            peer.tombstones.insert(id.conv, now.instant);
+        }
+        false
+    }
+
+    /// After KCP took input: deliver control messages and wake readers and writers. The
+    /// acknowledgement goes out when the edge drains transmits, once per batch of input
+    /// rather than once per datagram.
+    fn after_input(&mut self, now: Now, id: StreamId) {
+        if !self.unflushed.contains(&id) {
+            self.unflushed.push(id);
+        }
+        let mut buf = std::mem::take(&mut self.control_buf);
+        let control = match self.stream_mut(id) {
+            Some(s) if matches!(s.phase, Phase::AwaitingOpen | Phase::AwaitingReply) => s.take_control(&mut buf),
+            _ => Ok(None),
+        };
+        self.control_buf = buf;
+        match control {
+            Ok(Some(Control::Open(target))) => {
+                if let Some(s) = self.stream_mut(id) {
+                    s.phase = Phase::Dialing;
+                }
+                self.events.push(Event::StreamOpened { id, target });
+            }
+            Ok(Some(Control::Reply(result))) => {
+                if let Some(s) = self.stream_mut(id) {
+                    s.phase = Phase::Open;
+                    if result.is_err() {
+                        s.sent_fin = true;
+                        s.recv_fin = true;
+                    }
+                }
+                self.events.push(Event::StreamReplied { id, result });
+            }
+            Ok(None) => {}
+            Err(_) => {
+                self.reset_stream(id);
+                return;
+            }
+        }
+        let Some(stream) = self.stream_mut(id) else { return };
+        if stream.phase == Phase::Open && stream.has_message() {
+            self.events.push(Event::Readable(id));
+        }
+        // Writers are woken in `drain_transmits`, once the flush has taken what the
+        // acknowledgements made room for.
+        self.close_if_done(id, Some(now.instant));
+    }
+}
