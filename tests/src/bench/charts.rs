@@ -26,17 +26,21 @@ fn register_font() -> Result<()> {
     err.map_or(Ok(()), Err)
 }
 
+/// One bar of a chart: label, value, colour.
+type Bar = (String, f64, RGBColor);
+
 fn color(kind: Kind) -> RGBColor {
     match kind {
         Kind::Ceiling => RGBColor(90, 160, 90),
         Kind::Paqet => RGBColor(40, 90, 180),
         Kind::Kcptun { .. } => RGBColor(225, 130, 40),
         Kind::Tcp => RGBColor(120, 120, 120),
+        Kind::Forwarders => RGBColor(170, 170, 170),
     }
 }
 
 /// One horizontal bar per item, with its value written at the end of the bar.
-pub fn hbar(path: &Path, title: &str, unit: &str, items: &[(String, f64, RGBColor)]) -> Result<()> {
+pub fn hbar(path: &Path, title: &str, unit: &str, items: &[Bar]) -> Result<()> {
     if items.is_empty() {
         return Ok(());
     }
@@ -100,7 +104,7 @@ pub fn hbar(path: &Path, title: &str, unit: &str, items: &[(String, f64, RGBColo
 pub fn draw_all(results: &Results, dir: &Path) -> Result<Vec<String>> {
     std::fs::create_dir_all(dir)?;
     let mut written = Vec::new();
-    let pick = |test: &str, f: &dyn Fn(&super::report::Row) -> Option<f64>| -> Vec<(String, f64, RGBColor)> {
+    let pick = |test: &str, f: &dyn Fn(&super::report::Row) -> Option<f64>| -> Vec<Bar> {
         results
             .rows
             .iter()
@@ -110,7 +114,7 @@ pub fn draw_all(results: &Results, dir: &Path) -> Result<Vec<String>> {
     };
     let mut clean: Vec<_> = pick(CEILING, &|r| Some(r.value));
     clean.extend(pick(CLEAN1, &|r| Some(r.value)));
-    let charts: Vec<(&str, &str, &str, Vec<(String, f64, RGBColor)>)> = vec![
+    let charts: Vec<(&str, &str, &str, Vec<Bar>)> = vec![
         (
             "clean-1.png",
             "Clean link, one stream (ceilings: frame bytes)",

@@ -7,8 +7,14 @@ use std::fmt::Write as _;
 pub enum Kind {
     Ceiling,
     Paqet,
-    Kcptun { encrypted: bool, socks: bool },
+    Kcptun {
+        encrypted: bool,
+        socks: bool,
+    },
     Tcp,
+    /// Direct TCP through two plain forwarders: what a relay's two extra hops cost
+    /// before it does any work (round trips only).
+    Forwarders,
 }
 
 /// Test keys.
@@ -195,14 +201,22 @@ impl Results {
             }
         }
         let tcp_p50 = self.best(RR, |k| k == Kind::Tcp, false);
+        let forwarders_p50 = self.best(RR, |k| k == Kind::Forwarders, false);
         let kcp_socks_p50 = self.best(RR, |k| matches!(k, Kind::Kcptun { socks: true, .. }), false);
         for tr in ["xdp", "udp"] {
             let sys = format!("paqet {tr}");
             let rr = self.get(&sys, RR);
             let ok = rr.zip(tcp_p50).map(|(a, b)| a.value <= 2.0 * b.value);
-            let d = rr.zip(tcp_p50).map_or(String::new(), |(a, b)| {
+            let mut d = rr.zip(tcp_p50).map_or(String::new(), |(a, b)| {
                 format!("{:.0} vs {:.0} µs = {:.2}×", a.value, b.value, a.value / b.value)
             });
+            if let Some((f, t)) = forwarders_p50.zip(tcp_p50) {
+                d.push_str(&format!(
+                    "; two plain TCP forwarders alone: {:.0} µs = {:.2}×",
+                    f.value,
+                    f.value / t.value
+                ));
+            }
             out.push((format!("rr p50, {tr} ≤ 2× direct TCP"), verdict(ok), d));
             let ok = rr.zip(kcp_socks_p50).map(|(a, b)| a.value <= 0.5 * b.value);
             let d = rr.zip(kcp_socks_p50).map_or(String::new(), |(a, b)| {

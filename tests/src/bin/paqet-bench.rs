@@ -15,15 +15,17 @@
 //! namespace. CPU and peak RSS are read from /proc for the relay processes only.
 
 use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use paqet_tests::bench::peers::{self, KcpConfig};
-use paqet_tests::bench::report::{self, CEILING, CLEAN1, CLEAN8, Kind, LOSSY, RR, Results, Row, STREAMS};
-use paqet_tests::bench::{self, Access, BENCH_ORIGIN_PORT, ECHO_PORT, GIB, MIB, Proc, SERVER_IP, Servers};
+use paqet_tests::bench::report::{CEILING, CLEAN1, CLEAN8, Kind, LOSSY, RR, Results, Row, STREAMS};
+use paqet_tests::bench::{
+    self, Access, BENCH_ORIGIN_PORT, ECHO_PORT, FORWARD_PORT, GIB, MIB, Proc, SERVER_IP, Servers,
+};
 use paqet_tests::linkem::{Impairment, hosts_through_emulator};
 use paqet_tests::netns::{ChildGuard, Netns, TwoHosts};
 use paqet_tests::relay::{RelayBed, RelayOptions, ensure_bpffs, sibling_bin};
@@ -170,6 +172,7 @@ impl Bench {
     }
 
     /// The four clean-link measurements through one access path.
+    #[allow(clippy::too_many_arguments)]
     fn clean_suite(
         &mut self,
         sys: &str,
@@ -436,7 +439,22 @@ impl Bench {
             bench::set_origin_cc(None);
             res?;
         }
-        Ok(())
+        self.forwarders_rr(&hosts)
+    }
+
+    /// Round trips to the echo server through a forwarder in each namespace, placed
+    /// where paqet's client and server sit: the floor for any relay's latency here.
+    fn forwarders_rr(&mut self, hosts: &TwoHosts) -> Result<()> {
+        let at_server: SocketAddr = (SERVER_IP, FORWARD_PORT).into();
+        let at_client: SocketAddr = (Ipv4Addr::LOCALHOST, FORWARD_PORT).into();
+        let _server_side = Servers::forwarder(&hosts.server, at_server, echo())?;
+        let _client_side = Servers::forwarder(&hosts.client, at_client, at_server)?;
+        self.rr(
+            "TCP via 2 forwarders",
+            Kind::Forwarders,
+            &hosts.client,
+            &Access::Direct(at_client),
+        )
     }
 
     fn lossy_peers(&mut self) -> Result<()> {
@@ -778,12 +796,10 @@ fn main() {
     }
     match bench::charts::draw_all(&b.r, &out) {
         Ok(files) => eprintln!(
-            "paqet-bench: wrote {} and charts {} in {}",
-            "results.md",
+            "paqet-bench: wrote results.md and charts {} in {}",
             files.join(", "),
             out.display()
         ),
         Err(e) => eprintln!("paqet-bench: charts: {e:#}"),
     }
-    let _ = report::CEILING;
 }

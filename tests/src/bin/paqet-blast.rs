@@ -185,7 +185,7 @@ fn xdp_send(iface: &str, local: SocketAddr, peer: SocketAddr, secs: f64, payload
         while Instant::now() < until {
             t.send_batch(&batch).expect("send_batch");
             rounds += 1;
-            if rounds % 64 == 0 {
+            if rounds.is_multiple_of(64) {
                 // Lets the runtime run anything it has (nothing, normally).
                 tokio::task::yield_now().await;
             }
