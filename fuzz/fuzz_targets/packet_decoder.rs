@@ -524,12 +524,12 @@ impl<'a> Script<'a> {
             let to_us = DataHeader::parse(&t.payload)
                 .is_ok_and(|h| h.receiver_index == self.session.own_index);
             if to_us {
-                let plain = self
+                let opened = self
                     .session
                     .crypto
                     .open_in_place(&mut t.payload)
                     .expect("engine sent a packet that does not open");
-                Inner::parse(plain).expect("engine sent an unparsable inner frame");
+                Inner::parse(opened.plaintext).expect("engine sent an unparsable inner frame");
             } else {
                 assert!(
                     self.side == Side::Client,

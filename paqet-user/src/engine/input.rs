@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 
-use super::crypto::CryptoError;
+use super::crypto::{CryptoError, Opened};
 use super::frame::{DataHeader, Inner};
 use super::mux::{Control, Phase};
 use super::{DropReason, Engine, Event, KCP_HEADER_LEN, Now, PeerId, Role, StreamId, arq};
@@ -51,16 +51,16 @@ impl Engine {
         data: &mut [u8],
     ) -> Result<(), DropReason> {
         match self.open_with(peer_id, index, data) {
-            Ok(plain) => {
-                self.note_peer_alive(peer_id, from, index, now.instant);
-                self.handle_inner(now, peer_id, plain)
+            Ok(opened) => {
+                self.note_peer_alive(peer_id, from, index, opened.newest, now.instant);
+                self.handle_inner(now, peer_id, opened.plaintext)
             }
             Err(CryptoError::Replayed(_)) => Err(DropReason::Replayed),
             Err(_) => Err(DropReason::Unauthentic),
         }
     }
 
-    fn open_with<'d>(&mut self, peer_id: PeerId, index: u32, data: &'d mut [u8]) -> Result<&'d [u8], CryptoError> {
+    fn open_with<'d>(&mut self, peer_id: PeerId, index: u32, data: &'d mut [u8]) -> Result<Opened<'d>, CryptoError> {
         let peer = self.peers.get_mut(&peer_id).ok_or(CryptoError::Unauthentic)?;
         let session = [peer.session.as_mut(), peer.previous.as_mut()]
             .into_iter()

@@ -161,12 +161,22 @@ impl Engine {
     }
 
     /// An authentic packet arrived: the peer is alive, and (server) may have roamed.
-    pub(super) fn note_peer_alive(&mut self, peer_id: PeerId, from: SocketAddr, index: u32, now: Instant) {
+    /// Only the client's latest packet moves it: one overtaken on the way may come
+    /// from the address the client just left (a NAT rebinding), or be a copy an
+    /// on-path attacker sent on from elsewhere.
+    pub(super) fn note_peer_alive(
+        &mut self,
+        peer_id: PeerId,
+        from: SocketAddr,
+        index: u32,
+        newest: bool,
+        now: Instant,
+    ) {
         let server = matches!(self.config.role, Role::Server);
         if let Some(peer) = self.peers.get_mut(&peer_id) {
             peer.last_rx = now;
             let current = peer.session.as_ref().is_some_and(|s| s.local_index == index);
-            if server && current && peer.addr != from {
+            if server && current && newest && peer.addr != from {
                 tracing::info!(old = %peer.addr, new = %from, "client address changed");
                 peer.addr = from;
             }

@@ -596,3 +596,47 @@ fn acks_for_data_past_a_hole_go_out_at_once() {
     sim.step();
     assert!(sim.datagrams_sent[0] > sent_before, "ACKs past a hole were held back");
 }
+
+/// Where the server's next datagram for the client goes.
+fn server_sends_to(sim: &mut Sim, sid: StreamId) -> SocketAddr {
+    let now = sim.clock();
+    sim.server.stream_write(now, sid, b"reply").unwrap();
+    let mut out = Vec::new();
+    sim.server.drain_transmits(&mut out);
+    out.last().expect("the server sent nothing").peer
+}
+
+#[test]
+fn the_server_follows_the_client_to_the_address_of_its_latest_packet_only() {
+    let mut sim = Sim::new(Impairment::default(), 21);
+    let (cid, sid) = sim.open("roam.test");
+    sim.settle();
+    let old: SocketAddr = CLIENT.parse().unwrap();
+    let moved: SocketAddr = "198.18.0.3:41000".parse().unwrap();
+    let elsewhere: SocketAddr = "198.18.0.4:42000".parse().unwrap();
+    let sealed = |sim: &mut Sim, data: &[u8]| {
+        let now = sim.clock();
+        sim.client.stream_write(now, cid, data).unwrap();
+        let mut out = Vec::new();
+        sim.client.drain_transmits(&mut out);
+        assert_eq!(out.len(), 1);
+        out.pop().unwrap().payload
+    };
+    let overtaken = sealed(&mut sim, b"first");
+    let latest = sealed(&mut sim, b"second");
+    let now = sim.clock();
+
+    // The client's NAT mapping changed: its latest packet comes from a new address.
+    sim.server.handle_datagram(now, moved, &mut latest.clone()).unwrap();
+    assert_eq!(server_sends_to(&mut sim, sid), moved);
+    // A packet overtaken on the way, from the address the client left: authentic and
+    // taken, but the server stays with the new address.
+    sim.server.handle_datagram(now, old, &mut overtaken.clone()).unwrap();
+    assert_eq!(server_sends_to(&mut sim, sid), moved);
+    // A copy of the latest packet from anywhere else is a replay.
+    assert_eq!(
+        sim.server.handle_datagram(now, elsewhere, &mut latest.clone()),
+        Err(DropReason::Replayed)
+    );
+    assert_eq!(server_sends_to(&mut sim, sid), moved);
+}

@@ -122,10 +122,10 @@ impl SessionCrypto {
         Ok(())
     }
 
-    /// Authenticates and decrypts a whole data packet where it lies; returns the
-    /// plaintext, a slice of `packet`. Opening in place saves a copy of every datagram;
-    /// the packet's bytes are spent either way.
-    pub fn open_in_place<'p>(&mut self, packet: &'p mut [u8]) -> Result<&'p [u8], CryptoError> {
+    /// Authenticates and decrypts a whole data packet where it lies; the plaintext is a
+    /// slice of `packet`. Opening in place saves a copy of every datagram; the packet's
+    /// bytes are spent either way.
+    pub fn open_in_place<'p>(&mut self, packet: &'p mut [u8]) -> Result<Opened<'p>, CryptoError> {
         let header = DataHeader::parse(packet).map_err(|_| CryptoError::TooShort)?;
         let body = &mut packet[DATA_HEADER_LEN..];
         if body.len() < TAG_LEN {
@@ -136,9 +136,17 @@ impl SessionCrypto {
             return Err(CryptoError::Replayed(counter));
         }
         let plaintext = self.open_keys.open_in_place(counter, body)?;
-        self.replay.accept(counter);
-        Ok(plaintext)
+        let newest = self.replay.accept(counter);
+        Ok(Opened { plaintext, newest })
     }
+}
+
+/// An authentic data packet's plaintext.
+pub struct Opened<'p> {
+    pub plaintext: &'p [u8],
+    /// It carries the highest counter this session has seen: the peer's latest packet,
+    /// not one that was overtaken on the way.
+    pub newest: bool,
 }
 
 #[cfg(test)]
@@ -162,10 +170,10 @@ mod tests {
         let mut wire = Vec::new();
         c.seal(42, b"ping", &mut wire).unwrap();
         assert_eq!(wire.len(), 4 + SEAL_OVERHEAD);
-        assert_eq!(s.open_in_place(&mut wire).unwrap(), b"ping");
+        assert_eq!(s.open_in_place(&mut wire).unwrap().plaintext, b"ping");
         let mut back = Vec::new();
         s.seal(9, b"pong", &mut back).unwrap();
-        assert_eq!(c.open_in_place(&mut back).unwrap(), b"pong");
+        assert_eq!(c.open_in_place(&mut back).unwrap().plaintext, b"pong");
     }
 
     #[test]
@@ -178,7 +186,7 @@ mod tests {
         forged[DATA_HEADER_LEN] ^= 1;
         assert!(matches!(s.open_in_place(&mut forged), Err(CryptoError::Unauthentic)));
         // Refused before the replay window saw it: the genuine packet still opens.
-        assert_eq!(s.open_in_place(&mut wire).unwrap(), &[0xab; 100][..]);
+        assert_eq!(s.open_in_place(&mut wire).unwrap().plaintext, &[0xab; 100][..]);
     }
 
     #[test]

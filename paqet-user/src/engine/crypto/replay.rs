@@ -25,13 +25,16 @@ impl ReplayWindow {
     }
 
     /// Records `counter`; call only after `may_accept` and a successful authentication.
-    pub fn accept(&mut self, counter: u64) {
-        if counter >= self.next {
+    /// True if it is the highest counter yet: the sender's latest packet, not a late one.
+    pub fn accept(&mut self, counter: u64) -> bool {
+        let newest = counter >= self.next;
+        if newest {
             self.clear_range(self.next, counter);
             self.next = counter + 1;
         }
         let (word, bit) = Self::slot(counter);
         self.bits[word] |= 1 << bit;
+        newest
     }
 
     /// Forgets the slots that the window slides over, so they can be filled afresh.
@@ -59,16 +62,23 @@ mod tests {
     #[test]
     fn replay_window_accepts_out_of_order_once() {
         let mut w = ReplayWindow::default();
-        for c in [5u64, 3, 4, 0, 2000, 100] {
+        for (c, newest) in [
+            (5u64, true),
+            (3, false),
+            (4, false),
+            (0, false),
+            (2000, true),
+            (100, false),
+        ] {
             assert!(w.may_accept(c), "{c}");
-            w.accept(c);
+            assert_eq!(w.accept(c), newest, "{c}");
             assert!(!w.may_accept(c), "{c} twice");
         }
         assert!(w.may_accept(1));
-        w.accept(5000);
+        assert!(w.accept(5000));
         assert!(!w.may_accept(100), "far behind the window");
         assert!(w.may_accept(4999));
-        w.accept(4999);
+        assert!(!w.accept(4999));
         assert!(!w.may_accept(4999));
     }
 }
