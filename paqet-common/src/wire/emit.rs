@@ -11,6 +11,9 @@ use super::{
     ethertype, ipproto,
 };
 
+/// The longest headers [`Headers::emit`] writes: Ethernet, two VLAN tags, IPv6, TCP.
+const MAX_HEADER_LEN: usize = ETH_HEADER_LEN + 2 * VLAN_TAG_LEN + IPV6_HEADER_LEN + TCP_MIN_HEADER_LEN;
+
 /// Everything the outer headers of one frame say.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Headers {
@@ -67,16 +70,29 @@ impl Headers {
         Ok(ETH_HEADER_LEN + self.vlan_count as usize * VLAN_TAG_LEN + l3 + l4)
     }
 
-    /// Writes the headers into `buf[..header_len]`, in front of a payload the caller
-    /// has already placed at `buf[header_len..header_len + payload_len]` (so the frame
-    /// is built in place, without a copy). Returns the frame's length.
-    pub fn emit(&self, buf: &mut [u8], payload_len: usize) -> Result<usize, EmitError> {
+    /// Writes the frame, headers then `payload`, at the start of `buf`; returns its
+    /// length.
+    ///
+    /// The headers are built and checksummed on the stack, and the payload summed where
+    /// it comes from, so nothing is read back from `buf`: in an AF_XDP frame, reading
+    /// the just-written header back waited for the frame's cache line (last touched by
+    /// the kernel's copy on the other core), 70 % of this function's samples. Throughput
+    /// did not move measurably: the same lines are still written.
+    pub fn emit(&self, buf: &mut [u8], payload: &[u8]) -> Result<usize, EmitError> {
         let hlen = self.header_len()?;
-        let total = hlen.checked_add(payload_len).ok_or(EmitError::PayloadTooLong)?;
-        if buf.len() < total {
-            return Err(EmitError::BufferTooSmall);
-        }
-        let frame = &mut buf[..total];
+        let total = hlen.checked_add(payload.len()).ok_or(EmitError::PayloadTooLong)?;
+        let frame = buf.get_mut(..total).ok_or(EmitError::BufferTooSmall)?;
+        let mut header = [0u8; MAX_HEADER_LEN];
+        self.write_header(&mut header[..hlen], payload)?;
+        frame[..hlen].copy_from_slice(&header[..hlen]);
+        frame[hlen..].copy_from_slice(payload);
+        Ok(total)
+    }
+
+    /// The headers in `frame` (exactly `header_len` bytes) for `payload`.
+    fn write_header(&self, frame: &mut [u8], payload: &[u8]) -> Result<(), EmitError> {
+        let hlen = frame.len();
+        let payload_len = payload.len();
 
         // Ethernet and VLAN tags.
         frame[0..6].copy_from_slice(&self.dst_mac);
@@ -153,13 +169,14 @@ impl Headers {
             seg[16..20].copy_from_slice(&[0, 0, 0, 0]);
             16
         };
-        let mut c = checksum(pseudo, seg);
+        // The L4 header's length is even, so the payload's words line up as in the frame.
+        let mut c = checksum(sum(pseudo, payload), seg);
         // In UDP, 0 means "no checksum"; a computed 0 is sent as all ones.
         if c == 0 && self.protocol == ipproto::UDP {
             c = 0xffff;
         }
         seg[csum_at..csum_at + 2].copy_from_slice(&c.to_be_bytes());
-        Ok(total)
+        Ok(())
     }
 
     fn l3_len(&self) -> usize {

@@ -288,8 +288,7 @@ mod emit {
     fn build(h: &Headers, payload: &[u8]) -> Vec<u8> {
         let hl = h.header_len().unwrap();
         let mut buf = vec![0u8; hl + payload.len() + 16];
-        buf[hl..hl + payload.len()].copy_from_slice(payload);
-        let n = h.emit(&mut buf, payload.len()).unwrap();
+        let n = h.emit(&mut buf, payload).unwrap();
         buf.truncate(n);
         buf
     }
@@ -384,9 +383,9 @@ mod emit {
     fn emit_errors() {
         let mut h = headers(false, ipproto::UDP, 0);
         let mut small = [0u8; 20];
-        assert_eq!(h.emit(&mut small, 0), Err(EmitError::BufferTooSmall));
+        assert_eq!(h.emit(&mut small, &[]), Err(EmitError::BufferTooSmall));
         let mut big = vec![0u8; 70_000];
-        assert_eq!(h.emit(&mut big, 65_530), Err(EmitError::PayloadTooLong));
+        assert_eq!(h.emit(&mut big, &[0; 65_530]), Err(EmitError::PayloadTooLong));
         h.dst = Addr::v6([0; 16]);
         assert_eq!(h.header_len(), Err(EmitError::AddressFamily));
         let mut h = headers(false, 1, 0);

@@ -90,13 +90,7 @@ pub fn header_len(ipv6: bool, wire: WireShape) -> usize {
 /// Writes the whole frame (headers and payload) at the start of `buf` and returns its
 /// length.
 pub fn emit(buf: &mut [u8], f: &Frame<'_>) -> Result<usize, EmitError> {
-    let h = headers(f);
-    let hlen = h.header_len()?;
-    let end = hlen.checked_add(f.payload.len()).ok_or(EmitError::PayloadTooLong)?;
-    buf.get_mut(hlen..end)
-        .ok_or(EmitError::BufferTooSmall)?
-        .copy_from_slice(f.payload);
-    h.emit(buf, f.payload.len())
+    headers(f).emit(buf, f.payload)
 }
 
 #[cfg(test)]
