@@ -29,12 +29,14 @@ pub const FRAME_SIZE: u32 = 2048;
 /// RLIMIT_MEMLOCK is often 8 MiB, charged per user, and a client and a server on one
 /// host share it.
 pub const UMEM_FRAMES: u32 = 2048;
-/// With CAP_IPC_LOCK (the service has it): 8 MiB, twice the RX ring. A 1,024-frame RX
-/// ring overflowed under bursts — 1,000 streams starting at once, or a lossy link's
-/// retransmissions — and KCP had to resend what the ring dropped: with 2,048 frames the
-/// 1,000-stream test took ~4.5 s instead of ~7.5, the lossy download ran ~20 % faster.
-/// (4,096 RX frames helped no further; round trips became slower in most runs.)
-pub const UMEM_FRAMES_LOCKED: u32 = 4096;
+/// With CAP_IPC_LOCK (the service has it): 16 MiB, a 4,096-frame RX ring. A small ring
+/// overflows whenever the receiving relay waits for a CPU longer than the ring lasts
+/// (1,024 frames are ~3 ms of a download), and KCP resends what it dropped. 2,048
+/// frames instead of 1,024 took the 1,000-stream test from ~7.5 to ~4.5 s and the lossy
+/// download ~20 % faster; 4,096 instead of 2,048 cut the frames a one-stream download
+/// lost at the ring from ~7 % to ~0.5 %: ~8 % more throughput at ~10 % less CPU per
+/// GiB (BENCHMARKS.md).
+pub const UMEM_FRAMES_LOCKED: u32 = 8192;
 /// Fewest frames one queue gets when many queues split [`UMEM_FRAMES`].
 const MIN_QUEUE_FRAMES: u32 = 256;
 /// Headroom the kernel reserves before packet data in every RX frame.
@@ -335,7 +337,7 @@ mod tests {
         assert_eq!(frames_per_queue(UMEM_FRAMES, 1), UMEM_FRAMES);
         assert_eq!(frames_per_queue(UMEM_FRAMES, 2), UMEM_FRAMES / 2);
         assert_eq!(frames_per_queue(UMEM_FRAMES, 3), 512);
-        assert_eq!(frames_per_queue(UMEM_FRAMES_LOCKED, 3), 1024);
+        assert_eq!(frames_per_queue(UMEM_FRAMES_LOCKED, 3), 2048);
         assert_eq!(frames_per_queue(UMEM_FRAMES, 64), MIN_QUEUE_FRAMES);
         assert_eq!(frames_per_queue(UMEM_FRAMES, 0), UMEM_FRAMES);
     }
