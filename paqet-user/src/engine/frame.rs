@@ -294,6 +294,14 @@ impl<'a> StreamMsg<'a> {
     }
 
     pub fn emit(&self, out: &mut Vec<u8>) -> Result<(), FrameError> {
+        let body = self.emit_head(out)?;
+        out.extend_from_slice(body);
+        Ok(())
+    }
+
+    /// Emits the message up to its data into `out` and returns the data, for a writer
+    /// that copies both straight to where the message goes (the data can be large).
+    pub fn emit_head(&self, out: &mut Vec<u8>) -> Result<&'a [u8], FrameError> {
         match self {
             StreamMsg::Open(addr) => {
                 out.push(MSG_OPEN);
@@ -308,11 +316,11 @@ impl<'a> StreamMsg<'a> {
             }
             StreamMsg::Data(bytes) => {
                 out.push(MSG_DATA);
-                out.extend_from_slice(bytes);
+                return Ok(bytes);
             }
             StreamMsg::Fin => out.push(MSG_FIN),
         }
-        Ok(())
+        Ok(&[])
     }
 }
 

@@ -224,18 +224,25 @@ impl<W: Write> Arq<W> {
 
     /// Queues one message, split into MSS-sized fragments; returns its length.
     pub fn send(&mut self, buf: &[u8]) -> Result<usize, ArqError> {
-        let fragments = buf.len().div_ceil(self.mss).max(1);
+        self.send_joined(&[], buf)
+    }
+
+    /// Queues one message made of `head` followed by `body`, each byte copied once,
+    /// straight into its segment.
+    pub fn send_joined(&mut self, head: &[u8], body: &[u8]) -> Result<usize, ArqError> {
+        let len = head.len() + body.len();
+        let fragments = len.div_ceil(self.mss).max(1);
         // The peer can only reassemble a message that fits its receive queue.
         if fragments > MAX_FRAGMENTS || fragments >= self.rcv_wnd as usize {
             return Err(ArqError::MessageTooBig { fragments });
         }
         for i in 0..fragments {
             let start = i * self.mss;
-            let end = (start + self.mss).min(buf.len());
-            let data = self.pool.copy_of(&buf[start..end]);
+            let end = (start + self.mss).min(len);
+            let data = self.pool.copy_of_joined(head, body, start..end);
             self.send.enqueue((fragments - 1 - i) as u8, data);
         }
-        Ok(buf.len())
+        Ok(len)
     }
 
     /// Size of the next whole message.
