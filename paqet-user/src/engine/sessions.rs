@@ -102,7 +102,6 @@ impl Engine {
             crypto,
         };
         self.install_session(init.instance, from, session, now.instant);
-        self.counters.handshakes += 1;
         self.push_transmit(from, msg);
         tracing::info!(client = %from, "client authenticated, session established");
         Ok(())
@@ -131,7 +130,6 @@ impl Engine {
             crypto,
         };
         self.install_session(self.instance, server, session, now.instant);
-        self.counters.handshakes += 1;
         self.events.push(Event::Connected);
         tracing::info!(%server, rtt_ms = now.instant.saturating_duration_since(sent_at).as_millis() as u64, "session established");
         // Streams opened while we waited: their KCP output was dropped; send it now.
@@ -149,7 +147,9 @@ impl Engine {
         Ok(())
     }
 
+    /// A handshake completed: `session` becomes the peer's current one.
     fn install_session(&mut self, peer_id: PeerId, addr: SocketAddr, session: Session, now: Instant) {
+        self.counters.handshakes += 1;
         self.index.insert(session.local_index, peer_id);
         let peer = self.peers.entry(peer_id).or_insert_with(|| Peer::new(addr, now));
         peer.addr = addr;
