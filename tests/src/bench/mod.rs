@@ -269,6 +269,7 @@ impl Servers {
             let (tx, rx) = std::sync::mpsc::channel();
             handles.push(spawn_in_ns(ns.path(), move || match TcpListener::bind(addr) {
                 Ok(l) => {
+                    widen_backlog(&l);
                     let _ = tx.send(Ok(()));
                     accept_loop(l, stop, serve);
                 }
@@ -291,6 +292,15 @@ impl Drop for Servers {
             let _ = h.join();
         }
     }
+}
+
+/// Room for the 1,000 streams that connect at once: std listens with a backlog of 128,
+/// and a direct-TCP run once completed only 749 of them. Listening again only changes
+/// the backlog.
+fn widen_backlog(l: &TcpListener) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a valid listening socket.
+    unsafe { libc::listen(l.as_raw_fd(), 1024) };
 }
 
 /// How the client namespace reaches a service on the server side.
