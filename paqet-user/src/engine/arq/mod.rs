@@ -200,6 +200,12 @@ impl<W: Write> Arq<W> {
         self.send.waiting()
     }
 
+    /// Receive-side slots and segments held: bounded by the windows, whatever the peer
+    /// sends.
+    pub fn recv_held(&self) -> usize {
+        self.recv.held()
+    }
+
     /// Segments queued and not yet sent.
     pub fn unsent(&self) -> usize {
         self.send.unsent()
@@ -313,15 +319,31 @@ impl<W: Write> Arq<W> {
 
     fn on_push(&mut self, header: &Header, payload: &[u8]) {
         let rcv_nxt = self.recv.next_sn();
-        let edge = rcv_nxt.wrapping_add(self.rcv_wnd as u32);
-        if timediff(header.sn, edge) >= 0 && timediff(header.sn, self.accept_until) >= 0 {
+        let ahead = header.sn.wrapping_sub(rcv_nxt);
+        let duplicate = (ahead as i32) < 0;
+        if !duplicate && ahead >= self.acceptable_ahead() {
             return;
         }
         // Duplicates below rcv_nxt are acknowledged again: the first ACK may have been lost.
         self.acks.push((header.sn, header.ts));
-        if timediff(header.sn, rcv_nxt) >= 0 {
+        if !duplicate {
             self.recv
                 .insert(header.sn, header.frg, payload, self.rcv_wnd, &mut self.pool);
+        }
+    }
+
+    /// How far past `rcv_nxt` a segment may lie: the window, or the edge an earlier,
+    /// larger window let the peer send to. Measured from `rcv_nxt` as an unsigned
+    /// distance, so a stale `accept_until` (one `rcv_nxt` has passed) allows nothing
+    /// extra: compared as wrapping signed numbers instead, a segment about 2^31 ahead
+    /// passed the check and the receive ring grew to that many slots.
+    fn acceptable_ahead(&self) -> u32 {
+        let window = u32::from(self.rcv_wnd);
+        let earlier = self.accept_until.wrapping_sub(self.recv.next_sn());
+        if earlier <= u32::from(u16::MAX) {
+            window.max(earlier)
+        } else {
+            window
         }
     }
 

@@ -33,6 +33,11 @@ impl RecvBuffer {
         rcv_wnd.saturating_sub(self.queue.len().min(u16::MAX as usize) as u16)
     }
 
+    /// Slots held in the ring and segments in the queue: what the peer makes us keep.
+    pub fn held(&self) -> usize {
+        self.ring.len() + self.queue.len()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.queue.is_empty() && self.ring.is_empty()
     }

@@ -605,3 +605,133 @@ fn growing_a_full_window_tells_the_peer_at_once() {
     let tells: Vec<u16> = segments(&wb.take(), Command::WindowTell).map(|h| h.wnd).collect();
     assert_eq!(tells, [384], "the peer must hear the window reopened");
 }
+
+/// A PUSH from a key holder, with fields the test chooses.
+fn push(conv: u32, sn: u32, frg: u8, payload: &[u8]) -> Vec<u8> {
+    let header = Header {
+        conv,
+        cmd: Command::Push,
+        frg,
+        wnd: 128,
+        ts: 0,
+        sn,
+        una: 0,
+        len: payload.len() as u32,
+    };
+    [&header.emit()[..], payload].concat()
+}
+
+#[test]
+fn a_push_half_the_sequence_space_ahead_is_dropped_once_rcv_nxt_passed_the_old_edge() {
+    let (mut b, _) = arq(8);
+    b.set_wndsize(256, 128);
+    // In-order data carries rcv_nxt past `accept_until`, which only moves on a resize.
+    let mut buf = [0u8; 64];
+    for sn in 0..1000u32 {
+        b.input(&push(8, sn, 0, b"x")).unwrap();
+        b.recv(&mut buf).unwrap();
+    }
+    let stale_edge = 256u32;
+    // Before the fix this sn passed the window check and the ring grew to ~2^31 slots.
+    let hostile = stale_edge.wrapping_add(1 << 31).wrapping_add(1);
+    b.input(&push(8, hostile, 0, b"boom")).unwrap();
+    assert!(b.recv_held() <= 256, "ring grew to {} slots", b.recv_held());
+    assert!(b.peeksize().is_err(), "a segment outside the window was delivered");
+}
+
+mod adversarial {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[derive(Debug, Clone)]
+    enum Step {
+        Segment {
+            cmd: u8,
+            frg: u8,
+            wnd: u16,
+            ts: u32,
+            sn: u32,
+            una: u32,
+            len: u8,
+        },
+        Resize {
+            snd: u16,
+            rcv: u16,
+        },
+        Read,
+        Update(u32),
+        Send(u16),
+    }
+
+    /// Sequence numbers anywhere in u32, near the receiver's window, or near the
+    /// dangerous half-way point.
+    fn sequence() -> impl Strategy<Value = u32> {
+        prop_oneof![
+            any::<u32>(),
+            0u32..2048,
+            (0u32..4096).prop_map(|d| (1u32 << 31).wrapping_add(d).wrapping_sub(2048)),
+        ]
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            6 => (81u8..=84, any::<u8>(), any::<u16>(), any::<u32>(), sequence(), sequence(), any::<u8>())
+                .prop_map(|(cmd, frg, wnd, ts, sn, una, len)| Step::Segment { cmd, frg, wnd, ts, sn, una, len }),
+            1 => (any::<u16>(), any::<u16>()).prop_map(|(snd, rcv)| Step::Resize { snd, rcv }),
+            2 => Just(Step::Read),
+            1 => any::<u32>().prop_map(Step::Update),
+            1 => (0u16..4000).prop_map(Step::Send),
+        ]
+    }
+
+    fn apply(a: &mut Arq<Wire>, wire: &Wire, step: &Step) {
+        match *step {
+            Step::Segment {
+                cmd,
+                frg,
+                wnd,
+                ts,
+                sn,
+                una,
+                len,
+            } => {
+                let payload = vec![0xa5; len as usize];
+                let mut packet = push(9, sn, frg, &payload);
+                packet[4] = cmd;
+                packet[6..8].copy_from_slice(&wnd.to_le_bytes());
+                packet[8..12].copy_from_slice(&ts.to_le_bytes());
+                packet[16..20].copy_from_slice(&una.to_le_bytes());
+                let _ = a.input(&packet);
+            }
+            Step::Resize { snd, rcv } => a.set_wndsize(snd, rcv),
+            Step::Read => {
+                let _ = a.recv(&mut vec![0u8; 256 * MSS]);
+            }
+            Step::Update(now) => {
+                let _ = a.update(now);
+            }
+            Step::Send(len) => {
+                let _ = a.send(&vec![1u8; len as usize]);
+            }
+        }
+        let _ = a.flush();
+        wire.take();
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// Whatever a key holder sends, the receiver holds no more than the largest
+        /// windows allow (ring and queue, u16::MAX segments each) and never panics.
+        #[test]
+        fn hostile_segments_never_grow_the_receiver_past_its_windows(
+            steps in proptest::collection::vec(step(), 1..200)
+        ) {
+            let (mut a, wire) = arq(9);
+            for step in &steps {
+                apply(&mut a, &wire, step);
+                prop_assert!(a.recv_held() <= 2 * u16::MAX as usize, "held {} after {:?}", a.recv_held(), step);
+            }
+        }
+    }
+}
