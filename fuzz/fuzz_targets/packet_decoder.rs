@@ -30,7 +30,8 @@ use paqet::engine::frame::{
 };
 use paqet::engine::mux::ReadOutcome;
 use paqet::engine::{
-    DropReason, Engine, EngineConfig, Event, Now, PROTOCOL_VERSION, Role, StreamId, Transmit,
+    DropReason, Engine, EngineConfig, Event, Now, PROTOCOL_VERSION, PathId, Role, StreamId,
+    Transmit,
 };
 
 const PSK: Psk = Psk([0x42; 32]);
@@ -193,14 +194,16 @@ fn connect_to_server(server: &mut Engine, clock: &Clock) -> Session {
     let (initiator, hello) =
         Initiator::start(&PSK, &handshake_init_payload(clock.now().unix_ms)).unwrap();
     server
-        .handle_datagram(clock.now(), client_addr(), &mut hello.clone())
+        .handle_datagram(clock.now(), PathId(0), client_addr(), &mut hello.clone())
         .expect("valid handshake refused");
     let tx = drain(server);
     assert_eq!(tx.len(), 1, "a handshake gets exactly one answer");
     assert_eq!(tx[0].peer, client_addr());
-    let (crypto, payload) = initiator
-        .finish(&tx[0].payload)
+    let mut initiator = initiator;
+    let payload = initiator
+        .read_response(&tx[0].payload)
         .expect("server's answer does not authenticate");
+    let crypto = initiator.into_session().expect("a finished handshake has keys");
     let resp = ResponsePayload::parse(&payload).expect("server's answer payload");
     assert_eq!(resp.version, PROTOCOL_VERSION);
     assert!(events(server).is_empty());
@@ -228,10 +231,13 @@ fn accept_client(client: &mut Engine, clock: &Clock) -> Session {
     .emit(&mut p);
     let (crypto, answer) = responder.respond(&p).unwrap();
     client
-        .handle_datagram(clock.now(), server_addr(), &mut answer.clone())
+        .handle_datagram(clock.now(), PathId(0), server_addr(), &mut answer.clone())
         .expect("client refused a valid answer");
     assert!(client.is_connected());
-    assert_eq!(events(client), vec![Event::Connected]);
+    assert!(matches!(
+        events(client).as_slice(),
+        [Event::Connected { path: PathId(0), after_outage: false, .. }]
+    ));
     assert!(drain(client).is_empty());
     Session {
         crypto,
@@ -258,14 +264,14 @@ fn assert_dropped_silently(engine: &mut Engine, result: Result<(), DropReason>) 
 fn raw_to_fresh_server(datagram: &[u8]) {
     let clock = Clock::new();
     let mut server = server_engine(&clock);
-    let result = server.handle_datagram(clock.now(), client_addr(), &mut datagram.to_vec());
+    let result = server.handle_datagram(clock.now(), PathId(0), client_addr(), &mut datagram.to_vec());
     if result.is_ok() {
         // Only a valid handshake (from the seed corpus) gets here: one answer, no event.
         assert_eq!(server.counters().handshakes, 1);
         assert_eq!(drain(&mut server).len(), 1);
         assert!(events(&mut server).is_empty());
         // The same handshake again is stale and unanswered.
-        let again = server.handle_datagram(clock.now(), client_addr(), &mut datagram.to_vec());
+        let again = server.handle_datagram(clock.now(), PathId(0), client_addr(), &mut datagram.to_vec());
         assert_eq!(again, Err(DropReason::StaleHandshake));
         assert!(drain(&mut server).is_empty());
     } else {
@@ -282,7 +288,7 @@ fn raw_to_established_server(datagram: &[u8]) {
     if d.len() >= 4 {
         d[..4].copy_from_slice(&session.engine_index.to_be_bytes());
     }
-    let result = server.handle_datagram(clock.now(), client_addr(), &mut d);
+    let result = server.handle_datagram(clock.now(), PathId(0), client_addr(), &mut d);
     assert_dropped_silently(&mut server, result);
     assert_eq!(server.peer_count(), 1);
 }
@@ -300,7 +306,7 @@ fn raw_to_client(datagram: &[u8], connected: bool) {
         client.connect(clock.now());
         assert_eq!(drain(&mut client).len(), 1);
     }
-    let result = client.handle_datagram(clock.now(), server_addr(), &mut d);
+    let result = client.handle_datagram(clock.now(), PathId(0), server_addr(), &mut d);
     assert_dropped_silently(&mut client, result);
     assert_eq!(client.is_connected(), connected);
 }
@@ -446,7 +452,7 @@ impl<'a> Script<'a> {
         }
         let _ = self
             .engine
-            .handle_datagram(self.clock.now(), self.peer, &mut packet.clone());
+            .handle_datagram(self.clock.now(), PathId(0), self.peer, &mut packet.clone());
         self.delivered.push(packet);
     }
 
@@ -458,7 +464,7 @@ impl<'a> Script<'a> {
         let mut packet = self.delivered[i % self.delivered.len()].clone();
         let result = self
             .engine
-            .handle_datagram(self.clock.now(), self.peer, &mut packet);
+            .handle_datagram(self.clock.now(), PathId(0), self.peer, &mut packet);
         assert!(result.is_err(), "replayed packet accepted");
         assert!(
             drain(&mut self.engine).is_empty(),
@@ -552,7 +558,9 @@ impl<'a> Script<'a> {
                     self.streams.retain(|s| *s != id);
                     self.opened.retain(|s| *s != id);
                 }
-                Event::Connected => assert!(self.side == Side::Client),
+                Event::Connected { .. }
+                | Event::PathFallback { .. }
+                | Event::ServerUnanswered { .. } => assert!(self.side == Side::Client),
                 Event::StreamReplied { .. } => assert!(self.side == Side::Client),
                 Event::Readable(_) | Event::Writable(_) => {}
             }

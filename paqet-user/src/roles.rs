@@ -1,23 +1,24 @@
 //! Starts a role from a validated [`Config`]: pick the transport, build the engine, and
 //! run the edges until a signal says stop.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use tokio::net::TcpListener;
 
-use crate::config::{Config, KcpMode, Role, TransportKind, XdpMode};
+use crate::config::{Config, KcpMode, Role, TransportKind, WireShape, XdpMode};
 use crate::dial::Dialer;
 use crate::engine::crypto::Psk;
 use crate::engine::kcp::KcpProfile;
-use crate::engine::{self, Engine, EngineConfig};
+use crate::engine::{self, Engine, EngineConfig, PathId};
 use crate::kernel::AttachMode;
 use crate::node::Node;
 use crate::ops::live;
 use crate::socks::SocksFrontend;
 use crate::transport::Transport;
+use crate::transport::any::AnyTransport;
 use crate::transport::local;
 use crate::transport::udp::UdpTransport;
 use crate::transport::xdp::{XdpOptions, XdpTransport};
@@ -69,14 +70,6 @@ enum Side {
     Server { listen: SocketAddr },
 }
 
-/// The transport `TRANSPORT` selects, opened, with the instance name it is known by
-/// (pins and live status).
-enum Opened {
-    Udp(UdpTransport, String),
-    // Boxed: the AF_XDP rings make it far larger than a UDP socket.
-    Xdp(Box<XdpTransport>, String),
-}
-
 fn role_name(side: &Side) -> &'static str {
     match side {
         Side::Client { .. } => "client",
@@ -84,45 +77,60 @@ fn role_name(side: &Side) -> &'static str {
     }
 }
 
-fn xdp_options(config: &Config, side: &Side) -> Result<XdpOptions> {
-    let role = role_name(side);
-    let (local_ip, port, peer) = match *side {
-        Side::Client { server } => (
-            local::route_source(server).with_context(|| format!("no route to {server}"))?,
-            0,
-            Some(server),
-        ),
-        Side::Server { listen } => (listen.ip(), listen.port(), None),
-    };
-    let interface = match (&config.interface, local_ip.is_unspecified()) {
-        (Some(name), _) => name.clone(),
-        (None, false) => {
-            local::interface_with(local_ip)?.with_context(|| format!("no interface holds {local_ip}; set INTERFACE"))?
-        }
-        (None, true) => bail!("LISTEN_ADDR {local_ip} names no interface; set INTERFACE or a specific address"),
-    };
-    let local_ip = if local_ip.is_unspecified() {
-        local::address_of(&interface, local_ip.is_ipv6())?
-            .with_context(|| format!("{interface} has no address of LISTEN_ADDR's family"))?
-    } else {
-        local_ip
-    };
-    let mode = match config.xdp_mode {
+fn attach_mode(config: &Config) -> AttachMode {
+    match config.xdp_mode {
         XdpMode::Auto => AttachMode::Auto,
         XdpMode::Native => AttachMode::Native,
         XdpMode::Generic => AttachMode::Generic,
-    };
-    Ok(XdpOptions {
-        instance: format!("{role}-{interface}"),
-        interface,
-        local: SocketAddr::new(local_ip, port),
-        peer,
-        wire: config.wire,
-        mode,
-    })
+    }
 }
 
-fn open_udp(config: &Config, side: &Side) -> Result<Opened> {
+/// Where the xdp transport steers: one (interface, local address) per path. A client
+/// uses the interface that routes to the server. A server uses the interface holding
+/// LISTEN_ADDR's address; for an unspecified LISTEN_ADDR (0.0.0.0, [::]) the one
+/// INTERFACE names, or else every interface that holds an address of that family at
+/// start (loopback and links without an Ethernet header excepted).
+fn xdp_sites(config: &Config, side: &Side) -> Result<Vec<(String, IpAddr)>> {
+    match *side {
+        Side::Client { server } => {
+            let ip = local::route_source(server).with_context(|| format!("no route to {server}"))?;
+            let interface = match &config.interface {
+                Some(name) => name.clone(),
+                None => {
+                    local::interface_with(ip)?.with_context(|| format!("no interface holds {ip}; set INTERFACE"))?
+                }
+            };
+            Ok(vec![(interface, ip)])
+        }
+        Side::Server { listen } if !listen.ip().is_unspecified() => {
+            let ip = listen.ip();
+            let interface = match &config.interface {
+                Some(name) => name.clone(),
+                None => {
+                    local::interface_with(ip)?.with_context(|| format!("no interface holds {ip}; set INTERFACE"))?
+                }
+            };
+            Ok(vec![(interface, ip)])
+        }
+        Side::Server { listen } => {
+            let v6 = listen.is_ipv6();
+            let sites = match &config.interface {
+                Some(name) => {
+                    let ip = local::address_of(name, v6)?
+                        .with_context(|| format!("{name} has no address of LISTEN_ADDR's family"))?;
+                    vec![(name.clone(), ip)]
+                }
+                None => local::steerable_interfaces(v6)?,
+            };
+            if sites.is_empty() {
+                bail!("no interface other than loopback holds an address for LISTEN_ADDR {listen}; set INTERFACE");
+            }
+            Ok(sites)
+        }
+    }
+}
+
+fn open_udp(config: &Config, side: &Side) -> Result<AnyTransport> {
     let buffer = Some(config.udp_buffer.unwrap_or(DEFAULT_UDP_BUFFER));
     let local: SocketAddr = match *side {
         Side::Client { server } if server.is_ipv4() => ([0, 0, 0, 0], 0).into(),
@@ -131,33 +139,79 @@ fn open_udp(config: &Config, side: &Side) -> Result<Opened> {
     };
     let transport =
         UdpTransport::bind(local, buffer).with_context(|| format!("cannot open a UDP socket on {local}"))?;
-    let port = transport.local_addr().map_or(0, |a| a.port());
-    Ok(Opened::Udp(transport, format!("{}-udp-{port}", role_name(side))))
+    Ok(AnyTransport::Udp(transport))
 }
 
-fn open_xdp(config: &Config, side: &Side) -> Result<Opened> {
-    let opts = xdp_options(config, side)?;
-    let transport = XdpTransport::open(opts.clone())
-        .with_context(|| format!("cannot start the xdp transport on {}", opts.interface))?;
-    Ok(Opened::Xdp(Box::new(transport), opts.instance))
+/// One xdp path per site, each its own instance (pins, live status).
+fn open_xdp(config: &Config, side: &Side) -> Result<Vec<(AnyTransport, String)>> {
+    let (port, peer) = match *side {
+        Side::Client { server } => (0, Some(server)),
+        Side::Server { listen } => (listen.port(), None),
+    };
+    let mut opened = Vec::new();
+    for (interface, ip) in xdp_sites(config, side)? {
+        let opts = XdpOptions {
+            instance: format!("{}-{interface}", role_name(side)),
+            interface,
+            local: SocketAddr::new(ip, port),
+            peer,
+            wire: config.wire,
+            mode: attach_mode(config),
+        };
+        let transport = XdpTransport::open(opts.clone())
+            .with_context(|| format!("cannot start the xdp transport on {}", opts.interface))?;
+        opened.push((AnyTransport::Xdp(Box::new(transport)), opts.instance));
+    }
+    Ok(opened)
 }
 
-/// Opens the transport `TRANSPORT` names; `auto` tries xdp, falls back to udp, and says
-/// which it took and why.
-fn open_transport(config: &Config, side: &Side) -> Result<Opened> {
+/// The paths `TRANSPORT` and `WIRE` allow, opened, best first, with the instance
+/// name the node publishes its live status under.
+///
+/// `auto` opens xdp where this process can (the TCP-shaped wire passes networks that
+/// drop UDP) and udp beside it: a client tries xdp first and falls back to udp when
+/// the server does not answer there (it may be a udp-only server, or the TCP wire may be
+/// filtered); a server serves both on its port, so every client reaches it. XDP steers
+/// only the TCP-shaped frames, so the kernel's UDP socket on the same port still gets
+/// the UDP ones. An explicit value is kept as given.
+fn open_paths(config: &Config, side: &Side) -> Result<(Vec<AnyTransport>, String)> {
+    let role = role_name(side);
     match config.transport {
-        TransportKind::Udp => open_udp(config, side),
-        TransportKind::Xdp => open_xdp(config, side),
-        TransportKind::Auto => match open_xdp(config, side) {
-            Ok(opened) => {
-                tracing::info!("TRANSPORT=auto: using xdp");
-                Ok(opened)
+        TransportKind::Udp => {
+            let udp = open_udp(config, side)?;
+            Ok((vec![udp], format!("{role}-udp-{}", udp_port(side))))
+        }
+        TransportKind::Xdp => {
+            let opened = open_xdp(config, side)?;
+            let instance = opened[0].1.clone();
+            Ok((opened.into_iter().map(|(t, _)| t).collect(), instance))
+        }
+        TransportKind::Auto => {
+            let mut paths = Vec::new();
+            let mut instance = format!("{role}-udp-{}", udp_port(side));
+            match open_xdp(config, side) {
+                Ok(opened) => {
+                    instance = opened[0].1.clone();
+                    paths.extend(opened.into_iter().map(|(t, _)| t));
+                }
+                Err(e) => tracing::warn!("TRANSPORT=auto: xdp unavailable ({e:#}); using udp only"),
             }
-            Err(e) => {
-                tracing::warn!("TRANSPORT=auto: xdp unavailable ({e:#}); using udp");
-                open_udp(config, side)
+            // A server's xdp on the UDP-shaped wire takes that port's UDP frames itself.
+            let udp_free = matches!(side, Side::Client { .. }) || config.wire == WireShape::Tcp || paths.is_empty();
+            if udp_free {
+                paths.push(open_udp(config, side)?);
             }
-        },
+            let names: Vec<&str> = paths.iter().map(|p| p.name()).collect();
+            tracing::info!("TRANSPORT=auto: paths {}", names.join(", "));
+            Ok((paths, instance))
+        }
+    }
+}
+
+fn udp_port(side: &Side) -> u16 {
+    match *side {
+        Side::Client { .. } => 0,
+        Side::Server { listen } => listen.port(),
     }
 }
 
@@ -165,22 +219,27 @@ pub async fn run(config: Config) -> Result<()> {
     match config.role {
         Role::Client => {
             let server = resolve_remote(&config).await?;
-            match open_transport(&config, &Side::Client { server })? {
-                Opened::Udp(t, instance) => run_client(config, server, t, instance).await,
-                Opened::Xdp(t, instance) => run_client(config, server, *t, instance).await,
-            }
+            let (paths, instance) = open_paths(&config, &Side::Client { server })?;
+            run_client(config, server, paths, instance).await
         }
         Role::Server => {
             let listen = config.listen_addr.context("LISTEN_ADDR is required for a server")?;
-            match open_transport(&config, &Side::Server { listen })? {
-                Opened::Udp(t, instance) => run_server(config, t, instance).await,
-                Opened::Xdp(t, instance) => run_server(config, *t, instance).await,
-            }
+            let (paths, instance) = open_paths(&config, &Side::Server { listen })?;
+            run_server(config, paths, instance).await
         }
     }
 }
 
-async fn run_client<T: Transport>(config: Config, server: SocketAddr, transport: T, instance: String) -> Result<()> {
+/// The largest datagram every path carries: a session may move between paths.
+fn path_datagram_size(paths: &[AnyTransport], default: usize) -> usize {
+    paths.iter().map(|p| p.max_payload()).fold(default, usize::min)
+}
+
+fn path_ids(paths: &[AnyTransport]) -> Vec<PathId> {
+    (0..paths.len()).map(|i| PathId(i as u8)).collect()
+}
+
+async fn run_client(config: Config, server: SocketAddr, paths: Vec<AnyTransport>, instance: String) -> Result<()> {
     let mut signals = StopSignals::install()?;
     let listener = TcpListener::bind(config.socks_addr).await.with_context(|| {
         format!(
@@ -188,18 +247,18 @@ async fn run_client<T: Transport>(config: Config, server: SocketAddr, transport:
             config.socks_addr
         )
     })?;
-    let engine = Engine::new(
-        engine_config(&config, engine::Role::Client { server }),
-        std::time::Instant::now(),
-    );
-    let (node, _) = Node::new(engine, transport, false);
+    let mut ec = engine_config(&config, engine::Role::Client { server });
+    ec.max_datagram = path_datagram_size(&paths, ec.max_datagram);
+    ec.paths = path_ids(&paths);
+    let engine = Engine::new(ec, std::time::Instant::now());
+    let (node, _) = Node::new(engine, paths, false);
     node.with_engine(|e, now| e.connect(now));
-    tracing::info!(socks = %config.socks_addr, %server, transport = node.transport().name(), kcp = ?config.kcp_mode, "paqet client running");
+    tracing::info!(socks = %config.socks_addr, %server, paths = %node.path_list(), kcp = ?config.kcp_mode, "paqet client running");
     let frontend = Arc::new(SocksFrontend {
         credentials: config.socks_auth.clone(),
         open_timeout: config.timeout + Duration::from_secs(5),
     });
-    let receiver = tokio::spawn(node.clone().run_receiver());
+    let receiver = tokio::spawn(node.clone().run_receivers());
     let timers = tokio::spawn(node.clone().run_timers());
     let accept = tokio::spawn(frontend.serve(listener, node.clone()));
     let live = tokio::spawn(publish_live(node.clone(), instance, "client"));
@@ -211,17 +270,20 @@ async fn run_client<T: Transport>(config: Config, server: SocketAddr, transport:
     outcome
 }
 
-async fn run_server<T: Transport>(config: Config, transport: T, instance: String) -> Result<()> {
+async fn run_server(config: Config, paths: Vec<AnyTransport>, instance: String) -> Result<()> {
     let mut signals = StopSignals::install()?;
-    let engine = Engine::new(engine_config(&config, engine::Role::Server), std::time::Instant::now());
-    let (node, opened) = Node::new(engine, transport, true);
+    let mut ec = engine_config(&config, engine::Role::Server);
+    ec.max_datagram = path_datagram_size(&paths, ec.max_datagram);
+    ec.paths = path_ids(&paths);
+    let engine = Engine::new(ec, std::time::Instant::now());
+    let (node, opened) = Node::new(engine, paths, true);
     let opened = opened.context("server node without an open-stream channel")?;
-    tracing::info!(listen = ?config.listen_addr, transport = node.transport().name(), kcp = ?config.kcp_mode, "paqet server running");
+    tracing::info!(listen = ?config.listen_addr, paths = %node.path_list(), kcp = ?config.kcp_mode, "paqet server running");
     let dialer = Arc::new(Dialer {
         policy: config.policy.clone(),
         timeout: config.timeout,
     });
-    let receiver = tokio::spawn(node.clone().run_receiver());
+    let receiver = tokio::spawn(node.clone().run_receivers());
     let timers = tokio::spawn(node.clone().run_timers());
     let dialing = tokio::spawn(dialer.serve(node.clone(), opened));
     let live = tokio::spawn(publish_live(node.clone(), instance, "server"));
@@ -235,7 +297,7 @@ async fn run_server<T: Transport>(config: Config, transport: T, instance: String
 
 /// Keeps `/run/paqet/<instance>.json` current for `paqet status`.
 async fn publish_live<T: Transport>(node: Arc<Node<T>>, instance: String, role: &'static str) {
-    let transport = node.transport().name();
+    let transport = node.path_list();
     live::publish(instance, role, transport, move || {
         let c = node.counters();
         live::Snapshot {
@@ -247,7 +309,7 @@ async fn publish_live<T: Transport>(node: Arc<Node<T>>, instance: String, role: 
             bytes_out: c.bytes_out,
             dropped_unauthentic: c.dropped_unauthentic,
             dropped_replayed: c.dropped_replayed + c.dropped_stale_handshake,
-            receive_overflows: node.transport().receive_overflows(),
+            receive_overflows: node.paths().iter().map(|p| p.receive_overflows()).sum(),
         }
     })
     .await

@@ -153,6 +153,7 @@ impl Side<'_> {
         let batch: Vec<Transmit> = (self.next..end)
             .map(|seq| Transmit {
                 peer,
+                path: paqet::engine::PathId(0),
                 payload: datagram(KIND_DATA, seq, self.contiguous, self.send_seed, self.max_body),
             })
             .collect();
@@ -165,6 +166,7 @@ impl Side<'_> {
         if let Some(peer) = self.peer {
             let ack = Transmit {
                 peer,
+                path: paqet::engine::PathId(0),
                 payload: datagram(KIND_ACK, u32::MAX, self.contiguous, 0, 0),
             };
             self.t.send_batch(&[ack]).expect("send_batch");

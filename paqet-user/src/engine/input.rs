@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use super::crypto::{CryptoError, Opened};
 use super::frame::{DataHeader, Inner};
 use super::mux::{Control, Phase};
-use super::{DropReason, Engine, Event, KCP_HEADER_LEN, Now, PeerId, Role, StreamId, arq};
+use super::{DropReason, Engine, Event, KCP_HEADER_LEN, Now, PathId, PeerId, Role, StreamId, arq};
 
 const KCP_CMD_PUSH: u8 = 81;
 
@@ -14,11 +14,17 @@ impl Engine {
     /// Handles one datagram from the wire. Anything that does not authenticate is
     /// dropped silently (and counted): to a scanner the port looks filtered. A data
     /// packet is decrypted where it lies, so `data` is spent afterwards.
-    pub fn handle_datagram(&mut self, now: Now, from: SocketAddr, data: &mut [u8]) -> Result<(), DropReason> {
+    pub fn handle_datagram(
+        &mut self,
+        now: Now,
+        path: PathId,
+        from: SocketAddr,
+        data: &mut [u8],
+    ) -> Result<(), DropReason> {
         self.clock = self.clock.max(now.instant);
         self.counters.datagrams_in += 1;
         self.counters.bytes_in += data.len() as u64;
-        let result = self.dispatch_datagram(now, from, data);
+        let result = self.dispatch_datagram(now, path, from, data);
         if let Err(reason) = result {
             match reason {
                 DropReason::Unauthentic => self.counters.dropped_unauthentic += 1,
@@ -30,29 +36,35 @@ impl Engine {
         result
     }
 
-    fn dispatch_datagram(&mut self, now: Now, from: SocketAddr, data: &mut [u8]) -> Result<(), DropReason> {
+    fn dispatch_datagram(
+        &mut self,
+        now: Now,
+        path: PathId,
+        from: SocketAddr,
+        data: &mut [u8],
+    ) -> Result<(), DropReason> {
         if let Ok(header) = DataHeader::parse(data)
             && let Some(&peer_id) = self.index.get(&header.receiver_index)
         {
-            return self.handle_data(now, from, peer_id, header.receiver_index, data);
+            return self.handle_data(now, (path, from), peer_id, header.receiver_index, data);
         }
         match self.config.role {
-            Role::Server => self.handle_handshake_init(now, from, data),
-            Role::Client { .. } => self.handle_handshake_response(now, data),
+            Role::Server => self.handle_handshake_init(now, path, from, data),
+            Role::Client { .. } => self.handle_handshake_response(now, path, from, data),
         }
     }
 
     fn handle_data(
         &mut self,
         now: Now,
-        from: SocketAddr,
+        (path, from): (PathId, SocketAddr),
         peer_id: PeerId,
         index: u32,
         data: &mut [u8],
     ) -> Result<(), DropReason> {
         match self.open_with(peer_id, index, data) {
             Ok(opened) => {
-                self.note_peer_alive(peer_id, from, index, opened.newest, now.instant);
+                self.note_peer_alive(peer_id, path, from, index, opened.newest, now.instant);
                 self.handle_inner(now, peer_id, opened.plaintext)
             }
             Err(CryptoError::Replayed(_)) => Err(DropReason::Replayed),

@@ -39,6 +39,8 @@ use crypto::{Initiator, Psk, SEAL_OVERHEAD, SessionCrypto};
 use frame::{OpenError, TargetAddr};
 use kcp::{KcpProfile, OutputQueue};
 use mux::Stream;
+use sessions::Reach;
+pub use sessions::{PATH_FALLBACK_AFTER, SERVER_UNANSWERED_AFTER};
 
 /// For the maps looked up once per datagram (see Cargo.toml).
 pub type FastMap<K, V> = foldhash::HashMap<K, V>;
@@ -51,6 +53,13 @@ const KCP_HEADER_LEN: usize = 24;
 
 /// The client process's identity towards the server (random per start).
 pub type PeerId = u64;
+
+/// Which way a datagram travels: one of the edge's transports (and its wire and
+/// interface). The edge numbers its paths and tells the engine which one each datagram
+/// came in on; the engine answers a peer on the path of its latest authentic packet,
+/// and a client tries its paths in the order [`EngineConfig::paths`] gives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct PathId(pub u8);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct StreamId {
@@ -89,6 +98,11 @@ pub struct EngineConfig {
     /// Seeds session indices, instance ids and padding (never key material: snow draws
     /// ephemeral keys from the OS).
     pub seed: [u8; 32],
+    /// Client: the paths to the server, best first. The first is tried alone; when it
+    /// goes unanswered for [`PATH_FALLBACK_AFTER`], the
+    /// next ones are tried beside it, and the best is tried again now and then while a
+    /// worse one carries the session.
+    pub paths: Vec<PathId>,
 }
 
 impl EngineConfig {
@@ -102,6 +116,7 @@ impl EngineConfig {
             window_budget: 96 << 20,
             max_window: 16384,
             seed,
+            paths: vec![PathId(0)],
         }
     }
 }
@@ -117,13 +132,30 @@ pub struct Now {
 #[derive(Debug)]
 pub struct Transmit {
     pub peer: SocketAddr,
+    pub path: PathId,
     pub payload: Vec<u8>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    /// Client: a session with the server is up.
-    Connected,
+    /// Client: a session with the server is up, over `path`.
+    Connected {
+        path: PathId,
+        rtt: Duration,
+        after_outage: bool,
+    },
+    /// Client: the best paths went unanswered; the next one is tried beside them.
+    PathFallback {
+        unanswered: Vec<PathId>,
+        next: PathId,
+    },
+    /// Client: no path has answered a handshake for `silent`; streams waiting for the
+    /// server were failed and new ones fail at once until it answers. Repeats at a calm
+    /// interval while it lasts.
+    ServerUnanswered {
+        tried: Vec<PathId>,
+        silent: Duration,
+    },
     /// Server: a client asks for `target`; answer with `accept_stream` or `refuse_stream`.
     StreamOpened {
         id: StreamId,
@@ -173,6 +205,7 @@ struct Session {
 
 struct Peer {
     addr: SocketAddr,
+    path: PathId,
     session: Option<Session>,
     /// The session before the last re-handshake: packets already in flight under it
     /// still open until the peer switches over.
@@ -184,9 +217,10 @@ struct Peer {
 }
 
 impl Peer {
-    fn new(addr: SocketAddr, now: Instant) -> Peer {
+    fn new(addr: SocketAddr, path: PathId, now: Instant) -> Peer {
         Peer {
             addr,
+            path,
             session: None,
             previous: None,
             streams: FastMap::default(),
@@ -198,6 +232,7 @@ impl Peer {
 }
 
 struct PendingHandshake {
+    path: PathId,
     initiator: Initiator,
     local_index: u32,
     sent_at: Instant,
@@ -212,7 +247,10 @@ pub struct Engine {
     peers: FastMap<PeerId, Peer>,
     /// Local session index → peer, for both current and previous sessions.
     index: FastMap<u32, PeerId>,
-    pending: Option<PendingHandshake>,
+    /// Client: at most one handshake waiting for an answer per path.
+    pending: Vec<PendingHandshake>,
+    /// Client: how the server has been answering (see `sessions`).
+    reach: Reach,
     /// Server: handshakes already answered, by ephemeral key, until they are too old to
     /// pass the clock check anyway.
     seen_handshakes: HashMap<[u8; 32], Instant>,
@@ -257,7 +295,8 @@ impl Engine {
             instance,
             peers: FastMap::default(),
             index: FastMap::default(),
-            pending: None,
+            pending: Vec::new(),
+            reach: Reach::default(),
             seen_handshakes: HashMap::new(),
             output: OutputQueue::default(),
             transmits: Vec::new(),
@@ -290,6 +329,14 @@ impl Engine {
 
     pub fn peer_count(&self) -> usize {
         self.peers.values().filter(|p| p.session.is_some()).count()
+    }
+
+    /// Client: the server's address.
+    pub fn server_addr(&self) -> Option<SocketAddr> {
+        match self.config.role {
+            Role::Client { server } => Some(server),
+            Role::Server => None,
+        }
     }
 
     /// Client: whether a session with the server is established.

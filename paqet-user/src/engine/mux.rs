@@ -76,6 +76,8 @@ pub enum StreamError {
     Protocol(#[from] FrameError),
     #[error("target name too long")]
     BadTarget,
+    #[error("the server has not answered for a while")]
+    ServerUnanswered,
 }
 
 /// The first message a stream receives, decoded by the engine rather than the edge.

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use super::frame::Inner;
-use super::{Engine, PeerId, StreamId, Transmit};
+use super::{Engine, PathId, PeerId, StreamId, Transmit};
 
 /// A receiver that owes only ACKs sends them once this many are due, or after
 /// [`ACK_DELAY`]: during a download it acknowledged every input batch, one ACK datagram
@@ -91,16 +91,16 @@ impl Engine {
         {
             Ok(()) => {
                 peer.last_tx = self.clock;
-                let addr = peer.addr;
-                self.push_transmit(addr, packet);
+                let (addr, path) = (peer.addr, peer.path);
+                self.push_transmit(addr, path, packet);
             }
             Err(e) => tracing::warn!("cannot seal packet: {e}"),
         }
     }
 
-    pub(super) fn push_transmit(&mut self, peer: SocketAddr, payload: Vec<u8>) {
+    pub(super) fn push_transmit(&mut self, peer: SocketAddr, path: PathId, payload: Vec<u8>) {
         self.counters.datagrams_out += 1;
         self.counters.bytes_out += payload.len() as u64;
-        self.transmits.push(Transmit { peer, payload });
+        self.transmits.push(Transmit { peer, path, payload });
     }
 }

@@ -7,23 +7,72 @@ use std::time::{Duration, Instant};
 use rand::{Rng, RngCore};
 
 use super::crypto::{self, Initiator, Responder};
-use super::frame::{InitPayload, Inner, ResponsePayload};
+use super::frame::{InitPayload, Inner, OpenError, ResponsePayload};
+use super::mux::Phase;
 use super::{
-    DropReason, Engine, Event, HANDSHAKE_MAX_SKEW_MS, Now, PROTOCOL_VERSION, Peer, PeerId, PendingHandshake, Role,
-    Session, StreamId,
+    DropReason, Engine, Event, HANDSHAKE_MAX_SKEW_MS, Now, PROTOCOL_VERSION, PathId, Peer, PeerId, PendingHandshake,
+    Role, Session, StreamId,
 };
 
 const HANDSHAKE_RETRY: Duration = Duration::from_secs(1);
+/// A client whose best paths went unanswered this long tries the next one beside them
+/// (happy eyeballs): long enough for a handshake's round trip on any real path, short
+/// enough that an application barely notices.
+pub const PATH_FALLBACK_AFTER: Duration = Duration::from_secs(2);
+/// No path answered for this long: the server is unreachable for now. Streams waiting
+/// for it are failed and new ones fail at once, so applications hear within seconds
+/// (independent of TIMEOUT, which governs the server's dials).
+pub const SERVER_UNANSWERED_AFTER: Duration = Duration::from_secs(10);
+/// The unreachable warning repeats this often while the condition lasts.
+const UNANSWERED_REPEAT: Duration = Duration::from_secs(60);
+/// While a worse path carries the session, the best one is tried again this often.
+const BETTER_PATH_RETRY: Duration = Duration::from_secs(60);
 /// Nothing sent for this long: send a keepalive so the peer knows we are alive.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
 /// Client: nothing heard for this long although we keep sending: the server has
 /// probably restarted and forgotten us; handshake again.
 const REHANDSHAKE_AFTER: Duration = Duration::from_secs(4);
 
+/// Client: how the server has been answering.
+#[derive(Debug, Default)]
+pub(super) struct Reach {
+    /// Since when handshakes have gone unanswered; `None` while a session answers.
+    unanswered_since: Option<Instant>,
+    /// Paths being tried: the first this many of `EngineConfig::paths`.
+    tried: usize,
+    /// Unanswered past [`SERVER_UNANSWERED_AFTER`]: new streams fail at once.
+    down: bool,
+    last_warning: Option<Instant>,
+    /// When the best path was last tried while a worse one carried the session.
+    last_upgrade_try: Option<Instant>,
+}
+
 impl Engine {
-    /// Client: starts (or restarts) the handshake with the server.
+    /// Client: starts (or restarts) the handshake with the server, on every path being
+    /// tried.
     pub fn connect(&mut self, now: Now) {
         self.clock = self.clock.max(now.instant);
+        if !matches!(self.config.role, Role::Client { .. }) {
+            return;
+        }
+        if self.reach.unanswered_since.is_none() {
+            self.reach.unanswered_since = Some(now.instant);
+            self.reach.tried = 1;
+        }
+        let tried = self.reach.tried.min(self.config.paths.len());
+        for i in 0..tried {
+            let path = self.config.paths[i];
+            self.handshake_on(now, path);
+        }
+    }
+
+    /// Client: whether the server went unanswered so long that new streams fail at once.
+    pub fn server_unanswered(&self) -> bool {
+        self.reach.down
+    }
+
+    /// Client: sends a fresh handshake on `path`, replacing the one pending there.
+    fn handshake_on(&mut self, now: Now, path: PathId) {
         let Role::Client { server } = self.config.role else {
             return;
         };
@@ -39,17 +88,19 @@ impl Engine {
         self.pad(16);
         match Initiator::start(&self.config.psk, &self.scratch) {
             Ok((initiator, msg)) => {
-                self.pending = Some(PendingHandshake {
+                self.pending.retain(|p| p.path != path);
+                self.pending.push(PendingHandshake {
+                    path,
                     initiator,
                     local_index,
                     sent_at: now.instant,
                 });
                 self.peers
                     .entry(self.instance)
-                    .or_insert_with(|| Peer::new(server, now.instant))
+                    .or_insert_with(|| Peer::new(server, path, now.instant))
                     .last_tx = now.instant;
-                self.push_transmit(server, msg);
-                tracing::debug!(%server, "handshake sent");
+                self.push_transmit(server, path, msg);
+                tracing::debug!(%server, path = path.0, "handshake sent");
             }
             Err(e) => tracing::error!("cannot start handshake: {e}"),
         }
@@ -73,7 +124,13 @@ impl Engine {
         }
     }
 
-    pub(super) fn handle_handshake_init(&mut self, now: Now, from: SocketAddr, data: &[u8]) -> Result<(), DropReason> {
+    pub(super) fn handle_handshake_init(
+        &mut self,
+        now: Now,
+        path: PathId,
+        from: SocketAddr,
+        data: &[u8],
+    ) -> Result<(), DropReason> {
         let responder = Responder::read(&self.config.psk, data).map_err(|_| DropReason::Unauthentic)?;
         let init = InitPayload::parse(&responder.payload).map_err(|_| DropReason::Malformed)?;
         if init.version != PROTOCOL_VERSION {
@@ -101,37 +158,64 @@ impl Engine {
             remote_index: init.client_index,
             crypto,
         };
-        self.install_session(init.instance, from, session, now.instant);
-        self.push_transmit(from, msg);
+        self.install_session(init.instance, from, path, session, now.instant);
+        self.push_transmit(from, path, msg);
         tracing::info!(client = %from, "client authenticated, session established");
         Ok(())
     }
 
-    pub(super) fn handle_handshake_response(&mut self, now: Now, data: &[u8]) -> Result<(), DropReason> {
+    /// Client: a datagram that names no live session may be the server's answer to a
+    /// pending handshake. Only one from the server's address, on a path with a handshake
+    /// pending, is tried; one that does not authenticate leaves the handshake pending, so
+    /// a forged reply can neither end it nor push the client to a worse path.
+    pub(super) fn handle_handshake_response(
+        &mut self,
+        now: Now,
+        path: PathId,
+        from: SocketAddr,
+        data: &[u8],
+    ) -> Result<(), DropReason> {
         let Role::Client { server } = self.config.role else {
             return Err(DropReason::Unauthentic);
         };
-        let pending = self.pending.take().ok_or(DropReason::Unauthentic)?;
-        let local_index = pending.local_index;
-        let sent_at = pending.sent_at;
-        // A failed read consumes the handshake state; the retry timer starts a new one.
-        let (crypto, payload) = match pending.initiator.finish(data) {
-            Ok(done) => done,
-            Err(_) => return Err(DropReason::Unauthentic),
-        };
+        if from != server {
+            return Err(DropReason::Unauthentic);
+        }
+        let at = self
+            .pending
+            .iter()
+            .position(|p| p.path == path)
+            .ok_or(DropReason::Unauthentic)?;
+        let payload = self.pending[at]
+            .initiator
+            .read_response(data)
+            .map_err(|_| DropReason::Unauthentic)?;
+        let pending = self.pending.swap_remove(at);
+        let crypto = pending.initiator.into_session().map_err(|_| DropReason::Unauthentic)?;
         let resp = ResponsePayload::parse(&payload).map_err(|_| DropReason::Malformed)?;
         if resp.version != PROTOCOL_VERSION {
             tracing::error!(version = resp.version, "server speaks another protocol version");
             return Err(DropReason::Malformed);
         }
         let session = Session {
-            local_index,
+            local_index: pending.local_index,
             remote_index: resp.server_index,
             crypto,
         };
-        self.install_session(self.instance, server, session, now.instant);
-        self.events.push(Event::Connected);
-        tracing::info!(%server, rtt_ms = now.instant.saturating_duration_since(sent_at).as_millis() as u64, "session established");
+        self.install_session(self.instance, server, path, session, now.instant);
+        self.pending.clear();
+        let after_outage = self.reach.down;
+        let best = self.config.paths.first().is_none_or(|&best| best == path);
+        self.reach = Reach {
+            last_upgrade_try: (!best).then_some(now.instant),
+            ..Reach::default()
+        };
+        let rtt = now.instant.saturating_duration_since(pending.sent_at);
+        self.events.push(Event::Connected {
+            path,
+            rtt,
+            after_outage,
+        });
         // Streams opened while we waited: their KCP output was dropped; send it now.
         let convs: Vec<u32> = self
             .peers
@@ -148,11 +232,12 @@ impl Engine {
     }
 
     /// A handshake completed: `session` becomes the peer's current one.
-    fn install_session(&mut self, peer_id: PeerId, addr: SocketAddr, session: Session, now: Instant) {
+    fn install_session(&mut self, peer_id: PeerId, addr: SocketAddr, path: PathId, session: Session, now: Instant) {
         self.counters.handshakes += 1;
         self.index.insert(session.local_index, peer_id);
-        let peer = self.peers.entry(peer_id).or_insert_with(|| Peer::new(addr, now));
+        let peer = self.peers.entry(peer_id).or_insert_with(|| Peer::new(addr, path, now));
         peer.addr = addr;
+        peer.path = path;
         peer.last_rx = now;
         if let Some(old) = peer.previous.take() {
             self.index.remove(&old.local_index);
@@ -160,13 +245,14 @@ impl Engine {
         peer.previous = peer.session.replace(session);
     }
 
-    /// An authentic packet arrived: the peer is alive, and (server) may have roamed.
-    /// Only the client's latest packet moves it: one overtaken on the way may come
-    /// from the address the client just left (a NAT rebinding), or be a copy an
-    /// on-path attacker sent on from elsewhere.
+    /// An authentic packet arrived: the peer is alive, and (server) may have roamed to
+    /// another address or path. Only the client's latest packet moves it: one overtaken
+    /// on the way may come from the address the client just left (a NAT rebinding), or
+    /// be a copy an on-path attacker sent on from elsewhere.
     pub(super) fn note_peer_alive(
         &mut self,
         peer_id: PeerId,
+        path: PathId,
         from: SocketAddr,
         index: u32,
         newest: bool,
@@ -176,9 +262,10 @@ impl Engine {
         if let Some(peer) = self.peers.get_mut(&peer_id) {
             peer.last_rx = now;
             let current = peer.session.as_ref().is_some_and(|s| s.local_index == index);
-            if server && current && newest && peer.addr != from {
-                tracing::info!(old = %peer.addr, new = %from, "client address changed");
+            if server && current && newest && (peer.addr, peer.path) != (from, path) {
+                tracing::info!(old = %peer.addr, new = %from, path = path.0, "client address changed");
                 peer.addr = from;
+                peer.path = path;
             }
         }
     }
@@ -229,11 +316,12 @@ impl Engine {
         }
     }
 
+    /// Client: renews unanswered handshakes, widens the paths tried, declares the
+    /// server unreachable, notices a silent one, and tries the best path again while a
+    /// worse one carries the session.
     pub(super) fn tick_client_handshake(&mut self, now: Now) {
-        if let Some(p) = &self.pending {
-            if now.instant.saturating_duration_since(p.sent_at) >= HANDSHAKE_RETRY {
-                self.connect(now);
-            }
+        if let Some(since) = self.reach.unanswered_since {
+            self.tick_unanswered(now, now.instant.saturating_duration_since(since));
             return;
         }
         let Some(peer) = self.peers.get(&self.instance) else {
@@ -246,6 +334,88 @@ impl Engine {
                 "server silent; handshaking again"
             );
             self.connect(now);
+            return;
+        }
+        self.try_best_path(now);
+    }
+
+    fn tick_unanswered(&mut self, now: Now, silent: Duration) {
+        let paths = self.config.paths.clone();
+        if self.reach.tried < paths.len() && silent >= PATH_FALLBACK_AFTER * self.reach.tried as u32 {
+            self.events.push(Event::PathFallback {
+                unanswered: paths[..self.reach.tried].to_vec(),
+                next: paths[self.reach.tried],
+            });
+            self.reach.tried += 1;
+            self.connect(now);
+        } else if self
+            .pending
+            .iter()
+            .any(|p| now.instant.saturating_duration_since(p.sent_at) >= HANDSHAKE_RETRY)
+            || self.pending.is_empty()
+        {
+            self.connect(now);
+        }
+        let warn_due = self
+            .reach
+            .last_warning
+            .is_none_or(|at| now.instant.saturating_duration_since(at) >= UNANSWERED_REPEAT);
+        if silent >= SERVER_UNANSWERED_AFTER && warn_due {
+            self.reach.down = true;
+            self.reach.last_warning = Some(now.instant);
+            self.fail_streams_awaiting_reply();
+            self.events.push(Event::ServerUnanswered {
+                tried: paths[..self.reach.tried.min(paths.len())].to_vec(),
+                silent,
+            });
+        }
+    }
+
+    /// The server is unreachable: streams still waiting for its answer get a failure
+    /// now rather than after TIMEOUT.
+    fn fail_streams_awaiting_reply(&mut self) {
+        let Some(peer) = self.peers.get(&self.instance) else {
+            return;
+        };
+        let waiting: Vec<u32> = peer
+            .streams
+            .iter()
+            .filter(|(_, s)| s.phase == Phase::AwaitingReply)
+            .map(|(&conv, _)| conv)
+            .collect();
+        for conv in waiting {
+            let id = StreamId {
+                peer: self.instance,
+                conv,
+            };
+            self.events.push(Event::StreamReplied {
+                id,
+                result: Err(OpenError::GeneralFailure),
+            });
+            self.reset_stream(id);
+        }
+    }
+
+    /// While a worse path carries the session, a handshake on the best one now and
+    /// then: if it answers, the session moves there (the server keys us by instance,
+    /// so streams carry on). An unanswered try is dropped, not repeated.
+    fn try_best_path(&mut self, now: Now) {
+        self.pending
+            .retain(|p| now.instant.saturating_duration_since(p.sent_at) < HANDSHAKE_RETRY);
+        let Some(&best) = self.config.paths.first() else {
+            return;
+        };
+        let on_worse_path = self
+            .peers
+            .get(&self.instance)
+            .is_some_and(|p| p.session.is_some() && p.path != best);
+        let due = self
+            .reach
+            .last_upgrade_try
+            .is_none_or(|at| now.instant.saturating_duration_since(at) >= BETTER_PATH_RETRY);
+        if on_worse_path && due {
+            self.reach.last_upgrade_try = Some(now.instant);
+            self.handshake_on(now, best);
         }
     }
 }

@@ -19,7 +19,10 @@ impl Engine {
         let Role::Client { server } = self.config.role else {
             return Err(StreamError::Closed);
         };
-        if self.pending.is_none() && !self.is_connected() {
+        if self.server_unanswered() {
+            return Err(StreamError::ServerUnanswered);
+        }
+        if self.pending.is_empty() && !self.is_connected() {
             self.connect(now);
         }
         let conv = self.next_conv;
@@ -30,10 +33,11 @@ impl Engine {
         let sent = stream.send_msg(&StreamMsg::Open(target.clone()), &mut scratch);
         self.scratch = scratch;
         sent?;
+        let best_path = self.config.paths.first().copied().unwrap_or_default();
         let peer = self
             .peers
             .entry(peer_id)
-            .or_insert_with(|| Peer::new(server, now.instant));
+            .or_insert_with(|| Peer::new(server, best_path, now.instant));
         peer.streams.insert(conv, stream);
         self.live_streams += 1;
         self.rebalance_windows();

@@ -147,7 +147,7 @@ impl Sim {
             } else {
                 &mut self.client
             };
-            let _ = engine.handle_datagram(now, p.from, &mut p.bytes);
+            let _ = engine.handle_datagram(now, PathId(0), p.from, &mut p.bytes);
         }
         if self.client.poll_timeout() <= self.now {
             self.client.handle_timeout(now);
@@ -342,16 +342,18 @@ fn replayed_handshake_and_data_are_refused() {
     sim.client.drain_transmits(&mut first);
     let hello = first.pop().unwrap().payload;
     let from: SocketAddr = CLIENT.parse().unwrap();
-    sim.server.handle_datagram(now, from, &mut hello.clone()).unwrap();
+    sim.server
+        .handle_datagram(now, PathId(0), from, &mut hello.clone())
+        .unwrap();
     assert_eq!(
-        sim.server.handle_datagram(now, from, &mut hello.clone()),
+        sim.server.handle_datagram(now, PathId(0), from, &mut hello.clone()),
         Err(DropReason::StaleHandshake)
     );
     let mut answer = Vec::new();
     sim.server.drain_transmits(&mut answer);
     assert_eq!(answer.len(), 1, "exactly one response, for the original only");
     sim.client
-        .handle_datagram(now, SERVER.parse().unwrap(), &mut answer[0].payload)
+        .handle_datagram(now, PathId(0), SERVER.parse().unwrap(), &mut answer[0].payload)
         .unwrap();
     assert!(sim.client.is_connected());
 
@@ -361,9 +363,11 @@ fn replayed_handshake_and_data_are_refused() {
     let mut data = Vec::new();
     sim.client.drain_transmits(&mut data);
     let packet = data.pop().unwrap().payload;
-    sim.server.handle_datagram(now, from, &mut packet.clone()).unwrap();
+    sim.server
+        .handle_datagram(now, PathId(0), from, &mut packet.clone())
+        .unwrap();
     assert_eq!(
-        sim.server.handle_datagram(now, from, &mut packet.clone()),
+        sim.server.handle_datagram(now, PathId(0), from, &mut packet.clone()),
         Err(DropReason::Replayed)
     );
 }
@@ -376,7 +380,7 @@ fn garbage_is_dropped_silently() {
     let mut rng = StdRng::seed_from_u64(7);
     for len in [0usize, 1, 11, 12, 13, 31, 32, 48, 64, 100, 1400, 2000] {
         let mut junk: Vec<u8> = (0..len).map(|_| rng.random()).collect();
-        assert!(sim.server.handle_datagram(now, from, &mut junk).is_err());
+        assert!(sim.server.handle_datagram(now, PathId(0), from, &mut junk).is_err());
     }
     let mut out = Vec::new();
     sim.server.drain_transmits(&mut out);
@@ -627,15 +631,20 @@ fn the_server_follows_the_client_to_the_address_of_its_latest_packet_only() {
     let now = sim.clock();
 
     // The client's NAT mapping changed: its latest packet comes from a new address.
-    sim.server.handle_datagram(now, moved, &mut latest.clone()).unwrap();
+    sim.server
+        .handle_datagram(now, PathId(0), moved, &mut latest.clone())
+        .unwrap();
     assert_eq!(server_sends_to(&mut sim, sid), moved);
     // A packet overtaken on the way, from the address the client left: authentic and
     // taken, but the server stays with the new address.
-    sim.server.handle_datagram(now, old, &mut overtaken.clone()).unwrap();
+    sim.server
+        .handle_datagram(now, PathId(0), old, &mut overtaken.clone())
+        .unwrap();
     assert_eq!(server_sends_to(&mut sim, sid), moved);
     // A copy of the latest packet from anywhere else is a replay.
     assert_eq!(
-        sim.server.handle_datagram(now, elsewhere, &mut latest.clone()),
+        sim.server
+            .handle_datagram(now, PathId(0), elsewhere, &mut latest.clone()),
         Err(DropReason::Replayed)
     );
     assert_eq!(server_sends_to(&mut sim, sid), moved);

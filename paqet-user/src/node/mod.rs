@@ -21,7 +21,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::engine::frame::{OpenError, TargetAddr};
 use crate::engine::mux::StreamError;
-use crate::engine::{Counters, Engine, Event, FastMap, Now, StreamId, Transmit};
+use crate::engine::{Counters, Engine, Event, FastMap, Now, PathId, StreamId, Transmit};
 use crate::transport::{RecvBatch, Transport};
 
 const RECV_BATCH: usize = 64;
@@ -49,7 +49,8 @@ impl StreamWaker {
 
 pub struct Node<T: Transport> {
     engine: Mutex<Engine>,
-    transport: T,
+    /// The transports, indexed by the engine's [`PathId`].
+    paths: Vec<T>,
     wakers: Mutex<FastMap<StreamId, Arc<StreamWaker>>>,
     /// Server: streams that clients asked for, to be dialled.
     opened: Option<mpsc::UnboundedSender<(StreamId, TargetAddr)>>,
@@ -57,8 +58,9 @@ pub struct Node<T: Transport> {
     /// Datagrams already sent, whose buffers the next engine call recycles.
     spent: Mutex<Vec<Transmit>>,
     busy_poll: Mutex<BusyPoll>,
-    /// Wakes a sleeping receiver when a datagram goes out, so it polls for the answer.
-    sent: Notify,
+    /// Per path: wakes its sleeping receiver when a datagram goes out there, so it
+    /// polls for the answer.
+    sent: Vec<Notify>,
 }
 
 pub fn now() -> Now {
@@ -77,10 +79,11 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl<T: Transport> Node<T> {
-    /// A server node also returns the receiver of the streams clients open.
+    /// A server node also returns the receiver of the streams clients open. `paths[i]`
+    /// carries the engine's `PathId(i)`.
     pub fn new(
         engine: Engine,
-        transport: T,
+        paths: Vec<T>,
         server: bool,
     ) -> (Arc<Self>, Option<mpsc::UnboundedReceiver<(StreamId, TargetAddr)>>) {
         let (tx, rx) = if server {
@@ -89,21 +92,40 @@ impl<T: Transport> Node<T> {
         } else {
             (None, None)
         };
+        let sent = paths.iter().map(|_| Notify::new()).collect();
         let node = Node {
             engine: Mutex::new(engine),
-            transport,
+            paths,
             wakers: Mutex::new(FastMap::default()),
             opened: tx,
             timer: Notify::new(),
             spent: Mutex::new(Vec::new()),
             busy_poll: Mutex::new(BusyPoll::new(Instant::now())),
-            sent: Notify::new(),
+            sent,
         };
         (Arc::new(node), rx)
     }
 
-    pub fn transport(&self) -> &T {
-        &self.transport
+    pub fn paths(&self) -> &[T] {
+        &self.paths
+    }
+
+    /// The name of a path for logs, e.g. "xdp/tcp on eth0" or "udp".
+    pub fn path_name(&self, path: PathId) -> String {
+        self.paths
+            .get(path.0 as usize)
+            .map_or_else(|| format!("path {}", path.0), |t| t.name().to_string())
+    }
+
+    /// Every path's name, best first: "xdp/tcp, udp".
+    pub fn path_list(&self) -> String {
+        let names: Vec<&str> = self.paths.iter().map(|t| t.name()).collect();
+        names.join(", ")
+    }
+
+    fn path_names(&self, paths: &[PathId]) -> String {
+        let names: Vec<String> = paths.iter().map(|&p| self.path_name(p)).collect();
+        names.join(", ")
     }
 
     pub fn counters(&self) -> Counters {
@@ -135,11 +157,8 @@ impl<T: Transport> Node<T> {
             r
         };
         if !transmits.is_empty() {
-            if let Err(e) = self.transport.send_batch(&transmits) {
-                tracing::warn!("send failed on {}: {e}", self.transport.name());
-            }
+            self.send_by_path(&transmits);
             self.record_activity(transmits.iter().map(|t| t.payload.len()).sum());
-            self.sent.notify_one();
         }
         for event in events {
             self.dispatch(event);
@@ -153,13 +172,47 @@ impl<T: Transport> Node<T> {
         result
     }
 
+    /// Hands each run of datagrams for one path to that path's transport in one batch
+    /// (the engine mostly answers one peer on one path, so usually one run).
+    fn send_by_path(&self, transmits: &[Transmit]) {
+        for run in transmits.chunk_by(|a, b| a.path == b.path) {
+            let path = run[0].path;
+            let Some(transport) = self.paths.get(path.0 as usize) else {
+                tracing::error!(path = path.0, "the engine named a path this node does not have");
+                continue;
+            };
+            if let Err(e) = transport.send_batch(run) {
+                tracing::warn!("send failed on {}: {e}", transport.name());
+            }
+            self.sent[path.0 as usize].notify_one();
+        }
+    }
+
     fn waker(&self, id: StreamId) -> Option<Arc<StreamWaker>> {
         lock(&self.wakers).get(&id).cloned()
     }
 
     fn dispatch(&self, event: Event) {
         match event {
-            Event::Connected => {}
+            Event::Connected {
+                path,
+                rtt,
+                after_outage,
+            } => {
+                let path = self.path_name(path);
+                if after_outage {
+                    tracing::info!(%path, rtt_ms = rtt.as_millis() as u64, "the server answers again");
+                } else {
+                    tracing::info!(%path, rtt_ms = rtt.as_millis() as u64, "session established");
+                }
+            }
+            Event::PathFallback { unanswered, next } => tracing::warn!(
+                "no answer from the server over {} within {} s; also trying {}",
+                self.path_names(&unanswered),
+                crate::engine::PATH_FALLBACK_AFTER.as_secs() * unanswered.len() as u64,
+                self.path_name(next)
+            ),
+            Event::ServerUnanswered { tried, silent } => self.warn_unanswered(&tried, silent),
             Event::StreamOpened { id, target } => {
                 lock(&self.wakers).insert(id, Arc::new(StreamWaker::default()));
                 if let Some(tx) = &self.opened {
@@ -193,6 +246,18 @@ impl<T: Transport> Node<T> {
                 }
             }
         }
+    }
+
+    fn warn_unanswered(&self, tried: &[PathId], silent: Duration) {
+        let server = lock(&self.engine).server_addr();
+        let server = server.map_or_else(|| "?".to_string(), |s| s.to_string());
+        tracing::warn!(
+            "the server {server} has not answered for {} s over {}; SOCKS requests fail until it does. \
+             Likely causes: the server is not running or listens elsewhere, its KEY differs from this one, \
+             or a firewall drops the port on the way. `paqet check` on this host probes each path.",
+            silent.as_secs(),
+            self.path_names(tried)
+        );
     }
 
     /// Client: opens a stream; the receiver yields the server's answer.
@@ -229,14 +294,28 @@ impl<T: Transport> Node<T> {
         lock(&self.busy_poll).should_poll(Instant::now())
     }
 
+    /// Runs one receiver per path until one of them fails.
+    pub async fn run_receivers(self: Arc<Self>) -> io::Result<()> {
+        let mut receivers = tokio::task::JoinSet::new();
+        for i in 0..self.paths.len() {
+            receivers.spawn(self.clone().run_receiver(PathId(i as u8)));
+        }
+        match receivers.join_next().await {
+            Some(Ok(result)) => result,
+            Some(Err(e)) => Err(io::Error::other(e)),
+            None => Ok(()),
+        }
+    }
+
     /// Reads datagrams until the transport fails: polls for a while after activity (see
     /// [`busy_poll`]), sleeps on the transport's readiness otherwise.
-    pub async fn run_receiver(self: Arc<Self>) -> io::Result<()> {
-        let max = self.transport.max_payload().max(2048);
+    pub async fn run_receiver(self: Arc<Self>, path: PathId) -> io::Result<()> {
+        let transport = &self.paths[path.0 as usize];
+        let max = transport.max_payload().max(2048);
         let mut batch = RecvBatch::new(RECV_BATCH, max);
         loop {
-            if self.transport.try_recv_batch(&mut batch)? > 0 {
-                self.handle_batch(&mut batch);
+            if transport.try_recv_batch(&mut batch)? > 0 {
+                self.handle_batch(path, &mut batch);
                 // A steady flow never leaves the ring empty: the stream tasks on this
                 // thread run when tokio's budget (128 units) is spent. Yielding every
                 // few batches instead halved one-stream xdp throughput: the RX ring
@@ -253,30 +332,31 @@ impl<T: Transport> Node<T> {
                 continue;
             }
             tokio::select! {
-                received = self.transport.recv_batch(&mut batch) => {
+                received = transport.recv_batch(&mut batch) => {
                     received?;
-                    self.handle_batch(&mut batch);
+                    self.handle_batch(path, &mut batch);
                 }
-                _ = self.sent.notified() => {}
+                _ = self.sent[path.0 as usize].notified() => {}
             }
         }
     }
 
-    fn handle_batch(&self, batch: &mut RecvBatch) {
+    fn handle_batch(&self, path: PathId, batch: &mut RecvBatch) {
+        let transport = &self.paths[path.0 as usize];
         let mut authentic_bytes = 0;
         self.with_engine(|engine, now| {
             // A batch mostly comes from one peer over one path: tell the transport
             // once per change, not once per datagram (it takes a lock).
             let mut confirmed = None;
             for slot in batch.filled_mut() {
-                let authentic = engine.handle_datagram(now, slot.peer, slot.payload_mut()).is_ok();
+                let authentic = engine.handle_datagram(now, path, slot.peer, slot.payload_mut()).is_ok();
                 if authentic {
                     authentic_bytes += slot.len;
                 }
                 let path = (slot.peer, slot.link_src);
                 // Before the replies go out: they may need the path just proven.
                 if authentic && slot.link_src.is_some() && confirmed != Some(path) {
-                    self.transport.peer_authenticated(slot.peer, slot.link_src);
+                    transport.peer_authenticated(slot.peer, slot.link_src);
                     confirmed = Some(path);
                 }
             }

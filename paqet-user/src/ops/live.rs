@@ -57,7 +57,7 @@ fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
 /// Publishes `snapshot()` every second until the task is dropped. Without a writable
 /// /run/paqet (e.g. an unprivileged run without the unit's RuntimeDirectory) it says so
 /// once and stops: the relay itself does not depend on it.
-pub async fn publish(instance: String, role: &'static str, transport: &'static str, snapshot: impl Fn() -> Snapshot) {
+pub async fn publish(instance: String, role: &'static str, transport: String, snapshot: impl Fn() -> Snapshot) {
     let path = state_path(&instance);
     if let Err(e) = std::fs::create_dir_all(RUN_DIR) {
         tracing::info!("not publishing live status: cannot create {RUN_DIR}: {e}");
@@ -70,7 +70,7 @@ pub async fn publish(instance: String, role: &'static str, transport: &'static s
     loop {
         ticker.tick().await;
         let now = snapshot();
-        let text = render(role, transport, now, before, EVERY.as_secs_f64()).to_string();
+        let text = render(role, &transport, now, before, EVERY.as_secs_f64()).to_string();
         if let Err(e) = write_atomically(&path, &text) {
             tracing::info!("not publishing live status: cannot write {}: {e}", path.display());
             return;

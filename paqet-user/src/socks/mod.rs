@@ -21,8 +21,6 @@ use crate::transport::Transport;
 pub enum SocksError {
     #[error("SOCKS negotiation failed: {0}")]
     Protocol(#[from] SocksServerError),
-    #[error("the relay could not open a stream: {0}")]
-    Stream(#[from] crate::engine::mux::StreamError),
 }
 
 pub struct SocksFrontend {
@@ -72,7 +70,16 @@ impl SocksFrontend {
             SocksTarget::Ip(addr) => TargetAddr::Ip(addr),
             SocksTarget::Domain(host, port) => TargetAddr::Domain(host, port),
         };
-        let (id, waker, reply) = node.open_stream(&target)?;
+        let (id, waker, reply) = match node.open_stream(&target) {
+            Ok(opened) => opened,
+            Err(e) => {
+                // The server is known to be unreachable (or the stream could not be
+                // queued): the application hears at once, not after a timeout.
+                tracing::debug!(%target, "stream not opened: {e}");
+                proto.reply_error(&ReplyError::GeneralFailure).await?;
+                return Ok(());
+            }
+        };
         let answer = tokio::time::timeout(self.open_timeout, reply).await;
         let error = match answer {
             Ok(Ok(Ok(()))) => {

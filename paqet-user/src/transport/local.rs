@@ -8,6 +8,29 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 
 /// Every (interface name, address) pair the kernel reports.
 fn addresses() -> io::Result<Vec<(String, IpAddr)>> {
+    Ok(addresses_with_flags()?
+        .into_iter()
+        .map(|(name, ip, _)| (name, ip))
+        .collect())
+}
+
+/// Interfaces that are up and hold an address of the family, with that address: where
+/// a server on an unspecified LISTEN_ADDR steers. Loopback is left out, and so are
+/// point-to-point and ARP-less links (TUN, WireGuard), which carry no Ethernet header
+/// for XDP to parse. One site per interface, its first global address.
+pub fn steerable_interfaces(v6: bool) -> io::Result<Vec<(String, IpAddr)>> {
+    let skip = (libc::IFF_LOOPBACK | libc::IFF_POINTOPOINT | libc::IFF_NOARP) as u32;
+    let mut sites: Vec<(String, IpAddr)> = Vec::new();
+    for (name, ip, flags) in addresses_with_flags()? {
+        let usable = flags & libc::IFF_UP as u32 != 0 && flags & skip == 0;
+        if usable && ip.is_ipv6() == v6 && !is_link_local(&ip) && !sites.iter().any(|(n, _)| *n == name) {
+            sites.push((name, ip));
+        }
+    }
+    Ok(sites)
+}
+
+fn addresses_with_flags() -> io::Result<Vec<(String, IpAddr, u32)>> {
     let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs fills `head` with a list we free below.
     if unsafe { libc::getifaddrs(&mut head) } != 0 {
@@ -21,7 +44,7 @@ fn addresses() -> io::Result<Vec<(String, IpAddr)>> {
         if let Some(ip) = sockaddr_ip(ifa.ifa_addr) {
             // SAFETY: ifa_name is a NUL-terminated string owned by the list.
             let name = unsafe { CStr::from_ptr(ifa.ifa_name) }.to_string_lossy().into_owned();
-            out.push((name, ip));
+            out.push((name, ip, ifa.ifa_flags));
         }
         cur = ifa.ifa_next;
     }

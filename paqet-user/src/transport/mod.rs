@@ -4,6 +4,7 @@
 //! - `udp`: a plain UDP socket, no privileges (development, hosts without eBPF).
 //! - `xdp`: frames built by paqet, sent through AF_XDP and steered back by `paqet_steer`.
 
+pub mod any;
 pub mod local;
 pub mod udp;
 pub mod xdp;

@@ -177,6 +177,7 @@ fn xdp_send(iface: &str, local: SocketAddr, peer: SocketAddr, secs: f64, payload
         let batch: Vec<Transmit> = (0..256)
             .map(|_| Transmit {
                 peer,
+                path: paqet::engine::PathId(0),
                 payload: vec![0x5a; payload],
             })
             .collect();

@@ -31,12 +31,19 @@ impl Initiator {
         Ok((Initiator { state }, msg))
     }
 
-    /// Reads the server's response; on success the session keys and its payload.
-    pub fn finish(mut self, response: &[u8]) -> Result<(SessionCrypto, Vec<u8>), CryptoError> {
+    /// Reads a datagram that may be the server's response; on success its payload,
+    /// after which [`Initiator::into_session`] gives the keys. A datagram that does not
+    /// authenticate leaves the handshake as it was (snow restores its state on a failed
+    /// read), so a forged reply cannot cancel a pending handshake.
+    pub fn read_response(&mut self, response: &[u8]) -> Result<Vec<u8>, CryptoError> {
         let mut payload = vec![0u8; MAX_HANDSHAKE_LEN];
         let len = self.state.read_message(response, &mut payload)?;
         payload.truncate(len);
-        Ok((SessionCrypto::from_handshake(self.state)?, payload))
+        Ok(payload)
+    }
+
+    pub fn into_session(self) -> Result<SessionCrypto, CryptoError> {
+        SessionCrypto::from_handshake(self.state)
     }
 }
 

@@ -154,11 +154,12 @@ mod tests {
     use super::*;
 
     fn pair(psk_i: &Psk, psk_r: &Psk) -> Result<(SessionCrypto, SessionCrypto), CryptoError> {
-        let (init, msg1) = Initiator::start(psk_i, b"hello")?;
+        let (mut init, msg1) = Initiator::start(psk_i, b"hello")?;
         let responder = Responder::read(psk_r, &msg1)?;
         assert_eq!(responder.payload, b"hello");
         let (server, msg2) = responder.respond(b"welcome")?;
-        let (client, payload) = init.finish(&msg2)?;
+        let payload = init.read_response(&msg2)?;
+        let client = init.into_session()?;
         assert_eq!(payload, b"welcome");
         Ok((client, server))
     }

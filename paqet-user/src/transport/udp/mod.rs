@@ -190,6 +190,7 @@ mod tests {
         lens.enumerate()
             .map(|(seq, (peer, len))| Transmit {
                 peer,
+                path: crate::engine::PathId(0),
                 payload: payload(seq, len),
             })
             .collect()
@@ -228,6 +229,7 @@ mod tests {
         let batch: Vec<Transmit> = (0..10u8)
             .map(|i| Transmit {
                 peer: to,
+                path: crate::engine::PathId(0),
                 payload: vec![i; 100 + i as usize],
             })
             .collect();

@@ -173,6 +173,7 @@ mod tests {
         lens.iter()
             .map(|&len| Transmit {
                 peer,
+                path: crate::engine::PathId(0),
                 payload: vec![0; len],
             })
             .collect()

@@ -541,6 +541,13 @@ impl Drop for XdpTransport {
     }
 }
 
+impl XdpTransport {
+    /// The shape of the frames this transport sends and steers.
+    pub fn wire(&self) -> WireShape {
+        self.wire
+    }
+}
+
 impl Transport for XdpTransport {
     fn name(&self) -> &'static str {
         "xdp"
