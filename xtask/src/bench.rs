@@ -37,7 +37,7 @@ pub fn run(args: &Args) -> Result<()> {
         debug: false,
     })?;
     step("building the bench binaries (paqet-tests, feature bench)");
-    util::run(Command::new(util::cargo()).current_dir(util::root()).args([
+    util::run(util::cargo_cmd().current_dir(util::root()).args([
         "build",
         "--release",
         "-p",

@@ -4,7 +4,6 @@
 use crate::util::{self, step};
 use anyhow::{Context, Result, bail};
 use std::path::PathBuf;
-use std::process::Command;
 
 /// The rustc that has a prebuilt `core` for the BPF target (package rustc-web).
 pub const BPF_RUSTC: &str = "/usr/bin/rustc";
@@ -37,7 +36,7 @@ pub fn build_ebpf() -> Result<PathBuf> {
     if util::which("bpf-linker").is_none() {
         bail!("bpf-linker is not installed; run `cargo xtask setup`");
     }
-    let mut cmd = Command::new(util::cargo());
+    let mut cmd = util::cargo_cmd();
     cmd.current_dir(util::root().join("paqet-ebpf"))
         .args(["build", "--release", "--locked", "--target", BPF_TARGET])
         .env("RUSTC", BPF_RUSTC)
@@ -70,7 +69,7 @@ pub fn run(args: &Args) -> Result<PathBuf> {
     let obj = build_ebpf()?;
     let profile = if args.debug { "debug" } else { "release" };
     step(format!("building paqet-user ({profile}), embedding {}", obj.display()));
-    let mut cmd = Command::new(util::cargo());
+    let mut cmd = util::cargo_cmd();
     cmd.current_dir(util::root()).args(["build", "-p", "paqet-user"]);
     if !args.debug {
         cmd.arg("--release");

@@ -9,7 +9,7 @@
 use crate::util::{self, step};
 use anyhow::{Context, Result, bail};
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Instant;
 
 /// Every fuzz target, in the order they run.
@@ -82,7 +82,7 @@ pub fn run_targets(targets: &[&str], seconds: u64) -> Result<Vec<Outcome>> {
 }
 
 fn ensure_cargo_fuzz() -> Result<()> {
-    let installed = Command::new(util::cargo())
+    let installed = util::cargo_cmd()
         .args(["fuzz", "--version"])
         .env("PATH", util::path_with_cargo_bin())
         .stdout(Stdio::null())
@@ -95,7 +95,7 @@ fn ensure_cargo_fuzz() -> Result<()> {
     step(format!(
         "installing cargo-fuzz {CARGO_FUZZ_VERSION} (cargo install, about a minute)"
     ));
-    util::run(Command::new(util::cargo()).args(["install", "cargo-fuzz", "--locked", "--version", CARGO_FUZZ_VERSION]))
+    util::run(util::cargo_cmd().args(["install", "cargo-fuzz", "--locked", "--version", CARGO_FUZZ_VERSION]))
 }
 
 /// paqet-user embeds the eBPF object, so the fuzz build needs it too.
@@ -112,7 +112,7 @@ fn run_one(target: &str, seconds: u64) -> Result<Outcome> {
     step(format!(
         "fuzzing {target} for {seconds} s (the first run builds it with ASan: minutes)"
     ));
-    let mut cmd = Command::new(util::cargo());
+    let mut cmd = util::cargo_cmd();
     cmd.current_dir(&dir)
         .args(["fuzz", "run", target, "--"])
         .arg(format!("-max_total_time={seconds}"))

@@ -71,33 +71,26 @@ pub fn run(_args: &Args) -> Result<()> {
         }
     }
     let linker_ok = bpf_linker_ok();
-    if !missing.is_empty() || !linker_ok {
-        let can_install = util::is_root() && is_debian_like();
-        if !can_install {
-            let why = if !is_debian_like() {
-                "this is not a Debian/Ubuntu system, so setup cannot install packages itself"
-            } else {
-                "setup needs root to install packages"
-            };
-            eprintln!("xtask setup: {why}. Run these commands (as root), then run setup again:");
-            if !missing.is_empty() {
-                eprintln!("    apt-get update");
-                eprintln!(
-                    "    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends {}",
-                    missing.join(" ")
-                );
-            }
-            if !linker_ok {
-                eprintln!("    {}", bpf_linker_command());
-            }
-            bail!("missing prerequisites: {}", {
-                let mut m: Vec<String> = missing.iter().map(|s| s.to_string()).collect();
-                if !linker_ok {
-                    m.push(format!("bpf-linker {BPF_LINKER_VERSION}"));
-                }
-                m.join(", ")
-            });
+    // apt needs root (or sudo); bpf-linker does not, and must not get it: installed as
+    // root through sudo it would land in root's ~/.cargo/bin, where this user's build
+    // does not look.
+    let can_apt = is_debian_like() && (util::is_root() || util::which("sudo").is_some());
+    if !missing.is_empty() && !can_apt {
+        let why = if !is_debian_like() {
+            "this is not a Debian/Ubuntu system, so setup cannot install packages itself"
+        } else {
+            "setup needs root (or sudo) to install packages"
+        };
+        eprintln!("xtask setup: {why}. Run these commands (as root), then run setup again:");
+        eprintln!("    apt-get update");
+        eprintln!(
+            "    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends {}",
+            missing.join(" ")
+        );
+        if !linker_ok {
+            eprintln!("    {}", bpf_linker_command());
         }
+        bail!("missing prerequisites: {}", missing.join(", "));
     }
     if !missing.is_empty() {
         step(format!("setup: installing {}", missing.join(" ")));
@@ -111,7 +104,7 @@ pub fn run(_args: &Args) -> Result<()> {
             "setup: installing bpf-linker {BPF_LINKER_VERSION} (about a minute)"
         ));
         util::run(
-            Command::new(util::cargo())
+            util::cargo_cmd()
                 .args(["install", "bpf-linker", "--locked", "--version", BPF_LINKER_VERSION])
                 .args(["--no-default-features", "--features", "llvm-22"])
                 .env("LLVM_PREFIX", LLVM_PREFIX)
@@ -148,28 +141,36 @@ pub fn apt_install(what: &str, pkgs: &[&str]) -> Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
-    if !(util::is_root() && is_debian_like()) {
-        bail!(
-            "{what} needs {}: install them (apt-get install -y --no-install-recommends {}) and run again",
-            missing.join(", "),
-            missing.join(" ")
-        );
+    if !is_debian_like() {
+        bail!("{what} needs {}: install them and run again", missing.join(", "));
     }
     step(format!("setup ({what}): installing {}", missing.join(" ")));
     apt_get_install(&missing)
 }
 
-/// `apt-get update`, then install `pkgs` without prompts or recommends.
+/// `apt-get update`, then install `pkgs` without prompts or recommends; through sudo
+/// when we are not root (CI is root and gets no sudo).
 fn apt_get_install(pkgs: &[&str]) -> Result<()> {
-    util::run(
-        Command::new("apt-get")
-            .arg("update")
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )?;
-    util::run(
-        Command::new("apt-get")
-            .args(["install", "-y", "--no-install-recommends"])
-            .args(pkgs)
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )
+    let mut update = Command::new("apt-get");
+    update.arg("update").env("DEBIAN_FRONTEND", "noninteractive");
+    let mut install = Command::new("apt-get");
+    install
+        .args(["install", "-y", "--no-install-recommends"])
+        .args(pkgs)
+        .env("DEBIAN_FRONTEND", "noninteractive");
+    for cmd in [update, install] {
+        let Some(mut cmd) = util::as_root(cmd) else {
+            bail!(
+                "installing {} needs root, and there is no sudo: run as root \
+                 (apt-get install -y --no-install-recommends {})",
+                pkgs.join(", "),
+                pkgs.join(" ")
+            );
+        };
+        if !util::is_root() {
+            step("not root: apt-get through sudo");
+        }
+        util::run(&mut cmd)?;
+    }
+    Ok(())
 }

@@ -4,7 +4,6 @@
 
 use crate::util::{self, step};
 use anyhow::Result;
-use std::process::Command;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -20,7 +19,7 @@ pub fn run(args: &Args) -> Result<()> {
         debug: false,
     })?;
     step(format!("testing the workspace (PAQET_BIN={})", bin.display()));
-    let mut cmd = Command::new(util::cargo());
+    let mut cmd = util::cargo_cmd();
     cmd.current_dir(util::root())
         .args(["test", "--release", "--no-fail-fast"])
         .env("PAQET_BIN", &bin);
@@ -37,7 +36,7 @@ pub fn run(args: &Args) -> Result<()> {
         // (timestamps, windows, counters) through the engine, and only a debug build
         // turns an overflow there into a failure.
         step("unit tests of the paqet library again, with overflow checks (debug build)");
-        let mut debug = Command::new(util::cargo());
+        let mut debug = util::cargo_cmd();
         debug
             .current_dir(util::root())
             .args(["test", "-p", "paqet-user", "--lib"]);

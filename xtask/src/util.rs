@@ -25,6 +25,53 @@ pub fn cargo() -> String {
     std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
 }
 
+/// A command for that cargo, without the package variables `cargo run` gave xtask
+/// (CARGO_PKG_NAME=xtask, CARGO_MANIFEST_DIR=.../xtask, ...). ring's build script asks
+/// to rerun when those change, and cargo compares them with its own environment: left
+/// in, every switch between `cargo xtask ...` and a plain `cargo build`/`cargo test`
+/// rebuilt ring, snow and paqet-user.
+pub fn cargo_cmd() -> Command {
+    let mut cmd = Command::new(cargo());
+    for (key, _) in std::env::vars_os() {
+        let Some(k) = key.to_str() else { continue };
+        let from_cargo_run = k.starts_with("CARGO_PKG_")
+            || k.starts_with("CARGO_MANIFEST_")
+            || matches!(
+                k,
+                "CARGO_CRATE_NAME" | "CARGO_BIN_NAME" | "CARGO_PRIMARY_PACKAGE" | "CARGO_RUSTC_CURRENT_DIR"
+            );
+        if from_cargo_run {
+            cmd.env_remove(&key);
+        }
+    }
+    cmd
+}
+
+/// `cmd` run as root: itself when we are root, else through `sudo -E` (None: no sudo).
+pub fn as_root(cmd: Command) -> Option<Command> {
+    if is_root() {
+        return Some(cmd);
+    }
+    let mut s = Command::new(which("sudo")?);
+    s.arg("-E").arg(cmd.get_program());
+    copy_setup(&cmd, &mut s);
+    Some(s)
+}
+
+/// Arguments, environment changes and directory of `from`, onto `to`.
+fn copy_setup(from: &Command, to: &mut Command) {
+    to.args(from.get_args());
+    for (k, v) in from.get_envs() {
+        match v {
+            Some(v) => to.env(k, v),
+            None => to.env_remove(k),
+        };
+    }
+    if let Some(d) = from.get_current_dir() {
+        to.current_dir(d);
+    }
+}
+
 pub fn cargo_home_bin() -> Option<PathBuf> {
     let home = std::env::var_os("CARGO_HOME")
         .map(PathBuf::from)
