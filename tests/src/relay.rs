@@ -30,6 +30,14 @@ pub struct RelayOptions {
     pub server_extra: Vec<String>,
     /// Extra `KEY=VALUE` lines for the client's paqet.conf.
     pub client_extra: Vec<String>,
+    /// Configs exactly as a user writes them (server, client), instead of the bed's own
+    /// lines: only `KEY=` is added. For the README's and the seed's examples.
+    pub as_written: Option<(String, String)>,
+    /// Words run before the paqet binary (e.g. `setpriv ...` to drop capabilities).
+    pub server_prefix: Vec<String>,
+    pub client_prefix: Vec<String>,
+    /// False: no paqet server runs at all (a client facing silence).
+    pub start_server: bool,
 }
 
 /// A fresh random key, from `paqet genkey`.
@@ -54,6 +62,10 @@ impl RelayOptions {
             timeout_secs: 10,
             server_extra: Vec::new(),
             client_extra: Vec::new(),
+            as_written: None,
+            server_prefix: Vec::new(),
+            client_prefix: Vec::new(),
+            start_server: true,
         })
     }
 }
@@ -80,6 +92,7 @@ pub struct RelayBed {
     pub link: Option<EmulatedLink>,
     scratch: Scratch,
     transport: &'static str,
+    client_prefix: Vec<String>,
 }
 
 /// A binary of this crate (origin, link emulator), found next to the running test or
@@ -149,35 +162,48 @@ impl RelayBed {
                 opts.transport, opts.timeout_secs
             )
         };
+        let (server_lines, client_lines) = match &opts.as_written {
+            Some((server, client)) => (
+                format!("{server}\nKEY={}\n", opts.server_key),
+                format!("{client}\nKEY={}\n", opts.client_key),
+            ),
+            None => (
+                format!("LISTEN_ADDR={}:{SERVER_PORT}\n{}", TwoHosts::SERVER_IP, common(&opts.server_key)),
+                format!(
+                    "SOCKS_ADDR=127.0.0.1:{SOCKS_PORT}\nREMOTE_ADDR={}:{SERVER_PORT}\nKCP_MODE=fast3\n{}",
+                    TwoHosts::SERVER_IP,
+                    common(&opts.client_key)
+                ),
+            ),
+        };
         let server_conf = dir.join("server.conf");
-        let server_lines = format!(
-            "LISTEN_ADDR={}:{SERVER_PORT}\n{}",
-            TwoHosts::SERVER_IP,
-            common(&opts.server_key)
-        );
         write_conf(&server_conf, &server_lines, &opts.server_extra)?;
-        let server = spawn_paqet(
-            &hosts.server,
-            opts.transport,
-            "server",
-            &server_conf,
-            &dir.join("server.log"),
-        )?;
+        chown_for(&opts.server_prefix, &server_conf)?;
+        let server = if opts.start_server {
+            spawn_paqet(
+                &hosts.server,
+                opts.transport,
+                &opts.server_prefix,
+                "server",
+                &server_conf,
+                &dir.join("server.log"),
+            )?
+        } else {
+            ChildGuard::spawn(Command::new("true").stdin(Stdio::null()))?
+        };
 
         let client_conf = dir.join("client.conf");
-        let client_lines = format!(
-            "SOCKS_ADDR=127.0.0.1:{SOCKS_PORT}\nREMOTE_ADDR={}:{SERVER_PORT}\nKCP_MODE=fast3\n{}",
-            TwoHosts::SERVER_IP,
-            common(&opts.client_key)
-        );
         write_conf(&client_conf, &client_lines, &opts.client_extra)?;
+        chown_for(&opts.client_prefix, &client_conf)?;
         let client = spawn_paqet(
             &hosts.client,
             opts.transport,
+            &opts.client_prefix,
             "client",
             &client_conf,
             &dir.join("client.log"),
         )?;
+
         let bed = RelayBed {
             client,
             server,
@@ -186,6 +212,7 @@ impl RelayBed {
             link,
             scratch,
             transport: opts.transport,
+            client_prefix: opts.client_prefix.clone(),
         };
         bed.wait_ready()?;
         Ok(bed)
@@ -218,6 +245,7 @@ impl RelayBed {
         self.client = spawn_paqet(
             &self.hosts.client,
             self.transport,
+            &self.client_prefix,
             "client",
             &conf,
             &self.scratch.dir.join("client.log"),
@@ -280,12 +308,30 @@ impl RelayBed {
     }
 }
 
-fn spawn_paqet(ns: &Netns, transport: &str, role: &str, conf: &PathBuf, log: &PathBuf) -> Result<ChildGuard> {
+/// The user a config must belong to for a process started with `prefix`: paqet refuses
+/// a key file that another user could read, and reads it as whoever `--reuid` names.
+fn chown_for(prefix: &[String], conf: &PathBuf) -> Result<()> {
+    let reuid = prefix.iter().position(|w| w == "--reuid").and_then(|i| prefix.get(i + 1));
+    if let Some(user) = reuid {
+        crate::netns::run_checked(Command::new("chown").arg(user).arg(conf))?;
+    }
+    Ok(())
+}
+
+/// Starts paqet in `ns`, with `prefix` (e.g. setpriv) before the binary.
+fn spawn_paqet(
+    ns: &Netns,
+    transport: &str,
+    prefix: &[String],
+    role: &str,
+    conf: &PathBuf,
+    log: &PathBuf,
+) -> Result<ChildGuard> {
     let log_file = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
     let err_file = log_file.try_clone()?;
     let bin = paqet_bin();
-    let mut cmd = if transport == "xdp" {
-        // The xdp transport pins maps in /sys/fs/bpf, which `ip netns exec` would hide
+    let mut cmd = if transport != "udp" {
+        // The xdp transport (also under auto) pins maps in /sys/fs/bpf, which `ip netns exec` would hide
         // (it remounts /sys). So: enter only the network namespace, and give the process
         // a private mount namespace in which the namespace's hosts file is /etc/hosts.
         ensure_bpffs()?;
@@ -293,7 +339,11 @@ fn spawn_paqet(ns: &Netns, transport: &str, role: &str, conf: &PathBuf, log: &Pa
         let mut c = ns.nsenter_command("unshare");
         c.args(["--mount", "--propagation", "private", "sh", "-c"]);
         c.arg(r#"[ -f "$0" ] && mount --bind "$0" /etc/hosts; shift; exec "$@""#);
-        c.arg(&hosts).arg("paqet").arg(&bin);
+        c.arg(&hosts).arg("paqet").args(prefix).arg(&bin);
+        c
+    } else if let Some((first, rest)) = prefix.split_first() {
+        let mut c = ns.command(first);
+        c.args(rest).arg(&bin);
         c
     } else {
         ns.command(&bin.to_string_lossy())

@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 
 pub const REPLY_SUCCEEDED: u8 = 0;
+pub const REPLY_GENERAL_FAILURE: u8 = 1;
 pub const REPLY_NOT_ALLOWED: u8 = 2;
 pub const REPLY_CONNECTION_REFUSED: u8 = 5;
 pub const REPLY_TTL_EXPIRED: u8 = 6;

@@ -1,7 +1,7 @@
 //! The engine end to end over an in-memory link that drops, duplicates, reorders and
 //! corrupts datagrams, on a virtual clock: delivery must still be exact and in order.
 
-use super::mux::ReadOutcome;
+use super::mux::{ReadOutcome, StreamError};
 use super::output::ACK_DELAY;
 use super::streams::LINGER;
 use super::*;
@@ -648,4 +648,196 @@ fn the_server_follows_the_client_to_the_address_of_its_latest_packet_only() {
         Err(DropReason::Replayed)
     );
     assert_eq!(server_sends_to(&mut sim, sid), moved);
+}
+
+#[test]
+fn forged_replies_do_not_cancel_the_pending_handshake_and_only_the_server_may_answer() {
+    let mut sim = Sim::new(Impairment::default(), 31);
+    let now = sim.clock();
+    sim.client.connect(now);
+    let mut out = Vec::new();
+    sim.client.drain_transmits(&mut out);
+    let hello = out.pop().unwrap().payload;
+    let stranger: SocketAddr = "198.18.0.9:4000".parse().unwrap();
+    // One forged packet per retry used to keep a client offline: it consumed the
+    // pending handshake even though it failed to authenticate.
+    for from in [SERVER.parse().unwrap(), stranger] {
+        let mut forged = vec![0x55; 96];
+        assert_eq!(
+            sim.client.handle_datagram(now, PathId(0), from, &mut forged),
+            Err(DropReason::Unauthentic)
+        );
+    }
+    sim.server
+        .handle_datagram(now, PathId(0), CLIENT.parse().unwrap(), &mut hello.clone())
+        .unwrap();
+    let mut answer = Vec::new();
+    sim.server.drain_transmits(&mut answer);
+    let answer = answer.pop().unwrap().payload;
+    assert_eq!(
+        sim.client.handle_datagram(now, PathId(0), stranger, &mut answer.clone()),
+        Err(DropReason::Unauthentic),
+        "the server's answer, sent on by someone else, is not the server's"
+    );
+    sim.client
+        .handle_datagram(now, PathId(0), SERVER.parse().unwrap(), &mut answer.clone())
+        .unwrap();
+    assert!(sim.client.is_connected());
+}
+
+/// A client with two paths and a server that only path `open` reaches; the server sees
+/// that path as `server_path`. Runs `ms` of virtual time in 50 ms steps.
+struct TwoPaths {
+    sim: Sim,
+    open: [bool; 2],
+    server_path: PathId,
+}
+
+impl TwoPaths {
+    fn new(seed: u8, open: [bool; 2]) -> TwoPaths {
+        let mut sim = Sim::new(Impairment::default(), seed);
+        let mut cfg = EngineConfig::new(
+            Role::Client {
+                server: SERVER.parse().unwrap(),
+            },
+            psk(),
+            [seed; 32],
+        );
+        cfg.paths = vec![PathId(0), PathId(1)];
+        sim.client = Engine::new(cfg, sim.now);
+        TwoPaths {
+            sim,
+            open,
+            server_path: PathId(7),
+        }
+    }
+
+    fn run(&mut self, ms: u64) {
+        let client_from: SocketAddr = CLIENT.parse().unwrap();
+        let server_from: SocketAddr = SERVER.parse().unwrap();
+        for _ in 0..ms / 50 {
+            self.sim.now += Duration::from_millis(50);
+            let now = self.sim.clock();
+            self.sim.client.handle_timeout(now);
+            self.sim.server.handle_timeout(now);
+            let mut up = Vec::new();
+            self.sim.client.drain_transmits(&mut up);
+            for t in up {
+                let mut payload = t.payload;
+                if self.open[t.path.0 as usize] {
+                    let _ = self
+                        .sim
+                        .server
+                        .handle_datagram(now, self.server_path, client_from, &mut payload);
+                }
+            }
+            let mut down = Vec::new();
+            self.sim.server.drain_transmits(&mut down);
+            for t in down {
+                assert_eq!(t.path, self.server_path, "the server answers on the path a client used");
+                let open_path = PathId(self.open.iter().position(|&o| o).unwrap() as u8);
+                let mut payload = t.payload;
+                let _ = self.sim.client.handle_datagram(now, open_path, server_from, &mut payload);
+            }
+            self.sim.client.drain_events(&mut self.sim.client_events);
+            self.sim.server.drain_events(&mut self.sim.server_events);
+        }
+    }
+
+    fn connected_over(&self) -> Vec<PathId> {
+        self.sim
+            .client_events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Connected { path, .. } => Some(*path),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+#[test]
+fn a_client_tries_its_best_path_first_then_falls_back_and_later_tries_the_best_again() {
+    let mut two = TwoPaths::new(32, [false, true]);
+    two.sim.client.connect(two.sim.clock());
+    two.run(1_900);
+    assert!(two.connected_over().is_empty(), "the second path was tried too early");
+    two.run(1_000);
+    assert_eq!(two.connected_over(), [PathId(1)]);
+    assert!(two.sim.client_events.contains(&Event::PathFallback {
+        unanswered: vec![PathId(0)],
+        next: PathId(1),
+    }));
+    // Streams work over the fallback path.
+    let now = two.sim.clock();
+    two.sim
+        .client
+        .open_stream(now, &TargetAddr::Domain("fallback.test".into(), 80))
+        .unwrap();
+    two.run(200);
+    assert!(
+        two.sim.server_events.iter().any(|e| matches!(e, Event::StreamOpened { .. })),
+        "no stream reached the server over the fallback path"
+    );
+    // The best path comes back: within a minute or so the session moves there.
+    two.open = [true, false];
+    two.run(65_000);
+    assert_eq!(two.connected_over(), [PathId(1), PathId(0)]);
+}
+
+#[test]
+fn an_unanswered_server_fails_waiting_streams_within_seconds_and_new_ones_at_once() {
+    let mut two = TwoPaths::new(33, [false, false]);
+    let now = two.sim.clock();
+    let cid = two
+        .sim
+        .client
+        .open_stream(now, &TargetAddr::Domain("nobody.test".into(), 80))
+        .unwrap();
+    two.run(9_000);
+    assert!(
+        !two.sim.client_events.iter().any(|e| matches!(e, Event::StreamReplied { .. })),
+        "failed before the server had its chance"
+    );
+    two.run(3_000);
+    assert!(two.sim.client_events.contains(&Event::StreamReplied {
+        id: cid,
+        result: Err(OpenError::GeneralFailure)
+    }));
+    let warned = two
+        .sim
+        .client_events
+        .iter()
+        .find_map(|e| match e {
+            Event::ServerUnanswered { tried, silent } => Some((tried.clone(), *silent)),
+            _ => None,
+        })
+        .expect("no ServerUnanswered event");
+    assert_eq!(warned.0, [PathId(0), PathId(1)]);
+    assert!(warned.1 >= SERVER_UNANSWERED_AFTER);
+    let now = two.sim.clock();
+    assert_eq!(
+        two.sim
+            .client
+            .open_stream(now, &TargetAddr::Domain("nobody.test".into(), 80)),
+        Err(StreamError::ServerUnanswered)
+    );
+    // The server comes up: the client reconnects by itself and says so.
+    two.open = [false, true];
+    two.run(3_000);
+    assert!(two.sim.client_events.iter().any(|e| matches!(
+        e,
+        Event::Connected {
+            path: PathId(1),
+            after_outage: true,
+            ..
+        }
+    )));
+    let now = two.sim.clock();
+    assert!(
+        two.sim
+            .client
+            .open_stream(now, &TargetAddr::Domain("back.test".into(), 80))
+            .is_ok()
+    );
 }

@@ -1,0 +1,146 @@
+//! What a new user meets first, in network namespaces: the README's and the seed's
+//! example configs as written, a client and a server with different privileges, and a
+//! server that does not answer. Real paqet processes, real curl, hashes checked.
+
+use std::time::{Duration, Instant};
+
+use paqet_tests::relay::{ORIGIN_NAME, ORIGIN_PORT, RelayBed, RelayOptions, SERVER_PORT};
+use paqet_tests::{TwoHosts, require_root, scenarios, socks};
+
+const MIB: u64 = 1 << 20;
+
+/// The README's server config (`LISTEN_ADDR=0.0.0.0:4000`) and the seed's client
+/// example, with the testbed's server address in place of the documentation address.
+fn readme_and_seed_configs() -> (String, String) {
+    let server = format!("LISTEN_ADDR=0.0.0.0:{SERVER_PORT}");
+    let client = format!(
+        "# Basic configuration for typical usage\nSOCKS_ADDR=127.0.0.1:1080\nREMOTE_ADDR={}:{SERVER_PORT}\nKCP_MODE=fast3",
+        TwoHosts::SERVER_IP
+    );
+    (server, client)
+}
+
+/// Runs paqet as an unprivileged user holding only `caps` (ambient), as the seed's
+/// `setcap cap_net_raw+ep` advice leaves it.
+fn only_caps(caps: &str) -> Vec<String> {
+    [
+        "setpriv",
+        "--reuid",
+        "nobody",
+        "--regid",
+        "nogroup",
+        "--clear-groups",
+        &format!("--inh-caps=-all,{caps}"),
+        &format!("--ambient-caps=-all,{caps}"),
+        &format!("--bounding-set=-all,{caps}"),
+        "--",
+    ]
+    .iter()
+    .map(|w| w.to_string())
+    .collect()
+}
+
+fn as_written(opts: &mut RelayOptions) {
+    opts.transport = "auto";
+    opts.as_written = Some(readme_and_seed_configs());
+}
+
+/// The path the client's log says its session took, e.g. "xdp/tcp" or "udp".
+fn session_path(bed: &RelayBed) -> Option<String> {
+    let log = bed.log_of("client");
+    let line = log.lines().rev().find(|l| l.contains("session established"))?;
+    let path = line.split("path=").nth(1)?.split_whitespace().next()?;
+    Some(path.to_string())
+}
+
+#[test]
+fn the_readme_server_and_the_seed_client_as_written_relay_over_xdp() {
+    if !require_root("the_readme_server_and_the_seed_client_as_written_relay_over_xdp") {
+        return;
+    }
+    let mut opts = RelayOptions::new("auto").unwrap();
+    as_written(&mut opts);
+    let bed = RelayBed::start("f1", &opts).unwrap();
+    scenarios::curl_download_is_exact(&bed, 20 * MIB);
+    assert_eq!(
+        session_path(&bed).as_deref(),
+        Some("xdp/tcp"),
+        "a server on 0.0.0.0 is reached over xdp\n{}",
+        bed.logs()
+    );
+}
+
+#[test]
+fn a_client_with_cap_net_raw_only_reaches_a_root_server() {
+    if !require_root("a_client_with_cap_net_raw_only_reaches_a_root_server") {
+        return;
+    }
+    let mut opts = RelayOptions::new("auto").unwrap();
+    as_written(&mut opts);
+    opts.client_prefix = only_caps("+net_raw");
+    let bed = RelayBed::start("f2", &opts).unwrap();
+    scenarios::curl_download_is_exact(&bed, 20 * MIB);
+    assert_eq!(session_path(&bed).as_deref(), Some("udp"), "{}", bed.logs());
+}
+
+#[test]
+fn a_root_client_reaches_a_server_with_cap_net_raw_only() {
+    if !require_root("a_root_client_reaches_a_server_with_cap_net_raw_only") {
+        return;
+    }
+    let mut opts = RelayOptions::new("auto").unwrap();
+    as_written(&mut opts);
+    opts.server_prefix = only_caps("+net_raw");
+    let bed = RelayBed::start("f3", &opts).unwrap();
+    scenarios::curl_download_is_exact(&bed, 20 * MIB);
+    let client_log = bed.log_of("client");
+    assert!(
+        client_log.contains("also trying udp"),
+        "the client should say why it left xdp\n{}",
+        bed.logs()
+    );
+    assert_eq!(session_path(&bed).as_deref(), Some("udp"), "{}", bed.logs());
+}
+
+#[test]
+fn without_a_server_socks_requests_fail_within_seconds_and_the_log_says_why() {
+    if !require_root("without_a_server_socks_requests_fail_within_seconds_and_the_log_says_why") {
+        return;
+    }
+    let mut opts = RelayOptions::new("auto").unwrap();
+    as_written(&mut opts);
+    opts.start_server = false;
+    // TIMEOUT stays at its default (30 s): the failure must not wait for it.
+    let bed = RelayBed::start("f4", &opts).unwrap();
+    let proxy = bed.socks_addr();
+    let (first, first_took, second, second_took) = bed
+        .hosts
+        .client
+        .run(|| {
+            let started = Instant::now();
+            let first = socks::connect(proxy, ORIGIN_NAME, ORIGIN_PORT, None, 1).unwrap().err();
+            let first_took = started.elapsed();
+            let started = Instant::now();
+            let second = socks::connect(proxy, ORIGIN_NAME, ORIGIN_PORT, None, 1).unwrap().err();
+            (first, first_took, second, started.elapsed())
+        })
+        .unwrap();
+    assert_eq!(first, Some(socks::REPLY_GENERAL_FAILURE), "{}", bed.logs());
+    assert!(
+        first_took < Duration::from_secs(25),
+        "the failure came after {first_took:?}, as late as TIMEOUT"
+    );
+    assert_eq!(second, Some(socks::REPLY_GENERAL_FAILURE));
+    assert!(
+        second_took < Duration::from_secs(5),
+        "while the server is known silent, requests fail at once (took {second_took:?})"
+    );
+    let log = bed.log_of("client");
+    let warning = log
+        .lines()
+        .find(|l| l.contains("WARN") && l.contains("has not answered"))
+        .unwrap_or_else(|| panic!("no WARN line about the silent server\n{log}"));
+    for expected in [&format!("{}:{SERVER_PORT}", TwoHosts::SERVER_IP), "xdp/tcp", "udp", "KEY", "paqet check"] {
+        assert!(warning.contains(expected), "the warning lacks {expected:?}: {warning}");
+    }
+}
