@@ -144,3 +144,24 @@ fn without_a_server_socks_requests_fail_within_seconds_and_the_log_says_why() {
         assert!(warning.contains(expected), "the warning lacks {expected:?}: {warning}");
     }
 }
+
+#[test]
+fn the_seeds_udp_buffer_advice_still_relays_at_speed() {
+    if !require_root("the_seeds_udp_buffer_advice_still_relays_at_speed") {
+        return;
+    }
+    let mut opts = RelayOptions::new("udp").unwrap();
+    // "Increase UDP buffer sizes (in paqet.conf): UDP_BUFFER=8192", on both ends.
+    opts.server_extra.push("UDP_BUFFER=8192".into());
+    opts.client_extra.push("UDP_BUFFER=8192".into());
+    let bed = RelayBed::start("f5", &opts).unwrap();
+    let rate = scenarios::curl_download_is_exact(&bed, 50 * MIB);
+    eprintln!("50 MiB with UDP_BUFFER=8192 at {rate:.1} MB/s");
+    for role in ["server", "client"] {
+        assert!(
+            bed.log_of(role).contains("UDP_BUFFER=8192 is too small"),
+            "the {role} should say it raised the buffer\n{}",
+            bed.logs()
+        );
+    }
+}

@@ -162,7 +162,8 @@ fn status_shows_live_sessions_streams_and_throughput() {
             "{name}: no redirected frames: {v}"
         );
         let live = &v["live"];
-        assert_eq!(live["transport"], "xdp", "{name}: {v}");
+        // The live transport names the path, wire included (an explicit TRANSPORT=xdp has one).
+        assert_eq!(live["transport"], "xdp/tcp", "{name}: {v}");
         assert_eq!(live["sessions"], 1, "{name}: {v}");
         assert_eq!(live["streams"], 1, "{name}: {v}");
         // The AF_XDP sockets' own drop counters are readable (their value depends on

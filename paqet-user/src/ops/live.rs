@@ -30,7 +30,7 @@ pub fn state_path(instance: &str) -> PathBuf {
 }
 
 fn render(role: &str, transport: &str, now: Snapshot, before: Snapshot, secs: f64) -> Value {
-    let rate = |a: u64, b: u64| ((a.saturating_sub(b)) as f64 / secs).round();
+    let rate = |a: u64, b: u64| ((a.saturating_sub(b)) as f64 / secs).round() as u64;
     json!({
         "pid": std::process::id(),
         "role": role,

@@ -132,7 +132,15 @@ pub fn run(args: &StatusArgs) -> Result<()> {
             .flatten()
             .map(|i| i.to_string())
             .collect();
-        let state = if v["pins"].is_null() {
+        let live_transport = v["live"]["transport"].as_str().unwrap_or("");
+        let state = if v["pins"].is_null() && live_transport.contains("xdp") {
+            // The process says it steers with XDP, so its pins exist where it made them:
+            // this mount namespace (e.g. under `ip netns exec`) just cannot see them.
+            format!(
+                "xdp transport; its pins are not visible from this mount namespace \
+                 (run `paqet status` where {PIN_ROOT} is the host's, e.g. via `nsenter --net=`)"
+            )
+        } else if v["pins"].is_null() {
             "no XDP program (udp transport)".to_string()
         } else if v["running"].as_bool() == Some(true) {
             format!(
@@ -165,13 +173,13 @@ pub fn run(args: &StatusArgs) -> Result<()> {
             );
         } else {
             println!(
-                "  live: pid {} transport {} sessions {} streams {} in {} B/s out {} B/s, dropped unauthentic {} replayed {}, receive overflows {}",
+                "  live: pid {} transport {} sessions {} streams {} in {} out {}, dropped unauthentic {} replayed {}, receive overflows {}",
                 live["pid"],
-                live["transport"],
+                live_transport,
                 live["sessions"],
                 live["streams"],
-                live["bytes_in_per_s"],
-                live["bytes_out_per_s"],
+                human_rate(&live["bytes_in_per_s"]),
+                human_rate(&live["bytes_out_per_s"]),
                 live["dropped_unauthentic"],
                 live["dropped_replayed"],
                 live["receive_overflows"]
@@ -179,4 +187,36 @@ pub fn run(args: &StatusArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Bytes per second as people read them: "414 MB/s", "12.3 kB/s", "0 B/s" (decimal
+/// units, as network rates are quoted; `--json` keeps the exact number).
+fn human_rate(v: &Value) -> String {
+    let bytes = v.as_f64().unwrap_or(0.0);
+    let units = [("GB/s", 1e9), ("MB/s", 1e6), ("kB/s", 1e3)];
+    match units.iter().find(|(_, scale)| bytes >= *scale) {
+        Some((unit, scale)) if bytes / scale >= 100.0 => format!("{:.0} {unit}", bytes / scale),
+        Some((unit, scale)) => format!("{:.1} {unit}", bytes / scale),
+        None => format!("{bytes:.0} B/s"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rates_read_as_people_quote_them() {
+        let cases = [
+            (414_398_763.0, "414 MB/s"),
+            (12_345.0, "12.3 kB/s"),
+            (1_500_000_000.0, "1.5 GB/s"),
+            (999.0, "999 B/s"),
+            (0.0, "0 B/s"),
+        ];
+        for (bytes, text) in cases {
+            assert_eq!(human_rate(&serde_json::json!(bytes)), text);
+        }
+        assert_eq!(human_rate(&Value::Null), "0 B/s");
+    }
 }
