@@ -13,6 +13,7 @@ use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
@@ -79,12 +80,16 @@ pub fn user_ids(name: &str) -> Option<(u32, u32)> {
     Some((f.get(2)?.parse().ok()?, f.get(3)?.parse().ok()?))
 }
 
-/// Creates the service user as `cargo xtask install` does, when it is missing.
+/// Creates the service user as `cargo xtask install` does, when it is missing. Tests
+/// run in parallel: they take turns here, and a useradd that lost a race with another
+/// process (the user exists now) is no failure.
 pub fn ensure_user() -> Result<(u32, u32)> {
+    static TURN: Mutex<()> = Mutex::new(());
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(ids) = user_ids(USER) {
         return Ok(ids);
     }
-    run_checked(Command::new("useradd").args([
+    let added = run_checked(Command::new("useradd").args([
         "--system",
         "--user-group",
         "--no-create-home",
@@ -93,8 +98,12 @@ pub fn ensure_user() -> Result<(u32, u32)> {
         "--shell",
         "/usr/sbin/nologin",
         USER,
-    ]))?;
-    user_ids(USER).context("useradd succeeded but the user is unknown")
+    ]));
+    match (user_ids(USER), added) {
+        (Some(ids), _) => Ok(ids),
+        (None, Err(e)) => Err(e),
+        (None, Ok(_)) => bail!("useradd succeeded but the user {USER} is unknown"),
+    }
 }
 
 /// Runs the unit's `ExecStartPre=` commands as root, as systemd would (their `+`
@@ -157,6 +166,10 @@ impl ServiceBed {
     /// Namespaces, origin, configs; no paqet yet (see [`ServiceBed::start`]).
     pub fn new(tag: &str) -> Result<ServiceBed> {
         let (uid, gid) = ensure_user()?;
+        // Every bed starts from the host the unit prepares before its first start:
+        // `paqet check` inspects exactly that (bpffs, /sys/fs/bpf/paqet owned by the
+        // user), and root-run tests elsewhere leave /sys/fs/bpf/paqet owned by root.
+        run_exec_start_pre()?;
         let caps = unit_caps()?;
         let n = BEDS.fetch_add(1, Ordering::Relaxed);
         let id = format!("{}{n}", std::process::id() % 100_000);
@@ -401,13 +414,18 @@ impl ServiceBed {
     }
 
     /// Whether the kernel still has a program with this id.
-    pub fn prog_exists(id: u32) -> bool {
-        Command::new("bpftool")
-            .args(["prog", "show", "id", &id.to_string()])
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false)
+    pub fn prog_exists(id: u32) -> Result<bool> {
+        Ok(bpftool(&["prog", "show", "id", &id.to_string()])?.status.success())
     }
+}
+
+/// Runs bpftool; its absence is an error, not an answer (a check that no program is
+/// left must not pass because bpftool could not look).
+pub fn bpftool(args: &[&str]) -> Result<std::process::Output> {
+    Command::new("bpftool")
+        .args(args)
+        .output()
+        .context("running bpftool (package bpftool: `cargo xtask setup` installs it)")
 }
 
 impl Drop for ServiceBed {

@@ -173,13 +173,10 @@ fn sigterm_during_a_transfer_exits_zero_and_leaves_nothing() {
     }
     for (role, id) in ids {
         assert!(
-            !ServiceBed::prog_exists(id),
+            !ServiceBed::prog_exists(id).unwrap(),
             "{role}'s paqet_steer (id {id}) is still loaded"
         );
-        let out = Command::new("bpftool")
-            .args(["prog", "show", "name", "paqet_steer"])
-            .output()
-            .unwrap();
+        let out = service::bpftool(&["prog", "show", "name", "paqet_steer"]).unwrap();
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(
             !text.lines().any(|l| l.starts_with(&format!("{id}:"))),
