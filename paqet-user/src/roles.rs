@@ -47,7 +47,7 @@ fn kcp_profile(mode: KcpMode) -> KcpProfile {
     }
 }
 
-fn engine_config(config: &Config, role: engine::Role) -> EngineConfig {
+pub(crate) fn engine_config(config: &Config, role: engine::Role) -> EngineConfig {
     let mut seed = [0u8; 32];
     rand::fill(&mut seed);
     let mut ec = EngineConfig::new(role, Psk(config.key.0), seed);
@@ -56,7 +56,7 @@ fn engine_config(config: &Config, role: engine::Role) -> EngineConfig {
     ec
 }
 
-async fn resolve_remote(config: &Config) -> Result<SocketAddr> {
+pub(crate) async fn resolve_remote(config: &Config) -> Result<SocketAddr> {
     let remote = config
         .remote_addr
         .as_ref()
@@ -225,6 +225,19 @@ fn open_paths(config: &Config, side: &Side) -> Result<(Vec<AnyTransport>, String
     }
 }
 
+/// A client's paths to `server`, best first, as `TRANSPORT` allows (what `paqet
+/// check` probes one by one).
+pub(crate) fn open_client_paths(config: &Config, server: SocketAddr) -> Result<Vec<AnyTransport>> {
+    Ok(open_paths(config, &Side::Client { server })?.0)
+}
+
+/// The pin instance a client's xdp path uses towards `server`, if it can tell.
+pub(crate) fn client_xdp_instance(config: &Config, server: SocketAddr) -> Option<String> {
+    let side = Side::Client { server };
+    let (interface, _) = xdp_sites(config, &side).ok()?.into_iter().next()?;
+    Some(format!("{}-{interface}", role_name(&side)))
+}
+
 fn udp_port(side: &Side) -> u16 {
     match *side {
         Side::Client { .. } => 0,
@@ -248,7 +261,7 @@ pub async fn run(config: Config) -> Result<()> {
 }
 
 /// The largest datagram every path carries: a session may move between paths.
-fn path_datagram_size(paths: &[AnyTransport], default: usize) -> usize {
+pub(crate) fn path_datagram_size(paths: &[AnyTransport], default: usize) -> usize {
     paths.iter().map(|p| p.max_payload()).fold(default, usize::min)
 }
 

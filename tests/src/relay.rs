@@ -168,7 +168,11 @@ impl RelayBed {
                 format!("{client}\nKEY={}\n", opts.client_key),
             ),
             None => (
-                format!("LISTEN_ADDR={}:{SERVER_PORT}\n{}", TwoHosts::SERVER_IP, common(&opts.server_key)),
+                format!(
+                    "LISTEN_ADDR={}:{SERVER_PORT}\n{}",
+                    TwoHosts::SERVER_IP,
+                    common(&opts.server_key)
+                ),
                 format!(
                     "SOCKS_ADDR=127.0.0.1:{SOCKS_PORT}\nREMOTE_ADDR={}:{SERVER_PORT}\nKCP_MODE=fast3\n{}",
                     TwoHosts::SERVER_IP,
@@ -257,6 +261,17 @@ impl RelayBed {
         ([127, 0, 0, 1], SOCKS_PORT).into()
     }
 
+    /// Runs `paqet ARGS --config <the client's config>` in the client namespace, as the
+    /// client runs, and returns its output (e.g. `paqet check`).
+    pub fn run_client_command(&self, args: &[&str]) -> Result<std::process::Output> {
+        let mut cmd = paqet_in(&self.hosts.client, self.transport, &self.client_prefix)?;
+        cmd.args(args)
+            .arg("--config")
+            .arg(self.scratch.dir.join("client.conf"))
+            .stdin(Stdio::null());
+        cmd.output().context("running paqet in the client namespace")
+    }
+
     /// Both paqet logs, for failure messages.
     pub fn logs(&self) -> String {
         both_logs(&self.log_of("server"), &self.log_of("client"), 60)
@@ -311,7 +326,10 @@ impl RelayBed {
 /// The user a config must belong to for a process started with `prefix`: paqet refuses
 /// a key file that another user could read, and reads it as whoever `--reuid` names.
 fn chown_for(prefix: &[String], conf: &PathBuf) -> Result<()> {
-    let reuid = prefix.iter().position(|w| w == "--reuid").and_then(|i| prefix.get(i + 1));
+    let reuid = prefix
+        .iter()
+        .position(|w| w == "--reuid")
+        .and_then(|i| prefix.get(i + 1));
     if let Some(user) = reuid {
         crate::netns::run_checked(Command::new("chown").arg(user).arg(conf))?;
     }
@@ -329,8 +347,20 @@ fn spawn_paqet(
 ) -> Result<ChildGuard> {
     let log_file = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
     let err_file = log_file.try_clone()?;
+    let mut cmd = paqet_in(ns, transport, prefix)?;
+    cmd.arg(role)
+        .arg("--config")
+        .arg(conf)
+        .stdin(Stdio::null())
+        .stdout(log_file)
+        .stderr(err_file);
+    ChildGuard::spawn(&mut cmd)
+}
+
+/// A command that runs paqet in `ns` (arguments to be added), with `prefix` before it.
+fn paqet_in(ns: &Netns, transport: &str, prefix: &[String]) -> Result<Command> {
     let bin = paqet_bin();
-    let mut cmd = if transport != "udp" {
+    let cmd = if transport != "udp" {
         // The xdp transport (also under auto) pins maps in /sys/fs/bpf, which `ip netns exec` would hide
         // (it remounts /sys). So: enter only the network namespace, and give the process
         // a private mount namespace in which the namespace's hosts file is /etc/hosts.
@@ -348,13 +378,7 @@ fn spawn_paqet(
     } else {
         ns.command(&bin.to_string_lossy())
     };
-    cmd.arg(role)
-        .arg("--config")
-        .arg(conf)
-        .stdin(Stdio::null())
-        .stdout(log_file)
-        .stderr(err_file);
-    ChildGuard::spawn(&mut cmd)
+    Ok(cmd)
 }
 
 /// Mounts bpffs on the host when it is not, so pins made inside a test's private mount

@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use paqet_tests::relay::{ORIGIN_NAME, ORIGIN_PORT, RelayBed, RelayOptions, SERVER_PORT};
-use paqet_tests::{TwoHosts, require_root, scenarios, socks};
+use paqet_tests::{TwoHosts, require_root, scenarios, socks, wait_for};
 
 const MIB: u64 = 1 << 20;
 
@@ -140,7 +140,13 @@ fn without_a_server_socks_requests_fail_within_seconds_and_the_log_says_why() {
         .lines()
         .find(|l| l.contains("WARN") && l.contains("has not answered"))
         .unwrap_or_else(|| panic!("no WARN line about the silent server\n{log}"));
-    for expected in [&format!("{}:{SERVER_PORT}", TwoHosts::SERVER_IP), "xdp/tcp", "udp", "KEY", "paqet check"] {
+    for expected in [
+        &format!("{}:{SERVER_PORT}", TwoHosts::SERVER_IP),
+        "xdp/tcp",
+        "udp",
+        "KEY",
+        "paqet check",
+    ] {
         assert!(warning.contains(expected), "the warning lacks {expected:?}: {warning}");
     }
 }
@@ -164,4 +170,60 @@ fn the_seeds_udp_buffer_advice_still_relays_at_speed() {
             bed.logs()
         );
     }
+}
+
+/// `paqet check` on the client's own config: its output and whether it passed.
+fn check(bed: &RelayBed) -> (bool, String) {
+    let out = bed.run_client_command(&["check"]).unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[test]
+fn paqet_check_probes_the_server_over_each_path() {
+    if !require_root("paqet_check_probes_the_server_over_each_path") {
+        return;
+    }
+    let mut opts = RelayOptions::new("auto").unwrap();
+    as_written(&mut opts);
+    let bed = RelayBed::start("f6", &opts).unwrap();
+    let live = std::path::PathBuf::from(format!("/run/paqet/client-{}.json", bed.hosts.client_if));
+    assert!(
+        wait_for(|| live.exists(), Duration::from_secs(10)),
+        "the client published no live status at {}\n{}",
+        live.display(),
+        bed.logs()
+    );
+    let (ok, text) = check(&bed);
+    let line = text
+        .lines()
+        .find(|l| l.contains("server over udp"))
+        .unwrap_or_else(|| panic!("no probe over udp:\n{text}"));
+    assert!(line.contains("answered a handshake in"), "{text}\n{}", bed.logs());
+    assert!(ok, "check failed against a live server:\n{text}");
+    // The running client holds the interface's XDP program: check says so, not FAIL.
+    assert!(
+        text.lines()
+            .any(|l| l.contains("server over xdp") && l.contains("not probed") && l.starts_with("OK")),
+        "{text}"
+    );
+
+    let mut opts = RelayOptions::new("auto").unwrap();
+    as_written(&mut opts);
+    opts.start_server = false;
+    let silent = RelayBed::start("f7", &opts).unwrap();
+    let (ok, text) = check(&silent);
+    assert!(!ok, "check passed with no server running:\n{text}");
+    let line = text
+        .lines()
+        .find(|l| l.contains("server over udp"))
+        .unwrap_or_else(|| panic!("no probe over udp:\n{text}"));
+    assert!(
+        line.contains("FAIL") && line.contains("no answer") && line.contains("KEY"),
+        "{text}"
+    );
 }

@@ -675,7 +675,8 @@ fn forged_replies_do_not_cancel_the_pending_handshake_and_only_the_server_may_an
     sim.server.drain_transmits(&mut answer);
     let answer = answer.pop().unwrap().payload;
     assert_eq!(
-        sim.client.handle_datagram(now, PathId(0), stranger, &mut answer.clone()),
+        sim.client
+            .handle_datagram(now, PathId(0), stranger, &mut answer.clone()),
         Err(DropReason::Unauthentic),
         "the server's answer, sent on by someone else, is not the server's"
     );
@@ -737,7 +738,10 @@ impl TwoPaths {
                 assert_eq!(t.path, self.server_path, "the server answers on the path a client used");
                 let open_path = PathId(self.open.iter().position(|&o| o).unwrap() as u8);
                 let mut payload = t.payload;
-                let _ = self.sim.client.handle_datagram(now, open_path, server_from, &mut payload);
+                let _ = self
+                    .sim
+                    .client
+                    .handle_datagram(now, open_path, server_from, &mut payload);
             }
             self.sim.client.drain_events(&mut self.sim.client_events);
             self.sim.server.drain_events(&mut self.sim.server_events);
@@ -776,7 +780,10 @@ fn a_client_tries_its_best_path_first_then_falls_back_and_later_tries_the_best_a
         .unwrap();
     two.run(200);
     assert!(
-        two.sim.server_events.iter().any(|e| matches!(e, Event::StreamOpened { .. })),
+        two.sim
+            .server_events
+            .iter()
+            .any(|e| matches!(e, Event::StreamOpened { .. })),
         "no stream reached the server over the fallback path"
     );
     // The best path comes back: within a minute or so the session moves there.
@@ -796,7 +803,10 @@ fn an_unanswered_server_fails_waiting_streams_within_seconds_and_new_ones_at_onc
         .unwrap();
     two.run(9_000);
     assert!(
-        !two.sim.client_events.iter().any(|e| matches!(e, Event::StreamReplied { .. })),
+        !two.sim
+            .client_events
+            .iter()
+            .any(|e| matches!(e, Event::StreamReplied { .. })),
         "failed before the server had its chance"
     );
     two.run(3_000);

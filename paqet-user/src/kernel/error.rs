@@ -72,6 +72,16 @@ pub enum KernelError {
         source: aya::pin::PinError,
     },
 
+    #[error(
+        "another paqet {instance} is running (program {programs:?} uses the pins at {path}): one program per \
+         interface and role; stop that one first, or give this one another INTERFACE"
+    )]
+    InstanceRunning {
+        instance: String,
+        path: PathBuf,
+        programs: Vec<u32>,
+    },
+
     #[error("no pinned paqet maps for instance {instance:?} at {path} (is paqet running?)")]
     NotPinned { instance: String, path: PathBuf },
 

@@ -59,10 +59,48 @@ pub fn ensure_bpffs() -> Result<(), KernelError> {
     Ok(())
 }
 
+/// Ids of the loaded `paqet_steer` programs that use the stats map pinned in `dir`:
+/// its owner is alive while there are any (bpffs holds no files to write a pid in).
+pub fn programs_using(dir: &Path) -> Result<Vec<u32>, KernelError> {
+    let pin = dir.join(PIN_STATS);
+    let map = aya::maps::MapData::from_pin(&pin).map_err(|source| KernelError::Map {
+        map: paqet_common::maps::STATS_MAP,
+        op: "opening the pin",
+        source,
+    })?;
+    let map_id = map
+        .info()
+        .map_err(|source| KernelError::Map {
+            map: paqet_common::maps::STATS_MAP,
+            op: "reading the map's info",
+            source,
+        })?
+        .id();
+    Ok(aya::programs::loaded_programs()
+        .flatten()
+        .filter(|prog| prog.name_as_str() == Some(paqet_common::maps::PROGRAM_NAME))
+        .filter(|prog| prog.map_ids().ok().flatten().is_some_and(|m| m.contains(&map_id)))
+        .map(|prog| prog.id())
+        .collect())
+}
+
 /// Creates an empty pin directory for `instance`, replacing pins left by a process of
-/// the same instance that did not exit cleanly (kill -9, crash).
+/// the same instance that did not exit cleanly (kill -9, crash). Pins a loaded program
+/// still uses belong to a live paqet and are never removed.
 pub fn fresh_pin_dir(instance: &str) -> Result<PathBuf, KernelError> {
     let dir = pin_dir(instance)?;
+    let programs = if dir.join(PIN_STATS).exists() {
+        programs_using(&dir).unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    if !programs.is_empty() {
+        return Err(KernelError::InstanceRunning {
+            instance: instance.to_string(),
+            path: dir,
+            programs,
+        });
+    }
     if dir.exists() {
         tracing::warn!(
             "replacing stale pins at {} (left by an earlier paqet {instance} that did not exit cleanly)",

@@ -14,6 +14,10 @@ use anyhow::{Result, bail};
 
 use crate::cli::RunArgs;
 use crate::config::{Config, DEFAULT_CONFIG_PATH, Role, TransportKind};
+use crate::engine::Engine;
+use crate::node::Node;
+use crate::transport::Transport;
+use crate::transport::any::AnyTransport;
 
 /// Where the service's binary is: the unit's ExecStart, then `paqet` on PATH.
 pub const INSTALLED_BIN: &str = "/opt/flowless/bin/paqet";
@@ -189,11 +193,15 @@ fn check_socks_port(r: &mut Report, addr: SocketAddr) {
         Ok(_) => r.line(true, "SOCKS port", &format!("{addr} is free")),
         Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
             let holder = port_holder(addr.port()).unwrap_or_else(|| "an unknown process".into());
-            r.line(
-                false,
-                "SOCKS port",
-                &format!("{addr} is busy, held by {holder}: stop it, or set SOCKS_ADDR to a free port"),
-            );
+            // Checking a config whose client is already running is the usual case while
+            // troubleshooting a connection, not a fault.
+            let ours = holder.contains("(paqet,");
+            let detail = if ours {
+                format!("{addr} is held by a running paqet client, {holder}")
+            } else {
+                format!("{addr} is busy, held by {holder}: stop it, or set SOCKS_ADDR to a free port")
+            };
+            r.line(ours, "SOCKS port", &detail);
         }
         Err(e) => r.line(
             false,
@@ -497,10 +505,110 @@ pub fn run(args: &RunArgs) -> Result<()> {
             if let Some(remote) = &config.remote_addr {
                 check_route(&mut r, &remote.to_string());
             }
+            check_server_answers(&mut r, &config);
         }
     }
     if r.failures > 0 {
         bail!("{} check(s) failed", r.failures);
     }
     Ok(())
+}
+
+/// How long a probe waits for the server's answer on one path.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// A real handshake with the server over each path this client can use, one at a time:
+/// which answer, and how fast.
+fn check_server_answers(r: &mut Report, config: &Config) {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => return r.line(false, "server answers", &format!("cannot start a runtime: {e}")),
+    };
+    let original = config.transport;
+    runtime.block_on(async {
+        let server = match crate::roles::resolve_remote(config).await {
+            Ok(s) => s,
+            Err(e) => return r.line(false, "server answers", &format!("{e:#}")),
+        };
+        let kinds = match config.transport {
+            TransportKind::Auto => vec![TransportKind::Xdp, TransportKind::Udp],
+            kind => vec![kind],
+        };
+        let mut paths = Vec::new();
+        for kind in kinds {
+            let config = Config {
+                transport: kind,
+                ..config.clone()
+            };
+            let name = if kind == TransportKind::Udp { "udp" } else { "xdp" };
+            // A running client owns its interface's XDP program: a probe cannot steer
+            // beside it (and must not take its pins).
+            let running = crate::roles::client_xdp_instance(&config, server)
+                .filter(|instance| kind != TransportKind::Udp && crate::ops::live::read(instance).is_some());
+            if let Some(instance) = running {
+                r.line(
+                    true,
+                    &format!("server over {name}"),
+                    &format!(
+                        "not probed: the running paqet client ({instance}) uses it; `paqet status` shows its sessions"
+                    ),
+                );
+                continue;
+            }
+            match crate::roles::open_client_paths(&config, server) {
+                Ok(opened) => paths.extend(opened),
+                // Under auto a missing xdp is what the udp fallback is for.
+                Err(e) => r.line(
+                    original != TransportKind::Xdp,
+                    &format!("server over {name}"),
+                    &format!("not probed: cannot open the {name} transport here: {e:#}"),
+                ),
+            }
+        }
+        for path in paths {
+            let name = path.name();
+            match probe_path(&config, server, path).await {
+                Some(rtt) => r.line(
+                    true,
+                    &format!("server over {name}"),
+                    &format!("{server} answered a handshake in {:.1} ms", rtt.as_secs_f64() * 1e3),
+                ),
+                None => r.line(
+                    false,
+                    &format!("server over {name}"),
+                    &format!(
+                        "no answer from {server} within {} s: is the server running there (`paqet status` on it)? \
+                         is its KEY the same as this one? does a firewall on the way drop port {} ({})?",
+                        PROBE_TIMEOUT.as_secs(),
+                        server.port(),
+                        if name == "udp" { "UDP" } else { "TCP-shaped frames" }
+                    ),
+                ),
+            }
+        }
+    });
+}
+
+/// Handshakes over `path` alone with the engine a client runs; the round trip, or
+/// `None` without an answer in time.
+async fn probe_path(config: &Config, server: SocketAddr, path: AnyTransport) -> Option<Duration> {
+    let mut ec = crate::roles::engine_config(config, crate::engine::Role::Client { server });
+    ec.max_datagram = crate::roles::path_datagram_size(std::slice::from_ref(&path), ec.max_datagram);
+    let engine = Engine::new(ec, Instant::now());
+    let (node, _) = Node::new(engine, vec![path], false);
+    let receiver = tokio::spawn(node.clone().run_receivers());
+    let timers = tokio::spawn(node.clone().run_timers());
+    let started = Instant::now();
+    node.with_engine(|e, now| e.connect(now));
+    let mut answered = None;
+    while started.elapsed() < PROBE_TIMEOUT {
+        if node.with_engine(|e, _| e.is_connected()) {
+            answered = Some(started.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    receiver.abort();
+    timers.abort();
+    answered
 }

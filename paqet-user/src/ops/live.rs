@@ -65,6 +65,11 @@ pub async fn publish(instance: String, role: &'static str, transport: String, sn
     }
     let _cleanup = RemoveOnDrop(path.clone());
     let mut before = snapshot();
+    // At once, so `paqet status` and `paqet check` see a relay from its first moment.
+    if let Err(e) = write_atomically(&path, &render(role, &transport, before, before, 1.0).to_string()) {
+        tracing::info!("not publishing live status: cannot write {}: {e}", path.display());
+        return;
+    }
     let mut ticker = tokio::time::interval(EVERY);
     ticker.tick().await;
     loop {

@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use super::live;
 
 use crate::cli::StatusArgs;
-use crate::kernel::{PIN_ROOT, read_pinned_stats};
+use crate::kernel::{PIN_ROOT, programs_using, read_pinned_stats};
 
 fn instances(only: Option<&str>) -> Result<Vec<String>> {
     if let Some(name) = only {
@@ -30,22 +30,6 @@ fn instances(only: Option<&str>) -> Result<Vec<String>> {
         .collect();
     names.sort();
     Ok(names)
-}
-
-/// Ids of the loaded `paqet_steer` programs that use the map pinned at `stats_pin`.
-fn programs_using(stats_pin: &std::path::Path) -> Result<Vec<u32>> {
-    let map = aya::maps::MapData::from_pin(stats_pin).with_context(|| format!("opening {}", stats_pin.display()))?;
-    let map_id = map.info().context("reading the stats map's info")?.id();
-    let mut ids = Vec::new();
-    for prog in aya::programs::loaded_programs().flatten() {
-        if prog.name_as_str() != Some(paqet_common::maps::PROGRAM_NAME) {
-            continue;
-        }
-        if prog.map_ids().ok().flatten().is_some_and(|m| m.contains(&map_id)) {
-            ids.push(prog.id());
-        }
-    }
-    Ok(ids)
 }
 
 /// The XDP mode and program id on `interface`, when it exists in this network namespace.
@@ -73,7 +57,7 @@ fn describe(name: &str) -> Result<Value> {
     let stats = read_pinned_stats(name).with_context(|| format!("instance {name}"))?;
     let pin_dir = std::path::Path::new(PIN_ROOT).join(name);
     let (role, interface) = name.split_once('-').unwrap_or(("", name));
-    let programs = programs_using(&pin_dir.join(paqet_common::maps::PIN_STATS)).unwrap_or_default();
+    let programs = programs_using(&pin_dir).unwrap_or_default();
     let attachment = xdp_attachment(interface).filter(|(_, id)| programs.contains(id));
     Ok(json!({
         "instance": name,
