@@ -13,7 +13,7 @@ use std::process::Stdio;
 use std::time::Instant;
 
 /// Every fuzz target, in the order they run.
-pub const TARGETS: &[&str] = &["packet_decoder", "socks_request"];
+pub const TARGETS: &[&str] = &["packet_decoder", "socks_request", "arq_input"];
 /// Builds on rustc 1.95 with `--locked`.
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
