@@ -8,7 +8,6 @@ use super::frame::{DataHeader, Inner};
 use super::mux::{Control, Phase};
 use super::{DropReason, Engine, Event, KCP_HEADER_LEN, Now, PathId, PeerId, Role, StreamId, arq};
 
-const KCP_CMD_PUSH: u8 = 81;
 
 impl Engine {
     /// Handles one datagram from the wire. Anything that does not authenticate is
@@ -125,9 +124,11 @@ impl Engine {
         Ok(())
     }
 
-    /// A conversation we don't know: a new stream (server, first data segment), late
-    /// segments of a closed one (ignored), or one the peer thinks is alive but we lost
-    /// (e.g. after a restart): tell the peer to drop it.
+    /// A conversation we don't know: a new stream (server: its first segment, the Open
+    /// message at sn 0), late segments of a closed one (ignored), or one the peer thinks
+    /// is alive but we lost (e.g. after a restart: its segments are past sn 0): tell the
+    /// peer to drop it at once, rather than adopt a stream that will never see its Open
+    /// and stall until TIMEOUT.
     fn adopt_conversation(&mut self, now: Now, id: StreamId, segments: &[u8]) -> bool {
         let Some(peer) = self.peers.get(&id.peer) else {
             return false;
@@ -135,8 +136,8 @@ impl Engine {
         if peer.tombstones.contains_key(&id.conv) {
             return false;
         }
-        let is_push = segments[4] == KCP_CMD_PUSH;
-        if matches!(self.config.role, Role::Server) && is_push && id.conv != 0 {
+        let opens = arq::opens_conversation(segments);
+        if matches!(self.config.role, Role::Server) && opens && id.conv != 0 {
             let stream = self.new_stream(id.conv, Phase::AwaitingOpen, now.instant);
             if let Some(peer) = self.peers.get_mut(&id.peer) {
                 peer.streams.insert(id.conv, stream);

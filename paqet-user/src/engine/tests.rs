@@ -400,12 +400,20 @@ fn restarted_server_is_noticed_and_streams_reset() {
         sim.server.counters().handshakes > handshakes_before && sim.client.is_connected()
     });
     assert!(ok, "client never re-handshook");
-    // Its old stream's segments are unknown to the new server, which resets it.
+    // Its old stream's segments are unknown to the new server, which resets it at once
+    // (it used to adopt the conversation and let it stall until TIMEOUT).
+    let reconnected = sim.now;
     let now = sim.clock();
     let _ = sim.client.stream_write(now, cid, b"after restart");
     sim.collect();
     let reset = sim.run_until(200_000, |sim| sim.client_events.contains(&Event::StreamClosed(cid)));
     assert!(reset, "stale stream was not reset");
+    assert!(
+        sim.now - reconnected < Duration::from_secs(2),
+        "the reset took {:?} after the new session",
+        sim.now - reconnected
+    );
+    assert_eq!(sim.server.live_streams(), 0, "the new server adopted a stream it never saw open");
     let elapsed = sim.now - sim.t0;
     assert!(
         elapsed < Duration::from_secs(60),

@@ -66,6 +66,15 @@ pub fn get_conv(data: &[u8]) -> u32 {
     data.first_chunk::<4>().map_or(0, |b| u32::from_le_bytes(*b))
 }
 
+/// Whether a datagram carries the first segment of a conversation (a PUSH with sn 0):
+/// what a new stream starts with, and what a conversation the receiver lost (after a
+/// restart) never carries again.
+pub fn opens_conversation(data: &[u8]) -> bool {
+    Segments::new(data)
+        .map_while(Result::ok)
+        .any(|(h, _)| h.cmd == Command::Push && h.sn == 0)
+}
+
 pub struct Arq<W> {
     conv: u32,
     mss: usize,
