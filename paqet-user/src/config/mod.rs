@@ -17,7 +17,7 @@ use std::time::Duration;
 
 pub use error::{ConfigError, Origin};
 pub use keys::{KEYS, flag_for_key};
-pub use policy::{IpNet, PortRange, TargetPolicy, TargetRule};
+pub use policy::{IpNet, PortRange, RuleSource, TargetPolicy, TargetRule, Verdict};
 pub use settings::Settings;
 pub use values::{Credentials, HostPort, KcpMode, Key, KeyError, LogLevel, Role, TransportKind, WireShape, XdpMode};
 
@@ -97,7 +97,7 @@ impl Config {
             key: resolve_key(s)?,
             policy: TargetPolicy {
                 allow: rules(s, "ALLOW")?.unwrap_or_default(),
-                deny: rules(s, "DENY")?.unwrap_or_else(TargetPolicy::default_deny),
+                deny: rules(s, "DENY")?.unwrap_or_default(),
             },
             log_level: value(s, "LOG_LEVEL", str::parse)?.unwrap_or(LogLevel::Info),
         };

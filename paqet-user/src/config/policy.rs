@@ -30,6 +30,11 @@ impl IpNet {
         }
     }
 
+    /// Whether every address of `other` is in this network (same family).
+    pub fn covers(&self, other: &IpNet) -> bool {
+        other.addr.is_ipv4() == self.addr.is_ipv4() && other.prefix >= self.prefix && self.contains(other.addr)
+    }
+
     fn network(&self) -> IpAddr {
         masked(self.addr, self.prefix)
     }
@@ -105,48 +110,184 @@ impl fmt::Display for TargetRule {
     }
 }
 
-/// Which targets the server dials for its clients.
-///
-/// A target is refused if any `deny` rule matches; otherwise, if `allow` is non-empty, it
-/// must match an `allow` rule. Without a DENY key, `deny` is [`TargetPolicy::default_deny`];
-/// a DENY key *replaces* that list (so `DENY=` with no value denies nothing), which lets an
-/// operator open, say, loopback on purpose.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TargetPolicy {
-    pub allow: Vec<TargetRule>,
-    pub deny: Vec<TargetRule>,
+/// Why a rule is in the policy: a built-in default, the host's own address, or a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RuleSource {
+    /// A built-in default deny rule; the text says what it covers ("loopback").
+    Default(&'static str),
+    /// One of the server's own addresses (a /32 or /128, read from the host).
+    OwnAddress,
+    Deny,
+    Allow,
 }
 
-impl Default for TargetPolicy {
-    fn default() -> Self {
-        TargetPolicy {
-            allow: Vec::new(),
-            deny: TargetPolicy::default_deny(),
+impl RuleSource {
+    pub fn denies(self) -> bool {
+        self != RuleSource::Allow
+    }
+}
+
+impl fmt::Display for RuleSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RuleSource::Default(what) => write!(f, "default deny ({what})"),
+            RuleSource::OwnAddress => write!(f, "default deny (the server's own address)"),
+            RuleSource::Deny => write!(f, "DENY"),
+            RuleSource::Allow => write!(f, "ALLOW"),
         }
     }
 }
 
+/// The rule that decided a target, or none (an address no rule covers is open).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Verdict {
+    pub allowed: bool,
+    pub rule: Option<(RuleSource, TargetRule)>,
+}
+
+impl fmt::Display for Verdict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.rule {
+            Some((source, rule)) => write!(f, "{source} {rule}"),
+            None => write!(f, "no rule (open)"),
+        }
+    }
+}
+
+/// Which targets the server dials for its clients.
+///
+/// Three sources of rules: the built-in defaults ([`TargetPolicy::default_deny`]: loopback,
+/// private ranges, metadata, ...) together with a /32 or /128 for each of the server's own
+/// addresses (passed in at each check, since they change), the DENY key, and the ALLOW key.
+/// Of all the rules that match a target, the most specific one decides: the longer prefix;
+/// at an equal prefix, a rule with ports; at an exact tie, a deny. A target no rule matches
+/// is open. So `deny` adds to the defaults, an ALLOW entry opens exactly what it names
+/// (`198.18.0.2/32:8080`, even on the server itself), and an allow-list is
+/// `DENY=0.0.0.0/0,::/0` plus ALLOW entries.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TargetPolicy {
+    pub allow: Vec<TargetRule>,
+    /// The DENY key's rules, on top of the defaults.
+    pub deny: Vec<TargetRule>,
+}
+
+/// The built-in deny rules, with what each covers. The metadata addresses are listed on
+/// their own although some lie inside a wider default: as /32 and /128 rules they stay
+/// closed when an operator opens the wider range (`ALLOW=100.64.0.0/10`).
+const DEFAULT_DENY: &[(&str, u8, &str)] = &[
+    ("127.0.0.0", 8, "loopback"),
+    ("::1", 128, "loopback"),
+    // "This host": 0.0.0.0/8 and :: both reach loopback when dialed on Linux.
+    ("0.0.0.0", 8, "this host"),
+    ("::", 128, "this host"),
+    ("169.254.0.0", 16, "link-local"),
+    ("fe80::", 10, "link-local"),
+    ("10.0.0.0", 8, "private"),
+    ("172.16.0.0", 12, "private"),
+    ("192.168.0.0", 16, "private"),
+    ("100.64.0.0", 10, "shared address space"),
+    ("fc00::", 7, "unique local"),
+    ("169.254.169.254", 32, "cloud metadata"),
+    ("fd00:ec2::254", 128, "cloud metadata"),
+    ("100.100.100.200", 32, "cloud metadata"),
+];
+
+/// Orders matching rules: the greatest is the one that decides.
+fn specificity(source: RuleSource, rule: &TargetRule) -> (u8, bool, bool) {
+    (rule.net.prefix, rule.ports.is_some(), source.denies())
+}
+
 impl TargetPolicy {
-    /// The server's own loopback, "this host" (`0.0.0.0/8` and `::` both reach loopback
-    /// when dialed on Linux) and link-local, which holds cloud metadata at 169.254.169.254.
+    /// The built-in deny rules, without the server's own addresses (see [`TargetPolicy`]).
     pub fn default_deny() -> Vec<TargetRule> {
-        const NETS: &[(&str, u8)] = &[
-            ("127.0.0.0", 8),
-            ("::1", 128),
-            ("0.0.0.0", 8),
-            ("::", 128),
-            ("169.254.0.0", 16),
-            ("fe80::", 10),
-        ];
-        NETS.iter()
-            .filter_map(|(addr, prefix)| IpNet::new(addr.parse().ok()?, *prefix))
-            .map(|net| TargetRule { net, ports: None })
-            .collect()
+        default_rules().map(|(_, rule)| rule).collect()
     }
 
-    pub fn permits(&self, target: SocketAddr) -> bool {
-        !self.deny.iter().any(|r| r.matches(target))
-            && (self.allow.is_empty() || self.allow.iter().any(|r| r.matches(target)))
+    /// Whether the server may dial `target`, given the host's addresses `own`.
+    pub fn permits(&self, target: SocketAddr, own: &[IpAddr]) -> bool {
+        self.decide(target, own).allowed
+    }
+
+    /// The rule that decides `target` (the most specific match), given the host's
+    /// addresses `own`.
+    pub fn decide(&self, target: SocketAddr, own: &[IpAddr]) -> Verdict {
+        // An IPv4-mapped IPv6 target reaches the IPv4 host: judge it as that address, so
+        // `::ffff:127.0.0.1` is loopback and a /32 ALLOW is as specific for both forms.
+        let target = SocketAddr::new(target.ip().to_canonical(), target.port());
+        let decisive = self
+            .rules(own)
+            .filter(|(_, rule)| rule.matches(target))
+            .max_by_key(|(source, rule)| specificity(*source, rule));
+        Verdict {
+            allowed: decisive.is_none_or(|(source, _)| !source.denies()),
+            rule: decisive,
+        }
+    }
+
+    /// Every rule: defaults, own addresses, DENY, ALLOW.
+    fn rules<'a>(&'a self, own: &'a [IpAddr]) -> impl Iterator<Item = (RuleSource, TargetRule)> + 'a {
+        default_rules()
+            .chain(own_rules(own))
+            .chain(self.deny.iter().map(|r| (RuleSource::Deny, *r)))
+            .chain(self.allow.iter().map(|r| (RuleSource::Allow, *r)))
+    }
+
+    /// What the ALLOW entries open that the defaults (with the host's addresses `own`)
+    /// would deny, for the log at start: (the ALLOW rule, the default it overrides). An
+    /// ALLOW rule overrides a default it lies within and beats on specificity, unless
+    /// another rule shadows it (see [`TargetPolicy::shadowing`]).
+    pub fn opened_defaults(&self, own: &[IpAddr]) -> Vec<(TargetRule, RuleSource, TargetRule)> {
+        let mut opened = Vec::new();
+        for allow in self.allow.iter().filter(|a| self.shadowing(a, own).is_none()) {
+            for (source, default) in default_rules().chain(own_rules(own)) {
+                if default.net.covers(&allow.net)
+                    && specificity(RuleSource::Allow, allow) > specificity(source, &default)
+                {
+                    opened.push((*allow, source, default));
+                }
+            }
+        }
+        opened
+    }
+
+    /// A deny rule that covers every target of `allow` and is at least as specific, so
+    /// that `allow` opens nothing (`ALLOW=10.0.0.0/8` against the default `10.0.0.0/8`).
+    pub fn shadowing(&self, allow: &TargetRule, own: &[IpAddr]) -> Option<(RuleSource, TargetRule)> {
+        self.rules(own).find(|(source, deny)| {
+            let ports_covered = match (deny.ports, allow.ports) {
+                (None, _) => true,
+                (Some(d), Some(a)) => d.lo <= a.lo && a.hi <= d.hi,
+                (Some(_), None) => false,
+            };
+            source.denies()
+                && deny.net.covers(&allow.net)
+                && ports_covered
+                && specificity(*source, deny) > specificity(RuleSource::Allow, allow)
+        })
+    }
+}
+
+fn default_rules() -> impl Iterator<Item = (RuleSource, TargetRule)> {
+    DEFAULT_DENY.iter().filter_map(|(addr, prefix, what)| {
+        let net = IpNet::new(addr.parse().ok()?, *prefix)?;
+        Some((RuleSource::Default(what), TargetRule { net, ports: None }))
+    })
+}
+
+fn own_rules(own: &[IpAddr]) -> impl Iterator<Item = (RuleSource, TargetRule)> + '_ {
+    own.iter().filter_map(|ip| {
+        let ip = ip.to_canonical();
+        let net = IpNet::new(ip, max_prefix(ip))?;
+        Some((RuleSource::OwnAddress, TargetRule { net, ports: None }))
+    })
+}
+
+impl std::str::FromStr for TargetRule {
+    type Err = String;
+
+    /// One ALLOW/DENY entry, as in the config (`10.0.0.0/8:22`, `[2001:2::/48]:443`).
+    fn from_str(s: &str) -> Result<TargetRule, String> {
+        parse_rule(s.trim())
     }
 }
 
@@ -251,39 +392,214 @@ mod tests {
         parse_rule(s).unwrap()
     }
 
+    /// The addresses a test pretends the server holds.
+    const OWN: &[&str] = &["198.18.0.2", "2001:2::2", "203.0.113.7"];
+
+    fn own() -> Vec<IpAddr> {
+        OWN.iter().map(|a| a.parse().unwrap()).collect()
+    }
+
+    fn policy(allow: &str, deny: &str) -> TargetPolicy {
+        TargetPolicy {
+            allow: parse_rules(allow).unwrap(),
+            deny: parse_rules(deny).unwrap(),
+        }
+    }
+
+    fn permits(p: &TargetPolicy, target: &str) -> bool {
+        p.permits(sa(target), &own())
+    }
+
     #[test]
-    fn default_policy_blocks_loopback_and_metadata() {
+    fn default_policy_denies_loopback_private_shared_link_local_and_metadata() {
         let p = TargetPolicy::default();
-        assert_eq!(p.deny.len(), 6);
         for blocked in [
             "127.0.0.1:80",
-            "169.254.169.254:80",
+            "127.255.0.9:80",
             "0.0.0.0:22",
+            "0.1.2.3:22",
             "[::1]:80",
             "[::]:80",
+            "169.254.1.1:80",
             "[fe80::1]:80",
+            "10.1.2.3:80",
+            "172.16.0.1:80",
+            "172.31.255.254:80",
+            "192.168.1.1:80",
+            "100.64.0.1:80",
+            "100.127.255.254:80",
+            "[fc00::1]:80",
+            "[fd12:3456::1]:80",
+            "169.254.169.254:80",
+            "[fd00:ec2::254]:80",
+            "100.100.100.200:80",
             "[::ffff:127.0.0.1]:80",
+            "[::ffff:10.0.0.1]:80",
+            "[::ffff:169.254.169.254]:80",
         ] {
-            assert!(!p.permits(sa(blocked)), "{blocked} permitted");
+            assert!(!permits(&p, blocked), "{blocked} permitted");
         }
-        for open in ["198.18.0.2:80", "[2001:2::1]:443", "[::ffff:198.18.0.2]:80"] {
-            assert!(p.permits(sa(open)), "{open} refused");
+        // The test range (198.18.0.0/15) and public addresses stay open, and so do the
+        // neighbours of the private ranges.
+        for open in [
+            "198.18.0.1:80",
+            "198.19.1.1:443",
+            "[2001:2::1]:443",
+            "[::ffff:198.18.0.1]:80",
+            "172.32.0.1:80",
+            "172.15.255.255:80",
+            "100.128.0.1:80",
+            "11.0.0.1:80",
+            "[fe00::1]:80",
+            "1.1.1.1:53",
+        ] {
+            assert!(permits(&p, open), "{open} refused");
         }
     }
 
     #[test]
-    fn allow_list_restricts_and_deny_wins() {
-        let p = TargetPolicy {
-            allow: parse_rules("198.18.0.0/15:443, [2001:2::/48]:8000-8999").unwrap(),
-            deny: parse_rules("198.18.0.9").unwrap(),
-        };
-        assert!(p.permits(sa("198.19.1.1:443")));
-        assert!(!p.permits(sa("198.19.1.1:80")));
-        assert!(!p.permits(sa("198.18.0.9:443")));
-        assert!(p.permits(sa("[2001:2::5]:8500")));
-        assert!(!p.permits(sa("[2001:2::5]:9000")));
-        assert!(!p.permits(sa("[2001:3::5]:8500")));
-        assert!(!p.permits(sa("10.0.0.1:443")));
+    fn the_servers_own_addresses_are_denied_on_every_port() {
+        let p = TargetPolicy::default();
+        for target in [
+            "198.18.0.2:8080",
+            "198.18.0.2:1",
+            "[2001:2::2]:443",
+            "203.0.113.7:22",
+            "[::ffff:198.18.0.2]:80",
+        ] {
+            assert!(!permits(&p, target), "own address {target} permitted");
+            assert_eq!(
+                p.decide(sa(target), &own()).rule.map(|r| r.0),
+                Some(RuleSource::OwnAddress)
+            );
+        }
+        // Only the address itself, not its subnet; and without the host's list, nothing.
+        assert!(permits(&p, "198.18.0.3:8080"));
+        assert!(p.permits(sa("198.18.0.2:8080"), &[]));
+    }
+
+    #[test]
+    fn deny_adds_to_the_defaults() {
+        let p = policy("", "10.0.0.0/8, 198.18.5.0/24:22");
+        assert!(!permits(&p, "127.0.0.1:80"), "DENY must not re-open loopback");
+        assert!(!permits(&p, "169.254.169.254:80"), "DENY must not re-open metadata");
+        assert!(!permits(&p, "198.18.0.2:80"), "DENY must not re-open the server itself");
+        assert!(!permits(&p, "198.18.5.9:22"));
+        assert!(permits(&p, "198.18.5.9:23"));
+        assert!(permits(&p, "198.18.0.1:80"));
+    }
+
+    #[test]
+    fn an_exact_allow_opens_exactly_that_service_even_on_the_server_itself() {
+        let p = policy("198.18.0.2/32:8080", "");
+        assert!(permits(&p, "198.18.0.2:8080"));
+        assert!(permits(&p, "[::ffff:198.18.0.2]:8080"));
+        assert!(!permits(&p, "198.18.0.2:8081"), "only the named port");
+        assert!(!permits(&p, "198.18.0.2:22"));
+        let v = p.decide(sa("198.18.0.2:8080"), &own());
+        assert_eq!(v.rule, Some((RuleSource::Allow, rule("198.18.0.2/32:8080"))));
+    }
+
+    #[test]
+    fn a_longer_prefix_wins_over_a_shorter_one() {
+        // ALLOW inside a default: opens that part only.
+        let p = policy("10.1.0.0/16", "");
+        assert!(permits(&p, "10.1.2.3:80"));
+        assert!(!permits(&p, "10.2.0.1:80"));
+        // DENY inside an ALLOW: closes that part again.
+        let p = policy("10.0.0.0/9", "10.1.2.0/24");
+        assert!(permits(&p, "10.1.3.1:80"));
+        assert!(!permits(&p, "10.1.2.1:80"));
+        // A wide ALLOW does not open a narrower default inside it.
+        let p = policy("0.0.0.0/0, ::/0", "");
+        assert!(!permits(&p, "127.0.0.1:80"));
+        assert!(!permits(&p, "10.0.0.1:80"));
+        assert!(!permits(&p, "198.18.0.2:80"), "own address /32 beats ALLOW /0");
+        assert!(!permits(&p, "[fd00:ec2::254]:80"));
+        // Opening a whole default range keeps the metadata /32 inside it closed.
+        let p = policy("169.254.128.0/17, 100.96.0.0/11", "");
+        assert!(permits(&p, "169.254.200.1:80"));
+        assert!(permits(&p, "100.100.1.1:80"));
+        assert!(!permits(&p, "169.254.169.254:80"));
+        assert!(!permits(&p, "100.100.100.200:80"));
+    }
+
+    #[test]
+    fn at_an_equal_prefix_a_rule_with_a_port_wins() {
+        let p = policy("10.0.0.0/8:443", "");
+        assert!(permits(&p, "10.9.9.9:443"));
+        assert!(!permits(&p, "10.9.9.9:80"));
+        let p = policy("198.18.0.0/24", "198.18.0.0/24:22-25");
+        assert!(!permits(&p, "198.18.0.7:22"));
+        assert!(permits(&p, "198.18.0.7:80"));
+    }
+
+    #[test]
+    fn deny_wins_an_exact_tie() {
+        // Same prefix, both without ports: the default (a deny) wins.
+        let p = policy("10.0.0.0/8, 127.0.0.0/8, 198.18.0.2/32", "");
+        assert!(!permits(&p, "10.0.0.1:80"));
+        assert!(!permits(&p, "127.0.0.1:80"));
+        assert!(!permits(&p, "198.18.0.2:80"));
+        // Same prefix, both with ports: DENY wins.
+        let p = policy("198.18.0.0/24:80", "198.18.0.0/24:80");
+        assert!(!permits(&p, "198.18.0.5:80"));
+        // Whatever the order they are written in.
+        let p = policy("198.18.0.0/24:80-90", "198.18.0.0/24:80");
+        assert!(!permits(&p, "198.18.0.5:80"));
+        assert!(permits(&p, "198.18.0.5:81"));
+    }
+
+    #[test]
+    fn an_allow_list_is_deny_everything_plus_allow_entries() {
+        let p = policy(
+            "198.18.0.0/15:443, [2001:2::/48]:8000-8999, 198.18.0.2/32:8080",
+            "0.0.0.0/0, ::/0",
+        );
+        assert!(permits(&p, "198.19.1.1:443"));
+        assert!(!permits(&p, "198.19.1.1:80"));
+        assert!(permits(&p, "[2001:2::5]:8500"));
+        assert!(!permits(&p, "[2001:2::5]:9000"));
+        assert!(!permits(&p, "[2001:3::5]:8500"));
+        assert!(!permits(&p, "1.1.1.1:443"));
+        assert!(!permits(&p, "[::ffff:1.1.1.1]:443"));
+        assert!(permits(&p, "198.18.0.2:8080"));
+        assert!(
+            !permits(&p, "198.18.0.2:443"),
+            "the server's own address beats ALLOW /15"
+        );
+        assert!(!permits(&p, "10.0.0.1:443"));
+    }
+
+    #[test]
+    fn what_allow_opens_of_the_defaults_is_reported() {
+        let own = own();
+        let p = policy(
+            "198.18.0.2/32:8080, 10.1.0.0/16, 10.0.0.0/8, 169.254.169.254/32, 1.1.1.1",
+            "",
+        );
+        let opened: Vec<String> = p
+            .opened_defaults(&own)
+            .iter()
+            .map(|(allow, source, default)| format!("{allow} > {source} {default}"))
+            .collect();
+        assert_eq!(
+            opened,
+            [
+                "198.18.0.2/32:8080 > default deny (the server's own address) 198.18.0.2/32",
+                "10.1.0.0/16 > default deny (private) 10.0.0.0/8",
+            ]
+        );
+        assert_eq!(
+            p.shadowing(&rule("10.0.0.0/8"), &own),
+            Some((RuleSource::Default("private"), rule("10.0.0.0/8")))
+        );
+        assert_eq!(
+            p.shadowing(&rule("169.254.169.254/32"), &own).map(|s| s.0),
+            Some(RuleSource::Default("cloud metadata"))
+        );
+        assert_eq!(p.shadowing(&rule("10.1.0.0/16"), &own), None);
+        assert!(TargetPolicy::default().opened_defaults(&own).is_empty());
     }
 
     #[test]

@@ -114,15 +114,61 @@ fn every_key_parses() {
     assert_eq!(c.timeout, Duration::from_secs(5));
     assert_eq!(c.log_level, LogLevel::Debug);
     assert_eq!(c.policy.allow.len(), 2);
-    assert_eq!(c.policy.deny.len(), 1, "an explicit DENY replaces the default list");
-    assert!(!c.policy.permits(sa("127.0.0.1:80")), "not in ALLOW");
+    assert_eq!(c.policy.deny.len(), 1);
+    assert!(!c.policy.permits(sa("127.0.0.1:80"), &[]), "loopback stays denied");
+    assert!(!c.policy.permits(sa("10.0.0.1:22"), &[]));
+    assert!(c.policy.permits(sa("198.18.0.1:80"), &[]));
+}
+
+fn server(extra: &str) -> Config {
+    config(&format!("LISTEN_ADDR=0.0.0.0:4000\nKEY={KEY_B64}\n{extra}")).unwrap()
 }
 
 #[test]
-fn empty_deny_denies_nothing() {
-    let c = config(&format!("LISTEN_ADDR=0.0.0.0:4000\nKEY={KEY_B64}\nDENY=\n")).unwrap();
+fn deny_adds_to_the_default_list_instead_of_replacing_it() {
+    let c = server("DENY=10.0.0.0/8\n");
+    assert_eq!(c.policy.deny.len(), 1, "DENY holds only its own entries");
+    for still_denied in [
+        "127.0.0.1:80",
+        "[::1]:80",
+        "169.254.169.254:80",
+        "192.168.0.1:80",
+        "10.0.0.1:80",
+    ] {
+        assert!(
+            !c.policy.permits(sa(still_denied), &[]),
+            "{still_denied} re-opened by DENY"
+        );
+    }
+    assert!(c.policy.permits(sa("198.18.0.1:80"), &[]));
+}
+
+#[test]
+fn empty_deny_denies_only_the_defaults() {
+    let c = server("DENY=\n");
     assert!(c.policy.deny.is_empty());
-    assert!(c.policy.permits(sa("127.0.0.1:80")));
+    assert!(!c.policy.permits(sa("127.0.0.1:80"), &[]));
+    assert!(c.policy.permits(sa("198.18.0.1:80"), &[]));
+}
+
+#[test]
+fn allow_opens_exactly_a_service_on_the_server_and_allow_lists_need_deny_all() {
+    let own: Vec<std::net::IpAddr> = vec!["198.18.0.2".parse().unwrap()];
+    let c = server("ALLOW=198.18.0.2/32:8080\n");
+    assert!(c.policy.permits(sa("198.18.0.2:8080"), &own));
+    assert!(!c.policy.permits(sa("198.18.0.2:8081"), &own));
+    assert!(
+        c.policy.permits(sa("1.1.1.1:443"), &own),
+        "ALLOW alone is no allow-list"
+    );
+    let c = server("DENY=0.0.0.0/0,::/0\nALLOW=198.18.0.0/15:443\n");
+    assert!(c.policy.permits(sa("198.19.0.1:443"), &own));
+    assert!(!c.policy.permits(sa("1.1.1.1:443"), &own));
+    assert!(!c.policy.permits(sa("[2001:2::1]:443"), &own));
+    assert!(
+        !c.policy.permits(sa("198.18.0.2:443"), &own),
+        "own address beats ALLOW /15"
+    );
 }
 
 #[test]

@@ -1,6 +1,9 @@
 //! The server's edge: check the target against the policy, resolve it, connect within
 //! the timeout, and relay. The policy is applied to every resolved address, so a name
-//! that resolves to loopback is refused like the address itself.
+//! that resolves to loopback or to the server itself is refused like the address itself;
+//! the server's own addresses are re-read as they change ([`own`]).
+
+pub mod own;
 
 use std::io;
 use std::net::SocketAddr;
@@ -10,7 +13,7 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
-use crate::config::TargetPolicy;
+use crate::config::{RuleSource, TargetPolicy};
 use crate::engine::StreamId;
 use crate::engine::frame::{OpenError, TargetAddr};
 use crate::node::{Node, relay_stream};
@@ -28,6 +31,7 @@ impl Dialer {
         node: Arc<Node<T>>,
         mut opened: mpsc::UnboundedReceiver<(StreamId, TargetAddr)>,
     ) {
+        self.log_policy();
         while let Some((id, target)) = opened.recv().await {
             let this = self.clone();
             let node = node.clone();
@@ -56,9 +60,49 @@ impl Dialer {
         }
     }
 
+    /// Says at start what the policy opens that the defaults would deny (WARN), and
+    /// which ALLOW entries open nothing because a deny rule is more specific (WARN).
+    fn log_policy(&self) {
+        let own = own::addresses().unwrap_or_default();
+        let p = &self.policy;
+        let list =
+            |rules: &[crate::config::TargetRule]| rules.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(",");
+        tracing::info!(
+            allow = %list(&p.allow),
+            deny = %list(&p.deny),
+            own_addresses = own.len(),
+            "target policy: loopback, this host, link-local, private and shared ranges, metadata and the \
+             server's own addresses are denied; the most specific rule wins"
+        );
+        for (allow, source, default) in p.opened_defaults(&own) {
+            tracing::warn!(%allow, overrides = %default, "ALLOW opens a target that the {source} rule would refuse");
+        }
+        for allow in &p.allow {
+            if let Some((source, deny)) = p.shadowing(allow, &own) {
+                let source = match source {
+                    RuleSource::Deny => "DENY".to_owned(),
+                    other => other.to_string(),
+                };
+                tracing::warn!(%allow, %deny, "this ALLOW entry opens nothing: {source} {deny} is at least as specific");
+            }
+        }
+    }
+
     async fn dial(&self, target: &TargetAddr) -> Result<TcpStream, OpenError> {
         let candidates = resolve(target).await?;
-        let allowed: Vec<SocketAddr> = candidates.iter().copied().filter(|a| self.policy.permits(*a)).collect();
+        let Some(own) = own::addresses() else {
+            tracing::warn!(%target, "refused: this host's addresses could not be read");
+            return Err(OpenError::NotAllowed);
+        };
+        let mut allowed = Vec::new();
+        for addr in candidates {
+            let verdict = self.policy.decide(addr, &own);
+            if verdict.allowed {
+                allowed.push(addr);
+            } else {
+                tracing::debug!(%target, %addr, rule = %verdict, "address refused by the target policy");
+            }
+        }
         if allowed.is_empty() {
             return Err(OpenError::NotAllowed);
         }
@@ -109,21 +153,55 @@ mod tests {
         assert_eq!(by_name.err(), Some(OpenError::NotAllowed));
     }
 
+    fn dialer(allow: &str, deny: &str) -> Dialer {
+        let rules = |s: &str| {
+            s.split(',')
+                .filter(|r| !r.is_empty())
+                .map(|r| r.parse().unwrap())
+                .collect()
+        };
+        Dialer {
+            policy: TargetPolicy {
+                allow: rules(allow),
+                deny: rules(deny),
+            },
+            timeout: Duration::from_secs(2),
+        }
+    }
+
     #[tokio::test]
-    async fn closed_port_is_connection_refused() {
+    async fn closed_port_is_connection_refused_when_allowed() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         drop(listener);
-        let dialer = Dialer {
-            policy: TargetPolicy {
-                allow: vec![],
-                deny: vec![],
-            },
-            timeout: Duration::from_secs(2),
-        };
+        let dialer = dialer(&format!("127.0.0.1/32:{}", addr.port()), "");
         assert_eq!(
             dialer.dial(&TargetAddr::Ip(addr)).await.err(),
             Some(OpenError::ConnectionRefused)
         );
+    }
+
+    #[tokio::test]
+    async fn an_exact_allow_reaches_a_listener_on_loopback_and_nothing_else_there() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let dialer = dialer(&format!("127.0.0.1/32:{}", addr.port()), "");
+        assert!(dialer.dial(&TargetAddr::Ip(addr)).await.is_ok());
+        let other = TargetAddr::Ip(SocketAddr::new(addr.ip(), addr.port().wrapping_add(1).max(1)));
+        assert_eq!(dialer.dial(&other).await.err(), Some(OpenError::NotAllowed));
+    }
+
+    #[tokio::test]
+    async fn the_hosts_own_addresses_are_refused() {
+        let own = own::addresses().expect("this host's addresses");
+        assert!(
+            own.iter().any(|ip| ip.is_loopback()),
+            "getifaddrs lists loopback: {own:?}"
+        );
+        let dialer = dialer("", "");
+        for ip in own.iter() {
+            let target = TargetAddr::Ip(SocketAddr::new(*ip, 9));
+            assert_eq!(dialer.dial(&target).await.err(), Some(OpenError::NotAllowed), "{ip}");
+        }
     }
 }

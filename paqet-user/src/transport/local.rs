@@ -7,7 +7,7 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 
 /// Every (interface name, address) pair the kernel reports.
-fn addresses() -> io::Result<Vec<(String, IpAddr)>> {
+pub(crate) fn addresses() -> io::Result<Vec<(String, IpAddr)>> {
     Ok(addresses_with_flags()?
         .into_iter()
         .map(|(name, ip, _)| (name, ip))
