@@ -303,6 +303,7 @@ async fn run_client(config: Config, server: SocketAddr, paths: Vec<AnyTransport>
 async fn run_server(config: Config, paths: Vec<AnyTransport>, instance: String) -> Result<()> {
     let mut signals = StopSignals::install()?;
     let mut ec = engine_config(&config, engine::Role::Server);
+    ec.started_unix_ms = crate::node::now().unix_ms;
     ec.max_datagram = path_datagram_size(&paths, ec.max_datagram);
     ec.paths = path_ids(&paths);
     let engine = Engine::new(ec, std::time::Instant::now());

@@ -314,8 +314,8 @@ fn counts_and_logs_malformed_frames() {
 }
 
 #[test]
-fn stale_pins_of_the_same_instance_are_replaced() {
-    if !require_root("xdp_steer::stale_pins_of_the_same_instance_are_replaced") {
+fn a_live_instances_pins_are_never_taken_over() {
+    if !require_root("xdp_steer::a_live_instances_pins_are_never_taken_over") {
         return;
     }
     init_tracing();
@@ -323,28 +323,36 @@ fn stale_pins_of_the_same_instance_are_replaced() {
     let instance = format!("test-xp-{}", std::process::id());
     let filter = FilterConfig::new(Protocol::Udp, PORT);
     let first = attach(&hosts, &instance, AttachMode::Generic, filter);
-    // A second owner of the same instance (as after a kill -9 and restart) takes the
-    // pin directory over; the first one's pins are gone.
+    // A second process of the same instance (a second copy of the service, or `paqet
+    // check` beside a running client) must not take the live one's pins. Pins are
+    // replaced only once no loaded program uses them (after a kill -9: the service
+    // test `kill_9_then_start_again_replaces_stale_pins_and_relays`).
     let opts = AttachOptions {
         interface: hosts.client_if.clone(),
         instance: instance.clone(),
         mode: AttachMode::Generic,
         filter,
     };
+    let second = hosts.client.run(|| Steering::attach(opts.clone())).unwrap();
+    assert!(
+        matches!(second, Err(KernelError::InstanceRunning { .. })),
+        "a second owner attached over live pins"
+    );
+    hosts.pin_neighbours().unwrap();
+    send(&hosts, &[], &[(PORT, 1)]);
+    wait_for(|| first.stats().map(|s| s.seen >= 1).unwrap_or(false), WAIT);
+    assert_eq!(
+        read_pinned_stats(&instance).unwrap(),
+        first.stats().unwrap(),
+        "the live instance lost its pins"
+    );
+    drop(first);
+    assert!(!pin_dir(&instance).unwrap().exists());
     let second = hosts
         .client
         .run(|| Steering::attach(opts))
         .unwrap()
-        .expect("second attach");
-    assert!(logs_contain(&format!(
-        "replacing stale pins at {}",
-        pin_dir(&instance).unwrap().display()
-    )));
-    hosts.pin_neighbours().unwrap();
-    send(&hosts, &[], &[(PORT, 1)]); // one SYN on the server's link, one RST back on the client's
-    wait_for(|| second.stats().map(|s| s.seen >= 1).unwrap_or(false), WAIT);
-    assert_eq!(read_pinned_stats(&instance).unwrap(), second.stats().unwrap());
+        .expect("attach once the first owner is gone");
     drop(second);
     assert!(!pin_dir(&instance).unwrap().exists());
-    drop(first); // its pins are already gone: not an error
 }

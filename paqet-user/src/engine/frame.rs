@@ -334,6 +334,10 @@ pub struct InitPayload {
     pub instance: u64,
     /// Client's wall clock; the server refuses stale or replayed handshakes with it.
     pub unix_ms: u64,
+    /// Zero for a new instance; else `crypto::resume_proof` of the client's latest
+    /// session with this server, which the server demands before it moves the
+    /// instance's streams to the new session.
+    pub resume_proof: [u8; 16],
 }
 
 /// Payload of the server's handshake response.
@@ -344,7 +348,7 @@ pub struct ResponsePayload {
     pub server_index: u32,
 }
 
-const INIT_PAYLOAD_LEN: usize = 1 + 4 + 8 + 8;
+const INIT_PAYLOAD_LEN: usize = 1 + 4 + 8 + 8 + 16;
 const RESPONSE_PAYLOAD_LEN: usize = 1 + 4;
 
 impl InitPayload {
@@ -356,6 +360,9 @@ impl InitPayload {
             client_index: be_u32(&buf[1..5]),
             instance: be_u64(&buf[5..13]),
             unix_ms: be_u64(&buf[13..21]),
+            resume_proof: buf[21..37]
+                .try_into()
+                .map_err(|_| FrameError::Malformed("resume proof"))?,
         })
     }
 
@@ -364,6 +371,7 @@ impl InitPayload {
         out.extend_from_slice(&self.client_index.to_be_bytes());
         out.extend_from_slice(&self.instance.to_be_bytes());
         out.extend_from_slice(&self.unix_ms.to_be_bytes());
+        out.extend_from_slice(&self.resume_proof);
     }
 }
 
@@ -497,6 +505,7 @@ mod tests {
             client_index: 5,
             instance: 6,
             unix_ms: 7,
+            resume_proof: [8; 16],
         };
         let mut out = Vec::new();
         init.emit(&mut out);

@@ -4,10 +4,9 @@
 use std::net::SocketAddr;
 
 use super::crypto::{CryptoError, Opened};
-use super::frame::{DataHeader, Inner};
+use super::frame::Inner;
 use super::mux::{Control, Phase};
 use super::{DropReason, Engine, Event, KCP_HEADER_LEN, Now, PathId, PeerId, Role, StreamId, arq};
-
 
 impl Engine {
     /// Handles one datagram from the wire. Anything that does not authenticate is
@@ -42,10 +41,10 @@ impl Engine {
         from: SocketAddr,
         data: &mut [u8],
     ) -> Result<(), DropReason> {
-        if let Ok(header) = DataHeader::parse(data)
-            && let Some(&peer_id) = self.index.get(&header.receiver_index)
+        if let Some(index) = self.index_mask.unmask(data)
+            && let Some(&peer_id) = self.index.get(&index)
         {
-            return self.handle_data(now, (path, from), peer_id, header.receiver_index, data);
+            return self.handle_data(now, (path, from), peer_id, index, data);
         }
         match self.config.role {
             Role::Server => self.handle_handshake_init(now, path, from, data),

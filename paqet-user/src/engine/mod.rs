@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::{Rng, RngCore, SeedableRng};
 
-use crypto::{Initiator, Psk, SEAL_OVERHEAD, SessionCrypto};
+use crypto::{IndexMask, Initiator, Psk, SEAL_OVERHEAD, SessionCrypto};
 use frame::{OpenError, TargetAddr};
 use kcp::{KcpProfile, OutputQueue};
 use mux::Stream;
@@ -46,7 +46,7 @@ pub use sessions::{PATH_FALLBACK_AFTER, SERVER_UNANSWERED_AFTER};
 pub type FastMap<K, V> = foldhash::HashMap<K, V>;
 
 /// Bumped whenever the wire format changes; travels inside the handshake.
-pub const PROTOCOL_VERSION: u8 = 3;
+pub const PROTOCOL_VERSION: u8 = 4;
 /// How far a client's clock may be from the server's before its handshake is refused.
 const HANDSHAKE_MAX_SKEW_MS: u64 = 120_000;
 const KCP_HEADER_LEN: usize = 24;
@@ -103,6 +103,11 @@ pub struct EngineConfig {
     /// next ones are tried beside it, and the best is tried again now and then while a
     /// worse one carries the session.
     pub paths: Vec<PathId>,
+    /// Server: the wall clock (ms) when it started. A handshake stamped earlier was
+    /// made for an earlier run, whose answered handshakes this one no longer remembers
+    /// (nothing is kept on disk): refused, so a replay from before a restart gets
+    /// nothing. 0 turns the check off.
+    pub started_unix_ms: u64,
 }
 
 impl EngineConfig {
@@ -117,6 +122,7 @@ impl EngineConfig {
             max_window: 16384,
             seed,
             paths: vec![PathId(0)],
+            started_unix_ms: 0,
         }
     }
 }
@@ -247,10 +253,15 @@ pub struct Engine {
     peers: FastMap<PeerId, Peer>,
     /// Local session index → peer, for both current and previous sessions.
     index: FastMap<u32, PeerId>,
+    /// Unmasks the index a data packet names (it is masked under the PSK).
+    index_mask: IndexMask,
     /// Client: at most one handshake waiting for an answer per path.
     pending: Vec<PendingHandshake>,
     /// Client: how the server has been answering (see `sessions`).
     reach: Reach,
+    /// Client: the resumption secret of the latest session, proven in the next
+    /// handshake so the server moves our streams to it (and nobody else's).
+    resume: Option<[u8; 32]>,
     /// Server: handshakes already answered, by ephemeral key, until they are too old to
     /// pass the clock check anyway.
     seen_handshakes: HashMap<[u8; 32], Instant>,
@@ -285,6 +296,7 @@ pub struct Engine {
 
 impl Engine {
     pub fn new(config: EngineConfig, now: Instant) -> Engine {
+        let index_mask = IndexMask::new(&config.psk);
         let mut rng = StdRng::from_seed(config.seed);
         let instance = rng.next_u64();
         let next_conv = rng.random_range(1..1 << 24);
@@ -295,8 +307,10 @@ impl Engine {
             instance,
             peers: FastMap::default(),
             index: FastMap::default(),
+            index_mask,
             pending: Vec::new(),
             reach: Reach::default(),
+            resume: None,
             seen_handshakes: HashMap::new(),
             output: OutputQueue::default(),
             transmits: Vec::new(),

@@ -77,16 +77,30 @@ impl Engine {
             return;
         };
         let local_index = self.fresh_index();
-        let payload = InitPayload {
+        let init = InitPayload {
             version: PROTOCOL_VERSION,
             client_index: local_index,
             instance: self.instance,
             unix_ms: now.unix_ms,
+            resume_proof: [0; 16],
         };
         self.scratch.clear();
-        payload.emit(&mut self.scratch);
         self.pad(16);
-        match Initiator::start(&self.config.psk, &self.scratch) {
+        let padding = std::mem::take(&mut self.scratch);
+        let resume = self.resume;
+        let payload = |ephemeral: &[u8]| {
+            let mut payload = Vec::with_capacity(64);
+            InitPayload {
+                resume_proof: resume.map_or([0; 16], |r| crypto::resume_proof(&r, ephemeral)),
+                ..init
+            }
+            .emit(&mut payload);
+            payload.extend_from_slice(&padding);
+            payload
+        };
+        let started = Initiator::start_with(&self.config.psk, payload);
+        self.scratch = padding;
+        match started {
             Ok((initiator, msg)) => {
                 self.pending.retain(|p| p.path != path);
                 self.pending.push(PendingHandshake {
@@ -138,11 +152,18 @@ impl Engine {
             return Err(DropReason::Malformed);
         }
         let fingerprint = crypto::handshake_fingerprint(data).ok_or(DropReason::Unauthentic)?;
-        if now.unix_ms.abs_diff(init.unix_ms) > HANDSHAKE_MAX_SKEW_MS || self.seen_handshakes.contains_key(&fingerprint)
+        let from_before_start = init.unix_ms < self.config.started_unix_ms;
+        if now.unix_ms.abs_diff(init.unix_ms) > HANDSHAKE_MAX_SKEW_MS
+            || from_before_start
+            || self.seen_handshakes.contains_key(&fingerprint)
         {
             return Err(DropReason::StaleHandshake);
         }
         self.seen_handshakes.insert(fingerprint, now.instant);
+        if !self.may_resume(init.instance, &fingerprint, &init.resume_proof) {
+            tracing::debug!(%from, "handshake claims a live client's instance without proof; refused");
+            return Err(DropReason::Unauthentic);
+        }
 
         let local_index = self.fresh_index();
         self.scratch.clear();
@@ -202,6 +223,7 @@ impl Engine {
             remote_index: resp.server_index,
             crypto,
         };
+        self.resume = Some(*session.crypto.resume_secret());
         self.install_session(self.instance, server, path, session, now.instant);
         self.pending.clear();
         let after_outage = self.reach.down;
@@ -229,6 +251,24 @@ impl Engine {
             });
         }
         Ok(())
+    }
+
+    /// A handshake for an instance the server has a session with must prove it holds
+    /// that session's resumption secret (the current or the one before: the answer to
+    /// the client's latest handshake may have been lost). A new instance proves nothing.
+    fn may_resume(&self, instance: PeerId, ephemeral: &[u8], proof: &[u8; 16]) -> bool {
+        let Some(peer) = self.peers.get(&instance) else {
+            return true;
+        };
+        let sessions: Vec<&Session> = [peer.session.as_ref(), peer.previous.as_ref()]
+            .into_iter()
+            .flatten()
+            .collect();
+        sessions.is_empty()
+            || sessions.iter().any(|s| {
+                let expected = crypto::resume_proof(s.crypto.resume_secret(), ephemeral);
+                bool::from(subtle::ConstantTimeEq::ct_eq(&expected[..], &proof[..]))
+            })
     }
 
     /// A handshake completed: `session` becomes the peer's current one.

@@ -413,7 +413,11 @@ fn restarted_server_is_noticed_and_streams_reset() {
         "the reset took {:?} after the new session",
         sim.now - reconnected
     );
-    assert_eq!(sim.server.live_streams(), 0, "the new server adopted a stream it never saw open");
+    assert_eq!(
+        sim.server.live_streams(),
+        0,
+        "the new server adopted a stream it never saw open"
+    );
     let elapsed = sim.now - sim.t0;
     assert!(
         elapsed < Duration::from_secs(60),
@@ -858,4 +862,82 @@ fn an_unanswered_server_fails_waiting_streams_within_seconds_and_new_ones_at_onc
             .open_stream(now, &TargetAddr::Domain("back.test".into(), 80))
             .is_ok()
     );
+}
+
+#[test]
+fn a_key_holder_who_saw_the_clients_handshake_cannot_take_over_its_streams() {
+    let mut sim = Sim::new(Impairment::default(), 34);
+    let (_cid, sid) = sim.open("victim.test");
+    sim.settle();
+    // The client handshakes again (an outage, say); another key holder sees the message
+    // and learns its instance and proof.
+    let now = sim.clock();
+    sim.client.connect(now);
+    let mut out = Vec::new();
+    sim.client.drain_transmits(&mut out);
+    let genuine = out.pop().unwrap().payload;
+    let seen = crypto::Responder::read(&psk(), &genuine).unwrap();
+    let victim = frame::InitPayload::parse(&seen.payload).unwrap();
+    let forged = frame::InitPayload {
+        client_index: 77,
+        ..victim
+    };
+    let mut payload = Vec::new();
+    forged.emit(&mut payload);
+    let (_attacker, hello) = crypto::Initiator::start(&psk(), &payload).unwrap();
+    let attacker_addr: SocketAddr = "198.18.0.66:5000".parse().unwrap();
+    assert_eq!(
+        sim.server
+            .handle_datagram(now, PathId(0), attacker_addr, &mut hello.clone()),
+        Err(DropReason::Unauthentic),
+        "a handshake with someone else's instance and a copied proof was taken"
+    );
+    assert_eq!(
+        server_sends_to(&mut sim, sid),
+        CLIENT.parse().unwrap(),
+        "the stream was re-pointed"
+    );
+    // The client's own handshake, whose proof is bound to its own ephemeral key, is.
+    sim.server
+        .handle_datagram(now, PathId(0), CLIENT.parse().unwrap(), &mut genuine.clone())
+        .unwrap();
+    assert_eq!(server_sends_to(&mut sim, sid), CLIENT.parse().unwrap());
+}
+
+#[test]
+fn a_handshake_stamped_before_the_server_started_gets_nothing() {
+    let mut sim = Sim::new(Impairment::default(), 35);
+    let now = sim.clock();
+    sim.client.connect(now);
+    let mut out = Vec::new();
+    sim.client.drain_transmits(&mut out);
+    let recorded = out.pop().unwrap().payload;
+    // The server restarts a moment later: it remembers no handshake it answered.
+    let mut cfg = EngineConfig::new(Role::Server, psk(), [36; 32]);
+    cfg.started_unix_ms = now.unix_ms + 1;
+    sim.server = Engine::new(cfg, sim.now);
+    let later = Now {
+        instant: now.instant + Duration::from_millis(5),
+        unix_ms: now.unix_ms + 5,
+    };
+    assert_eq!(
+        sim.server
+            .handle_datagram(later, PathId(0), CLIENT.parse().unwrap(), &mut recorded.clone()),
+        Err(DropReason::StaleHandshake)
+    );
+    let mut answer = Vec::new();
+    sim.server.drain_transmits(&mut answer);
+    assert!(answer.is_empty(), "a replayed handshake got a reply");
+    // A fresh one from the same client is answered.
+    sim.client.connect(later);
+    let mut out = Vec::new();
+    sim.client.drain_transmits(&mut out);
+    sim.server
+        .handle_datagram(
+            later,
+            PathId(0),
+            CLIENT.parse().unwrap(),
+            &mut out.pop().unwrap().payload,
+        )
+        .unwrap();
 }

@@ -193,15 +193,11 @@ fn check_socks_port(r: &mut Report, addr: SocketAddr) {
         Ok(_) => r.line(true, "SOCKS port", &format!("{addr} is free")),
         Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
             let holder = port_holder(addr.port()).unwrap_or_else(|| "an unknown process".into());
-            // Checking a config whose client is already running is the usual case while
-            // troubleshooting a connection, not a fault.
-            let ours = holder.contains("(paqet,");
-            let detail = if ours {
-                format!("{addr} is held by a running paqet client, {holder}")
-            } else {
-                format!("{addr} is busy, held by {holder}: stop it, or set SOCKS_ADDR to a free port")
-            };
-            r.line(ours, "SOCKS port", &detail);
+            r.line(
+                false,
+                "SOCKS port",
+                &format!("{addr} is busy, held by {holder}: stop it, or set SOCKS_ADDR to a free port"),
+            );
         }
         Err(e) => r.line(
             false,

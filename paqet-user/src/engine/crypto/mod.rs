@@ -16,7 +16,7 @@ use snow::HandshakeState;
 
 use super::frame::{DATA_HEADER_LEN, DataHeader};
 use epoch_keys::{OpenKeys, SealKeys};
-pub use handshake::{Initiator, Responder, handshake_fingerprint};
+pub use handshake::{Initiator, Responder, handshake_fingerprint, resume_proof};
 use replay::ReplayWindow;
 
 /// AES-GCM tag length.
@@ -51,6 +51,35 @@ impl std::fmt::Debug for Psk {
     }
 }
 
+/// Masks the receiver index of every data packet, so that no byte of a packet is
+/// constant across a session. The key comes from the pre-shared key, not the session:
+/// the receiver must unmask the index to find the session at all. The mask is AES of
+/// the same ciphertext sample the counter's mask is drawn from, under its own key.
+#[derive(Clone)]
+pub struct IndexMask(Aes256);
+
+impl IndexMask {
+    pub fn new(psk: &Psk) -> IndexMask {
+        IndexMask(Aes256::new(
+            &epoch_keys::derive(&psk.0, b"paqet index protection", 0).into(),
+        ))
+    }
+
+    fn mask(&self, body: &[u8]) -> Option<u32> {
+        let sample = body.get(..HP_SAMPLE_LEN)?;
+        let mut block = aes::Block::default();
+        block.copy_from_slice(sample);
+        self.0.encrypt_block(&mut block);
+        Some(u32::from_be_bytes([block[0], block[1], block[2], block[3]]))
+    }
+
+    /// The receiver index a data packet names, or `None` if it is too short to be one.
+    pub fn unmask(&self, packet: &[u8]) -> Option<u32> {
+        let header = DataHeader::parse(packet).ok()?;
+        Some(header.receiver_index ^ self.mask(packet.get(DATA_HEADER_LEN..)?)?)
+    }
+}
+
 /// Per-session keys and nonce state for both directions.
 pub struct SessionCrypto {
     seal_keys: SealKeys,
@@ -59,6 +88,9 @@ pub struct SessionCrypto {
     replay: ReplayWindow,
     hp_send: Aes256,
     hp_recv: Aes256,
+    /// What a later handshake of the same client proves it knows ([`resume_proof`]).
+    resume: [u8; 32],
+    index_mask: IndexMask,
 }
 
 fn header_protection(direction_secret: &[u8; 32]) -> Aes256 {
@@ -78,9 +110,11 @@ fn counter_mask(hp: &Aes256, ciphertext: &[u8]) -> u64 {
 }
 
 impl SessionCrypto {
-    fn from_handshake(state: HandshakeState) -> Result<SessionCrypto, CryptoError> {
-        let (send, recv) = handshake::split(state)?;
+    fn from_handshake(state: HandshakeState, index_mask: IndexMask) -> Result<SessionCrypto, CryptoError> {
+        let (send, recv, resume) = handshake::split(state)?;
         Ok(SessionCrypto {
+            resume,
+            index_mask,
             hp_send: header_protection(&send),
             hp_recv: header_protection(&recv),
             seal_keys: SealKeys::new(send),
@@ -88,6 +122,10 @@ impl SessionCrypto {
             send_counter: 0,
             replay: ReplayWindow::default(),
         })
+    }
+
+    pub fn resume_secret(&self) -> &[u8; 32] {
+        &self.resume
     }
 
     /// Appends `header ‖ ciphertext ‖ tag` for `plaintext` to `out`.
@@ -114,8 +152,9 @@ impl SessionCrypto {
         out.extend_from_slice(&tag);
         let (header, body) = out[start..].split_at_mut(DATA_HEADER_LEN);
         let mask = counter_mask(&self.hp_send, body);
+        let index_mask = self.index_mask.mask(body).ok_or(CryptoError::TooShort)?;
         DataHeader {
-            receiver_index,
+            receiver_index: receiver_index ^ index_mask,
             masked_counter: counter ^ mask,
         }
         .emit(header);
@@ -222,5 +261,21 @@ mod tests {
         // Counters 0 and 1 would share seven zero bytes in the clear.
         assert_ne!(a[4..11], b[4..11]);
         assert_ne!(a[4..12], [0u8; 8]);
+    }
+
+    #[test]
+    fn receiver_index_is_masked_and_unmasked_with_the_psk() {
+        let psk = Psk([6; 32]);
+        let (mut c, _) = pair(&psk, &psk).unwrap();
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        c.seal(0x1234_5678, b"same", &mut a).unwrap();
+        c.seal(0x1234_5678, b"same", &mut b).unwrap();
+        assert_ne!(a[..4], b[..4], "the index is constant across packets");
+        assert_ne!(a[..4], 0x1234_5678u32.to_be_bytes());
+        let mask = IndexMask::new(&psk);
+        assert_eq!(mask.unmask(&a), Some(0x1234_5678));
+        assert_eq!(mask.unmask(&b), Some(0x1234_5678));
+        assert_ne!(IndexMask::new(&Psk([7; 32])).unmask(&a), Some(0x1234_5678));
+        assert_eq!(mask.unmask(&a[..DATA_HEADER_LEN + 3]), None);
     }
 }
