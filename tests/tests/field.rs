@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use paqet_tests::relay::{ORIGIN_NAME, ORIGIN_PORT, RelayBed, RelayOptions, SERVER_PORT};
-use paqet_tests::{TwoHosts, require_root, scenarios, socks, wait_for};
+use paqet_tests::{ChildGuard, TwoHosts, pattern, require_root, scenarios, socks, wait_for};
 
 const MIB: u64 = 1 << 20;
 
@@ -233,4 +233,81 @@ fn paqet_check_probes_the_server_over_each_path() {
         line.contains("FAIL") && line.contains("no answer") && line.contains("KEY"),
         "{text}"
     );
+}
+
+/// A config file of the test's own, removed on drop.
+struct OwnConf(std::path::PathBuf);
+
+impl OwnConf {
+    fn write(name: &str, text: &str) -> OwnConf {
+        use std::os::unix::fs::PermissionsExt;
+        let path = std::env::temp_dir().join(format!("paqet-{name}-{}.conf", std::process::id()));
+        std::fs::write(&path, text).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        OwnConf(path)
+    }
+}
+
+impl Drop for OwnConf {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+#[test]
+fn a_second_paqet_on_the_same_interface_is_refused_clearly_and_auto_falls_back_to_udp() {
+    if !require_root("a_second_paqet_on_the_same_interface_is_refused_clearly_and_auto_falls_back_to_udp") {
+        return;
+    }
+    let mut opts = RelayOptions::new("auto").unwrap();
+    as_written(&mut opts);
+    let bed = RelayBed::start("f8", &opts).unwrap();
+    // The same instance name as the running client (client-<interface>): before, the
+    // second one removed the first's pins as "stale".
+    let conf = OwnConf::write(
+        "f8-second",
+        &format!(
+            "SOCKS_ADDR=127.0.0.1:1081\nREMOTE_ADDR={}:{SERVER_PORT}\nKEY={}\n",
+            TwoHosts::SERVER_IP,
+            opts.client_key
+        ),
+    );
+    let log = std::env::temp_dir().join(format!("paqet-f8-second-{}.log", std::process::id()));
+    let log_file = std::fs::File::create(&log).unwrap();
+    let second = ChildGuard::spawn(
+        bed.hosts
+            .client
+            .nsenter_command(&paqet_tests::paqet_bin().to_string_lossy())
+            .args(["client", "--config"])
+            .arg(&conf.0)
+            .stdin(std::process::Stdio::null())
+            .stdout(log_file.try_clone().unwrap())
+            .stderr(log_file),
+    )
+    .unwrap();
+    let proxy: std::net::SocketAddr = ([127, 0, 0, 1], 1081).into();
+    let fetched = bed
+        .hosts
+        .client
+        .run(|| {
+            wait_for(|| std::net::TcpStream::connect(proxy).is_ok(), Duration::from_secs(20));
+            socks::fetch_bytes(proxy, ORIGIN_NAME, ORIGIN_PORT, 5 * MIB)
+        })
+        .unwrap();
+    let second_log = std::fs::read_to_string(&log).unwrap_or_default();
+    drop(second);
+    let _ = std::fs::remove_file(&log);
+    let (hash, got) = fetched.unwrap_or_else(|e| panic!("second client: {e:#}\n{second_log}\n{}", bed.logs()));
+    assert_eq!(
+        (hash.as_str(), got),
+        (pattern::sha256_hex(5 * MIB, 5 * MIB).as_str(), 5 * MIB)
+    );
+    assert!(
+        second_log.contains("already carries paqet's XDP program") || second_log.contains("another paqet"),
+        "the refusal is not explained:\n{second_log}"
+    );
+    assert!(second_log.contains("path=udp"), "{second_log}");
+    // The first client still relays over xdp.
+    scenarios::curl_download_is_exact(&bed, 5 * MIB);
+    assert_eq!(session_path(&bed).as_deref(), Some("xdp/tcp"), "{}", bed.logs());
 }

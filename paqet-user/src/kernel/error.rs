@@ -82,6 +82,17 @@ pub enum KernelError {
         programs: Vec<u32>,
     },
 
+    #[error(
+        "{interface} already carries paqet's XDP program for {instance} (program {programs:?}): one paqet per \
+         interface on the xdp transport; run this one with TRANSPORT=udp (or auto, which falls back to udp) or on \
+         another INTERFACE"
+    )]
+    InterfaceTaken {
+        interface: String,
+        instance: String,
+        programs: Vec<u32>,
+    },
+
     #[error("no pinned paqet maps for instance {instance:?} at {path} (is paqet running?)")]
     NotPinned { instance: String, path: PathBuf },
 

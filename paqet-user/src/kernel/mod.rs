@@ -118,6 +118,15 @@ impl Steering {
         pins::pin_dir(&opts.instance)?;
         let ifindex = if_index(&opts.interface)?;
         pins::ensure_bpffs()?;
+        // One XDP program per interface: a second one would replace or be refused by
+        // the first, and the first's frames would go astray.
+        if let Some((instance, programs)) = pins::live_instance_on(&opts.interface, &opts.instance) {
+            return Err(KernelError::InterfaceTaken {
+                interface: opts.interface.clone(),
+                instance,
+                programs,
+            });
+        }
 
         let level = logs::aya_level();
         let mut ebpf = EbpfLoader::new()
