@@ -286,6 +286,76 @@ impl TwoHosts {
     }
 }
 
+/// A third namespace behind the server, reached only through it: the origin that
+/// clients fetch from, off the server's own addresses (which the server's target policy
+/// denies by default). A veth joins the server (198.18.1.1/24) and the origin
+/// (198.18.1.2/24); the server namespace forwards (ip_forward=1) and the origin routes
+/// 198.18.0.0/24 back through it. The client has no route here: only paqet reaches it.
+/// Dropping it removes the namespace and the link with it.
+#[derive(Debug)]
+pub struct OriginHost {
+    pub ns: Netns,
+    /// The link's end in the server namespace.
+    pub server_if: String,
+    /// The link's end in the origin namespace.
+    pub origin_if: String,
+}
+
+impl OriginHost {
+    /// The server's address on the origin link.
+    pub const ROUTER_IP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(198, 18, 1, 1);
+    pub const ORIGIN_IP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(198, 18, 1, 2);
+    /// IPv6 on the same link, after [`OriginHost::enable_ipv6`].
+    pub const ROUTER_IP6: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0x2001, 2, 1, 0, 0, 0, 0, 1);
+    pub const ORIGIN_IP6: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0x2001, 2, 1, 0, 0, 0, 0, 2);
+
+    /// An origin namespace behind `server`; `tag` as for [`TwoHosts::new`].
+    pub fn behind(server: &Netns, tag: &str) -> Result<OriginHost> {
+        let ns = Netns::new(&format!("pq{tag}o"))?;
+        let run = std::process::id() % 100_000;
+        let (server_if, origin_if) = (format!("r{tag}{run:05}"), format!("o{tag}{run:05}"));
+        veth(
+            server,
+            &server_if,
+            &format!("{}/24", Self::ROUTER_IP),
+            &ns,
+            &origin_if,
+            &format!("{}/24", Self::ORIGIN_IP),
+        )?;
+        let origin = OriginHost {
+            ns,
+            server_if,
+            origin_if,
+        };
+        // If the veth was made but this fails, the origin namespace's Drop removes both
+        // ends; the server namespace keeps nothing of it.
+        server.sysctl("net.ipv4.ip_forward", "1")?;
+        origin.ns.exec(&[
+            "ip",
+            "route",
+            "add",
+            "198.18.0.0/24",
+            "via",
+            &Self::ROUTER_IP.to_string(),
+        ])?;
+        Ok(origin)
+    }
+
+    /// IPv6 on the origin link: `ROUTER_IP6/64` on the server's end, `ORIGIN_IP6/64` on
+    /// the origin's (no duplicate address detection, so both are usable at once).
+    pub fn enable_ipv6(&self, server: &Netns) -> Result<()> {
+        server.enable_ipv6()?;
+        self.ns.enable_ipv6()?;
+        for (ns, ip, ifname) in [
+            (server, Self::ROUTER_IP6, &self.server_if),
+            (&self.ns, Self::ORIGIN_IP6, &self.origin_if),
+        ] {
+            ns.exec(&["ip", "-6", "addr", "add", &format!("{ip}/64"), "dev", ifname, "nodad"])?;
+        }
+        Ok(())
+    }
+}
+
 pub fn fmt_mac(m: [u8; 6]) -> String {
     format!(
         "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",

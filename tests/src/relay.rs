@@ -1,7 +1,8 @@
-//! A whole relay on one machine: client and server namespaces joined by a veth pair, an
-//! origin web server and a paqet server in the server namespace, a paqet client in the
-//! client namespace with its SOCKS5 port on the client's loopback. Used by the tests and
-//! by `cargo xtask run`'s demo; everything is torn down on drop.
+//! A whole relay on one machine: client and server namespaces joined by a veth pair, a
+//! paqet server in the server namespace, an origin web server in a third namespace behind
+//! it ([`OriginHost`]: off the server's own addresses, which its target policy denies),
+//! a paqet client in the client namespace with its SOCKS5 port on the client's loopback.
+//! Used by the tests and by `cargo xtask run`'s demo; everything is torn down on drop.
 
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
@@ -12,10 +13,12 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 use crate::linkem::{EmulatedLink, Impairment, hosts_through_emulator};
-use crate::netns::{ChildGuard, Netns, TwoHosts, paqet_bin, wait_for};
+use crate::netns::{ChildGuard, Netns, OriginHost, TwoHosts, paqet_bin, wait_for};
 
 pub const SERVER_PORT: u16 = 4000;
 pub const ORIGIN_PORT: u16 = 8080;
+/// Where the origin listens (in its own namespace, behind the server).
+pub const ORIGIN_IP: std::net::Ipv4Addr = OriginHost::ORIGIN_IP;
 pub const SOCKS_PORT: u16 = 1080;
 /// The origin's name, resolvable only in the server namespace (through its hosts file),
 /// so a fetch by name proves the server resolves it (socks5h).
@@ -88,6 +91,8 @@ pub struct RelayBed {
     pub client: ChildGuard,
     pub server: ChildGuard,
     pub origin: ChildGuard,
+    /// The origin's namespace and its link to the server.
+    pub origin_host: OriginHost,
     pub hosts: TwoHosts,
     pub link: Option<EmulatedLink>,
     scratch: Scratch,
@@ -133,6 +138,7 @@ impl RelayBed {
     }
 
     fn start_on(hosts: TwoHosts, link: Option<EmulatedLink>, tag: &str, opts: &RelayOptions) -> Result<RelayBed> {
+        let origin_host = OriginHost::behind(&hosts.server, tag)?;
         let dir = std::env::temp_dir().join(format!("paqet-bed-{}-{tag}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
         // `ip netns exec` bind-mounts this file over /etc/hosts inside the namespace.
@@ -144,13 +150,13 @@ impl RelayBed {
         };
         std::fs::write(
             hosts_dir.join("hosts"),
-            format!("127.0.0.1 localhost\n{} {ORIGIN_NAME}\n", TwoHosts::SERVER_IP),
+            format!("127.0.0.1 localhost\n{ORIGIN_IP} {ORIGIN_NAME}\n"),
         )?;
 
-        let origin_addr = format!("{}:{ORIGIN_PORT}", TwoHosts::SERVER_IP);
+        let origin_addr = format!("{ORIGIN_IP}:{ORIGIN_PORT}");
         let origin = ChildGuard::spawn(
-            hosts
-                .server
+            origin_host
+                .ns
                 .command(&sibling_bin("paqet-origin").to_string_lossy())
                 .arg(&origin_addr)
                 .stdin(Stdio::null()),
@@ -212,6 +218,7 @@ impl RelayBed {
             client,
             server,
             origin,
+            origin_host,
             hosts,
             link,
             scratch,
@@ -222,10 +229,11 @@ impl RelayBed {
         Ok(bed)
     }
 
-    /// Waits until the SOCKS port and the origin accept connections.
+    /// Waits until the SOCKS port accepts connections and the origin does from the
+    /// server namespace (so the link and routes to it work).
     fn wait_ready(&self) -> Result<()> {
         let socks = self.socks_addr();
-        let origin: SocketAddr = (TwoHosts::SERVER_IP, ORIGIN_PORT).into();
+        let origin: SocketAddr = (ORIGIN_IP, ORIGIN_PORT).into();
         let ready = self
             .hosts
             .client
@@ -308,9 +316,10 @@ impl RelayBed {
         Ok((hash, len, elapsed))
     }
 
-    /// Connections the origin has open right now (asked directly, not through paqet).
+    /// Connections the origin has open right now (asked directly from the server
+    /// namespace, not through paqet).
     pub fn origin_open_connections(&self) -> Result<u32> {
-        let origin: SocketAddr = (TwoHosts::SERVER_IP, ORIGIN_PORT).into();
+        let origin: SocketAddr = (ORIGIN_IP, ORIGIN_PORT).into();
         self.hosts.server.run(|| -> Result<u32> {
             use std::io::{Read, Write};
             let mut s = std::net::TcpStream::connect(origin)?;

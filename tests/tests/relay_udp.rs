@@ -3,7 +3,8 @@
 
 use std::time::Duration;
 
-use paqet_tests::relay::{ORIGIN_NAME, ORIGIN_PORT, RelayBed, RelayOptions};
+use paqet_tests::netns::OriginHost;
+use paqet_tests::relay::{ORIGIN_IP, ORIGIN_NAME, ORIGIN_PORT, RelayBed, RelayOptions};
 use paqet_tests::{TwoHosts, pattern, require_root, scenarios, socks, wait_for};
 
 const MIB: u64 = 1 << 20;
@@ -27,45 +28,71 @@ fn two_hundred_concurrent_streams_of_mixed_sizes_are_exact() {
     scenarios::two_hundred_concurrent_streams(&bed);
 }
 
+/// Port 9 of the server's own address is opened by an exact ALLOW (nothing listens
+/// there, so paqet's dial is refused by the kernel); every other port there is denied.
+const OPENED_OWN_PORT: u16 = 9;
+
 #[test]
 fn socks_reply_codes_for_refused_denied_and_unsupported() {
     if !require_root("socks_reply_codes_for_refused_denied_and_unsupported") {
         return;
     }
-    let bed = RelayBed::start("u3", &RelayOptions::new("udp").unwrap()).unwrap();
+    let mut opts = RelayOptions::new("udp").unwrap();
+    opts.server_extra
+        .push(format!("ALLOW={}/32:{OPENED_OWN_PORT}", TwoHosts::SERVER_IP));
+    let bed = RelayBed::start("u3", &opts).unwrap();
     let proxy = bed.socks_addr();
     let server_ip = TwoHosts::SERVER_IP.to_string();
+    let origin_ip = ORIGIN_IP.to_string();
+    let code = |host: &str, port: u16, cmd: u8| socks::connect(proxy, host, port, None, cmd).unwrap().err();
     let codes = bed
         .hosts
         .client
         .run(|| {
-            let closed_port = socks::connect(proxy, &server_ip, 9, None, 1).unwrap().err();
-            let loopback = socks::connect(proxy, "127.0.0.1", ORIGIN_PORT, None, 1).unwrap().err();
-            let metadata = socks::connect(proxy, "169.254.169.254", 80, None, 1).unwrap().err();
-            let bind = socks::connect(proxy, &server_ip, ORIGIN_PORT, None, 2).unwrap().err();
-            (closed_port, loopback, metadata, bind)
+            [
+                ("closed port on the origin host", code(&origin_ip, 9, 1)),
+                (
+                    "the exactly allowed closed port on the server",
+                    code(&server_ip, OPENED_OWN_PORT, 1),
+                ),
+                (
+                    "the server's own address, another port",
+                    code(&server_ip, ORIGIN_PORT, 1),
+                ),
+                (
+                    "the server's own address, the next port",
+                    code(&server_ip, OPENED_OWN_PORT + 1, 1),
+                ),
+                (
+                    "the server's address on the origin link",
+                    code(&OriginHost::ROUTER_IP.to_string(), OPENED_OWN_PORT, 1),
+                ),
+                ("the server's loopback", code("127.0.0.1", ORIGIN_PORT, 1)),
+                ("cloud metadata", code("169.254.169.254", 80, 1)),
+                ("a private address", code("10.0.0.1", 80, 1)),
+                ("BIND", code(&origin_ip, ORIGIN_PORT, 2)),
+            ]
         })
         .unwrap();
-    assert_eq!(
-        codes.0,
+    let expected = [
         Some(socks::REPLY_CONNECTION_REFUSED),
-        "closed port\n{}",
-        bed.logs()
-    );
-    assert_eq!(
-        codes.1,
+        Some(socks::REPLY_CONNECTION_REFUSED),
         Some(socks::REPLY_NOT_ALLOWED),
-        "server's own loopback is denied by default"
-    );
-    assert_eq!(
-        codes.2,
         Some(socks::REPLY_NOT_ALLOWED),
-        "cloud metadata is denied by default"
-    );
-    assert_eq!(
-        codes.3,
+        Some(socks::REPLY_NOT_ALLOWED),
+        Some(socks::REPLY_NOT_ALLOWED),
+        Some(socks::REPLY_NOT_ALLOWED),
+        Some(socks::REPLY_NOT_ALLOWED),
         Some(socks::REPLY_COMMAND_NOT_SUPPORTED),
-        "BIND is not supported"
+    ];
+    for ((what, got), want) in codes.iter().zip(expected) {
+        assert_eq!(*got, want, "{what}\n{}", bed.logs());
+    }
+    // The exact opening is announced at start.
+    assert!(
+        bed.log_of("server").contains("ALLOW opens a target"),
+        "no warning about the opened own address\n{}",
+        bed.logs()
     );
 }
 
@@ -150,28 +177,16 @@ fn username_password_auth_and_an_ipv6_target() {
     opts.client_extra.push("SOCKS_USER=alice".into());
     opts.client_extra.push("SOCKS_PASS='correct horse'".into());
     let bed = RelayBed::start("u6", &opts).unwrap();
-    // An IPv6 origin next to the IPv4 one, reached by its address.
-    let server = &bed.hosts.server;
-    server.enable_ipv6().unwrap();
-    server
-        .exec(&[
-            "ip",
-            "-6",
-            "addr",
-            "add",
-            "2001:2::2/64",
-            "dev",
-            &bed.hosts.server_if,
-            "nodad",
-        ])
-        .unwrap();
-    server.exec(&["ip", "-6", "addr", "add", "::1/128", "dev", "lo"]).ok();
+    // An IPv6 origin next to the IPv4 one, behind the server, reached by its address.
+    bed.origin_host.enable_ipv6(&bed.hosts.server).unwrap();
     let origin6 = paqet_tests::ChildGuard::spawn(
-        server
+        bed.origin_host
+            .ns
             .command(&paqet_tests::relay::sibling_bin("paqet-origin").to_string_lossy())
-            .arg("[2001:2::2]:8081"),
+            .arg(format!("[{}]:8081", OriginHost::ORIGIN_IP6)),
     )
     .unwrap();
+    let origin6_ip = OriginHost::ORIGIN_IP6.to_string();
     let proxy = bed.socks_addr();
     let (right, wrong, anonymous, v6) = bed
         .hosts
@@ -182,10 +197,10 @@ fn username_password_auth_and_an_ipv6_target() {
             let wrong = socks::connect(proxy, ORIGIN_NAME, ORIGIN_PORT, Some(("alice", "wrong")), 1).map(|r| r.is_ok());
             let anonymous = socks::connect(proxy, ORIGIN_NAME, ORIGIN_PORT, None, 1).map(|r| r.is_ok());
             let v6 = wait_for(
-                || socks::fetch_bytes_auth(proxy, "2001:2::2", 8081, 300_000, Some(("alice", "correct horse"))).is_ok(),
+                || socks::fetch_bytes_auth(proxy, &origin6_ip, 8081, 300_000, Some(("alice", "correct horse"))).is_ok(),
                 Duration::from_secs(10),
             )
-            .then(|| socks::fetch_bytes_auth(proxy, "2001:2::2", 8081, 300_000, Some(("alice", "correct horse"))));
+            .then(|| socks::fetch_bytes_auth(proxy, &origin6_ip, 8081, 300_000, Some(("alice", "correct horse"))));
             (right, wrong, anonymous, v6)
         })
         .unwrap();

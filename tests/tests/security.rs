@@ -1,15 +1,19 @@
 //! What a scanner or an attacker on the path gets from paqet: nothing. Random payloads
 //! and replayed packets get no reply of any kind (shown by capture), are counted, and do
-//! not disturb a transfer; bad local setups are refused with the fix.
+//! not disturb a transfer; bad local setups are refused with the fix. And what a key
+//! holder gets: the target policy keeps the server's own host and private networks shut,
+//! except what an exact ALLOW opens.
 
-use std::net::UdpSocket;
+use std::io::{Read, Write};
+use std::net::{TcpListener, UdpSocket};
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 use std::time::Duration;
 
 use paqet_tests::capture::{Capture, udp_payload};
+use paqet_tests::netns::OriginHost;
 use paqet_tests::relay::{RelayBed, RelayOptions, SERVER_PORT};
-use paqet_tests::{TwoHosts, paqet_bin, pattern, require_root, wait_for};
+use paqet_tests::{TwoHosts, paqet_bin, pattern, require_root, socks, wait_for};
 
 const MIB: u64 = 1 << 20;
 const PROBE_PORT: u16 = 47000;
@@ -159,6 +163,137 @@ fn replayed_handshake_and_data_packets_are_refused_without_reply() {
         sessions_before,
         "a replayed handshake must not make a session"
     );
+}
+
+/// A TCP service for the policy test: answers each connection with `greeting` and
+/// closes it; stops taking connections after a minute (the test is long done by then).
+fn greeter(listener: TcpListener, greeting: &'static [u8]) -> std::thread::JoinHandle<()> {
+    listener.set_nonblocking(true).unwrap();
+    std::thread::spawn(move || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while std::time::Instant::now() < deadline {
+            match listener.accept() {
+                Ok((mut s, _)) => {
+                    let _ = s.set_nonblocking(false);
+                    let _ = s.write_all(greeting);
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    })
+}
+
+/// Through the relay: the greeting the target sends, or the SOCKS reply code.
+fn greeting_through(bed: &RelayBed, host: &str, port: u16) -> Result<String, u8> {
+    let proxy = bed.socks_addr();
+    bed.hosts
+        .client
+        .run(|| {
+            let mut s = socks::connect(proxy, host, port, None, 1).unwrap()?;
+            let mut text = String::new();
+            s.read_to_string(&mut text).unwrap();
+            Ok(text)
+        })
+        .unwrap()
+}
+
+#[test]
+fn the_servers_own_services_and_private_ranges_are_refused_unless_exactly_allowed() {
+    if !require_root("the_servers_own_services_and_private_ranges_are_refused_unless_exactly_allowed") {
+        return;
+    }
+    const OPENED: u16 = 7101;
+    const SHUT: u16 = 7102;
+    let mut opts = RelayOptions::new("udp").unwrap();
+    opts.server_extra
+        .push(format!("ALLOW={}/32:{OPENED}", TwoHosts::SERVER_IP));
+    let bed = RelayBed::start("s3", &opts).unwrap();
+    // Two services on the server host, on every address (0.0.0.0), as a database or an
+    // admin panel would be: one opened by the exact ALLOW, one not.
+    let (opened, shut) = bed
+        .hosts
+        .server
+        .run(|| {
+            (
+                TcpListener::bind(("0.0.0.0", OPENED)),
+                TcpListener::bind(("0.0.0.0", SHUT)),
+            )
+        })
+        .unwrap();
+    let _services = [greeter(opened.unwrap(), b"opened"), greeter(shut.unwrap(), b"shut")];
+    // A service on a private address behind the server, next to the origin's public one.
+    let origin = &bed.origin_host;
+    origin
+        .ns
+        .exec(&["ip", "addr", "add", "10.77.0.2/24", "dev", &origin.origin_if])
+        .unwrap();
+    bed.hosts
+        .server
+        .exec(&["ip", "addr", "add", "10.77.0.1/24", "dev", &origin.server_if])
+        .unwrap();
+    let private = origin.ns.run(|| TcpListener::bind(("0.0.0.0", SHUT))).unwrap().unwrap();
+    let _private = greeter(private, b"private");
+    // An address the server gains while it runs, in no default range: closed as its own
+    // once paqet re-reads the host's addresses (at most a second later).
+    bed.hosts
+        .server
+        .exec(&["ip", "addr", "add", "198.18.2.1/32", "dev", &origin.server_if])
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+
+    let server_ip = TwoHosts::SERVER_IP.to_string();
+    let (router_ip, origin_ip) = (OriginHost::ROUTER_IP.to_string(), OriginHost::ORIGIN_IP.to_string());
+    // The server itself can reach all of them: only the policy stands in the way.
+    for target in [(server_ip.as_str(), SHUT), ("198.18.2.1", SHUT), ("10.77.0.2", SHUT)] {
+        let reachable = bed
+            .hosts
+            .server
+            .run(|| std::net::TcpStream::connect(target).is_ok())
+            .unwrap();
+        assert!(reachable, "{target:?} is not reachable from the server at all");
+    }
+    let cases = [
+        (server_ip.as_str(), OPENED, Ok("opened".to_string()), "exactly allowed"),
+        (
+            server_ip.as_str(),
+            SHUT,
+            Err(socks::REPLY_NOT_ALLOWED),
+            "own address, by default",
+        ),
+        (
+            "127.0.0.1",
+            OPENED,
+            Err(socks::REPLY_NOT_ALLOWED),
+            "the same service on loopback",
+        ),
+        (
+            router_ip.as_str(),
+            OPENED,
+            Err(socks::REPLY_NOT_ALLOWED),
+            "the same service on another own address",
+        ),
+        (
+            "198.18.2.1",
+            OPENED,
+            Err(socks::REPLY_NOT_ALLOWED),
+            "an own address added after start",
+        ),
+        ("10.77.0.2", SHUT, Err(socks::REPLY_NOT_ALLOWED), "a private address"),
+        (
+            origin_ip.as_str(),
+            SHUT,
+            Ok("private".to_string()),
+            "the same service on a public address",
+        ),
+    ];
+    for (host, port, want, what) in cases {
+        assert_eq!(
+            greeting_through(&bed, host, port),
+            want,
+            "{what}: {host}:{port}\n{}",
+            bed.logs()
+        );
+    }
 }
 
 fn temp_config(name: &str, text: &str, mode: u32) -> std::path::PathBuf {
