@@ -253,9 +253,12 @@ pub async fn run(config: Config) -> Result<()> {
             run_client(config, server, paths, instance).await
         }
         Role::Server => {
+            // Before the paths open (attaching XDP takes a while): a handshake made for
+            // this run is stamped after this, a replay from an earlier run before it.
+            let started_unix_ms = crate::node::now().unix_ms;
             let listen = config.listen_addr.context("LISTEN_ADDR is required for a server")?;
             let (paths, instance) = open_paths(&config, &Side::Server { listen })?;
-            run_server(config, paths, instance).await
+            run_server(config, paths, instance, started_unix_ms).await
         }
     }
 }
@@ -300,10 +303,10 @@ async fn run_client(config: Config, server: SocketAddr, paths: Vec<AnyTransport>
     outcome
 }
 
-async fn run_server(config: Config, paths: Vec<AnyTransport>, instance: String) -> Result<()> {
+async fn run_server(config: Config, paths: Vec<AnyTransport>, instance: String, started_unix_ms: u64) -> Result<()> {
     let mut signals = StopSignals::install()?;
     let mut ec = engine_config(&config, engine::Role::Server);
-    ec.started_unix_ms = crate::node::now().unix_ms;
+    ec.started_unix_ms = started_unix_ms;
     ec.max_datagram = path_datagram_size(&paths, ec.max_datagram);
     ec.paths = path_ids(&paths);
     let engine = Engine::new(ec, std::time::Instant::now());
@@ -333,6 +336,12 @@ async fn publish_live<T: Transport>(node: Arc<Node<T>>, instance: String, role: 
         let c = node.counters();
         live::Snapshot {
             sessions: node.with_engine(|e, _| e.peer_count()),
+            paths: node
+                .with_engine(|e, _| e.sessions_per_path(node.paths().len()))
+                .into_iter()
+                .enumerate()
+                .map(|(i, n)| (node.path_name(PathId(i as u8)), n))
+                .collect(),
             streams: node.live_streams(),
             datagrams_in: c.datagrams_in,
             datagrams_out: c.datagrams_out,

@@ -68,6 +68,39 @@ fn the_readme_server_and_the_seed_client_as_written_relay_over_xdp() {
         "a server on 0.0.0.0 is reached over xdp\n{}",
         bed.logs()
     );
+    // `paqet status` shows the server's sessions per path (live data is refreshed
+    // every second).
+    let pid = bed.server.id();
+    let server_paths = || -> Option<(u64, u64)> {
+        let out = std::process::Command::new(paqet_tests::paqet_bin())
+            .args(["status", "--json"])
+            .output()
+            .ok()?;
+        let all: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        let server = all.as_array()?.iter().find(|v| v["live"]["pid"] == pid)?.clone();
+        let sessions = |name: &str| -> u64 {
+            server["live"]["paths"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|p| p["name"] == name)
+                .filter_map(|p| p["sessions"].as_u64())
+                .sum()
+        };
+        Some((sessions("xdp/tcp"), sessions("udp")))
+    };
+    let mut seen = None;
+    let shown = wait_for(
+        || {
+            seen = server_paths();
+            seen == Some((1, 0))
+        },
+        Duration::from_secs(10),
+    );
+    assert!(
+        shown,
+        "paqet status shows the server's sessions on xdp/tcp, udp as {seen:?}"
+    );
 }
 
 #[test]

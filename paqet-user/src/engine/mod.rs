@@ -345,6 +345,17 @@ impl Engine {
         self.peers.values().filter(|p| p.session.is_some()).count()
     }
 
+    /// Sessions answered on each of `paths` paths (index = `PathId`).
+    pub fn sessions_per_path(&self, paths: usize) -> Vec<usize> {
+        let mut counts = vec![0; paths];
+        for peer in self.peers.values().filter(|p| p.session.is_some()) {
+            if let Some(n) = counts.get_mut(peer.path.0 as usize) {
+                *n += 1;
+            }
+        }
+        counts
+    }
+
     /// Client: the server's address.
     pub fn server_addr(&self) -> Option<SocketAddr> {
         match self.config.role {

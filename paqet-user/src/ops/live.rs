@@ -11,9 +11,11 @@ pub const RUN_DIR: &str = "/run/paqet";
 const EVERY: Duration = Duration::from_secs(1);
 
 /// One reading of the relay's own counters.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Snapshot {
     pub sessions: usize,
+    /// Sessions on each path, by the path's name ("xdp/tcp", "udp"), best first.
+    pub paths: Vec<(String, usize)>,
     pub streams: usize,
     pub datagrams_in: u64,
     pub datagrams_out: u64,
@@ -29,7 +31,12 @@ pub fn state_path(instance: &str) -> PathBuf {
     Path::new(RUN_DIR).join(format!("{instance}.json"))
 }
 
-fn render(role: &str, transport: &str, now: Snapshot, before: Snapshot, secs: f64) -> Value {
+fn render(role: &str, transport: &str, now: &Snapshot, before: &Snapshot, secs: f64) -> Value {
+    let paths: Vec<Value> = now
+        .paths
+        .iter()
+        .map(|(name, sessions)| json!({ "name": name, "sessions": sessions }))
+        .collect();
     let rate = |a: u64, b: u64| ((a.saturating_sub(b)) as f64 / secs).round() as u64;
     json!({
         "pid": std::process::id(),
@@ -37,6 +44,7 @@ fn render(role: &str, transport: &str, now: Snapshot, before: Snapshot, secs: f6
         "transport": transport,
         "updated_unix": SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
         "sessions": now.sessions,
+        "paths": paths,
         "streams": now.streams,
         "datagrams_in": now.datagrams_in,
         "datagrams_out": now.datagrams_out,
@@ -66,7 +74,7 @@ pub async fn publish(instance: String, role: &'static str, transport: String, sn
     let _cleanup = RemoveOnDrop(path.clone());
     let mut before = snapshot();
     // At once, so `paqet status` and `paqet check` see a relay from its first moment.
-    if let Err(e) = write_atomically(&path, &render(role, &transport, before, before, 1.0).to_string()) {
+    if let Err(e) = write_atomically(&path, &render(role, &transport, &before, &before, 1.0).to_string()) {
         tracing::info!("not publishing live status: cannot write {}: {e}", path.display());
         return;
     }
@@ -75,7 +83,7 @@ pub async fn publish(instance: String, role: &'static str, transport: String, sn
     loop {
         ticker.tick().await;
         let now = snapshot();
-        let text = render(role, &transport, now, before, EVERY.as_secs_f64()).to_string();
+        let text = render(role, &transport, &now, &before, EVERY.as_secs_f64()).to_string();
         if let Err(e) = write_atomically(&path, &text) {
             tracing::info!("not publishing live status: cannot write {}: {e}", path.display());
             return;
@@ -123,15 +131,18 @@ mod tests {
         };
         let now = Snapshot {
             sessions: 2,
+            paths: vec![("xdp/tcp".into(), 1), ("udp".into(), 1)],
             streams: 5,
             bytes_in: 3000,
             bytes_out: 500,
             ..Snapshot::default()
         };
-        let v = render("server", "xdp", now, before, 2.0);
+        let v = render("server", "xdp", &now, &before, 2.0);
         assert_eq!(v["bytes_in_per_s"], 1000.0);
         assert_eq!(v["bytes_out_per_s"], 250.0);
         assert_eq!(v["sessions"], 2);
         assert_eq!(v["streams"], 5);
+        assert_eq!(v["paths"][1]["name"], "udp");
+        assert_eq!(v["paths"][1]["sessions"], 1);
     }
 }

@@ -168,6 +168,15 @@ pub fn run(args: &StatusArgs) -> Result<()> {
                 live["dropped_replayed"],
                 live["receive_overflows"]
             );
+            let paths: Vec<String> = live["paths"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|p| format!("{} {}", p["name"].as_str().unwrap_or("?"), p["sessions"]))
+                .collect();
+            if !paths.is_empty() {
+                println!("  sessions per path: {}", paths.join(", "));
+            }
         }
     }
     Ok(())
