@@ -2,5 +2,6 @@
 //! `paqet status` (what is attached, and its counters).
 
 pub mod check;
+pub mod limits;
 pub mod live;
 pub mod status;
