@@ -111,7 +111,7 @@ pub struct RunArgs {
     #[arg(long, value_name = "CIDRS")]
     pub allow: Option<String>,
 
-    /// DENY: targets the server refuses; replaces the default (loopback, 0.0.0.0/8, link-local)
+    /// DENY: targets the server refuses, added to the defaults (loopback, own addresses, private ranges, metadata)
     #[arg(long, value_name = "CIDRS")]
     pub deny: Option<String>,
 

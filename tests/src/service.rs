@@ -204,7 +204,7 @@ impl ServiceBed {
 
         let key = crate::relay::genkey()?;
         let server_conf = format!(
-            "LISTEN_ADDR={SERVER_IP}:{SERVER_PORT}\nKEY={key}\nTRANSPORT=xdp\nTIMEOUT=10\nALLOW=198.18.0.0/15\n"
+            "LISTEN_ADDR={SERVER_IP}:{SERVER_PORT}\nKEY={key}\nTRANSPORT=xdp\nTIMEOUT=10\nALLOW={SERVER_IP}/32:{ORIGIN_PORT}\n"
         );
         let client_conf = format!(
             "SOCKS_ADDR=127.0.0.1:{SOCKS_PORT}\nREMOTE_ADDR={SERVER_IP}:{SERVER_PORT}\nKCP_MODE=fast3\nKEY={key}\nTRANSPORT=xdp\nTIMEOUT=10\n"

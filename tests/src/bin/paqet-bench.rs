@@ -89,6 +89,16 @@ struct Bench {
     r: Results,
 }
 
+/// The bench's origin and echo servers listen on the server's own address, which the
+/// server's default policy denies: open exactly those two services.
+fn relay_options(transport: &'static str) -> anyhow::Result<RelayOptions> {
+    let mut opts = RelayOptions::new(transport)?;
+    opts.server_extra.push(format!(
+        "ALLOW={SERVER_IP}/32:{BENCH_ORIGIN_PORT},{SERVER_IP}/32:{ECHO_PORT}"
+    ));
+    Ok(opts)
+}
+
 fn origin() -> SocketAddr {
     (SERVER_IP, BENCH_ORIGIN_PORT).into()
 }
@@ -282,7 +292,7 @@ impl Bench {
     fn paqet(&mut self, transport: &'static str) -> Result<()> {
         let sys = format!("paqet {transport}");
         let tag = if transport == "xdp" { "bx" } else { "bu" };
-        let bed = RelayBed::start(tag, &RelayOptions::new(transport)?)?;
+        let bed = RelayBed::start(tag, &relay_options(transport)?)?;
         if transport == "udp" {
             // As a host would run the udp transport (AF_XDP is what needs them off): UDP
             // GSO/GRO may then carry coalesced datagrams through the veth.
@@ -310,7 +320,7 @@ impl Bench {
     fn paqet_lossy(&mut self, transport: &'static str) -> Result<()> {
         let sys = format!("paqet {transport}");
         let tag = if transport == "xdp" { "blx" } else { "blu" };
-        let bed = RelayBed::start_through(tag, &RelayOptions::new(transport)?, LOSSY_LINK)?;
+        let bed = RelayBed::start_through(tag, &relay_options(transport)?, LOSSY_LINK)?;
         let _servers = Servers::start(&bed.hosts.server)?;
         let procs = paqet_procs(&bed);
         let o = Access::Socks {
@@ -516,7 +526,7 @@ impl Bench {
     /// sampled clock profile); writes `perf report` text into `out`.
     fn profile(&mut self, transport: &'static str, out: &std::path::Path) -> Result<()> {
         std::fs::create_dir_all(out)?;
-        let bed = RelayBed::start("bp", &RelayOptions::new(transport)?)?;
+        let bed = RelayBed::start("bp", &relay_options(transport)?)?;
         let _servers = Servers::start(&bed.hosts.server)?;
         let procs = paqet_procs(&bed);
         let mut perfs = Vec::new();

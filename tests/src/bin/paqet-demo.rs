@@ -6,7 +6,7 @@
 
 use anyhow::{Result, bail};
 
-use paqet_tests::relay::{RelayBed, RelayOptions, SOCKS_PORT};
+use paqet_tests::relay::{ORIGIN_IP, ORIGIN_PORT, RelayBed, RelayOptions, SOCKS_PORT};
 use paqet_tests::{TwoHosts, pattern, require_root};
 
 const DEMO_BYTES: u64 = 100 << 20;
@@ -24,8 +24,7 @@ fn main() -> Result<()> {
     );
     let bed = RelayBed::start("demo", &RelayOptions::new(transport)?)?;
     println!(
-        "  paqet server on {}:4000, origin web server on {}:8080, SOCKS5 on 127.0.0.1:{SOCKS_PORT} in the client ns",
-        TwoHosts::SERVER_IP,
+        "  paqet server on {}:4000, origin web server on {ORIGIN_IP}:{ORIGIN_PORT} behind it, SOCKS5 on 127.0.0.1:{SOCKS_PORT} in the client ns",
         TwoHosts::SERVER_IP
     );
     println!("  downloading {} MiB with curl --socks5-hostname ...", DEMO_BYTES >> 20);
