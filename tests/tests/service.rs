@@ -345,8 +345,15 @@ fn check_names_the_port_holder_and_the_missing_capabilities() {
         assert!(line(ok).starts_with("OK"), "expected OK for {ok}:\n{text}");
     }
 
-    // With the unit's capabilities and the port free, every line is OK.
+    // With the unit's capabilities, the port free and the server running (check now
+    // handshakes with it), every line is OK.
     drop(holder);
+    let mut bed = bed;
+    bed.start_role("server").unwrap();
+    assert!(wait_for(
+        || bed.pin_dir("server").join("stats").exists(),
+        Duration::from_secs(10)
+    ));
     assert!(
         bed.cns
             .run(|| wait_for(|| std::net::TcpStream::connect(socks).is_err(), Duration::from_secs(10)))
