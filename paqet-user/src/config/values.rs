@@ -92,8 +92,9 @@ pub(crate) fn parse_transport(s: &str) -> Result<TransportKind, String> {
     s.parse()
 }
 
-/// The pre-shared key. Its bytes never appear in `Debug` output.
-#[derive(Clone)]
+/// The pre-shared key. Its bytes never appear in `Debug` output, and are wiped from
+/// memory when dropped.
+#[derive(Clone, zeroize::Zeroize, zeroize::ZeroizeOnDrop)]
 pub struct Key(pub [u8; 32]);
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -261,7 +261,7 @@ pub struct Engine {
     reach: Reach,
     /// Client: the resumption secret of the latest session, proven in the next
     /// handshake so the server moves our streams to it (and nobody else's).
-    resume: Option<[u8; 32]>,
+    resume: Option<zeroize::Zeroizing<[u8; 32]>>,
     /// Server: handshakes already answered, by ephemeral key, until they are too old to
     /// pass the clock check anyway.
     seen_handshakes: HashMap<[u8; 32], Instant>,

@@ -87,11 +87,11 @@ impl Engine {
         self.scratch.clear();
         self.pad(16);
         let padding = std::mem::take(&mut self.scratch);
-        let resume = self.resume;
+        let resume = self.resume.clone();
         let payload = |ephemeral: &[u8]| {
             let mut payload = Vec::with_capacity(64);
             InitPayload {
-                resume_proof: resume.map_or([0; 16], |r| crypto::resume_proof(&r, ephemeral)),
+                resume_proof: resume.as_ref().map_or([0; 16], |r| crypto::resume_proof(r, ephemeral)),
                 ..init
             }
             .emit(&mut payload);
@@ -223,7 +223,7 @@ impl Engine {
             remote_index: resp.server_index,
             crypto,
         };
-        self.resume = Some(*session.crypto.resume_secret());
+        self.resume = Some(zeroize::Zeroizing::new(*session.crypto.resume_secret()));
         self.install_session(self.instance, server, path, session, now.instant);
         self.pending.clear();
         let after_outage = self.reach.down;

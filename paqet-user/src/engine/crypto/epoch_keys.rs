@@ -13,6 +13,8 @@ use blake2::Blake2sMac256;
 use blake2::digest::{KeyInit, Mac};
 use ring::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
 
+use zeroize::{ZeroizeOnDrop, Zeroizing};
+
 use super::{CryptoError, TAG_LEN};
 
 /// Counters per key: 2^23, QUIC's limit for AES-GCM.
@@ -43,8 +45,10 @@ struct EpochKey {
 
 impl EpochKey {
     fn derive(secret: &[u8; 32], epoch: u64) -> EpochKey {
-        let bytes = derive(secret, b"paqet aes-256-gcm epoch", epoch);
-        let unbound = UnboundKey::new(&AES_256_GCM, &bytes).expect("AES-256-GCM takes a 32-byte key");
+        let bytes = Zeroizing::new(derive(secret, b"paqet aes-256-gcm epoch", epoch));
+        // ring keeps its own copy (its key schedule), which it does not wipe: a limit of
+        // ring's, written down in the README's Security section.
+        let unbound = UnboundKey::new(&AES_256_GCM, &bytes[..]).expect("AES-256-GCM takes a 32-byte key");
         EpochKey {
             epoch,
             key: LessSafeKey::new(unbound),
@@ -53,8 +57,10 @@ impl EpochKey {
 }
 
 /// The sending direction: the current epoch's key, replaced when the counter leaves it.
+#[derive(ZeroizeOnDrop)]
 pub struct SealKeys {
     secret: [u8; 32],
+    #[zeroize(skip)]
     current: EpochKey,
 }
 
@@ -84,10 +90,14 @@ impl SealKeys {
 /// The receiving direction: the keys of the epoch before, the current one and the next,
 /// all derived ahead, so a forged counter never costs a derivation and packets reordered
 /// across an epoch boundary still open.
+#[derive(ZeroizeOnDrop)]
 pub struct OpenKeys {
     secret: [u8; 32],
+    #[zeroize(skip)]
     previous: Option<EpochKey>,
+    #[zeroize(skip)]
     current: EpochKey,
+    #[zeroize(skip)]
     next: EpochKey,
 }
 

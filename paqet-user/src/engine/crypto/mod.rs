@@ -41,8 +41,8 @@ pub enum CryptoError {
     CounterExhausted,
 }
 
-/// The 32-byte pre-shared key.
-#[derive(Clone)]
+/// The 32-byte pre-shared key, wiped from memory when dropped.
+#[derive(Clone, zeroize::Zeroize, zeroize::ZeroizeOnDrop)]
 pub struct Psk(pub [u8; 32]);
 
 impl std::fmt::Debug for Psk {
@@ -127,7 +127,15 @@ impl SessionCrypto {
     pub fn resume_secret(&self) -> &[u8; 32] {
         &self.resume
     }
+}
 
+impl Drop for SessionCrypto {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.resume);
+    }
+}
+
+impl SessionCrypto {
     /// Appends `header ‖ ciphertext ‖ tag` for `plaintext` to `out`.
     pub fn seal(&mut self, receiver_index: u32, plaintext: &[u8], out: &mut Vec<u8>) -> Result<(), CryptoError> {
         self.seal_with(receiver_index, out, |buf| buf.extend_from_slice(plaintext))
