@@ -313,10 +313,7 @@ async fn run_server(config: Config, paths: Vec<AnyTransport>, instance: String, 
     let (node, opened) = Node::new(engine, paths, true);
     let opened = opened.context("server node without an open-stream channel")?;
     tracing::info!(listen = ?config.listen_addr, paths = %node.path_list(), kcp = ?config.kcp_mode, "paqet server running");
-    let dialer = Arc::new(Dialer {
-        policy: config.policy.clone(),
-        timeout: config.timeout,
-    });
+    let dialer = Arc::new(Dialer::new(config.policy.clone(), config.timeout));
     let receiver = tokio::spawn(node.clone().run_receivers());
     let timers = tokio::spawn(node.clone().run_timers());
     let dialing = tokio::spawn(dialer.serve(node.clone(), opened));

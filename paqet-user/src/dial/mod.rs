@@ -3,6 +3,7 @@
 //! that resolves to loopback or to the server itself is refused like the address itself;
 //! the server's own addresses are re-read as they change ([`own`]).
 
+pub mod limits;
 pub mod own;
 
 use std::io;
@@ -18,13 +19,23 @@ use crate::engine::StreamId;
 use crate::engine::frame::{OpenError, TargetAddr};
 use crate::node::{Node, relay_stream};
 use crate::transport::Transport;
+use limits::{DialLimits, DialPermit};
 
 pub struct Dialer {
     pub policy: TargetPolicy,
     pub timeout: Duration,
+    pub limits: Arc<DialLimits>,
 }
 
 impl Dialer {
+    pub fn new(policy: TargetPolicy, timeout: Duration) -> Dialer {
+        Dialer {
+            policy,
+            timeout,
+            limits: Arc::new(DialLimits::default()),
+        }
+    }
+
     /// Dials every stream clients open, until the node stops.
     pub async fn serve<T: Transport>(
         self: Arc<Self>,
@@ -33,17 +44,29 @@ impl Dialer {
     ) {
         self.log_policy();
         while let Some((id, target)) = opened.recv().await {
+            let Some(permit) = self.limits.admit(id.peer) else {
+                tracing::debug!(stream = %id, %target, "refused: too many dials in progress");
+                let _ = node.with_engine(|e, _| e.refuse_stream(id, OpenError::GeneralFailure));
+                continue;
+            };
             let this = self.clone();
             let node = node.clone();
-            tokio::spawn(async move { this.dial_and_relay(node, id, target).await });
+            tokio::spawn(async move { this.dial_and_relay(node, id, target, permit).await });
         }
     }
 
-    async fn dial_and_relay<T: Transport>(&self, node: Arc<Node<T>>, id: StreamId, target: TargetAddr) {
+    async fn dial_and_relay<T: Transport>(
+        &self,
+        node: Arc<Node<T>>,
+        id: StreamId,
+        target: TargetAddr,
+        permit: DialPermit,
+    ) {
         let dialled = match tokio::time::timeout(self.timeout, self.dial(&target)).await {
             Ok(result) => result,
             Err(_) => Err(OpenError::TtlExpired),
         };
+        drop(permit);
         let Some(waker) = node.stream_waker(id) else { return };
         match dialled {
             Ok(tcp) => {
@@ -143,10 +166,7 @@ mod tests {
 
     #[tokio::test]
     async fn policy_refuses_loopback_even_by_name() {
-        let dialer = Dialer {
-            policy: TargetPolicy::default(),
-            timeout: Duration::from_secs(2),
-        };
+        let dialer = Dialer::new(TargetPolicy::default(), Duration::from_secs(2));
         let by_ip = dialer.dial(&TargetAddr::Ip("127.0.0.1:9".parse().unwrap())).await;
         assert_eq!(by_ip.err(), Some(OpenError::NotAllowed));
         let by_name = dialer.dial(&TargetAddr::Domain("localhost".into(), 9)).await;
@@ -160,13 +180,13 @@ mod tests {
                 .map(|r| r.parse().unwrap())
                 .collect()
         };
-        Dialer {
-            policy: TargetPolicy {
+        Dialer::new(
+            TargetPolicy {
                 allow: rules(allow),
                 deny: rules(deny),
             },
-            timeout: Duration::from_secs(2),
-        }
+            Duration::from_secs(2),
+        )
     }
 
     #[tokio::test]

@@ -136,7 +136,12 @@ impl Engine {
             return false;
         }
         let opens = arq::opens_conversation(segments);
-        if matches!(self.config.role, Role::Server) && opens && id.conv != 0 {
+        let room = peer.streams.len() < self.config.max_streams_per_peer;
+        if matches!(self.config.role, Role::Server) && opens && id.conv != 0 && !room {
+            self.counters.refused_streams += 1;
+            tracing::debug!(stream = %id, "refused: the client has the most streams a session may have");
+        }
+        if matches!(self.config.role, Role::Server) && opens && id.conv != 0 && room {
             let stream = self.new_stream(id.conv, Phase::AwaitingOpen, now.instant);
             if let Some(peer) = self.peers.get_mut(&id.peer) {
                 peer.streams.insert(id.conv, stream);

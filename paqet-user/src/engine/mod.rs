@@ -108,6 +108,10 @@ pub struct EngineConfig {
     /// (nothing is kept on disk): refused, so a replay from before a restart gets
     /// nothing. 0 turns the check off.
     pub started_unix_ms: u64,
+    /// Server: streams one client may hold at once; more are reset as they open. Each
+    /// costs at least a 128-segment receive window, so this bounds what one key holder
+    /// can make the server keep.
+    pub max_streams_per_peer: usize,
 }
 
 impl EngineConfig {
@@ -123,6 +127,7 @@ impl EngineConfig {
             seed,
             paths: vec![PathId(0)],
             started_unix_ms: 0,
+            max_streams_per_peer: 4096,
         }
     }
 }
@@ -200,6 +205,8 @@ pub struct Counters {
     pub dropped_replayed: u64,
     pub dropped_stale_handshake: u64,
     pub dropped_malformed: u64,
+    /// Streams a client opened beyond `max_streams_per_peer`, reset at once.
+    pub refused_streams: u64,
     pub handshakes: u64,
 }
 
@@ -290,6 +297,8 @@ pub struct Engine {
     /// window budget, so streams that opened with a large window (before the others
     /// came) cannot together queue more than the budget.
     queued_segments: usize,
+    /// The window `rebalance_windows` last gave every stream.
+    stream_window: Option<u16>,
     /// The latest time the edge told us; for the calls that need no fresh reading.
     clock: Instant,
 }
@@ -327,6 +336,7 @@ impl Engine {
             counters: Counters::default(),
             live_streams: 0,
             queued_segments: 0,
+            stream_window: None,
             clock: now,
         };
         engine.control_buf = vec![0u8; engine.read_buffer_len()];

@@ -74,6 +74,13 @@ impl Engine {
             MIN_WINDOW,
             self.config.max_window,
         );
+        // Streams are made with the window of their moment, and only opens rebalance:
+        // when the share did not change there is nothing to visit (a thousand opens
+        // used to visit every stream each, O(n²)).
+        if self.stream_window == Some(window) {
+            return;
+        }
+        self.stream_window = Some(window);
         for peer in self.peers.values_mut() {
             for stream in peer.streams.values_mut() {
                 if stream.kcp.snd_wnd() != window {

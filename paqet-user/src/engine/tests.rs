@@ -941,3 +941,25 @@ fn a_handshake_stamped_before_the_server_started_gets_nothing() {
         )
         .unwrap();
 }
+
+#[test]
+fn a_client_cannot_hold_more_streams_than_its_cap() {
+    let mut sim = Sim::new(Impairment::default(), 37);
+    let mut cfg = EngineConfig::new(Role::Server, psk(), [38; 32]);
+    cfg.max_streams_per_peer = 2;
+    sim.server = Engine::new(cfg, sim.now);
+    let (first, _) = sim.open("one.test");
+    let (second, _) = sim.open("two.test");
+    let now = sim.clock();
+    let third = sim
+        .client
+        .open_stream(now, &TargetAddr::Domain("three.test".into(), 80))
+        .unwrap();
+    sim.collect();
+    let reset = sim.run_until(20_000, |sim| sim.client_events.contains(&Event::StreamClosed(third)));
+    assert!(reset, "the stream past the cap was not refused");
+    assert_eq!(sim.server.counters().refused_streams, 1);
+    assert_eq!(sim.server.live_streams(), 2);
+    assert!(!sim.client_events.contains(&Event::StreamClosed(first)));
+    assert!(!sim.client_events.contains(&Event::StreamClosed(second)));
+}

@@ -394,6 +394,14 @@ impl<T: Transport> Node<T> {
         let unauthentic = now.dropped_unauthentic - before.dropped_unauthentic;
         let replayed = now.dropped_replayed - before.dropped_replayed + now.dropped_stale_handshake
             - before.dropped_stale_handshake;
+        let refused_streams = now.refused_streams - before.refused_streams;
+        if refused_streams > 0 {
+            tracing::warn!(
+                refused_streams,
+                "streams refused in the last {}s: a client held the most streams a session may have",
+                DROP_REPORT_EVERY.as_secs()
+            );
+        }
         if unauthentic + replayed > 0 {
             tracing::warn!(
                 unauthentic,
