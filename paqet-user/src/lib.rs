@@ -15,4 +15,5 @@ pub mod node;
 pub mod ops;
 pub mod roles;
 pub mod socks;
+pub mod sync;
 pub mod transport;

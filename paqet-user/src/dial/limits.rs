@@ -54,8 +54,7 @@ impl DialLimits {
     }
 
     fn lock(&self) -> MutexGuard<'_, InFlight> {
-        // Counts only: a panic elsewhere leaves them consistent.
-        self.in_flight.lock().unwrap_or_else(|p| p.into_inner())
+        crate::sync::lock(&self.in_flight)
     }
 
     /// A slot for one dial of `client`, or `None` (counted) when a cap is reached.

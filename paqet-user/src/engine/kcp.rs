@@ -74,7 +74,7 @@ impl OutputPackets {
 
 impl OutputQueue {
     fn lock(&self) -> std::sync::MutexGuard<'_, OutputPackets> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
+        crate::sync::lock(&self.0)
     }
 
     /// Takes the queued packets; hand the (cleared) buffers back with [`OutputQueue::restore`].
@@ -89,13 +89,6 @@ impl OutputQueue {
             spent.clear();
             *q = spent;
         }
-    }
-
-    pub fn drain(&self) -> Vec<Vec<u8>> {
-        let packets = self.take();
-        let out = packets.iter().map(<[u8]>::to_vec).collect();
-        self.restore(packets);
-        out
     }
 
     pub fn is_empty(&self) -> bool {
@@ -168,8 +161,9 @@ mod tests {
         let msg = vec![0xabu8; 5000];
         a.send(&msg).unwrap();
         a.flush().unwrap();
-        for pkt in qa.drain() {
-            b.input(&pkt).unwrap();
+        let packets = qa.take();
+        for pkt in packets.iter() {
+            b.input(pkt).unwrap();
         }
         let mut buf = vec![0u8; 8192];
         let n = b.recv(&mut buf).unwrap();

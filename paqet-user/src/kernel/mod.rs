@@ -29,7 +29,7 @@ mod logs;
 mod pins;
 
 pub use error::{KernelError, SETCAP_HINT};
-pub use pins::{PIN_ROOT, pin_dir, programs_using, read_pinned_stats};
+pub use pins::{BPFFS, PIN_ROOT, is_bpffs, pin_dir, programs_using, read_pinned_stats};
 
 use aya::maps::{Array, MapData, PerCpuArray, XskMap};
 use aya::programs::{Xdp, XdpMode, xdp::XdpLinkId};

@@ -29,7 +29,7 @@ pub fn pin_dir(instance: &str) -> Result<PathBuf, KernelError> {
     Ok(Path::new(PIN_ROOT).join(instance))
 }
 
-fn is_bpffs(path: &str) -> bool {
+pub fn is_bpffs(path: &str) -> bool {
     let Ok(c) = CString::new(path) else {
         return false;
     };

@@ -10,11 +10,12 @@ mod relay;
 
 pub use relay::relay_stream;
 
+use crate::sync::lock;
 use busy_poll::BusyPoll;
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{Notify, mpsc, oneshot};
@@ -71,11 +72,6 @@ pub fn now() -> Now {
         instant: Instant::now(),
         unix_ms,
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panicking stream task must not take the whole relay down with a poisoned lock.
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl<T: Transport> Node<T> {

@@ -15,14 +15,13 @@ use anyhow::{Result, bail};
 use crate::cli::RunArgs;
 use crate::config::{Config, DEFAULT_CONFIG_PATH, Role, TransportKind};
 use crate::engine::Engine;
+use crate::kernel::{BPFFS, PIN_ROOT, is_bpffs};
 use crate::node::Node;
 use crate::transport::Transport;
 use crate::transport::any::AnyTransport;
 
 /// Where the service's binary is: the unit's ExecStart, then `paqet` on PATH.
 pub const INSTALLED_BIN: &str = "/opt/flowless/bin/paqet";
-const PIN_ROOT: &str = "/sys/fs/bpf/paqet";
-const BPFFS: &str = "/sys/fs/bpf";
 
 struct Report {
     failures: usize,
@@ -76,43 +75,7 @@ fn check_binary(r: &mut Report) {
 
 // ---------------------------------------------------------------- capabilities
 
-fn proc_status_hex(key: &str) -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(key))
-        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        .unwrap_or(0)
-}
-
-const CAP_SYS_ADMIN: u32 = 21;
-
-/// The capabilities the xdp transport needs, and what each is for (each measured: see
-/// dist/paqet.service). CAP_BPF and CAP_PERFMON are implied by CAP_SYS_ADMIN.
-pub const XDP_CAPS: [(&str, u32, &str); 5] = [
-    ("CAP_BPF", 39, "load the XDP program and maps"),
-    (
-        "CAP_PERFMON",
-        38,
-        "the verifier accepts paqet_steer's packet-pointer arithmetic",
-    ),
-    ("CAP_NET_ADMIN", 12, "attach XDP"),
-    ("CAP_NET_RAW", 13, "open AF_XDP sockets"),
-    ("CAP_IPC_LOCK", 14, "lock the AF_XDP UMEM beyond RLIMIT_MEMLOCK"),
-];
-
-pub fn missing_caps() -> Vec<&'static str> {
-    let eff = proc_status_hex("CapEff:");
-    let has = |bit: u32| eff & (1u64 << bit) != 0;
-    XDP_CAPS
-        .iter()
-        .filter(|(name, bit, _)| {
-            let implied = matches!(*name, "CAP_BPF" | "CAP_PERFMON") && has(CAP_SYS_ADMIN);
-            !has(*bit) && !implied
-        })
-        .map(|(name, _, _)| *name)
-        .collect()
-}
+use crate::kernel::caps::{XDP_CAPS, missing_caps};
 
 fn check_caps(r: &mut Report, transport: TransportKind) {
     let missing = missing_caps();
@@ -378,15 +341,6 @@ fn btf_has(types: &[&str]) -> Vec<bool> {
             btf.windows(needle.len()).any(|w| w == needle.as_slice())
         })
         .collect()
-}
-
-fn is_bpffs(path: &str) -> bool {
-    let Ok(c) = CString::new(path) else { return false };
-    // SAFETY: c is a valid NUL-terminated path; st is plain data the kernel fills.
-    unsafe {
-        let mut st: libc::statfs = std::mem::zeroed();
-        libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == 0xcafe4a11
-    }
 }
 
 fn access(path: &str, mode: libc::c_int) -> bool {

@@ -15,6 +15,7 @@
 //!
 //! None of this logs per connection: one WARN summary at most every [`WARN_EVERY`].
 
+use crate::sync::lock;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -274,10 +275,6 @@ impl Drop for Conn {
         self.leave_pending();
         self.gate.live.fetch_sub(1, Ordering::Relaxed);
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]

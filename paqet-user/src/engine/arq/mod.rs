@@ -149,10 +149,6 @@ impl<W: Write> Arq<W> {
         }
     }
 
-    pub fn conv(&self) -> u32 {
-        self.conv
-    }
-
     /// kcptun's fast3 is `(true, 10, 2, true)`. `resend` below 0 keeps the current setting.
     pub fn set_nodelay(&mut self, nodelay: bool, interval: i32, resend: i32, nc: bool) {
         self.nodelay = nodelay;

@@ -8,11 +8,12 @@ mod recv;
 mod send;
 mod sys;
 
+use crate::sync::lock;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
 
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::Interest;
@@ -38,12 +39,6 @@ pub struct UdpTransport {
     /// rings are, to keep the transport itself small.
     send: Box<Mutex<SendState>>,
     recv: Box<Mutex<RecvState>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Headers are rebuilt by every call and the receive cursor moves before it copies, so
-    // nothing a panic could interrupt is left half-done: carry on rather than wedge.
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl UdpTransport {

@@ -32,6 +32,7 @@ pub use xsk::{FRAME_SIZE, UMEM_FRAMES, XskError};
 pub use crate::config::WireShape;
 pub use crate::kernel::AttachMode;
 
+use crate::sync::lock;
 use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -431,12 +432,6 @@ impl XdpTransport {
             Poll::Pending
         })
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // The rings' state stays consistent across a panic in a caller's closure (indices
-    // are only advanced after the work), so a poisoned lock is still usable.
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Binds a kernel socket to pick a free port when `local` has port 0, and keeps it as

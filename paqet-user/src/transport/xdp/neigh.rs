@@ -15,6 +15,7 @@
 //! host whose interface has none cannot be resolved this way, and sends are dropped
 //! and counted until something else fills the neighbour entry.)
 
+use crate::sync::lock;
 use std::collections::VecDeque;
 use std::net::IpAddr;
 use std::process::Command;
@@ -228,11 +229,6 @@ fn run(interface: &str, peers: &Mutex<Peers>, requests: &Receiver<IpAddr>) {
             next_refresh = Instant::now() + REFRESH_EVERY;
         }
     }
-}
-
-fn lock(peers: &Mutex<Peers>) -> std::sync::MutexGuard<'_, Peers> {
-    // A panic elsewhere while holding the lock leaves plain data behind; keep going.
-    peers.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn resolve_into(ip: IpAddr, interface: &str, peers: &Mutex<Peers>) {
