@@ -348,8 +348,8 @@ pub struct ResponsePayload {
     pub server_index: u32,
 }
 
-const INIT_PAYLOAD_LEN: usize = 1 + 4 + 8 + 8 + 16;
-const RESPONSE_PAYLOAD_LEN: usize = 1 + 4;
+pub const INIT_PAYLOAD_LEN: usize = 1 + 4 + 8 + 8 + 16;
+pub const RESPONSE_PAYLOAD_LEN: usize = 1 + 4;
 
 impl InitPayload {
     /// Parses the fixed fields; anything after them is padding.

@@ -29,6 +29,7 @@ impl Engine {
                 DropReason::Replayed => self.counters.dropped_replayed += 1,
                 DropReason::StaleHandshake => self.counters.dropped_stale_handshake += 1,
                 DropReason::Malformed => self.counters.dropped_malformed += 1,
+                DropReason::RateLimited => self.counters.dropped_rate_limited += 1,
             }
         }
         result

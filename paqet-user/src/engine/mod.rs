@@ -16,6 +16,7 @@
 //! (the stream calls of the edge), `input` (datagrams in), `output` (sealed datagrams
 //! out, and delayed ACKs) and `timers` (ticks, timeouts, reaping).
 
+mod admission;
 pub mod arq;
 pub mod crypto;
 pub mod frame;
@@ -193,6 +194,9 @@ pub enum DropReason {
     StaleHandshake,
     /// Authentic packet whose content breaks the protocol.
     Malformed,
+    /// A handshake from a source that sent too many of them lately (tried without any
+    /// Noise work).
+    RateLimited,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -205,6 +209,7 @@ pub struct Counters {
     pub dropped_replayed: u64,
     pub dropped_stale_handshake: u64,
     pub dropped_malformed: u64,
+    pub dropped_rate_limited: u64,
     /// Streams a client opened beyond `max_streams_per_peer`, reset at once.
     pub refused_streams: u64,
     pub handshakes: u64,
@@ -272,6 +277,8 @@ pub struct Engine {
     /// Server: handshakes already answered, by ephemeral key, until they are too old to
     /// pass the clock check anyway.
     seen_handshakes: HashMap<[u8; 32], Instant>,
+    /// Server: handshakes per source, before any Noise work.
+    handshake_limiter: admission::HandshakeLimiter,
     output: OutputQueue,
     transmits: Vec<Transmit>,
     events: Vec<Event>,
@@ -321,6 +328,7 @@ impl Engine {
             reach: Reach::default(),
             resume: None,
             seen_handshakes: HashMap::new(),
+            handshake_limiter: admission::HandshakeLimiter::default(),
             output: OutputQueue::default(),
             transmits: Vec::new(),
             events: Vec::new(),

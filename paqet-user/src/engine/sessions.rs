@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use rand::{Rng, RngCore};
 
+use super::admission;
 use super::crypto::{self, Initiator, Responder};
 use super::frame::{InitPayload, Inner, OpenError, ResponsePayload};
 use super::mux::Phase;
@@ -85,7 +86,7 @@ impl Engine {
             resume_proof: [0; 16],
         };
         self.scratch.clear();
-        self.pad(16);
+        self.pad(admission::MAX_PADDING);
         let padding = std::mem::take(&mut self.scratch);
         let resume = self.resume.clone();
         let payload = |ephemeral: &[u8]| {
@@ -145,18 +146,25 @@ impl Engine {
         from: SocketAddr,
         data: &[u8],
     ) -> Result<(), DropReason> {
+        // Cheap checks first: no Noise work for what cannot be a fresh handshake.
+        if !admission::INIT_MESSAGE_LEN.contains(&data.len()) {
+            return Err(DropReason::Unauthentic);
+        }
+        let fingerprint = crypto::handshake_fingerprint(data).ok_or(DropReason::Unauthentic)?;
+        if self.seen_handshakes.contains_key(&fingerprint) {
+            return Err(DropReason::StaleHandshake);
+        }
+        if !self.handshake_limiter.admit(from.ip(), now.instant) {
+            return Err(DropReason::RateLimited);
+        }
         let responder = Responder::read(&self.config.psk, data).map_err(|_| DropReason::Unauthentic)?;
         let init = InitPayload::parse(&responder.payload).map_err(|_| DropReason::Malformed)?;
         if init.version != PROTOCOL_VERSION {
             tracing::warn!(%from, version = init.version, "client speaks another protocol version");
             return Err(DropReason::Malformed);
         }
-        let fingerprint = crypto::handshake_fingerprint(data).ok_or(DropReason::Unauthentic)?;
         let from_before_start = init.unix_ms < self.config.started_unix_ms;
-        if now.unix_ms.abs_diff(init.unix_ms) > HANDSHAKE_MAX_SKEW_MS
-            || from_before_start
-            || self.seen_handshakes.contains_key(&fingerprint)
-        {
+        if now.unix_ms.abs_diff(init.unix_ms) > HANDSHAKE_MAX_SKEW_MS || from_before_start {
             return Err(DropReason::StaleHandshake);
         }
         self.seen_handshakes.insert(fingerprint, now.instant);
@@ -172,7 +180,7 @@ impl Engine {
             server_index: local_index,
         }
         .emit(&mut self.scratch);
-        self.pad(16);
+        self.pad(admission::MAX_PADDING);
         let (crypto, msg) = responder.respond(&self.scratch).map_err(|_| DropReason::Unauthentic)?;
         let session = Session {
             local_index,
@@ -199,7 +207,7 @@ impl Engine {
         let Role::Client { server } = self.config.role else {
             return Err(DropReason::Unauthentic);
         };
-        if from != server {
+        if from != server || !admission::RESPONSE_MESSAGE_LEN.contains(&data.len()) {
             return Err(DropReason::Unauthentic);
         }
         let at = self

@@ -48,6 +48,7 @@ impl Engine {
             self.tick_client_handshake(now);
         }
         let horizon = Duration::from_millis(2 * HANDSHAKE_MAX_SKEW_MS);
+        self.handshake_limiter.forget_quiet(now.instant);
         self.seen_handshakes
             .retain(|_, at| now.instant.saturating_duration_since(*at) < horizon);
     }

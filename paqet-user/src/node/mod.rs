@@ -398,11 +398,14 @@ impl<T: Transport> Node<T> {
                 DROP_REPORT_EVERY.as_secs()
             );
         }
-        if unauthentic + replayed > 0 {
+        let rate_limited = now.dropped_rate_limited - before.dropped_rate_limited;
+        if unauthentic + replayed + rate_limited > 0 {
             tracing::warn!(
                 unauthentic,
                 replayed,
-                "dropped datagrams that failed authentication or were replays (wrong key, scan, or attack) in the last {}s",
+                rate_limited,
+                "dropped datagrams that failed authentication, were replays, or were handshakes past a source's \
+                 rate (wrong key, scan, or attack) in the last {}s",
                 DROP_REPORT_EVERY.as_secs()
             );
         }
