@@ -40,8 +40,11 @@ impl Protocol {
 /// Which frames `paqet_steer` takes for paqet; everything else goes to the kernel.
 ///
 /// A frame matches when its IP protocol is [`protocol`](Self::protocol), its destination
-/// port is [`local_port`](Self::local_port), and, when set, its source address and port
-/// are the peer's. An all-zero value (the map's initial state) matches nothing.
+/// port is [`local_port`](Self::local_port), when set its destination address is
+/// [`local_addr`](Self::local_addr) (so frames to the port on the host's other
+/// addresses, or forwarded through it, stay the kernel's), and, when set, its source
+/// address and port are the peer's. An all-zero value (the map's initial state)
+/// matches nothing.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct FilterConfig {
@@ -56,9 +59,13 @@ pub struct FilterConfig {
     pub local_port: u16,
     /// Source port of inbound frames in host byte order; 0 means any.
     pub peer_port: u16,
-    pub _pad: [u8; 2],
+    /// 0: any destination address; 4 or 6: only frames to [`local_addr`](Self::local_addr).
+    pub local_family: u8,
+    pub _pad: u8,
     /// IPv4 in the first 4 bytes (rest zero) or IPv6, as in [`Addr`].
     pub peer_addr: [u8; 16],
+    /// As `peer_addr`.
+    pub local_addr: [u8; 16],
 }
 
 impl FilterConfig {
@@ -74,9 +81,18 @@ impl FilterConfig {
             peer_family: 0,
             local_port,
             peer_port: 0,
-            _pad: [0; 2],
+            local_family: 0,
+            _pad: 0,
             peer_addr: [0; 16],
+            local_addr: [0; 16],
         }
+    }
+
+    /// Only frames to this local address.
+    pub const fn with_local(mut self, addr: Addr) -> Self {
+        self.local_family = addr.family;
+        self.local_addr = addr.octets;
+        self
     }
 
     /// Only frames from this peer address (and port, unless 0).
@@ -109,6 +125,11 @@ impl FilterConfig {
             return false;
         }
         if self.peer_port != 0 && f.src_port != self.peer_port {
+            return false;
+        }
+        if self.local_family != 0
+            && (f.dst.family != self.local_family || words(&self.local_addr) != words(&f.dst.octets))
+        {
             return false;
         }
         if self.peer_family != 0 {
@@ -187,7 +208,7 @@ mod tests {
 
     #[test]
     fn layouts_have_no_hidden_padding() {
-        assert_eq!(size_of::<FilterConfig>(), 4 + 1 + 1 + 2 + 2 + 2 + 16);
+        assert_eq!(size_of::<FilterConfig>(), 4 + 1 + 1 + 2 + 2 + 1 + 1 + 16 + 16);
         assert_eq!(size_of::<Stats>(), 6 * 8);
     }
 
@@ -216,6 +237,28 @@ mod tests {
         let v6 = Addr::v6([0x20, 1, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 198, 18, 0, 1]);
         assert!(!f.matches(&summary(17, v6, 5000, 4000)));
         assert!(!FilterConfig::default().matches(&FrameSummary::default()));
+    }
+
+    #[test]
+    fn filter_matches_the_local_address_when_set() {
+        let peer = Addr::v4([198, 18, 0, 1]);
+        let to = |dst: Addr| FrameSummary {
+            dst,
+            ..summary(17, peer, 5000, 4000)
+        };
+        let ours = Addr::v4([198, 18, 0, 2]);
+        let f = FilterConfig::new(Protocol::Udp, 4000).with_local(ours);
+        assert!(f.matches(&to(ours)));
+        assert!(
+            !f.matches(&to(Addr::v4([198, 18, 0, 7]))),
+            "another local or forwarded address"
+        );
+        let v6 = Addr::v6([0x20, 1, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 198, 18, 0, 2]);
+        assert!(!f.matches(&to(v6)), "the same bytes in the other family");
+        assert!(
+            FilterConfig::new(Protocol::Udp, 4000).matches(&to(v6)),
+            "unset: any destination"
+        );
     }
 
     #[test]

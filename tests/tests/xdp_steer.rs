@@ -162,6 +162,26 @@ fn counts_matched_and_passed_frames_exactly() {
     want.passed += 2;
     expect_stats(&steering, want);
 
+    // Frames to the port on another of the server's addresses (or forwarded through
+    // it) stay the kernel's: nothing matches a filter for one local address.
+    let elsewhere = Addr::v4([198, 18, 0, 77]);
+    steering
+        .set_filter(&FilterConfig::new(Protocol::Udp, PORT).with_local(elsewhere))
+        .unwrap();
+    send(&hosts, &[(PORT, 2)], &[]);
+    want.seen += 2;
+    want.passed += 2;
+    expect_stats(&steering, want);
+    let here = Addr::v4(TwoHosts::SERVER_IP.octets());
+    steering
+        .set_filter(&FilterConfig::new(Protocol::Udp, PORT).with_local(here))
+        .unwrap();
+    send(&hosts, &[(PORT, 2)], &[]);
+    want.seen += 2;
+    want.passed += 2;
+    want.matched += 2;
+    expect_stats(&steering, want);
+
     // Redirect requested but no AF_XDP socket on the queue: counted, and passed.
     let me = Addr::v4(TwoHosts::CLIENT_IP.octets());
     steering

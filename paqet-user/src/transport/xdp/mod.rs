@@ -195,7 +195,9 @@ impl XdpTransport {
             WireShape::Tcp => Protocol::Tcp,
             WireShape::Udp => Protocol::Udp,
         };
-        let mut filter = FilterConfig::new(protocol, local.port()).with_redirect(true);
+        let mut filter = FilterConfig::new(protocol, local.port())
+            .with_local(Addr::from(local.ip()))
+            .with_redirect(true);
         if let Some(peer) = opts.peer {
             filter = filter.with_peer(Addr::from(peer.ip()), peer.port());
         }
