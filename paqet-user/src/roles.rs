@@ -285,6 +285,7 @@ async fn run_client(config: Config, server: SocketAddr, paths: Vec<AnyTransport>
     ec.paths = path_ids(&paths);
     let engine = Engine::new(ec, std::time::Instant::now());
     let (node, _) = Node::new(engine, paths, false);
+    crate::ops::privileges::drop_after_start()?;
     node.with_engine(|e, now| e.connect(now));
     tracing::info!(socks = %config.socks_addr, %server, paths = %node.path_list(), kcp = ?config.kcp_mode, "paqet client running");
     let frontend = Arc::new(SocksFrontend {
@@ -311,6 +312,7 @@ async fn run_server(config: Config, paths: Vec<AnyTransport>, instance: String, 
     ec.paths = path_ids(&paths);
     let engine = Engine::new(ec, std::time::Instant::now());
     let (node, opened) = Node::new(engine, paths, true);
+    crate::ops::privileges::drop_after_start()?;
     let opened = opened.context("server node without an open-stream channel")?;
     tracing::info!(listen = ?config.listen_addr, paths = %node.path_list(), kcp = ?config.kcp_mode, "paqet server running");
     let dialer = Arc::new(Dialer::new(config.policy.clone(), config.timeout));
@@ -346,7 +348,7 @@ async fn publish_live<T: Transport>(node: Arc<Node<T>>, instance: String, role: 
             bytes_out: c.bytes_out,
             dropped_unauthentic: c.dropped_unauthentic,
             dropped_replayed: c.dropped_replayed + c.dropped_stale_handshake,
-            receive_overflows: node.paths().iter().map(|p| p.receive_overflows()).sum(),
+            receive_overflows: node.receive_overflows(),
         }
     })
     .await

@@ -81,11 +81,14 @@ pub enum Inner<'a> {
     Reset { conv: u32 },
     /// Keeps the session alive and proves the peer still knows it; the padding hides size.
     Keepalive { padding: &'a [u8] },
+    /// The sender's receive buffer dropped this many datagrams lately: send less.
+    Overflow { dropped: u32 },
 }
 
 const INNER_KCP: u8 = 1;
 const INNER_RESET: u8 = 2;
 const INNER_KEEPALIVE: u8 = 3;
+const INNER_OVERFLOW: u8 = 4;
 
 impl<'a> Inner<'a> {
     pub fn parse(buf: &'a [u8]) -> Result<Inner<'a>, FrameError> {
@@ -98,6 +101,10 @@ impl<'a> Inner<'a> {
                 Ok(Inner::Reset { conv: be_u32(body) })
             }
             INNER_KEEPALIVE => Ok(Inner::Keepalive { padding: body }),
+            INNER_OVERFLOW => {
+                need(body, 4)?;
+                Ok(Inner::Overflow { dropped: be_u32(body) })
+            }
             other => Err(FrameError::UnknownType {
                 what: "inner frame",
                 value: other,
@@ -118,6 +125,10 @@ impl<'a> Inner<'a> {
             Inner::Keepalive { padding } => {
                 out.push(INNER_KEEPALIVE);
                 out.extend_from_slice(padding);
+            }
+            Inner::Overflow { dropped } => {
+                out.push(INNER_OVERFLOW);
+                out.extend_from_slice(&dropped.to_be_bytes());
             }
         }
     }
@@ -422,6 +433,7 @@ mod tests {
             Inner::Kcp(b"segments"),
             Inner::Reset { conv: 77 },
             Inner::Keepalive { padding: b"xyz" },
+            Inner::Overflow { dropped: 123_456 },
         ] {
             let mut out = Vec::new();
             inner.emit(&mut out);

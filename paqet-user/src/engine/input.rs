@@ -96,6 +96,11 @@ impl Engine {
                 }
                 Ok(())
             }
+            Inner::Overflow { dropped } => {
+                tracing::debug!(dropped, "the peer's receive buffer overflowed");
+                self.on_peer_overflow(peer_id, now.instant);
+                Ok(())
+            }
             Inner::Keepalive { .. } => {
                 if matches!(self.config.role, Role::Server) {
                     self.send_keepalive(peer_id);
@@ -148,6 +153,7 @@ impl Engine {
                 peer.streams.insert(id.conv, stream);
                 self.live_streams += 1;
                 self.rebalance_windows();
+                self.fit_new_stream(id.peer);
                 return true;
             }
             return false;

@@ -18,6 +18,7 @@
 
 mod admission;
 pub mod arq;
+mod backoff;
 pub mod crypto;
 pub mod frame;
 pub mod kcp;
@@ -224,6 +225,8 @@ struct Session {
 struct Peer {
     addr: SocketAddr,
     path: PathId,
+    /// How far our send windows to this peer are cut after it reported overflows.
+    backoff: backoff::SendBackoff,
     session: Option<Session>,
     /// The session before the last re-handshake: packets already in flight under it
     /// still open until the peer switches over.
@@ -239,6 +242,7 @@ impl Peer {
         Peer {
             addr,
             path,
+            backoff: backoff::SendBackoff::default(),
             session: None,
             previous: None,
             streams: FastMap::default(),

@@ -334,6 +334,7 @@ impl Engine {
                 return;
             }
         }
+        self.recover_send_backoff(peer_id, now.instant);
         let Some(peer) = self.peers.get(&peer_id) else { return };
         let idle = now.instant.saturating_duration_since(peer.last_tx) >= KEEPALIVE_INTERVAL;
         if peer.session.is_some() && idle && matches!(self.config.role, Role::Client { .. }) {

@@ -5,11 +5,11 @@ use std::time::{Duration, Instant};
 use super::frame::{Inner, OpenError, StreamMsg, TargetAddr};
 use super::kcp;
 use super::mux::{self, Phase, ReadOutcome, Stream, StreamError};
-use super::{Engine, Event, Now, Peer, Role, StreamId};
+use super::{Engine, Event, Now, Peer, PeerId, Role, StreamId};
 
 /// After both FINs, acknowledge the peer's retransmissions this long before forgetting.
 pub(super) const LINGER: Duration = Duration::from_secs(2);
-const MIN_WINDOW: u16 = 32;
+pub(super) const MIN_WINDOW: u16 = 32;
 
 impl Engine {
     /// Client: opens a stream to `target`. Data may be written once `StreamReplied`
@@ -41,6 +41,7 @@ impl Engine {
         peer.streams.insert(conv, stream);
         self.live_streams += 1;
         self.rebalance_windows();
+        self.fit_new_stream(peer_id);
         let id = StreamId { peer: peer_id, conv };
         self.flush_stream(id);
         Ok(id)
@@ -82,11 +83,18 @@ impl Engine {
         }
         self.stream_window = Some(window);
         for peer in self.peers.values_mut() {
+            let send = peer.backoff.window(window);
             for stream in peer.streams.values_mut() {
-                if stream.kcp.snd_wnd() != window {
-                    stream.kcp.set_wndsize(window, window);
-                }
+                stream.kcp.set_wndsize(send, window);
             }
+        }
+    }
+
+    /// A stream just joined `peer_id`: it was made with the full send window, which a
+    /// peer that reported overflows must not get.
+    pub(super) fn fit_new_stream(&mut self, peer_id: PeerId) {
+        if self.peers.get(&peer_id).is_some_and(|p| p.backoff.shift > 0) {
+            self.apply_send_backoff(peer_id);
         }
     }
 

@@ -963,3 +963,27 @@ fn a_client_cannot_hold_more_streams_than_its_cap() {
     assert!(!sim.client_events.contains(&Event::StreamClosed(first)));
     assert!(!sim.client_events.contains(&Event::StreamClosed(second)));
 }
+
+#[test]
+fn a_receiver_whose_buffer_overflows_slows_its_peer_down_until_it_stops() {
+    let mut sim = Sim::new(Impairment::default(), 39);
+    let (_cid, sid) = sim.open("overflow.test");
+    sim.settle();
+    let full = sim.server.stream_mut(sid).unwrap().kcp.snd_wnd();
+    // A little overflow (the xdp ring's usual ~0.5 %) is left to KCP.
+    sim.client.receive_overflowed(1, 1000);
+    sim.collect();
+    sim.settle();
+    assert_eq!(sim.server.stream_mut(sid).unwrap().kcp.snd_wnd(), full);
+    // Most of a burst lost to the client's full socket: the server halves its window.
+    sim.client.receive_overflowed(900, 100);
+    sim.collect();
+    sim.settle();
+    assert_eq!(sim.server.stream_mut(sid).unwrap().kcp.snd_wnd(), full / 2);
+    // Path loss (no report) changes nothing, and a quiet second brings it back.
+    let back = sim.run_until(200_000, |sim| {
+        sim.server.stream_mut(sid).is_some_and(|s| s.kcp.snd_wnd() == full)
+    });
+    assert!(back, "the window never recovered");
+    assert!(sim.now - sim.t0 < Duration::from_secs(10));
+}

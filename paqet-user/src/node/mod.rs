@@ -30,6 +30,41 @@ const RECV_BATCH: usize = 64;
 /// scan must not flood the journal).
 const DROP_REPORT_EVERY: Duration = Duration::from_secs(10);
 
+/// How often receive overflows are checked and, if significant, reported to the peers
+/// (see `engine::backoff`).
+const OVERFLOW_CHECK_EVERY: Duration = Duration::from_millis(100);
+
+/// The overflow and arrival counters at the last check.
+struct OverflowWatch {
+    at: Instant,
+    overflows: u64,
+    received: u64,
+}
+
+impl OverflowWatch {
+    fn new(overflows: u64, received: u64) -> OverflowWatch {
+        OverflowWatch {
+            at: Instant::now(),
+            overflows,
+            received,
+        }
+    }
+
+    /// Overflows and arrivals since the last check, once a check is due and something
+    /// overflowed.
+    fn since_last(&mut self, overflows: u64, received: u64) -> Option<(u64, u64)> {
+        if self.at.elapsed() < OVERFLOW_CHECK_EVERY {
+            return None;
+        }
+        let delta = (
+            overflows.saturating_sub(self.overflows),
+            received.saturating_sub(self.received),
+        );
+        *self = OverflowWatch::new(overflows, received);
+        (delta.0 > 0).then_some(delta)
+    }
+}
+
 /// Where a client learns the server's answer to a stream it opened.
 pub type ReplyReceiver = oneshot::Receiver<Result<(), OpenError>>;
 
@@ -367,6 +402,7 @@ impl<T: Transport> Node<T> {
     pub async fn run_timers(self: Arc<Self>) {
         let mut last_report = Instant::now();
         let mut reported = Counters::default();
+        let mut overflows = OverflowWatch::new(self.receive_overflows(), 0);
         loop {
             let deadline = lock(&self.engine).poll_timeout();
             tokio::select! {
@@ -378,11 +414,21 @@ impl<T: Transport> Node<T> {
                     engine.handle_timeout(now);
                 }
             });
+            if let Some((dropped, received)) =
+                overflows.since_last(self.receive_overflows(), self.counters().datagrams_in)
+            {
+                self.with_engine(|engine, _| engine.receive_overflowed(dropped, received));
+            }
             if last_report.elapsed() >= DROP_REPORT_EVERY {
                 reported = self.report_drops(reported);
                 last_report = Instant::now();
             }
         }
+    }
+
+    /// Datagrams the kernel dropped for a full receive buffer or ring, on every path.
+    pub fn receive_overflows(&self) -> u64 {
+        self.paths.iter().map(|p| p.receive_overflows()).sum()
     }
 
     fn report_drops(&self, before: Counters) -> Counters {
