@@ -90,12 +90,30 @@ fn attach_mode(config: &Config) -> AttachMode {
     }
 }
 
-/// Where the xdp transport steers: one (interface, local address) per path. A client
-/// uses the interface that routes to the server. A server uses the interface holding
-/// LISTEN_ADDR's address; for an unspecified LISTEN_ADDR (0.0.0.0, [::]) the one
-/// INTERFACE names, or else every interface that holds an address of that family at
-/// start (loopback and links without an Ethernet header excepted).
-fn xdp_sites(config: &Config, side: &Side) -> Result<Vec<(String, IpAddr)>> {
+/// Where the xdp transport steers: one interface per path, with the local address and,
+/// for a server on `[::]`, the address of the other family there.
+struct XdpSite {
+    interface: String,
+    ip: IpAddr,
+    other_family: Option<IpAddr>,
+}
+
+impl XdpSite {
+    fn single(interface: String, ip: IpAddr) -> XdpSite {
+        XdpSite {
+            interface,
+            ip,
+            other_family: None,
+        }
+    }
+}
+
+/// A client uses the interface that routes to the server. A server uses the interface
+/// holding LISTEN_ADDR's address; for an unspecified LISTEN_ADDR the one INTERFACE
+/// names, or else every interface that holds an address at start (loopback and links
+/// without an Ethernet header excepted): `0.0.0.0` IPv4 addresses, `[::]` both families,
+/// as a dual-stack socket on `[::]` does.
+fn xdp_sites(config: &Config, side: &Side) -> Result<Vec<XdpSite>> {
     match *side {
         Side::Client { server } => {
             let ip = local::route_source(server).with_context(|| format!("no route to {server}"))?;
@@ -105,7 +123,7 @@ fn xdp_sites(config: &Config, side: &Side) -> Result<Vec<(String, IpAddr)>> {
                     local::interface_with(ip)?.with_context(|| format!("no interface holds {ip}; set INTERFACE"))?
                 }
             };
-            Ok(vec![(interface, ip)])
+            Ok(vec![XdpSite::single(interface, ip)])
         }
         Side::Server { listen } if !listen.ip().is_unspecified() => {
             let ip = listen.ip();
@@ -115,18 +133,46 @@ fn xdp_sites(config: &Config, side: &Side) -> Result<Vec<(String, IpAddr)>> {
                     local::interface_with(ip)?.with_context(|| format!("no interface holds {ip}; set INTERFACE"))?
                 }
             };
-            Ok(vec![(interface, ip)])
+            Ok(vec![XdpSite::single(interface, ip)])
         }
         Side::Server { listen } => {
-            let v6 = listen.is_ipv6();
-            let sites = match &config.interface {
-                Some(name) => {
-                    let ip = local::address_of(name, v6)?
-                        .with_context(|| format!("{name} has no address of LISTEN_ADDR's family"))?;
-                    vec![(name.clone(), ip)]
+            let both = listen.is_ipv6();
+            let names = match &config.interface {
+                Some(name) => vec![name.clone()],
+                None => {
+                    let mut names: Vec<String> = Vec::new();
+                    let families = if both { &[false, true][..] } else { &[false][..] };
+                    for &v6 in families {
+                        for (name, _) in local::steerable_interfaces(v6)? {
+                            if !names.contains(&name) {
+                                names.push(name);
+                            }
+                        }
+                    }
+                    names
                 }
-                None => local::steerable_interfaces(v6)?,
             };
+            let mut sites = Vec::new();
+            for interface in names {
+                let v4 = local::address_of(&interface, false)?;
+                let v6 = if both {
+                    local::address_of(&interface, true)?
+                } else {
+                    None
+                };
+                // One program per interface: IPv6 first when it has both, IPv4 beside it.
+                match (v6, v4) {
+                    (Some(ip), other_family) => sites.push(XdpSite {
+                        interface,
+                        ip,
+                        other_family,
+                    }),
+                    (None, Some(ip)) => sites.push(XdpSite::single(interface, ip)),
+                    (None, None) => {
+                        tracing::warn!(%interface, "no address for LISTEN_ADDR {listen} there; not steering on it")
+                    }
+                }
+            }
             if sites.is_empty() {
                 bail!("no interface other than loopback holds an address for LISTEN_ADDR {listen}; set INTERFACE");
             }
@@ -166,11 +212,12 @@ fn open_xdp(config: &Config, side: &Side) -> Result<Vec<(AnyTransport, String)>>
         Side::Server { listen } => (listen.port(), None),
     };
     let mut opened = Vec::new();
-    for (interface, ip) in xdp_sites(config, side)? {
+    for site in xdp_sites(config, side)? {
         let opts = XdpOptions {
-            instance: format!("{}-{interface}", role_name(side)),
-            interface,
-            local: SocketAddr::new(ip, port),
+            instance: format!("{}-{}", role_name(side), site.interface),
+            interface: site.interface,
+            local: SocketAddr::new(site.ip, port),
+            local_other_family: site.other_family,
             peer,
             wire: config.wire,
             mode: attach_mode(config),
@@ -234,8 +281,8 @@ pub(crate) fn open_client_paths(config: &Config, server: SocketAddr) -> Result<V
 /// The pin instance a client's xdp path uses towards `server`, if it can tell.
 pub(crate) fn client_xdp_instance(config: &Config, server: SocketAddr) -> Option<String> {
     let side = Side::Client { server };
-    let (interface, _) = xdp_sites(config, &side).ok()?.into_iter().next()?;
-    Some(format!("{}-{interface}", role_name(&side)))
+    let site = xdp_sites(config, &side).ok()?.into_iter().next()?;
+    Some(format!("{}-{}", role_name(&side), site.interface))
 }
 
 fn udp_port(side: &Side) -> u16 {

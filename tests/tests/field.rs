@@ -344,3 +344,19 @@ fn a_second_paqet_on_the_same_interface_is_refused_clearly_and_auto_falls_back_t
     scenarios::curl_download_is_exact(&bed, 5 * MIB);
     assert_eq!(session_path(&bed).as_deref(), Some("xdp/tcp"), "{}", bed.logs());
 }
+
+#[test]
+fn a_server_on_the_ipv6_wildcard_serves_an_ipv4_client_over_xdp() {
+    if !require_root("a_server_on_the_ipv6_wildcard_serves_an_ipv4_client_over_xdp") {
+        return;
+    }
+    let mut opts = RelayOptions::new("auto").unwrap();
+    as_written(&mut opts);
+    // `[::]` covers both families, as a dual-stack socket on it does.
+    if let Some((server, _)) = opts.as_written.as_mut() {
+        *server = format!("LISTEN_ADDR=[::]:{SERVER_PORT}");
+    }
+    let bed = RelayBed::start("f9", &opts).unwrap();
+    scenarios::curl_download_is_exact(&bed, 10 * MIB);
+    assert_eq!(session_path(&bed).as_deref(), Some("xdp/tcp"), "{}", bed.logs());
+}

@@ -158,6 +158,7 @@ fn xdp_opts(iface: &str, local: SocketAddr, peer: Option<SocketAddr>, role: &str
         interface: iface.to_string(),
         instance: format!("bench-blast-{role}-{}", std::process::id()),
         local,
+        local_other_family: None,
         peer,
         wire: WireShape::Udp,
         mode: AttachMode::Auto,

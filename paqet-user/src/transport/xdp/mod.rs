@@ -63,6 +63,10 @@ pub struct XdpOptions {
     pub instance: String,
     /// The address paqet uses on this interface. Port 0 (a client) picks a free port.
     pub local: SocketAddr,
+    /// A server on `[::]`: its address of the other family on this interface, so one
+    /// program serves both families (the filter then matches the port on any of the
+    /// interface's addresses).
+    pub local_other_family: Option<IpAddr>,
     /// Client: the server (only its frames are taken). Server: `None` (any peer).
     pub peer: Option<SocketAddr>,
     pub wire: WireShape,
@@ -155,6 +159,8 @@ pub struct XdpTransport {
     peers: Arc<Mutex<Peers>>,
     counters: XdpCounters,
     local: SocketAddr,
+    /// A server on `[::]`: our address of the other family.
+    local_other: Option<SocketAddr>,
     src_mac: [u8; 6],
     wire: WireShape,
     filter: FilterConfig,
@@ -195,9 +201,14 @@ impl XdpTransport {
             WireShape::Tcp => Protocol::Tcp,
             WireShape::Udp => Protocol::Udp,
         };
-        let mut filter = FilterConfig::new(protocol, local.port())
-            .with_local(Addr::from(local.ip()))
-            .with_redirect(true);
+        let local_other = opts
+            .local_other_family
+            .filter(|ip| ip.is_ipv4() != local.is_ipv4())
+            .map(|ip| SocketAddr::new(ip, local.port()));
+        let mut filter = FilterConfig::new(protocol, local.port()).with_redirect(true);
+        if local_other.is_none() {
+            filter = filter.with_local(Addr::from(local.ip()));
+        }
         if let Some(peer) = opts.peer {
             filter = filter.with_peer(Addr::from(peer.ip()), peer.port());
         }
@@ -215,7 +226,8 @@ impl XdpTransport {
             resolve_at_open(&peers, peer.ip(), &opts.interface);
         }
 
-        let max_payload = max_payload(info.mtu, local.is_ipv6(), opts.wire);
+        // Both families share the datagram size: the IPv6 header's, the larger.
+        let max_payload = max_payload(info.mtu, local.is_ipv6() || local_other.is_some(), opts.wire);
         tracing::info!(
             interface = %opts.interface,
             %local,
@@ -234,6 +246,7 @@ impl XdpTransport {
             peers,
             counters: XdpCounters::default(),
             local,
+            local_other,
             src_mac: info.mac,
             wire: opts.wire,
             filter,
@@ -248,6 +261,14 @@ impl XdpTransport {
     /// The address paqet uses (with the picked port when opened with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local
+    }
+
+    /// Our address of `peer`'s family, if we have one.
+    fn source_for(&self, peer: &SocketAddr) -> Option<SocketAddr> {
+        [Some(self.local), self.local_other]
+            .into_iter()
+            .flatten()
+            .find(|a| a.is_ipv4() == peer.is_ipv4())
     }
 
     pub fn counters(&self) -> &XdpCounters {
@@ -307,10 +328,10 @@ impl XdpTransport {
         let mut skipped_neigh = 0usize;
         let (queued, processed) = q.xsk.send(&mut tx, chunk.len(), |i, frame| {
             let t = &chunk[i];
-            if t.payload.len() > self.max_payload || t.peer.is_ipv4() != self.local.is_ipv4() {
+            let Some(src) = self.source_for(&t.peer).filter(|_| t.payload.len() <= self.max_payload) else {
                 skipped_invalid += 1;
                 return None;
-            }
+            };
             let Some(dst_mac) = peers.mac(t.peer.ip(), now) else {
                 skipped_neigh += 1;
                 if !missing.contains(&t.peer.ip()) {
@@ -325,7 +346,7 @@ impl XdpTransport {
             let f = emit::Frame {
                 src_mac: self.src_mac,
                 dst_mac,
-                src: self.local,
+                src,
                 dst: t.peer,
                 wire: self.wire,
                 tcp,
@@ -395,7 +416,9 @@ impl XdpTransport {
         buf: &mut [u8],
     ) -> Option<(SocketAddr, usize, [u8; 6])> {
         let s = parse_frame(frame).ok()?;
-        if !self.filter.matches(&s) || s.dst.to_ip()? != self.local.ip() {
+        let dst = s.dst.to_ip()?;
+        let ours = dst == self.local.ip() || self.local_other.is_some_and(|o| o.ip() == dst);
+        if !self.filter.matches(&s) || !ours {
             return None;
         }
         let peer = SocketAddr::new(s.src.to_ip()?, s.src_port);
