@@ -113,6 +113,11 @@ impl io::Write for OutputQueue {
 pub type Conversation = Arq<OutputQueue>;
 
 /// A message-mode conversation, so every stream message keeps its boundaries.
+/// A stream message is at most eight segments (`mux`), so twice that always fits; the
+/// ARQ's own floor (128, for ikcp's 127-fragment messages) made each of a thousand
+/// streams hold four times the receive memory its share of the budget allows.
+const MIN_RCV_WINDOW: u16 = 16;
+
 pub fn new_conversation(
     conv: u32,
     output: OutputQueue,
@@ -131,6 +136,7 @@ pub fn new_conversation(
     // MTU is fixed by the engine from constants well above KCP's minimum; a failure here
     // would be a programming error, and KCP keeps its default MTU in that case.
     let _ = kcp.set_mtu(mtu);
+    kcp.set_min_rcv_wnd(MIN_RCV_WINDOW);
     kcp.set_wndsize(window, window);
     // KCP refuses to flush before its first update.
     let _ = kcp.update(now_ms);

@@ -44,7 +44,9 @@ use send::{SendBuffer, TxParams};
 
 /// ikcp's defaults.
 const WND_SND: u16 = 32;
-/// Also the smallest receive window: a message of up to 127 fragments must always fit.
+/// Also the smallest receive window by default: a message of up to 127 fragments (ikcp's
+/// most) must always fit. A user whose messages are smaller may lower it
+/// ([`Arq::set_min_rcv_wnd`]).
 const WND_RCV: u16 = 128;
 const MTU_DEFAULT: usize = 1400;
 const MTU_MIN: usize = 50;
@@ -88,6 +90,8 @@ pub struct Arq<W> {
     resend: u32,
     snd_wnd: u16,
     rcv_wnd: u16,
+    /// The receive window never goes below this.
+    min_rcv_wnd: u16,
     /// The highest `rcv_nxt + rcv_wnd` while the window was larger: what the peer may
     /// still send after the engine shrank the window (see `set_wndsize`).
     accept_until: u32,
@@ -135,6 +139,7 @@ impl<W: Write> Arq<W> {
             resend: 0,
             snd_wnd: WND_SND,
             rcv_wnd: WND_RCV,
+            min_rcv_wnd: WND_RCV,
             accept_until: WND_RCV as u32,
             rmt_wnd: WND_RCV,
             dead: false,
@@ -185,7 +190,7 @@ impl<W: Write> Arq<W> {
         if rcv == 0 {
             return;
         }
-        let rcv = rcv.max(WND_RCV);
+        let rcv = rcv.max(self.min_rcv_wnd);
         let edge = self.recv.next_sn().wrapping_add(self.rcv_wnd as u32);
         if timediff(edge, self.accept_until) > 0 {
             self.accept_until = edge;
@@ -194,6 +199,12 @@ impl<W: Write> Arq<W> {
             self.probe.tell = true;
         }
         self.rcv_wnd = rcv;
+    }
+
+    /// Lowers (or raises) the smallest receive window `set_wndsize` allows, for a user
+    /// whose messages have at most `min - 1` fragments. Applies from the next resize.
+    pub fn set_min_rcv_wnd(&mut self, min: u16) {
+        self.min_rcv_wnd = min.max(2);
     }
 
     pub fn snd_wnd(&self) -> u16 {

@@ -735,3 +735,22 @@ mod adversarial {
         }
     }
 }
+
+#[test]
+fn the_receive_floor_can_be_lowered_for_small_messages() {
+    let ((mut a, wa), (mut b, wb)) = (arq(10), arq(10));
+    let mut advertised = |b: &mut Arq<Wire>| -> Vec<u16> {
+        a.send(b"x").unwrap();
+        a.flush().unwrap();
+        for packet in wa.take() {
+            b.input(&packet).unwrap();
+        }
+        b.flush().unwrap();
+        segments(&wb.take(), Command::Ack).map(|h| h.wnd).collect()
+    };
+    b.set_wndsize(32, 32);
+    assert_eq!(advertised(&mut b), [128 - 1], "ikcp's floor of 128 by default");
+    b.set_min_rcv_wnd(16);
+    b.set_wndsize(32, 32);
+    assert_eq!(advertised(&mut b), [32 - 2]);
+}
