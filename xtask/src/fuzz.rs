@@ -142,7 +142,12 @@ fn run_one(target: &str, seconds: u64) -> Result<Outcome> {
         {
             execs = n.parse().ok();
         }
-        let noisy = line.starts_with('#') && [" NEW ", " REDUCE ", " pulse "].iter().any(|w| line.contains(w));
+        // libFuzzer's per-input lines: "#1234\tNEW    cov: ..." (a tab after the count).
+        let noisy = line.starts_with('#')
+            && line
+                .split_whitespace()
+                .nth(1)
+                .is_some_and(|word| ["NEW", "REDUCE", "pulse"].contains(&word));
         if !noisy {
             eprintln!("{line}");
         }
