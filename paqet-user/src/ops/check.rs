@@ -7,7 +7,6 @@ use std::ffi::CString;
 use std::net::{IpAddr, SocketAddr, TcpListener, UdpSocket};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
@@ -19,6 +18,7 @@ use crate::kernel::{BPFFS, PIN_ROOT, is_bpffs};
 use crate::node::Node;
 use crate::transport::Transport;
 use crate::transport::any::AnyTransport;
+use crate::transport::netlink;
 
 /// Where the service's binary is: the unit's ExecStart, then `paqet` on PATH.
 pub const INSTALLED_BIN: &str = "/opt/flowless/bin/paqet";
@@ -225,26 +225,13 @@ fn listening_socket(table: &str, port: u16) -> Option<(String, u32)> {
 
 // ---------------------------------------------------------------- route and neighbour
 
-fn ip_json(args: &[&str]) -> Option<serde_json::Value> {
-    let out = Command::new("ip").arg("-j").args(args).output().ok()?;
-    if !out.status.success() {
-        return None;
-    }
-    serde_json::from_slice(&out.stdout).ok()
-}
-
+/// The kernel's neighbour entry for `next_hop` on `dev`: its MAC ("" when it has none)
+/// and NUD state named as `ip neigh` names it.
 fn neighbour(next_hop: IpAddr, dev: &str) -> Option<(String, String)> {
-    let v = ip_json(&["neigh", "show", &next_hop.to_string(), "dev", dev])?;
-    let e = v.as_array()?.first()?;
-    let mac = e.get("lladdr").and_then(|m| m.as_str()).unwrap_or_default().to_string();
-    let state = e
-        .get("state")
-        .and_then(|s| s.as_array())
-        .and_then(|a| a.first())
-        .and_then(|s| s.as_str())
-        .unwrap_or("")
-        .to_string();
-    Some((mac, state))
+    let index = netlink::ifindex(dev).ok()?;
+    let n = netlink::neigh_get(next_hop, index).ok()??;
+    let mac = n.lladdr();
+    Some((mac, n.state_name()))
 }
 
 fn check_route(r: &mut Report, remote: &str) {
@@ -276,18 +263,12 @@ fn check_route(r: &mut Report, remote: &str) {
             return;
         }
     };
-    let route = ip_json(&["route", "get", &addr.ip().to_string()]);
-    let first = route
+    let route = netlink::route_get(addr.ip()).ok();
+    let dev = route
         .as_ref()
-        .and_then(|v| v.as_array())
-        .and_then(|a| a.first())
-        .cloned()
+        .and_then(|r| netlink::ifname(r.ifindex).ok())
         .unwrap_or_default();
-    let dev = first.get("dev").and_then(|d| d.as_str()).unwrap_or("").to_string();
-    let gateway = first
-        .get("gateway")
-        .and_then(|g| g.as_str())
-        .and_then(|g| g.parse::<IpAddr>().ok());
+    let gateway = route.as_ref().and_then(|r| r.gateway);
     let local = socket.local_addr().map(|a| a.ip().to_string()).unwrap_or_default();
     if dev.is_empty() {
         r.line(true, "route to server", &format!("{addr} reachable from {local}"));

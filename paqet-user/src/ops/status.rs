@@ -32,25 +32,14 @@ fn instances(only: Option<&str>) -> Result<Vec<String>> {
     Ok(names)
 }
 
-/// The XDP mode and program id on `interface`, when it exists in this network namespace.
+/// The XDP mode and program id on `interface`, when it exists in this network namespace
+/// (asked over rtnetlink; with programs in several modes at once, the first of native,
+/// generic, offload).
 fn xdp_attachment(interface: &str) -> Option<(String, u32)> {
-    let out = std::process::Command::new("ip")
-        .args(["-d", "-j", "link", "show", "dev", interface])
-        .output()
-        .ok()?;
-    if !out.status.success() {
-        return None;
-    }
-    let v: Value = serde_json::from_slice(&out.stdout).ok()?;
-    let xdp = v.as_array()?.first()?.get("xdp")?;
-    let mode = match xdp.get("mode").and_then(Value::as_u64) {
-        Some(1) => "native",
-        Some(2) => "generic",
-        Some(3) => "offload",
-        _ => "unknown",
-    };
-    let id = xdp.get("prog").and_then(|p| p.get("id")).and_then(Value::as_u64)?;
-    Some((mode.to_string(), id as u32))
+    use crate::transport::netlink;
+    let index = netlink::ifindex(interface).ok()?;
+    let (mode, id) = netlink::link_xdp(index).ok()?.into_iter().next()?;
+    Some((mode.name().to_string(), id))
 }
 
 fn describe(name: &str) -> Result<Value> {

@@ -6,6 +6,7 @@
 
 pub mod any;
 pub mod local;
+pub mod netlink;
 pub mod udp;
 pub mod xdp;
 

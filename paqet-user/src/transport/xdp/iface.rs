@@ -129,6 +129,8 @@ pub fn fmt_mac(m: [u8; 6]) -> String {
     )
 }
 
+/// Only the tests read MACs from text now (neighbours come from rtnetlink as bytes).
+#[cfg(test)]
 pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
     let mut mac = [0u8; 6];
     let mut parts = s.split(':');
