@@ -58,13 +58,24 @@ fn relays_over_xdp_as_the_service_user_with_only_ambient_caps() {
         for f in status_field(&st, "Uid:").split_whitespace() {
             assert_eq!(f, uid.to_string(), "{role} runs as uid {f}, not {USER}");
         }
+        // Started with the unit's set (ambient, bounding); once up, paqet has dropped
+        // all of it but the bounding set (see the privileges tests below).
+        assert!(
+            wait_for(
+                || bed.log_of(role).contains("dropped capabilities"),
+                Duration::from_secs(10)
+            ),
+            "{role} did not drop its capabilities:\n{}",
+            bed.log_of(role)
+        );
+        let st = status_of(pid);
         let eff = u64::from_str_radix(&status_field(&st, "CapEff:"), 16).unwrap();
         let bnd = u64::from_str_radix(&status_field(&st, "CapBnd:"), 16).unwrap();
         let amb = u64::from_str_radix(&status_field(&st, "CapAmb:"), 16).unwrap();
         assert_eq!(
             (eff, bnd, amb),
-            (want, want, want),
-            "{role}: CapEff/CapBnd/CapAmb are not the unit's set {:?}",
+            (0, want, 0),
+            "{role}: CapEff/CapBnd/CapAmb after start are not (none, the unit's set {:?}, none)",
             bed.caps
         );
         assert_eq!(status_field(&st, "NoNewPrivs:"), "1", "{role}: NoNewPrivs");
@@ -525,4 +536,123 @@ fn unit_passes_systemd_analyze_verify() {
         "systemd-analyze verify: {}\n{stderr}",
         out.status
     );
+}
+
+/// Every thread of `pid`: (tid, name, /proc status).
+fn threads_of(pid: u32) -> Vec<(String, String, String)> {
+    let dir = format!("/proc/{pid}/task");
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+        let tid = entry.file_name().to_string_lossy().into_owned();
+        let read = |f: &str| std::fs::read_to_string(entry.path().join(f)).unwrap_or_default();
+        let status = read("status");
+        if !status.is_empty() {
+            out.push((tid, read("comm").trim().to_string(), status));
+        }
+    }
+    out
+}
+
+/// Asserts that no thread of `role` holds a capability (effective, permitted,
+/// inheritable, ambient) and that the bounding set is still the unit's.
+fn assert_no_thread_has_caps(bed: &mut ServiceBed, role: &str, when: &str) -> usize {
+    let want_bnd = cap_bits(&bed.caps);
+    let pid = bed.pid(role).unwrap();
+    let threads = threads_of(pid);
+    for (tid, name, st) in &threads {
+        let field = |k: &str| u64::from_str_radix(&status_field(st, k), 16).unwrap();
+        assert_eq!(
+            (field("CapEff:"), field("CapPrm:"), field("CapInh:"), field("CapAmb:")),
+            (0, 0, 0, 0),
+            "{role} {when}: thread {tid} ({name}) still holds capabilities:\n{st}"
+        );
+        assert_eq!(
+            field("CapBnd:"),
+            want_bnd,
+            "{role} {when}: thread {tid} ({name}) bounding set"
+        );
+    }
+    threads.len()
+}
+
+#[test]
+fn every_thread_drops_its_capabilities_after_start_and_the_relay_still_works() {
+    if !require_root("every_thread_drops_its_capabilities_after_start_and_the_relay_still_works") {
+        return;
+    }
+    let mut bed = ServiceBed::start("svp").unwrap();
+    let ids: Vec<(String, u32)> = ["server", "client"]
+        .iter()
+        .map(|r| (r.to_string(), bed.xdp_prog_id(r).unwrap().expect("attached")))
+        .collect();
+    for role in ["server", "client"] {
+        // The SOCKS port opens before the drop: wait for paqet to say it is done.
+        assert!(
+            wait_for(
+                || bed.log_of(role).contains("dropped capabilities"),
+                Duration::from_secs(10)
+            ),
+            "{role} did not drop its capabilities:\n{}",
+            bed.log_of(role)
+        );
+        let log = bed.log_of(role);
+        let line = log.lines().find(|l| l.contains("dropped capabilities")).unwrap();
+        assert!(line.contains("INFO") && line.contains("none remain"), "{line}");
+        for cap in &bed.caps {
+            assert!(
+                line.contains(&format!("CAP_{}", cap.to_ascii_uppercase())),
+                "{cap} not named: {line}"
+            );
+        }
+        // The threads that exist before the drop are the point: the AF_XDP TX thread
+        // and the eBPF log pump were started while the unit's set was in force.
+        let pid = bed.pid(role).unwrap();
+        let names: Vec<String> = threads_of(pid).into_iter().map(|(_, n, _)| n).collect();
+        assert!(
+            names.iter().any(|n| n.starts_with("paqet-tx")) && names.iter().any(|n| n == "paqet-ebpf-log"),
+            "{role}: expected the TX and eBPF log threads, found {names:?}"
+        );
+        let n = assert_no_thread_has_caps(&mut bed, role, "after start");
+        eprintln!("{role}: {n} threads, none with a capability; {line}");
+    }
+
+    let len = 16 * MIB;
+    assert_eq!(
+        bed.curl_sha256(len).unwrap(),
+        pattern::sha256_hex(len, len),
+        "corrupted download without capabilities\n{}",
+        bed.logs()
+    );
+    for role in ["server", "client"] {
+        assert_no_thread_has_caps(&mut bed, role, "after a download");
+    }
+
+    // Detaching and unpinning need none of them either.
+    for role in ["client", "server"] {
+        bed.signal(role, libc::SIGTERM).unwrap();
+        let (status, _) = bed.wait_exit(role, Duration::from_secs(14)).unwrap();
+        assert_eq!(status.code(), Some(0), "{role} after SIGTERM: {status}\n{}", bed.logs());
+        let log = bed.log_of(role);
+        assert!(
+            log.contains("detached paqet_steer") && !log.contains("while detaching"),
+            "{role} log:\n{log}"
+        );
+        assert!(
+            !bed.pin_dir(role).exists(),
+            "{role} left its pins at {}",
+            bed.pin_dir(role).display()
+        );
+        assert_eq!(
+            bed.xdp_prog_id(role).unwrap(),
+            None,
+            "{role} left XDP attached to {}",
+            bed.interface(role)
+        );
+    }
+    for (role, id) in ids {
+        assert!(
+            !ServiceBed::prog_exists(id).unwrap(),
+            "{role}'s paqet_steer (id {id}) is still loaded"
+        );
+    }
 }

@@ -4,4 +4,5 @@
 pub mod check;
 pub mod limits;
 pub mod live;
+pub mod privileges;
 pub mod status;
