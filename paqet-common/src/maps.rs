@@ -59,13 +59,17 @@ pub struct FilterConfig {
     pub local_port: u16,
     /// Source port of inbound frames in host byte order; 0 means any.
     pub peer_port: u16,
-    /// 0: any destination address; 4 or 6: only frames to [`local_addr`](Self::local_addr).
+    /// 0: any destination address; 4 or 6: only frames to [`local_addr`](Self::local_addr)
+    /// (or to [`local2_addr`](Self::local2_addr) when that is set).
     pub local_family: u8,
-    pub _pad: u8,
+    /// 0, or the family of a second local address (a server on `[::]` steers both
+    /// families on one interface).
+    pub local2_family: u8,
     /// IPv4 in the first 4 bytes (rest zero) or IPv6, as in [`Addr`].
     pub peer_addr: [u8; 16],
     /// As `peer_addr`.
     pub local_addr: [u8; 16],
+    pub local2_addr: [u8; 16],
 }
 
 impl FilterConfig {
@@ -82,9 +86,10 @@ impl FilterConfig {
             local_port,
             peer_port: 0,
             local_family: 0,
-            _pad: 0,
+            local2_family: 0,
             peer_addr: [0; 16],
             local_addr: [0; 16],
+            local2_addr: [0; 16],
         }
     }
 
@@ -92,6 +97,13 @@ impl FilterConfig {
     pub const fn with_local(mut self, addr: Addr) -> Self {
         self.local_family = addr.family;
         self.local_addr = addr.octets;
+        self
+    }
+
+    /// Also frames to this second local address (with [`with_local`](Self::with_local)).
+    pub const fn with_second_local(mut self, addr: Addr) -> Self {
+        self.local2_family = addr.family;
+        self.local2_addr = addr.octets;
         self
     }
 
@@ -127,10 +139,14 @@ impl FilterConfig {
         if self.peer_port != 0 && f.src_port != self.peer_port {
             return false;
         }
-        if self.local_family != 0
-            && (f.dst.family != self.local_family || words(&self.local_addr) != words(&f.dst.octets))
-        {
-            return false;
+        if self.local_family != 0 {
+            let to = words(&f.dst.octets);
+            let first = f.dst.family == self.local_family && words(&self.local_addr) == to;
+            let second =
+                self.local2_family != 0 && f.dst.family == self.local2_family && words(&self.local2_addr) == to;
+            if !first && !second {
+                return false;
+            }
         }
         if self.peer_family != 0 {
             if f.src.family != self.peer_family {
@@ -208,7 +224,7 @@ mod tests {
 
     #[test]
     fn layouts_have_no_hidden_padding() {
-        assert_eq!(size_of::<FilterConfig>(), 4 + 1 + 1 + 2 + 2 + 1 + 1 + 16 + 16);
+        assert_eq!(size_of::<FilterConfig>(), 4 + 1 + 1 + 2 + 2 + 1 + 1 + 16 + 16 + 16);
         assert_eq!(size_of::<Stats>(), 6 * 8);
     }
 
@@ -258,6 +274,12 @@ mod tests {
         assert!(
             FilterConfig::new(Protocol::Udp, 4000).matches(&to(v6)),
             "unset: any destination"
+        );
+        let both = f.with_second_local(v6);
+        assert!(both.matches(&to(ours)) && both.matches(&to(v6)));
+        assert!(
+            !both.matches(&to(Addr::v4([198, 18, 0, 7]))),
+            "forwarded traffic stays the kernel's"
         );
     }
 

@@ -267,6 +267,7 @@ fn open_paths(config: &Config, side: &Side) -> Result<(Vec<AnyTransport>, String
             }
             let names: Vec<&str> = paths.iter().map(|p| p.name()).collect();
             tracing::info!("TRANSPORT=auto: paths {}", names.join(", "));
+
             Ok((paths, instance))
         }
     }
@@ -315,8 +316,16 @@ pub(crate) fn path_datagram_size(paths: &[AnyTransport], default: usize) -> usiz
     paths.iter().map(|p| p.max_payload()).fold(default, usize::min)
 }
 
-fn path_ids(paths: &[AnyTransport]) -> Vec<PathId> {
-    (0..paths.len()).map(|i| PathId(i as u8)).collect()
+fn path_ids(paths: &[AnyTransport]) -> Result<Vec<PathId>> {
+    if paths.len() > usize::from(u8::MAX) + 1 {
+        bail!(
+            "{} paths (one per interface); set INTERFACE to the one clients reach",
+            paths.len()
+        );
+    }
+    Ok((0..paths.len())
+        .filter_map(|i| u8::try_from(i).ok().map(PathId))
+        .collect())
 }
 
 async fn run_client(config: Config, server: SocketAddr, paths: Vec<AnyTransport>, instance: String) -> Result<()> {
@@ -329,7 +338,7 @@ async fn run_client(config: Config, server: SocketAddr, paths: Vec<AnyTransport>
     })?;
     let mut ec = engine_config(&config, engine::Role::Client { server });
     ec.max_datagram = path_datagram_size(&paths, ec.max_datagram);
-    ec.paths = path_ids(&paths);
+    ec.paths = path_ids(&paths)?;
     let engine = Engine::new(ec, std::time::Instant::now());
     let (node, _) = Node::new(engine, paths, false);
     crate::ops::privileges::drop_after_start()?;
@@ -356,7 +365,7 @@ async fn run_server(config: Config, paths: Vec<AnyTransport>, instance: String, 
     let mut ec = engine_config(&config, engine::Role::Server);
     ec.started_unix_ms = started_unix_ms;
     ec.max_datagram = path_datagram_size(&paths, ec.max_datagram);
-    ec.paths = path_ids(&paths);
+    ec.paths = path_ids(&paths)?;
     let engine = Engine::new(ec, std::time::Instant::now());
     let (node, opened) = Node::new(engine, paths, true);
     crate::ops::privileges::drop_after_start()?;

@@ -1,6 +1,7 @@
-//! What a server spends before a handshake authenticates, kept small: a datagram whose
-//! length no handshake has gets no Noise work at all, and each source address gets a
-//! bounded rate of handshakes (a token bucket). Sans-IO like the rest: time comes in.
+//! What a server spends on handshakes, kept small: a datagram whose length no handshake
+//! has gets no Noise work at all, and each source address gets a bounded rate of
+//! authentic handshakes (a token bucket, charged before the Diffie-Hellman of the
+//! answer). Sans-IO like the rest: time comes in.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -26,8 +27,9 @@ pub const RESPONSE_MESSAGE_LEN: RangeInclusive<usize> =
 /// waits, more only across restarts.
 const BURST: f64 = 8.0;
 const PER_SECOND: f64 = 4.0;
-/// Sources remembered at once. Past it, the ones quiet longest are forgotten first
-/// (a flood from many forged sources costs a lookup each, never unbounded memory).
+/// Sources remembered at once. Past it the table starts afresh: a flood from many
+/// sources costs a lookup each (and a clear per this many), never unbounded memory or
+/// a scan per packet.
 const MAX_SOURCES: usize = 4096;
 /// A source quiet this long has a full bucket again and is forgotten.
 const FORGET_AFTER: Duration = Duration::from_secs(10);
@@ -46,10 +48,7 @@ impl HandshakeLimiter {
     /// Whether `source` may have one more handshake tried now.
     pub fn admit(&mut self, source: IpAddr, now: Instant) -> bool {
         if !self.buckets.contains_key(&source) && self.buckets.len() >= MAX_SOURCES {
-            self.forget_quiet(now);
-            if self.buckets.len() >= MAX_SOURCES {
-                self.forget_quietest();
-            }
+            self.buckets.clear();
         }
         let bucket = self.buckets.entry(source).or_insert(Bucket {
             tokens: BURST,
@@ -68,12 +67,6 @@ impl HandshakeLimiter {
     pub fn forget_quiet(&mut self, now: Instant) {
         self.buckets
             .retain(|_, b| now.saturating_duration_since(b.last) < FORGET_AFTER);
-    }
-
-    fn forget_quietest(&mut self) {
-        if let Some(&oldest) = self.buckets.iter().min_by_key(|(_, b)| b.last).map(|(ip, _)| ip) {
-            self.buckets.remove(&oldest);
-        }
     }
 }
 

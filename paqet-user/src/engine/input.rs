@@ -8,6 +8,9 @@ use super::frame::Inner;
 use super::mux::{Control, Phase};
 use super::{DropReason, Engine, Event, KCP_HEADER_LEN, Now, PathId, PeerId, Role, StreamId, arq};
 
+/// Closed or refused conversations remembered per peer (each for 30 s).
+const MAX_TOMBSTONES: usize = 4096;
+
 impl Engine {
     /// Handles one datagram from the wire. Anything that does not authenticate is
     /// dropped silently (and counted): to a scanner the port looks filtered. A data
@@ -156,6 +159,11 @@ impl Engine {
                 self.fit_new_stream(id.peer);
                 return true;
             }
+            return false;
+        }
+        // Each answer costs a tombstone for 30 s: past the cap a flood of made-up
+        // conversations gets no answer and takes no memory.
+        if peer.tombstones.len() >= MAX_TOMBSTONES {
             return false;
         }
         self.seal_to(id.peer, &Inner::Reset { conv: id.conv });

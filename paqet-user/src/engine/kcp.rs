@@ -115,7 +115,9 @@ pub type Conversation = Arq<OutputQueue>;
 /// A message-mode conversation, so every stream message keeps its boundaries.
 /// A stream message is at most eight segments (`mux`), so twice that always fits; the
 /// ARQ's own floor (128, for ikcp's 127-fragment messages) made each of a thousand
-/// streams hold four times the receive memory its share of the budget allows.
+/// streams hold four times the receive memory its share of the budget allows. Windows
+/// come from the budget (`mux::window_for`, at least 32), so this only keeps the ARQ
+/// from raising them.
 const MIN_RCV_WINDOW: u16 = 16;
 
 pub fn new_conversation(

@@ -114,6 +114,10 @@ pub struct EngineConfig {
     /// costs at least a 128-segment receive window, so this bounds what one key holder
     /// can make the server keep.
     pub max_streams_per_peer: usize,
+    /// Server: clients (instances) held at once; a handshake from a new one beyond it
+    /// is dropped and counted. Each holds keys, streams and tombstones, and a key
+    /// holder could otherwise make new ones as fast as it can handshake.
+    pub max_peers: usize,
 }
 
 impl EngineConfig {
@@ -130,6 +134,7 @@ impl EngineConfig {
             paths: vec![PathId(0)],
             started_unix_ms: 0,
             max_streams_per_peer: 4096,
+            max_peers: 4096,
         }
     }
 }
@@ -195,8 +200,8 @@ pub enum DropReason {
     StaleHandshake,
     /// Authentic packet whose content breaks the protocol.
     Malformed,
-    /// A handshake from a source that sent too many of them lately (tried without any
-    /// Noise work).
+    /// A handshake from a source that sent too many of them lately, or from a new
+    /// client while the server holds as many clients as it may.
     RateLimited,
 }
 
@@ -220,7 +225,14 @@ struct Session {
     local_index: u32,
     remote_index: u32,
     crypto: SessionCrypto,
+    /// An authentic packet under it arrived: the peer has it.
+    confirmed: bool,
 }
+
+/// Resumption secrets a server keeps per client: its sessions of the last half minute
+/// or so (one handshake a second while answers are lost), so a client whose answers
+/// went missing still proves itself with the session it last had.
+const RESUME_SECRETS_KEPT: usize = 32;
 
 struct Peer {
     addr: SocketAddr,
@@ -231,6 +243,10 @@ struct Peer {
     /// The session before the last re-handshake: packets already in flight under it
     /// still open until the peer switches over.
     previous: Option<Session>,
+    /// Server: the resumption secrets of this client's latest sessions, newest last.
+    resume_secrets: std::collections::VecDeque<zeroize::Zeroizing<[u8; 32]>>,
+    /// Server: an authentic packet of this client arrived under some session.
+    confirmed: bool,
     streams: FastMap<u32, Stream>,
     tombstones: HashMap<u32, Instant>,
     last_rx: Instant,
@@ -245,6 +261,8 @@ impl Peer {
             backoff: backoff::SendBackoff::default(),
             session: None,
             previous: None,
+            resume_secrets: std::collections::VecDeque::new(),
+            confirmed: false,
             streams: FastMap::default(),
             tombstones: HashMap::new(),
             last_rx: now,

@@ -58,13 +58,33 @@ impl Engine {
         }
         if self.reach.unanswered_since.is_none() {
             self.reach.unanswered_since = Some(now.instant);
-            self.reach.tried = 1;
+            // From the best path down to the one that carries the session now: a
+            // client on its fallback does not go back to a silent best path alone.
+            let carrying = self
+                .peers
+                .get(&self.instance)
+                .filter(|p| p.session.is_some())
+                .and_then(|p| self.config.paths.iter().position(|&path| path == p.path));
+            self.reach.tried = carrying.map_or(1, |i| i + 1);
         }
         let tried = self.reach.tried.min(self.config.paths.len());
         for i in 0..tried {
             let path = self.config.paths[i];
             self.handshake_on(now, path);
         }
+    }
+
+    /// Client: the server answers under our current session again, so no handshake is
+    /// needed after all.
+    fn reach_restored(&mut self) {
+        if self.reach.down {
+            tracing::info!("the server answers again");
+        }
+        self.pending.clear();
+        self.reach = Reach {
+            last_upgrade_try: self.reach.last_upgrade_try,
+            ..Reach::default()
+        };
     }
 
     /// Client: whether the server went unanswered so long that new streams fail at once.
@@ -154,9 +174,9 @@ impl Engine {
         if self.seen_handshakes.contains_key(&fingerprint) {
             return Err(DropReason::StaleHandshake);
         }
-        if !self.handshake_limiter.admit(from.ip(), now.instant) {
-            return Err(DropReason::RateLimited);
-        }
+        // Reading NNpsk0's first message costs a hash and an AEAD open, no
+        // Diffie-Hellman: authenticate first, so that only a key holder spends a
+        // source's handshake budget (a stranger spoofing a client's address cannot).
         let responder = Responder::read(&self.config.psk, data).map_err(|_| DropReason::Unauthentic)?;
         let init = InitPayload::parse(&responder.payload).map_err(|_| DropReason::Malformed)?;
         if init.version != PROTOCOL_VERSION {
@@ -166,6 +186,12 @@ impl Engine {
         let from_before_start = init.unix_ms < self.config.started_unix_ms;
         if now.unix_ms.abs_diff(init.unix_ms) > HANDSHAKE_MAX_SKEW_MS || from_before_start {
             return Err(DropReason::StaleHandshake);
+        }
+        let new_client = !self.peers.contains_key(&init.instance);
+        if !self.handshake_limiter.admit(from.ip(), now.instant)
+            || (new_client && self.peers.len() >= self.config.max_peers)
+        {
+            return Err(DropReason::RateLimited);
         }
         self.seen_handshakes.insert(fingerprint, now.instant);
         if !self.may_resume(init.instance, &fingerprint, &init.resume_proof) {
@@ -186,6 +212,7 @@ impl Engine {
             local_index,
             remote_index: init.client_index,
             crypto,
+            confirmed: false,
         };
         self.install_session(init.instance, from, path, session, now.instant);
         self.push_transmit(from, path, msg);
@@ -230,6 +257,7 @@ impl Engine {
             local_index: pending.local_index,
             remote_index: resp.server_index,
             crypto,
+            confirmed: false,
         };
         self.resume = Some(zeroize::Zeroizing::new(*session.crypto.resume_secret()));
         self.install_session(self.instance, server, path, session, now.instant);
@@ -261,22 +289,22 @@ impl Engine {
         Ok(())
     }
 
-    /// A handshake for an instance the server has a session with must prove it holds
-    /// that session's resumption secret (the current or the one before: the answer to
-    /// the client's latest handshake may have been lost). A new instance proves nothing.
+    /// A handshake for an instance the server has sessions with must prove it holds the
+    /// resumption secret of one of them (the latest ones are kept: answers to the
+    /// client's latest handshakes may have been lost). An instance that has neither
+    /// used a session nor opened a stream has nothing to take over, so a fresh client
+    /// whose first answer was lost retries without a proof.
     fn may_resume(&self, instance: PeerId, ephemeral: &[u8], proof: &[u8; 16]) -> bool {
         let Some(peer) = self.peers.get(&instance) else {
             return true;
         };
-        let sessions: Vec<&Session> = [peer.session.as_ref(), peer.previous.as_ref()]
-            .into_iter()
-            .flatten()
-            .collect();
-        sessions.is_empty()
-            || sessions.iter().any(|s| {
-                let expected = crypto::resume_proof(s.crypto.resume_secret(), ephemeral);
-                bool::from(subtle::ConstantTimeEq::ct_eq(&expected[..], &proof[..]))
-            })
+        if !peer.confirmed && peer.streams.is_empty() {
+            return true;
+        }
+        peer.resume_secrets.iter().any(|secret| {
+            let expected = crypto::resume_proof(secret, ephemeral);
+            bool::from(subtle::ConstantTimeEq::ct_eq(&expected[..], &proof[..]))
+        })
     }
 
     /// A handshake completed: `session` becomes the peer's current one.
@@ -287,6 +315,11 @@ impl Engine {
         peer.addr = addr;
         peer.path = path;
         peer.last_rx = now;
+        if peer.resume_secrets.len() >= super::RESUME_SECRETS_KEPT {
+            peer.resume_secrets.pop_front();
+        }
+        peer.resume_secrets
+            .push_back(zeroize::Zeroizing::new(*session.crypto.resume_secret()));
         if let Some(old) = peer.previous.take() {
             self.index.remove(&old.local_index);
         }
@@ -307,14 +340,38 @@ impl Engine {
         now: Instant,
     ) {
         let server = matches!(self.config.role, Role::Server);
-        if let Some(peer) = self.peers.get_mut(&peer_id) {
-            peer.last_rx = now;
-            let current = peer.session.as_ref().is_some_and(|s| s.local_index == index);
-            if server && current && newest && (peer.addr, peer.path) != (from, path) {
-                tracing::info!(old = %peer.addr, new = %from, path = path.0, "client address changed");
-                peer.addr = from;
-                peer.path = path;
-            }
+        let Some(peer) = self.peers.get_mut(&peer_id) else {
+            return;
+        };
+        peer.last_rx = now;
+        peer.confirmed = true;
+        let mut current = peer.session.as_ref().is_some_and(|s| s.local_index == index);
+        // Server: the client speaks under the session before the newest, which it has
+        // never used: the newest one's answer did not reach the client (lost, or the
+        // path it took works one way only), so go back to the session the client has.
+        let newest_unused = peer.session.as_ref().is_some_and(|s| !s.confirmed);
+        let under_previous = peer.previous.as_ref().is_some_and(|s| s.local_index == index);
+        if server && !current && newest && under_previous && newest_unused {
+            std::mem::swap(&mut peer.session, &mut peer.previous);
+            tracing::debug!("the client still uses its earlier session; answering under it");
+            current = true;
+        }
+        if let Some(session) = [peer.session.as_mut(), peer.previous.as_mut()]
+            .into_iter()
+            .flatten()
+            .find(|s| s.local_index == index)
+        {
+            session.confirmed = true;
+        }
+        if server && current && newest && (peer.addr, peer.path) != (from, path) {
+            tracing::info!(old = %peer.addr, new = %from, path = path.0, "client address changed");
+            peer.addr = from;
+            peer.path = path;
+        }
+        if !server && current && self.reach.unanswered_since.is_some() {
+            // The server answers under the session we have: whatever made us handshake
+            // again has passed.
+            self.reach_restored();
         }
     }
 

@@ -987,3 +987,59 @@ fn a_receiver_whose_buffer_overflows_slows_its_peer_down_until_it_stops() {
     assert!(back, "the window never recovered");
     assert!(sim.now - sim.t0 < Duration::from_secs(10));
 }
+
+/// The client's handshake datagrams, after `connect`.
+fn client_handshake(sim: &mut Sim) -> Vec<u8> {
+    let now = sim.clock();
+    sim.client.connect(now);
+    let mut out = Vec::new();
+    sim.client.drain_transmits(&mut out);
+    out.pop().expect("connect sent nothing").payload
+}
+
+#[test]
+fn a_fresh_client_whose_first_answer_was_lost_is_answered_on_its_retry() {
+    let mut sim = Sim::new(Impairment::default(), 40);
+    let from: SocketAddr = CLIENT.parse().unwrap();
+    let now = sim.clock();
+    let mut hello = client_handshake(&mut sim);
+    sim.server.handle_datagram(now, PathId(0), from, &mut hello).unwrap();
+    let mut lost = Vec::new();
+    sim.server.drain_transmits(&mut lost);
+    assert_eq!(lost.len(), 1);
+    // The retry has no proof (the client never had a session): nothing to take over,
+    // so it is answered.
+    sim.now += Duration::from_millis(1100);
+    let now = sim.clock();
+    let mut retry = client_handshake(&mut sim);
+    assert_eq!(sim.server.handle_datagram(now, PathId(0), from, &mut retry), Ok(()));
+}
+
+#[test]
+fn after_a_lost_answer_the_server_answers_under_the_session_the_client_still_has() {
+    let mut sim = Sim::new(Impairment::default(), 41);
+    let (cid, sid) = sim.open("lost-answer.test");
+    sim.settle();
+    let from: SocketAddr = CLIENT.parse().unwrap();
+    // The client handshakes again; the server installs the new session, but its
+    // answer never arrives.
+    let now = sim.clock();
+    let mut hello = client_handshake(&mut sim);
+    sim.server.handle_datagram(now, PathId(0), from, &mut hello).unwrap();
+    let mut lost = Vec::new();
+    sim.server.drain_transmits(&mut lost);
+    // The client goes on under its session; the server must follow it, or everything
+    // it sends is sealed under keys the client never got.
+    sim.client.stream_write(sim.clock(), cid, b"still here").unwrap();
+    sim.collect();
+    sim.settle();
+    sim.server.stream_write(sim.clock(), sid, b"and so am I").unwrap();
+    sim.collect();
+    sim.settle();
+    let mut buf = vec![0u8; sim.client.read_buffer_len()];
+    let got = sim.client.stream_read(cid, &mut buf);
+    assert!(
+        matches!(&got, Ok(ReadOutcome::Data(range)) if &buf[range.clone()] == b"and so am I"),
+        "{got:?}"
+    );
+}

@@ -87,12 +87,12 @@ pub fn programs_using(dir: &Path) -> Result<Vec<u32>, KernelError> {
 /// Another live instance steering on `interface` (instances are named
 /// `<role>-<interface>`), with the programs that use its pins.
 pub fn live_instance_on(interface: &str, except: &str) -> Option<(String, Vec<u32>)> {
-    let suffix = format!("-{interface}");
+    let names = ["client", "server"].map(|role| format!("{role}-{interface}"));
     std::fs::read_dir(PIN_ROOT)
         .ok()?
         .filter_map(|e| e.ok())
         .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|name| name.ends_with(&suffix) && name != except)
+        .filter(|name| names.contains(name) && name != except)
         .find_map(|name| {
             let programs = programs_using(&Path::new(PIN_ROOT).join(&name)).ok()?;
             (!programs.is_empty()).then_some((name, programs))

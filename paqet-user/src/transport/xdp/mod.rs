@@ -64,8 +64,7 @@ pub struct XdpOptions {
     /// The address paqet uses on this interface. Port 0 (a client) picks a free port.
     pub local: SocketAddr,
     /// A server on `[::]`: its address of the other family on this interface, so one
-    /// program serves both families (the filter then matches the port on any of the
-    /// interface's addresses).
+    /// program serves both families.
     pub local_other_family: Option<IpAddr>,
     /// Client: the server (only its frames are taken). Server: `None` (any peer).
     pub peer: Option<SocketAddr>,
@@ -205,9 +204,11 @@ impl XdpTransport {
             .local_other_family
             .filter(|ip| ip.is_ipv4() != local.is_ipv4())
             .map(|ip| SocketAddr::new(ip, local.port()));
-        let mut filter = FilterConfig::new(protocol, local.port()).with_redirect(true);
-        if local_other.is_none() {
-            filter = filter.with_local(Addr::from(local.ip()));
+        let mut filter = FilterConfig::new(protocol, local.port())
+            .with_local(Addr::from(local.ip()))
+            .with_redirect(true);
+        if let Some(other) = local_other {
+            filter = filter.with_second_local(Addr::from(other.ip()));
         }
         if let Some(peer) = opts.peer {
             filter = filter.with_peer(Addr::from(peer.ip()), peer.port());
