@@ -160,27 +160,8 @@ fn sigterm_during_a_transfer_exits_zero_and_leaves_nothing() {
         "the transfer ended before the signal"
     );
     for role in ["client", "server"] {
-        bed.signal(role, libc::SIGTERM).unwrap();
-        // Drain is bounded (5 s in roles.rs), so well under 15 s (the unit's TimeoutStopSec).
-        let (status, took) = bed.wait_exit(role, Duration::from_secs(14)).unwrap();
-        assert_eq!(status.code(), Some(0), "{role} after SIGTERM: {status}\n{}", bed.logs());
+        let took = sigterm_leaves_nothing(&mut bed, role, &["SIGTERM: stopping", "detached paqet_steer"]);
         eprintln!("{role}: SIGTERM → exit 0 in {took:?}");
-        let log = bed.log_of(role);
-        assert!(
-            log.contains("SIGTERM: stopping") && log.contains("detached paqet_steer"),
-            "{role} log:\n{log}"
-        );
-        assert!(
-            !bed.pin_dir(role).exists(),
-            "{role} left its pins at {}",
-            bed.pin_dir(role).display()
-        );
-        assert_eq!(
-            bed.xdp_prog_id(role).unwrap(),
-            None,
-            "{role} left XDP attached to {}",
-            bed.interface(role)
-        );
     }
     for (role, id) in ids {
         assert!(
@@ -629,25 +610,9 @@ fn every_thread_drops_its_capabilities_after_start_and_the_relay_still_works() {
 
     // Detaching and unpinning need none of them either.
     for role in ["client", "server"] {
-        bed.signal(role, libc::SIGTERM).unwrap();
-        let (status, _) = bed.wait_exit(role, Duration::from_secs(14)).unwrap();
-        assert_eq!(status.code(), Some(0), "{role} after SIGTERM: {status}\n{}", bed.logs());
+        sigterm_leaves_nothing(&mut bed, role, &["detached paqet_steer"]);
         let log = bed.log_of(role);
-        assert!(
-            log.contains("detached paqet_steer") && !log.contains("while detaching"),
-            "{role} log:\n{log}"
-        );
-        assert!(
-            !bed.pin_dir(role).exists(),
-            "{role} left its pins at {}",
-            bed.pin_dir(role).display()
-        );
-        assert_eq!(
-            bed.xdp_prog_id(role).unwrap(),
-            None,
-            "{role} left XDP attached to {}",
-            bed.interface(role)
-        );
+        assert!(!log.contains("while detaching"), "{role} log:\n{log}");
     }
     for (role, id) in ids {
         assert!(
@@ -655,4 +620,27 @@ fn every_thread_drops_its_capabilities_after_start_and_the_relay_still_works() {
             "{role}'s paqet_steer (id {id}) is still loaded"
         );
     }
+}
+
+/// SIGTERMs `role` and checks it exits 0 within the unit's stop timeout (the drain is
+/// bounded at 5 s in roles.rs, well under 15 s), its log says `expected`, and it left
+/// no pins and no XDP program attached. Returns how long it took.
+fn sigterm_leaves_nothing(bed: &mut ServiceBed, role: &str, expected: &[&str]) -> Duration {
+    bed.signal(role, libc::SIGTERM).unwrap();
+    let (status, took) = bed.wait_exit(role, Duration::from_secs(14)).unwrap();
+    assert_eq!(status.code(), Some(0), "{role} after SIGTERM: {status}\n{}", bed.logs());
+    let log = bed.log_of(role);
+    assert!(expected.iter().all(|e| log.contains(e)), "{role} log:\n{log}");
+    assert!(
+        !bed.pin_dir(role).exists(),
+        "{role} left its pins at {}",
+        bed.pin_dir(role).display()
+    );
+    assert_eq!(
+        bed.xdp_prog_id(role).unwrap(),
+        None,
+        "{role} left XDP attached to {}",
+        bed.interface(role)
+    );
+    took
 }
