@@ -1,14 +1,21 @@
 //! What a server spends on handshakes, kept small: a datagram whose length no handshake
-//! has gets no Noise work at all, and each source address gets a bounded rate of
-//! authentic handshakes (a token bucket, charged before the Diffie-Hellman of the
-//! answer). Sans-IO like the rest: time comes in.
+//! has gets no Noise work at all, each source address gets a bounded rate of authentic
+//! handshakes (a token bucket, charged before the Diffie-Hellman of the answer), and a
+//! server answering many handshakes asks for a cookie first ([`CookieGate`]), so that
+//! a key holder spoofing sources cannot make it do Diffie-Hellman for them. Sans-IO
+//! like the rest: time comes in.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::ops::RangeInclusive;
 use std::time::{Duration, Instant};
 
+use std::net::SocketAddr;
+
+use zeroize::Zeroizing;
+
 use super::crypto::TAG_LEN;
+use super::crypto::cookie::{self, Cookie, MAC2_LEN};
 use super::frame::{INIT_PAYLOAD_LEN, RESPONSE_PAYLOAD_LEN};
 
 /// Random bytes after a handshake payload (both directions), so sizes vary.
@@ -16,12 +23,17 @@ pub const MAX_PADDING: usize = 16;
 /// The ephemeral public key that opens every NNpsk0 message.
 const EPHEMERAL_LEN: usize = 32;
 
-/// Lengths a client's first handshake message can have.
-pub const INIT_MESSAGE_LEN: RangeInclusive<usize> =
-    EPHEMERAL_LEN + INIT_PAYLOAD_LEN + TAG_LEN..=EPHEMERAL_LEN + INIT_PAYLOAD_LEN + MAX_PADDING + TAG_LEN;
+/// Lengths a client's first handshake message can have (Noise message, then `mac2`).
+pub const INIT_MESSAGE_LEN: RangeInclusive<usize> = EPHEMERAL_LEN + INIT_PAYLOAD_LEN + TAG_LEN + MAC2_LEN
+    ..=EPHEMERAL_LEN + INIT_PAYLOAD_LEN + MAX_PADDING + TAG_LEN + MAC2_LEN;
 /// Lengths a server's handshake answer can have.
 pub const RESPONSE_MESSAGE_LEN: RangeInclusive<usize> =
     EPHEMERAL_LEN + RESPONSE_PAYLOAD_LEN + TAG_LEN..=EPHEMERAL_LEN + RESPONSE_PAYLOAD_LEN + MAX_PADDING + TAG_LEN;
+
+/// Lengths a server's cookie reply can have.
+pub fn cookie_reply_len() -> RangeInclusive<usize> {
+    cookie::reply_len(MAX_PADDING)
+}
 
 /// Handshakes a source may send in a burst; a client sends one a second while it
 /// waits, more only across restarts.
@@ -70,6 +82,95 @@ impl HandshakeLimiter {
     }
 }
 
+/// A cookie secret lives this long (WireGuard's two minutes); the one before it is
+/// still honoured, so a cookie the client just got stays good across a change.
+const COOKIE_SECRET_LIFETIME: Duration = Duration::from_secs(120);
+/// A client uses a cookie for this long after it got it.
+pub const COOKIE_FRESH_FOR: Duration = COOKIE_SECRET_LIFETIME;
+
+/// Server: whether handshakes must bring a cookie now, and the secrets cookies come
+/// from. "Under load" means more than the configured number of handshakes answered
+/// with a Diffie-Hellman in the last second.
+pub struct CookieGate {
+    secrets: [Zeroizing<[u8; 32]>; 2],
+    secret_since: Option<Instant>,
+    answered: u32,
+    second_started: Option<Instant>,
+}
+
+impl Default for CookieGate {
+    fn default() -> CookieGate {
+        CookieGate {
+            secrets: [Zeroizing::new(fresh_secret()), Zeroizing::new(fresh_secret())],
+            secret_since: None,
+            answered: 0,
+            second_started: None,
+        }
+    }
+}
+
+/// Cookie secrets come from the OS, not the engine's seeded generator: they must be
+/// unguessable even to someone who knows how the engine was seeded.
+fn fresh_secret() -> [u8; 32] {
+    let mut secret = [0u8; 32];
+    if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut secret).is_err() {
+        tracing::error!("the OS gave no random bytes for a cookie secret");
+    }
+    secret
+}
+
+impl CookieGate {
+    /// Whether the server answered more than `allowed_per_second` handshakes in the
+    /// current second.
+    pub fn under_load(&mut self, now: Instant, allowed_per_second: u32) -> bool {
+        self.roll_second(now);
+        self.answered >= allowed_per_second
+    }
+
+    /// A handshake was answered with a Diffie-Hellman.
+    pub fn note_answered(&mut self, now: Instant) {
+        self.roll_second(now);
+        self.answered = self.answered.saturating_add(1);
+    }
+
+    fn roll_second(&mut self, now: Instant) {
+        if self
+            .second_started
+            .is_none_or(|start| now.saturating_duration_since(start) >= Duration::from_secs(1))
+        {
+            self.second_started = Some(now);
+            self.answered = 0;
+        }
+    }
+
+    fn rotate(&mut self, now: Instant) {
+        match self.secret_since {
+            None => self.secret_since = Some(now),
+            Some(since) if now.saturating_duration_since(since) >= COOKIE_SECRET_LIFETIME => {
+                self.secrets.swap(0, 1);
+                self.secrets[0] = Zeroizing::new(fresh_secret());
+                self.secret_since = Some(now);
+            }
+            Some(_) => {}
+        }
+    }
+
+    /// The cookie `from` gets now.
+    pub fn cookie_for(&mut self, from: SocketAddr, now: Instant) -> Cookie {
+        self.rotate(now);
+        cookie::cookie_for(&self.secrets[0], from)
+    }
+
+    /// Whether `mac2` proves `from` received a cookie of ours lately.
+    pub fn valid_mac2(&mut self, from: SocketAddr, noise: &[u8], mac2: &[u8; MAC2_LEN], now: Instant) -> bool {
+        self.rotate(now);
+        self.secrets.iter().any(|secret| {
+            let expected = cookie::mac2(&cookie::cookie_for(secret, from), noise);
+            bool::from(subtle::ConstantTimeEq::ct_eq(&expected[..], &mac2[..]))
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -102,15 +203,62 @@ mod tests {
     }
 
     #[test]
+    fn load_is_counted_per_second() {
+        let mut gate = CookieGate::default();
+        let t0 = Instant::now();
+        for _ in 0..3 {
+            assert!(!gate.under_load(t0, 3));
+            gate.note_answered(t0);
+        }
+        assert!(gate.under_load(t0, 3));
+        assert!(gate.under_load(t0 + Duration::from_millis(999), 3));
+        assert!(
+            !gate.under_load(t0 + Duration::from_secs(1), 3),
+            "a new second starts afresh"
+        );
+        assert!(gate.under_load(t0, 0), "0 asks every handshake for a cookie");
+    }
+
+    #[test]
+    fn a_cookie_stays_good_for_one_secret_change_and_only_for_its_address() {
+        let mut gate = CookieGate::default();
+        let t0 = Instant::now();
+        let client: SocketAddr = "198.18.0.1:4000".parse().unwrap();
+        let spoofer: SocketAddr = "198.18.0.66:4000".parse().unwrap();
+        let cookie = gate.cookie_for(client, t0);
+        let mac = cookie::mac2(&cookie, b"message");
+        assert!(gate.valid_mac2(client, b"message", &mac, t0));
+        assert!(!gate.valid_mac2(spoofer, b"message", &mac, t0), "another address");
+        assert!(!gate.valid_mac2(client, b"messagE", &mac, t0), "another message");
+        let later = t0 + COOKIE_SECRET_LIFETIME;
+        assert!(gate.valid_mac2(client, b"message", &mac, later), "one change later");
+        let much_later = later + COOKIE_SECRET_LIFETIME;
+        assert!(
+            !gate.valid_mac2(client, b"message", &mac, much_later),
+            "two changes later"
+        );
+    }
+
+    #[test]
     fn message_lengths_match_what_the_handshake_sends() {
         let psk = super::super::crypto::Psk([9; 32]);
         for padding in [0, MAX_PADDING] {
             let payload = vec![0u8; INIT_PAYLOAD_LEN + padding];
             let (_, msg) = super::super::crypto::Initiator::start(&psk, &payload).unwrap();
-            assert!(INIT_MESSAGE_LEN.contains(&msg.len()), "{} bytes", msg.len());
+            assert!(
+                INIT_MESSAGE_LEN.contains(&(msg.len() + MAC2_LEN)),
+                "{} bytes",
+                msg.len()
+            );
             let responder = super::super::crypto::Responder::read(&psk, &msg).unwrap();
             let (_, answer) = responder.respond(&vec![0u8; RESPONSE_PAYLOAD_LEN + padding]).unwrap();
             assert!(RESPONSE_MESSAGE_LEN.contains(&answer.len()), "{} bytes", answer.len());
+            let reply = super::super::crypto::cookie::CookieSealer::new(&psk).seal(&[0; 16], &[0; 16], [0; 12]);
+            assert!(
+                cookie_reply_len().contains(&(reply.len() + padding)),
+                "{} bytes",
+                reply.len()
+            );
         }
     }
 }

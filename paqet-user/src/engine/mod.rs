@@ -48,7 +48,7 @@ pub use sessions::{PATH_FALLBACK_AFTER, SERVER_UNANSWERED_AFTER};
 pub type FastMap<K, V> = foldhash::HashMap<K, V>;
 
 /// Bumped whenever the wire format changes; travels inside the handshake.
-pub const PROTOCOL_VERSION: u8 = 4;
+pub const PROTOCOL_VERSION: u8 = 5;
 /// How far a client's clock may be from the server's before its handshake is refused.
 const HANDSHAKE_MAX_SKEW_MS: u64 = 120_000;
 const KCP_HEADER_LEN: usize = 24;
@@ -118,6 +118,10 @@ pub struct EngineConfig {
     /// is dropped and counted. Each holds keys, streams and tombstones, and a key
     /// holder could otherwise make new ones as fast as it can handshake.
     pub max_peers: usize,
+    /// Server: handshakes answered per second (each costs a Diffie-Hellman) beyond
+    /// which a handshake must bring a cookie proving its source address, as WireGuard
+    /// asks under load. 0 asks every handshake.
+    pub handshakes_before_cookies: u32,
 }
 
 impl EngineConfig {
@@ -135,6 +139,7 @@ impl EngineConfig {
             started_unix_ms: 0,
             max_streams_per_peer: 4096,
             max_peers: 4096,
+            handshakes_before_cookies: 256,
         }
     }
 }
@@ -219,6 +224,8 @@ pub struct Counters {
     /// Streams a client opened beyond `max_streams_per_peer`, reset at once.
     pub refused_streams: u64,
     pub handshakes: u64,
+    /// Server: handshakes answered with a cookie instead of a session, under load.
+    pub cookies_sent: u64,
 }
 
 struct Session {
@@ -276,6 +283,8 @@ struct PendingHandshake {
     initiator: Initiator,
     local_index: u32,
     sent_at: Instant,
+    /// What the server's cookie reply to this handshake is bound to.
+    cookie_binding: [u8; crypto::TAG_LEN],
 }
 
 pub struct Engine {
@@ -301,6 +310,12 @@ pub struct Engine {
     seen_handshakes: HashMap<[u8; 32], Instant>,
     /// Server: handshakes per source, before any Noise work.
     handshake_limiter: admission::HandshakeLimiter,
+    /// Server: when handshakes must bring a cookie, and the cookies' secrets.
+    cookie_gate: admission::CookieGate,
+    /// Seals (server) and opens (client) cookie replies.
+    cookie_sealer: crypto::cookie::CookieSealer,
+    /// Client: the server's latest cookie, and when it came.
+    cookie: Option<(crypto::cookie::Cookie, Instant)>,
     output: OutputQueue,
     transmits: Vec<Transmit>,
     events: Vec<Event>,
@@ -335,6 +350,7 @@ pub struct Engine {
 impl Engine {
     pub fn new(config: EngineConfig, now: Instant) -> Engine {
         let index_mask = IndexMask::new(&config.psk);
+        let cookie_sealer = crypto::cookie::CookieSealer::new(&config.psk);
         let mut rng = StdRng::from_seed(config.seed);
         let instance = rng.next_u64();
         let next_conv = rng.random_range(1..1 << 24);
@@ -351,6 +367,9 @@ impl Engine {
             resume: None,
             seen_handshakes: HashMap::new(),
             handshake_limiter: admission::HandshakeLimiter::default(),
+            cookie_gate: admission::CookieGate::default(),
+            cookie_sealer,
+            cookie: None,
             output: OutputQueue::default(),
             transmits: Vec::new(),
             events: Vec::new(),

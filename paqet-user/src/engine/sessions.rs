@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use rand::{Rng, RngCore};
 
 use super::admission;
-use super::crypto::{self, Initiator, Responder};
+use super::crypto::{self, Initiator, Responder, cookie};
 use super::frame::{InitPayload, Inner, OpenError, ResponsePayload};
 use super::mux::Phase;
 use super::{
@@ -122,13 +122,20 @@ impl Engine {
         let started = Initiator::start_with(&self.config.psk, payload);
         self.scratch = padding;
         match started {
-            Ok((initiator, msg)) => {
+            Ok((initiator, mut msg)) => {
+                let Some(cookie_binding) = cookie::binding(&msg) else {
+                    tracing::error!("handshake message too short to bind a cookie reply");
+                    return;
+                };
+                let mac2 = self.mac2_for(&msg, now.instant);
+                msg.extend_from_slice(&mac2);
                 self.pending.retain(|p| p.path != path);
                 self.pending.push(PendingHandshake {
                     path,
                     initiator,
                     local_index,
                     sent_at: now.instant,
+                    cookie_binding,
                 });
                 self.peers
                     .entry(self.instance)
@@ -138,6 +145,17 @@ impl Engine {
                 tracing::debug!(%server, path = path.0, "handshake sent");
             }
             Err(e) => tracing::error!("cannot start handshake: {e}"),
+        }
+    }
+
+    /// Client: the `mac2` field of a handshake message: under the server's fresh
+    /// cookie if we have one, else random (no byte of a handshake is constant).
+    fn mac2_for(&mut self, noise: &[u8], now: Instant) -> [u8; cookie::MAC2_LEN] {
+        match self.cookie {
+            Some((c, got)) if now.saturating_duration_since(got) < admission::COOKIE_FRESH_FOR => {
+                cookie::mac2(&c, noise)
+            }
+            _ => self.rng.random(),
         }
     }
 
@@ -170,14 +188,15 @@ impl Engine {
         if !admission::INIT_MESSAGE_LEN.contains(&data.len()) {
             return Err(DropReason::Unauthentic);
         }
-        let fingerprint = crypto::handshake_fingerprint(data).ok_or(DropReason::Unauthentic)?;
+        let (noise, mac2) = cookie::split_mac2(data).ok_or(DropReason::Unauthentic)?;
+        let fingerprint = crypto::handshake_fingerprint(noise).ok_or(DropReason::Unauthentic)?;
         if self.seen_handshakes.contains_key(&fingerprint) {
             return Err(DropReason::StaleHandshake);
         }
         // Reading NNpsk0's first message costs a hash and an AEAD open, no
         // Diffie-Hellman: authenticate first, so that only a key holder spends a
         // source's handshake budget (a stranger spoofing a client's address cannot).
-        let responder = Responder::read(&self.config.psk, data).map_err(|_| DropReason::Unauthentic)?;
+        let responder = Responder::read(&self.config.psk, noise).map_err(|_| DropReason::Unauthentic)?;
         let init = InitPayload::parse(&responder.payload).map_err(|_| DropReason::Malformed)?;
         if init.version != PROTOCOL_VERSION {
             tracing::warn!(%from, version = init.version, "client speaks another protocol version");
@@ -186,6 +205,18 @@ impl Engine {
         let from_before_start = init.unix_ms < self.config.started_unix_ms;
         if now.unix_ms.abs_diff(init.unix_ms) > HANDSHAKE_MAX_SKEW_MS || from_before_start {
             return Err(DropReason::StaleHandshake);
+        }
+        // After the replay and clock checks, so a replayed handshake gets no reply of
+        // any kind; and the message is remembered, so a replay of this one gets none
+        // either (the client answers a cookie with a new handshake).
+        if self
+            .cookie_gate
+            .under_load(now.instant, self.config.handshakes_before_cookies)
+            && !self.cookie_gate.valid_mac2(from, noise, mac2, now.instant)
+        {
+            self.seen_handshakes.insert(fingerprint, now.instant);
+            self.send_cookie_reply(from, path, noise, now.instant);
+            return Ok(());
         }
         let new_client = !self.peers.contains_key(&init.instance);
         if !self.handshake_limiter.admit(from.ip(), now.instant)
@@ -215,9 +246,25 @@ impl Engine {
             confirmed: false,
         };
         self.install_session(init.instance, from, path, session, now.instant);
+        self.cookie_gate.note_answered(now.instant);
         self.push_transmit(from, path, msg);
         tracing::info!(client = %from, "client authenticated, session established");
         Ok(())
+    }
+
+    /// Server, under load: answers a handshake with a cookie for its source address
+    /// instead of a session. Smaller than the handshake it answers, so it amplifies
+    /// nothing.
+    fn send_cookie_reply(&mut self, from: SocketAddr, path: PathId, noise: &[u8], now: Instant) {
+        let Some(binding) = cookie::binding(noise) else { return };
+        let cookie = self.cookie_gate.cookie_for(from, now);
+        let mut reply = self.cookie_sealer.seal(&cookie, &binding, self.rng.random());
+        self.scratch.clear();
+        self.pad(admission::MAX_PADDING);
+        reply.extend_from_slice(&self.scratch);
+        self.counters.cookies_sent += 1;
+        self.push_transmit(from, path, reply);
+        tracing::debug!(client = %from, "under load: asked for a cookie");
     }
 
     /// Client: a datagram that names no live session may be the server's answer to a
@@ -234,7 +281,7 @@ impl Engine {
         let Role::Client { server } = self.config.role else {
             return Err(DropReason::Unauthentic);
         };
-        if from != server || !admission::RESPONSE_MESSAGE_LEN.contains(&data.len()) {
+        if from != server {
             return Err(DropReason::Unauthentic);
         }
         let at = self
@@ -242,6 +289,18 @@ impl Engine {
             .iter()
             .position(|p| p.path == path)
             .ok_or(DropReason::Unauthentic)?;
+        if admission::cookie_reply_len().contains(&data.len())
+            && let Ok(cookie) = self.cookie_sealer.open(data, &self.pending[at].cookie_binding)
+        {
+            // The server is under load: handshake again at once, proving our address.
+            self.cookie = Some((cookie, now.instant));
+            tracing::debug!(path = path.0, "the server asked for a cookie");
+            self.handshake_on(now, path);
+            return Ok(());
+        }
+        if !admission::RESPONSE_MESSAGE_LEN.contains(&data.len()) {
+            return Err(DropReason::Unauthentic);
+        }
         let payload = self.pending[at]
             .initiator
             .read_response(data)

@@ -876,7 +876,8 @@ fn a_key_holder_who_saw_the_clients_handshake_cannot_take_over_its_streams() {
     let mut out = Vec::new();
     sim.client.drain_transmits(&mut out);
     let genuine = out.pop().unwrap().payload;
-    let seen = crypto::Responder::read(&psk(), &genuine).unwrap();
+    let (noise, _) = crypto::cookie::split_mac2(&genuine).unwrap();
+    let seen = crypto::Responder::read(&psk(), noise).unwrap();
     let victim = frame::InitPayload::parse(&seen.payload).unwrap();
     let forged = frame::InitPayload {
         client_index: 77,
@@ -884,7 +885,8 @@ fn a_key_holder_who_saw_the_clients_handshake_cannot_take_over_its_streams() {
     };
     let mut payload = Vec::new();
     forged.emit(&mut payload);
-    let (_attacker, hello) = crypto::Initiator::start(&psk(), &payload).unwrap();
+    let (_attacker, mut hello) = crypto::Initiator::start(&psk(), &payload).unwrap();
+    hello.extend_from_slice(&[0; crypto::cookie::MAC2_LEN]);
     let attacker_addr: SocketAddr = "198.18.0.66:5000".parse().unwrap();
     assert_eq!(
         sim.server
@@ -1042,4 +1044,79 @@ fn after_a_lost_answer_the_server_answers_under_the_session_the_client_still_has
         matches!(&got, Ok(ReadOutcome::Data(range)) if &buf[range.clone()] == b"and so am I"),
         "{got:?}"
     );
+}
+
+/// One datagram from `from` into `engine`; what it sent back.
+fn exchange(engine: &mut Engine, now: Now, from: &str, datagram: &[u8]) -> (Result<(), DropReason>, Vec<Vec<u8>>) {
+    let result = engine.handle_datagram(now, PathId(0), from.parse().unwrap(), &mut datagram.to_vec());
+    let mut out = Vec::new();
+    engine.drain_transmits(&mut out);
+    (result, out.into_iter().map(|t| t.payload).collect())
+}
+
+#[test]
+fn a_server_under_load_asks_for_a_cookie_and_does_no_diffie_hellman_without_one() {
+    let mut sim = Sim::new(Impairment::default(), 39);
+    let mut cfg = EngineConfig::new(Role::Server, psk(), [40; 32]);
+    cfg.handshakes_before_cookies = 0;
+    sim.server = Engine::new(cfg, sim.now);
+    let now = sim.clock();
+    sim.client.connect(now);
+    let mut out = Vec::new();
+    sim.client.drain_transmits(&mut out);
+    let first = out.pop().unwrap().payload;
+
+    let (result, replies) = exchange(&mut sim.server, now, CLIENT, &first);
+    assert_eq!(result, Ok(()));
+    assert_eq!(replies.len(), 1);
+    assert!(
+        admission::cookie_reply_len().contains(&replies[0].len()),
+        "not a cookie reply"
+    );
+    let cookie_reply = replies[0].clone();
+    assert_eq!(sim.server.counters().cookies_sent, 1);
+    assert_eq!(
+        sim.server.counters().handshakes,
+        0,
+        "a session without a cookie under load"
+    );
+    // Replayed, the same message gets nothing at all.
+    let (result, replies) = exchange(&mut sim.server, now, CLIENT, &first);
+    assert_eq!(result, Err(DropReason::StaleHandshake));
+    assert!(replies.is_empty(), "a replayed handshake got a reply");
+
+    // The client reads the cookie and handshakes again at once, proving its address.
+    let (result, second) = exchange(&mut sim.client, now, SERVER, &cookie_reply);
+    assert_eq!(result, Ok(()));
+    assert_eq!(second.len(), 1, "no new handshake after the cookie");
+    // From another address (a spoofer replaying it), the proof is worth nothing.
+    let (_, replies) = exchange(&mut sim.server, now, "198.18.0.66:40000", &second[0]);
+    assert_eq!(
+        sim.server.counters().handshakes,
+        0,
+        "a cookie made for another address passed"
+    );
+    assert!(replies.iter().all(|r| admission::cookie_reply_len().contains(&r.len())));
+    // From the client's own address, a fresh handshake with the cookie is answered.
+    sim.client.connect(now);
+    let mut out = Vec::new();
+    sim.client.drain_transmits(&mut out);
+    let (result, replies) = exchange(&mut sim.server, now, CLIENT, &out.pop().unwrap().payload);
+    assert_eq!(result, Ok(()));
+    assert_eq!(sim.server.counters().handshakes, 1);
+    let (result, _) = exchange(&mut sim.client, now, SERVER, &replies[0]);
+    assert_eq!(result, Ok(()));
+    assert!(sim.client.is_connected());
+    // A cookie reply for an old message does not open for the new pending handshake.
+    let (result, replies) = exchange(&mut sim.client, now, SERVER, &cookie_reply);
+    assert!(result.is_err() && replies.is_empty());
+}
+
+#[test]
+fn below_the_load_threshold_no_cookie_is_asked() {
+    let mut sim = Sim::new(Impairment::default(), 41);
+    sim.open("origin.test");
+    assert!(sim.client.is_connected());
+    assert_eq!(sim.server.counters().handshakes, 1);
+    assert_eq!(sim.server.counters().cookies_sent, 0);
 }

@@ -444,6 +444,15 @@ impl<T: Transport> Node<T> {
                 DROP_REPORT_EVERY.as_secs()
             );
         }
+        let cookies = now.cookies_sent - before.cookies_sent;
+        if cookies > 0 {
+            tracing::info!(
+                cookies,
+                "under load: handshakes answered with a cookie (a proof of the source address) instead of a \
+                 session in the last {}s",
+                DROP_REPORT_EVERY.as_secs()
+            );
+        }
         let rate_limited = now.dropped_rate_limited - before.dropped_rate_limited;
         if unauthentic + replayed + rate_limited > 0 {
             tracing::warn!(

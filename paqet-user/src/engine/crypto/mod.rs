@@ -6,6 +6,7 @@
 //! [`epoch_keys`]), checked against a sliding replay window ([`replay`]), and their
 //! counter is masked QUIC-style so no cleartext byte is constant or predictable.
 
+pub mod cookie;
 mod epoch_keys;
 mod handshake;
 mod replay;
