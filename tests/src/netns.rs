@@ -119,23 +119,7 @@ impl Netns {
     /// Runs `f` on a thread that has entered this namespace (setns), and returns its
     /// result: sockets it opens live in the namespace. A panic in `f` is re-raised here.
     pub fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> Result<R> {
-        let path = self.path();
-        std::thread::scope(|s| {
-            let h = s.spawn(move || -> Result<R> {
-                let file = std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
-                use std::os::fd::AsRawFd;
-                // SAFETY: a valid namespace fd; CLONE_NEWNET only affects this thread.
-                if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                    return Err(std::io::Error::last_os_error())
-                        .with_context(|| format!("setns into {}", path.display()));
-                }
-                Ok(f())
-            });
-            match h.join() {
-                Ok(r) => r,
-                Err(panic) => std::panic::resume_unwind(panic),
-            }
-        })
+        run_in(self.path(), f)
     }
 
     /// The MAC address of `ifname` in this namespace (through `ip`, not /sys, which
@@ -173,6 +157,26 @@ impl Drop for Netns {
             Err(e) => eprintln!("warning: ip netns del {}: {e}", self.name),
         }
     }
+}
+
+/// [`Netns::run`] by the namespace's path, for a thread that must not borrow the
+/// [`Netns`] (while the test changes what holds it).
+pub fn run_in<R: Send>(path: PathBuf, f: impl FnOnce() -> R + Send) -> Result<R> {
+    std::thread::scope(|s| {
+        let h = s.spawn(move || -> Result<R> {
+            let file = std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+            use std::os::fd::AsRawFd;
+            // SAFETY: a valid namespace fd; CLONE_NEWNET only affects this thread.
+            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(std::io::Error::last_os_error()).with_context(|| format!("setns into {}", path.display()));
+            }
+            Ok(f())
+        });
+        match h.join() {
+            Ok(r) => r,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    })
 }
 
 /// Creates a veth pair `a_if` (in `a`) ⇄ `b_if` (in `b`), with the given addresses

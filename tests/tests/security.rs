@@ -11,7 +11,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use paqet_tests::capture::{Capture, udp_payload};
-use paqet_tests::netns::OriginHost;
+use paqet_tests::netns::{OriginHost, run_in};
 use paqet_tests::relay::{RelayBed, RelayOptions, SERVER_PORT};
 use paqet_tests::{TwoHosts, paqet_bin, pattern, require_root, socks, wait_for};
 
@@ -163,6 +163,118 @@ fn replayed_handshake_and_data_packets_are_refused_without_reply() {
         sessions_before,
         "a replayed handshake must not make a session"
     );
+}
+
+/// Plays an attacker who sees the client's handshakes and answers each at once with a
+/// forged reply from the server's address and port (a raw socket in the server's
+/// namespace, which sees every UDP datagram arriving there and is faster than the
+/// server's Diffie-Hellman). Runs until `stop` or a minute; returns the replies forged.
+fn forge_handshake_replies(stop: &std::sync::atomic::AtomicBool) -> u32 {
+    use std::sync::atomic::Ordering;
+    // SAFETY: plain socket calls on a descriptor this function owns and closes.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_UDP) };
+    assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
+    let timeout = libc::timeval {
+        tv_sec: 0,
+        tv_usec: 100_000,
+    };
+    // SAFETY: a valid fd and a timeval of the size passed.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&timeout as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as u32,
+        )
+    };
+    let started = std::time::Instant::now();
+    let (mut forged, mut seed) = (0u32, 0x9e37_79b9_7f4a_7c15u64);
+    let mut buf = [0u8; 2048];
+    while !stop.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(60) && forged < 10_000 {
+        // SAFETY: buf is valid for its length.
+        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n <= 0 {
+            continue;
+        }
+        let packet = &buf[..n as usize];
+        let ihl = usize::from(packet[0] & 0x0f) * 4;
+        let Some(udp) = packet.get(ihl..ihl + 8) else { continue };
+        let (src_port, dst_port) = (
+            u16::from_be_bytes([udp[0], udp[1]]),
+            u16::from_be_bytes([udp[2], udp[3]]),
+        );
+        let handshake_sized = (101..=117).contains(&(packet.len() - ihl - 8));
+        if dst_port != SERVER_PORT || !handshake_sized {
+            continue;
+        }
+        // A reply of a server answer's size, random bytes, from the server's port.
+        let len = 53 + (xorshift(&mut seed) % 17) as usize;
+        let mut reply = vec![0u8; 8 + len];
+        reply[0..2].copy_from_slice(&SERVER_PORT.to_be_bytes());
+        reply[2..4].copy_from_slice(&src_port.to_be_bytes());
+        reply[4..6].copy_from_slice(&((8 + len) as u16).to_be_bytes());
+        for b in &mut reply[8..] {
+            *b = xorshift(&mut seed) as u8;
+        }
+        let to = libc::sockaddr_in {
+            sin_family: libc::AF_INET as u16,
+            sin_port: 0,
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(TwoHosts::CLIENT_IP).to_be(),
+            },
+            sin_zero: [0; 8],
+        };
+        // SAFETY: valid buffer and sockaddr_in of the size passed.
+        let sent = unsafe {
+            libc::sendto(
+                fd,
+                reply.as_ptr().cast(),
+                reply.len(),
+                0,
+                (&to as *const libc::sockaddr_in).cast(),
+                std::mem::size_of::<libc::sockaddr_in>() as u32,
+            )
+        };
+        if sent > 0 {
+            forged += 1;
+        }
+    }
+    // SAFETY: fd is ours.
+    unsafe { libc::close(fd) };
+    forged
+}
+
+#[test]
+fn forged_handshake_replies_do_not_keep_a_client_offline() {
+    if !require_root("forged_handshake_replies_do_not_keep_a_client_offline") {
+        return;
+    }
+    let mut bed = RelayBed::start("s4", &RelayOptions::new("udp").unwrap()).unwrap();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let server_ns = bed.hosts.server.path();
+    let (forged, fetched) = std::thread::scope(|scope| {
+        let attacker = scope.spawn(|| run_in(server_ns, || forge_handshake_replies(&stop)));
+        std::thread::sleep(Duration::from_millis(300));
+        // A fresh client instance handshakes while every handshake gets a forged reply
+        // first. A client that took a forged reply as the answer (and so dropped the
+        // real one) would never connect, and curl would get a SOCKS failure.
+        let fetched = bed.restart_client().and_then(|()| bed.curl_bytes(MIB));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let forged = attacker
+            .join()
+            .expect("attacker thread panicked")
+            .expect("entering the namespace");
+        (forged, fetched)
+    });
+    let (hash, _, _) = fetched.unwrap_or_else(|e| panic!("no download under forged replies: {e:#}"));
+    assert_eq!(hash, pattern::sha256_hex(MIB, MIB));
+    assert!(forged >= 1, "the attacker never saw a handshake to answer");
+    let counted = wait_for(
+        || logged_count(&bed.log_of("client"), "unauthentic") >= 1,
+        Duration::from_secs(15),
+    );
+    assert!(counted, "the client did not count the forged replies\n{}", bed.logs());
 }
 
 /// A TCP service for the policy test: answers each connection with `greeting` and
