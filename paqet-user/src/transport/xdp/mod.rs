@@ -22,6 +22,7 @@ mod emit;
 mod iface;
 mod neigh;
 mod peers;
+pub mod tcp_flow;
 mod tx_kicker;
 mod xsk;
 
