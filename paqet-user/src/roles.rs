@@ -221,6 +221,7 @@ fn open_xdp(config: &Config, side: &Side) -> Result<Vec<(AnyTransport, String)>>
             peer,
             wire: config.wire,
             mode: attach_mode(config),
+            syn_key: *crate::engine::crypto::syn_tag_key(&Psk(config.key.0)),
         };
         let transport = XdpTransport::open(opts.clone())
             .with_context(|| format!("cannot start the xdp transport on {}", opts.interface))?;

@@ -452,6 +452,8 @@ fn run_case(wire: WireShape, tag: &str, ipv6: bool) {
         peer: None,
         wire,
         mode: AttachMode::Auto,
+        // Any key, the same at both ends: the TCP-shaped wire's SYNs must carry its tag.
+        syn_key: [7; 32],
     };
     let client_opts = XdpOptions {
         interface: hosts.client_if.clone(),
@@ -461,6 +463,8 @@ fn run_case(wire: WireShape, tag: &str, ipv6: bool) {
         peer: Some(server_addr),
         wire,
         mode: AttachMode::Auto,
+        // Any key, the same at both ends: the TCP-shaped wire's SYNs must carry its tag.
+        syn_key: [7; 32],
     };
     let before = (kernel_counters(&hosts.client), kernel_counters(&hosts.server));
     let (addr_tx, addr_rx) = mpsc::channel();
