@@ -126,7 +126,7 @@ pub struct XdpCounters {
     /// TCP-shaped wire: datagrams dropped by their flow (no flow to that peer, past the
     /// peer's window, too many held).
     pub tx_dropped_flow: AtomicU64,
-    /// TCP-shaped wire: handshake segments sent and received.
+    /// TCP-shaped wire: handshake segments (no payload) sent and received.
     pub tx_control: AtomicU64,
     pub rx_control: AtomicU64,
     /// TCP-shaped wire: frames no flow takes (no flow, a SYN without the key, a
@@ -436,7 +436,8 @@ impl XdpTransport {
         let Some(q) = self.queues.first() else { return };
         let mut tx = lock(&q.xsk.tx);
         let mut failed = 0usize;
-        let (queued, _processed) = q.xsk.send(&mut tx, controls.len(), |i, frame| {
+        let mut data = 0usize;
+        let (queued, processed) = q.xsk.send(&mut tx, controls.len(), |i, frame| {
             let Control { peer, seg, payload } = &controls[i];
             let (Some(src), Some(dst_mac)) = (self.source_for(peer), peers.mac(peer.ip(), now)) else {
                 failed += 1;
@@ -453,7 +454,10 @@ impl XdpTransport {
                 payload,
             };
             match emit::emit(frame, &f) {
-                Ok(n) => Some(n),
+                Ok(n) => {
+                    data += usize::from(!payload.is_empty());
+                    Some(n)
+                }
                 Err(e) => {
                     tracing::debug!("cannot build a control frame: {e:?}");
                     failed += 1;
@@ -464,8 +468,12 @@ impl XdpTransport {
         drop(tx);
         // A lost handshake segment is sent again by the flow (SYN) or answered again
         // (SYN-ACK for a retransmitted SYN), so a full ring only delays.
-        Self::count(&self.counters.tx_control, queued);
+        // Held datagrams count as data frames, handshake segments as control.
+        let data = data.min(queued);
+        Self::count(&self.counters.tx_frames, data);
+        Self::count(&self.counters.tx_control, queued - data);
         Self::count(&self.counters.tx_dropped_invalid, failed);
+        Self::count(&self.counters.tx_dropped_full, controls.len() - processed);
     }
 
     /// Drains ready frames of all queues into `batch`; returns how many were filled.

@@ -13,7 +13,8 @@
 //! - **Numbers** a window-tracking conntrack accepts (`tcp_in_window`): the sequence
 //!   advances by each payload and never goes back; the ACK is the end of the newest data
 //!   the peer really sent (never more); a datagram that would end past the peer's last
-//!   ACK plus its advertised window is dropped (the ARQ above retransmits) instead of
+//!   ACK plus its advertised window waits (a few hundred at most, then they are
+//!   dropped and the ARQ above retransmits) for the peer's next segment instead of
 //!   being sent out of window. Both SYNs carry a window scale, so scaling is in effect
 //!   for both sides, as conntrack requires.
 //! - **Keyed SYN.** The server answers a SYN only when it proves the key: its TSval is
@@ -84,8 +85,9 @@ const SYN_REFRESH: Duration = Duration::from_secs(100);
 /// this long; the engine's own re-handshake comes after 4 s, so the flow is open again
 /// by then.
 pub const REOPEN_AFTER: Duration = Duration::from_secs(3);
-/// Datagrams held per flow while its handshake runs.
-const HELD_MAX: usize = 64;
+/// Datagrams held per flow while its handshake runs: an ARQ's first burst (at most
+/// ~370 KiB per flow, and a server holds only for flows whose SYN proved the key).
+const HELD_MAX: usize = 256;
 
 /// Which end of the flows this is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -248,12 +250,33 @@ struct Flow {
     last_tx: Instant,
     /// Client: since when we have sent without hearing anything back.
     unanswered_since: Option<Instant>,
-    held: Vec<Vec<u8>>,
+    /// Datagrams waiting for the handshake or for the peer's window, in order.
+    held: VecDeque<Vec<u8>>,
 }
 
 impl Flow {
     fn tsval(&self, clock_ms: u32) -> u32 {
         clock_ms.wrapping_add(self.ts_offset)
+    }
+
+    /// Whether `len` more bytes fit the peer's window.
+    fn fits(&self, len: usize) -> bool {
+        self.snd_nxt.wrapping_add(len as u32).wrapping_sub(self.snd_una) <= self.snd_wnd
+    }
+
+    /// Sends held datagrams, in order, while the peer's window takes them.
+    fn flush_held(&mut self, peer: SocketAddr, control: &mut Vec<Control>, clock_ms: u32, now: Instant) {
+        while let Some(payload) = self.held.front() {
+            if !self.fits(payload.len()) {
+                break;
+            }
+            let seg = self.data_segment(clock_ms);
+            self.snd_nxt = self.snd_nxt.wrapping_add(payload.len() as u32);
+            self.last_tx = now;
+            if let Some(payload) = self.held.pop_front() {
+                control.push(Control { peer, seg, payload });
+            }
+        }
     }
 
     fn data_segment(&self, clock_ms: u32) -> Segment {
@@ -431,13 +454,18 @@ impl Flows {
                 let Some(flow) = self.flows.get_mut(&peer) else {
                     return TxVerdict::Drop(TxDrop::NoFlow);
                 };
-                let end = flow.snd_nxt.wrapping_add(payload.len() as u32);
-                if end.wrapping_sub(flow.snd_una) > flow.snd_wnd {
-                    self.counters.dropped_window += 1;
-                    return TxVerdict::Drop(TxDrop::Window);
+                // Past the peer's window (or behind datagrams that are): wait for its
+                // next segment to open the window.
+                if !flow.held.is_empty() || !flow.fits(payload.len()) {
+                    if flow.held.len() >= HELD_MAX {
+                        self.counters.dropped_window += 1;
+                        return TxVerdict::Drop(TxDrop::Window);
+                    }
+                    flow.held.push_back(payload.to_vec());
+                    return TxVerdict::Held;
                 }
                 let seg = flow.data_segment(clock);
-                flow.snd_nxt = end;
+                flow.snd_nxt = flow.snd_nxt.wrapping_add(payload.len() as u32);
                 flow.last_tx = now;
                 if client && flow.unanswered_since.is_none() {
                     flow.unanswered_since = Some(now);
@@ -454,7 +482,7 @@ impl Flows {
         if flow.held.len() >= HELD_MAX {
             return TxVerdict::Drop(TxDrop::HeldFull);
         }
-        flow.held.push(payload.to_vec());
+        flow.held.push_back(payload.to_vec());
         TxVerdict::Held
     }
 
@@ -533,11 +561,6 @@ impl Flows {
                     return RxVerdict::Drop(RxDrop::Unexpected);
                 }
                 flow.state = State::Established;
-                for payload in std::mem::take(&mut flow.held) {
-                    let seg = flow.data_segment(clock);
-                    flow.snd_nxt = flow.snd_nxt.wrapping_add(payload.len() as u32);
-                    self.control.push(Control { peer, seg, payload });
-                }
             }
             State::Established => {}
         }
@@ -557,6 +580,7 @@ impl Flows {
         {
             flow.ts_recent = tsval;
         }
+        flow.flush_held(peer, &mut self.control, clock, now);
         if rx.payload_len > 0 {
             RxVerdict::Deliver
         } else {
@@ -624,13 +648,10 @@ impl Flows {
                 tsecr: tsval,
             },
         };
-        let held = match self.flows.remove(&peer) {
-            Some(_) => {
-                tracing::debug!(%peer, "a fresh SYN for a flow we have: starting it over");
-                Vec::new()
-            }
-            None => Vec::new(),
-        };
+        if self.flows.remove(&peer).is_some() {
+            tracing::debug!(%peer, "a fresh SYN for a flow we have: starting it over");
+        }
+        let held = VecDeque::new();
         self.flows.insert(
             peer,
             Flow {
@@ -699,20 +720,10 @@ impl Flows {
             seg: ack,
             payload: Vec::new(),
         });
-        for payload in std::mem::take(&mut flow.held) {
-            let len = payload.len() as u32;
-            if flow.snd_nxt.wrapping_add(len).wrapping_sub(flow.snd_una) > flow.snd_wnd {
-                self.counters.dropped_window += 1;
-                continue;
-            }
-            let seg = flow.data_segment(clock);
-            flow.snd_nxt = flow.snd_nxt.wrapping_add(len);
-            flow.last_tx = now;
-            self.control.push(Control { peer, seg, payload });
-        }
-        if !self.control.is_empty() {
-            tracing::debug!(%peer, "TCP-shaped flow established");
-        }
+        // What the server's SYN window (64240 bytes, unscaled) does not take waits for
+        // its first scaled window.
+        flow.flush_held(peer, &mut self.control, clock, now);
+        tracing::debug!(%peer, "TCP-shaped flow established");
         RxVerdict::Consumed
     }
 

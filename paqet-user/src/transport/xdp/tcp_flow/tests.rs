@@ -272,24 +272,30 @@ fn a_strict_conntrack_accepts_a_lossy_exchange_both_ways() {
 }
 
 #[test]
-fn a_one_way_burst_stops_at_the_peers_window_instead_of_leaving_it() {
+fn a_one_way_burst_waits_at_the_peers_window_instead_of_leaving_it() {
     let mut p = Pair::established();
     // The server has sent nothing since its SYN-ACK: its window is the SYN's, unscaled.
     let mut sent = 0usize;
-    let mut refused = false;
-    for _ in 0..1000 {
+    let mut held = 0usize;
+    for _ in 0..(HELD_MAX + 100) {
         match p.send(0, 1400, false) {
-            TxVerdict::Send(_) => sent += 1400,
-            TxVerdict::Drop(TxDrop::Window) => {
-                refused = true;
-                break;
+            TxVerdict::Send(_) => {
+                assert_eq!(held, 0, "sent after holding: out of order");
+                sent += 1400;
             }
+            TxVerdict::Held => held += 1,
+            TxVerdict::Drop(TxDrop::Window) => {}
             v => panic!("{v:?}"),
         }
     }
-    assert!(refused && sent + 200 <= SYN_WINDOW as usize, "{sent} bytes sent into a 64240-byte window");
-    // One segment from the server (acking all, with its scaled window) opens it again.
+    assert!(sent + 200 <= SYN_WINDOW as usize, "{sent} bytes sent into a 64240-byte window");
+    assert_eq!(held, HELD_MAX);
+    // One segment from the server (acking all, with its scaled window) lets them go,
+    // in order, through the strict conntrack.
+    let before = p.got[1].len();
     assert!(matches!(p.send(1, 10, false), TxVerdict::Send(_)));
+    p.pump();
+    assert_eq!(p.got[1].len(), before + HELD_MAX);
     assert!(matches!(p.send(0, 1400, false), TxVerdict::Send(_)));
 }
 
@@ -492,7 +498,7 @@ fn held_datagrams_are_bounded() {
     let now = Instant::now();
     let mut client = flows(Side::Client, KEY, now);
     let mut held = 0;
-    for _ in 0..200 {
+    for _ in 0..HELD_MAX + 50 {
         match client.on_send(server_addr(), &[0; 100], now, UNIX_MS) {
             TxVerdict::Held => held += 1,
             TxVerdict::Drop(TxDrop::HeldFull) => {}
