@@ -104,7 +104,15 @@ pub fn behind_router(tag: &str, ipv6: bool) -> Result<(TwoHosts, Router)> {
             n.exec(&["ip", "-6", "addr", "add", &format!("{ip}/64"), "dev", ifname, "nodad"])?;
         }
         router.ns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
-        client.exec(&["ip", "-6", "route", "add", "default", "via", &ROUTER_LAN_IP6.to_string()])?;
+        client.exec(&[
+            "ip",
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            &ROUTER_LAN_IP6.to_string(),
+        ])?;
         server.exec(&[
             "ip",
             "-6",
@@ -257,7 +265,10 @@ pub fn server_ip(ipv6: bool) -> IpAddr {
 /// `nft` and `conntrack` exist (installed by `cargo xtask setup`).
 pub fn tools_present() -> Result<()> {
     for tool in ["nft", "conntrack"] {
-        let found = Command::new(tool).arg("--version").output().is_ok_and(|o| o.status.success());
+        let found = Command::new(tool)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success());
         if !found {
             bail!("{tool} is missing: run `cargo xtask setup` (it installs nftables and conntrack)");
         }

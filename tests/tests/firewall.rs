@@ -111,7 +111,12 @@ fn assert_tracked_as_tcp(router: &Router, bed: &RelayBed) {
     let ours = flows
         .lines()
         .find(|l| l.contains(&format!("dport={SERVER_PORT} ")))
-        .unwrap_or_else(|| panic!("no TCP flow to port {SERVER_PORT} in the router:\n{flows}\n{}", bed.logs()));
+        .unwrap_or_else(|| {
+            panic!(
+                "no TCP flow to port {SERVER_PORT} in the router:\n{flows}\n{}",
+                bed.logs()
+            )
+        });
     assert!(
         ours.contains("ESTABLISHED") && ours.contains("[ASSURED]"),
         "the router does not see an established TCP flow: {ours}"
@@ -139,8 +144,16 @@ fn download_over_the_tcp_wire(tag: &str, ipv6: bool) {
         "the transfer did not go through the router's filter"
     );
     assert_tracked_as_tcp(&router, &bed);
-    assert_eq!(router.sysctl_value("net.netfilter.nf_conntrack_tcp_loose").unwrap(), "0");
-    assert_eq!(router.sysctl_value("net.netfilter.nf_conntrack_tcp_be_liberal").unwrap(), "0");
+    assert_eq!(
+        router.sysctl_value("net.netfilter.nf_conntrack_tcp_loose").unwrap(),
+        "0"
+    );
+    assert_eq!(
+        router
+            .sysctl_value("net.netfilter.nf_conntrack_tcp_be_liberal")
+            .unwrap(),
+        "0"
+    );
     eprintln!("firewall {tag}: invalid drops in total {invalid_after}");
 }
 
@@ -166,7 +179,10 @@ fn forgotten_flow_is_reopened(tag: &str, ipv6: bool) {
     let fetched = fetch_in_two_parts(&bed, len, MIB, || {
         router.forget_flows().expect("conntrack -F");
         assert!(
-            !router.tcp_flows().expect("conntrack -L").contains(&format!("dport={SERVER_PORT} ")),
+            !router
+                .tcp_flows()
+                .expect("conntrack -L")
+                .contains(&format!("dport={SERVER_PORT} ")),
             "the router still tracks the flow after conntrack -F"
         );
     });
@@ -202,7 +218,9 @@ const SHORT_TIMEOUT_SECS: u32 = 3;
 
 fn idle_stream_outlives_the_router_timeout(tag: &str, ipv6: bool) {
     let (bed, router) = relay_behind_router(tag, ipv6, "xdp", Some("tcp"));
-    router.set_established_timeout(SHORT_TIMEOUT_SECS).expect("short timeout");
+    router
+        .set_established_timeout(SHORT_TIMEOUT_SECS)
+        .expect("short timeout");
     assert_exact(&bed, curl(&bed, 1000), 1000);
     // What an idle client costs: packets through the router while nothing is relayed.
     let idle = Duration::from_secs(5);

@@ -531,7 +531,10 @@ fn run_case(wire: WireShape, tag: &str, ipv6: bool) {
         assert_eq!((client.counters.tx_control, server.counters.rx_control), (2, 2));
         assert_eq!((server.counters.tx_control, client.counters.rx_control), (1, 1));
         assert_eq!(client.counters.rx_dropped_flow, 0);
-        assert_eq!((client.counters.tx_dropped_flow, server.counters.tx_dropped_flow), (0, 0));
+        assert_eq!(
+            (client.counters.tx_dropped_flow, server.counters.tx_dropped_flow),
+            (0, 0)
+        );
     } else {
         assert_eq!(
             server.counters.rx_dropped_malformed, GARBAGE_EACH as u64,
@@ -552,10 +555,7 @@ fn run_case(wire: WireShape, tag: &str, ipv6: bool) {
         assert_eq!(o.steer_no_socket, 0, "{name}: matched frames with no socket");
         assert_eq!(o.retransmit_rounds, 0, "{name} had to retransmit: a frame was lost");
     }
-    assert_eq!(
-        server.counters.rx_frames,
-        client.counters.tx_frames + garbage_handed_on
-    );
+    assert_eq!(server.counters.rx_frames, client.counters.tx_frames + garbage_handed_on);
     assert_eq!(client.counters.rx_frames, server.counters.tx_frames);
     let taken = |c: &XdpCountersSnapshot| c.rx_frames + c.rx_dropped_malformed + c.rx_control + c.rx_dropped_flow;
     assert_eq!(server.steer_redirected, taken(&server.counters));

@@ -223,7 +223,10 @@ enum State {
         last_sent: Instant,
     },
     /// Server: SYN-ACK sent (`synack` is it, for a retransmitted SYN of the same ISN).
-    SynReceived { irs: u32, synack: Segment },
+    SynReceived {
+        irs: u32,
+        synack: Segment,
+    },
     Established,
 }
 

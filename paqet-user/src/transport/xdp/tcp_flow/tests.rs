@@ -147,7 +147,10 @@ impl Pair {
     /// Carries one segment through conntrack to the other side (unless `lose`).
     fn carry(&mut self, dir: usize, seg: Segment, len: usize, lose: bool) {
         assert_eq!(seg.flags & (RST | FIN), 0, "paqet never sends RST or FIN");
-        assert!(self.ct.in_window(dir, &seg, len), "conntrack would drop {seg:?} ({len} bytes)");
+        assert!(
+            self.ct.in_window(dir, &seg, len),
+            "conntrack would drop {seg:?} ({len} bytes)"
+        );
         if lose {
             return;
         }
@@ -228,8 +231,14 @@ fn opens_like_tcp_with_the_usual_options() {
     assert_eq!(sa.flags, SYN | ACK);
     assert_eq!(sa.ack, s.seq.wrapping_add(1));
     let o = received(&sa, 0).options;
-    assert_eq!((o.mss, o.sack_permitted, o.window_scale), (Some(1448), true, Some(WINDOW_SCALE)));
-    assert_eq!(o.timestamps.map(|t| t.1), received(&s, 0).options.timestamps.map(|t| t.0));
+    assert_eq!(
+        (o.mss, o.sack_permitted, o.window_scale),
+        (Some(1448), true, Some(WINDOW_SCALE))
+    );
+    assert_eq!(
+        o.timestamps.map(|t| t.1),
+        received(&s, 0).options.timestamps.map(|t| t.0)
+    );
     p.carry(1, sa, 0, false);
     let after_synack = p.client.take_control();
     assert_eq!(after_synack[0].seg.flags, ACK);
@@ -288,7 +297,10 @@ fn a_one_way_burst_waits_at_the_peers_window_instead_of_leaving_it() {
             v => panic!("{v:?}"),
         }
     }
-    assert!(sent + 200 <= SYN_WINDOW as usize, "{sent} bytes sent into a 64240-byte window");
+    assert!(
+        sent + 200 <= SYN_WINDOW as usize,
+        "{sent} bytes sent into a 64240-byte window"
+    );
     assert_eq!(held, HELD_MAX);
     // One segment from the server (acking all, with its scaled window) lets them go,
     // in order, through the strict conntrack.
@@ -340,7 +352,11 @@ fn a_corrupt_or_truncated_syn_gets_nothing() {
     r.flags = SYN | FIN;
     cases.push((r, RxDrop::Unexpected));
     for (r, want) in cases {
-        assert_eq!(server.on_receive(client_addr(), &r, now, UNIX_MS), RxVerdict::Drop(want), "{r:?}");
+        assert_eq!(
+            server.on_receive(client_addr(), &r, now, UNIX_MS),
+            RxVerdict::Drop(want),
+            "{r:?}"
+        );
         assert!(!server.has_control());
     }
     // The same SYN to another port does not prove anything there.
@@ -350,7 +366,10 @@ fn a_corrupt_or_truncated_syn_gets_nothing() {
         RxVerdict::Drop(RxDrop::Unauthentic)
     );
     // And the untouched one is answered.
-    assert_eq!(server.on_receive(client_addr(), &good, now, UNIX_MS), RxVerdict::Consumed);
+    assert_eq!(
+        server.on_receive(client_addr(), &good, now, UNIX_MS),
+        RxVerdict::Consumed
+    );
 }
 
 #[test]
@@ -361,9 +380,15 @@ fn a_stale_syn_gets_nothing() {
     client.on_send(server_addr(), b"x", now, UNIX_MS);
     let syn = received(&client.take_control()[0].seg, 0);
     let late = UNIX_MS + u64::from(SYN_MAX_SKEW_MS) + 1;
-    assert_eq!(server.on_receive(client_addr(), &syn, now, late), RxVerdict::Drop(RxDrop::Stale));
+    assert_eq!(
+        server.on_receive(client_addr(), &syn, now, late),
+        RxVerdict::Drop(RxDrop::Stale)
+    );
     let early = UNIX_MS - u64::from(SYN_MAX_SKEW_MS) - 1;
-    assert_eq!(server.on_receive(client_addr(), &syn, now, early), RxVerdict::Drop(RxDrop::Stale));
+    assert_eq!(
+        server.on_receive(client_addr(), &syn, now, early),
+        RxVerdict::Drop(RxDrop::Stale)
+    );
     let skewed = UNIX_MS + u64::from(SYN_MAX_SKEW_MS) - 1;
     assert_eq!(server.on_receive(client_addr(), &syn, now, skewed), RxVerdict::Consumed);
 }
