@@ -399,9 +399,7 @@ mod emit {
     /// A SYN's usual options (Linux's order), emitted, parsed back by both parsers.
     #[test]
     fn tcp_options_roundtrip() {
-        let syn_opts = [
-            2, 4, 0x05, 0xb4, 4, 2, 8, 10, 0, 0, 0, 7, 0, 0, 0, 0, 1, 3, 3, 9,
-        ];
+        let syn_opts = [2, 4, 0x05, 0xb4, 4, 2, 8, 10, 0, 0, 0, 7, 0, 0, 0, 0, 1, 3, 3, 9];
         for v6 in [false, true] {
             let mut h = headers(v6, ipproto::TCP, 0);
             h.tcp_options.bytes[..syn_opts.len()].copy_from_slice(&syn_opts);
@@ -441,7 +439,15 @@ mod emit {
             assert_eq!(parse_tcp_options(&good[..cut]), Err(ParseError::Malformed), "cut {cut}");
         }
         // Wrong lengths for known kinds; length 0 and 1 (would loop forever if trusted).
-        for bad in [&[2u8, 3, 5][..], &[3, 4, 1, 1], &[4, 3, 0], &[8, 9, 0, 0, 0, 0, 0, 0, 0], &[9, 0], &[9, 1], &[2]] {
+        for bad in [
+            &[2u8, 3, 5][..],
+            &[3, 4, 1, 1],
+            &[4, 3, 0],
+            &[8, 9, 0, 0, 0, 0, 0, 0, 0],
+            &[9, 0],
+            &[9, 1],
+            &[2],
+        ] {
             assert_eq!(parse_tcp_options(bad), Err(ParseError::Malformed), "{bad:?}");
         }
         // Unknown options are skipped; EOL ends the list; empty is fine.
