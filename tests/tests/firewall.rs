@@ -326,3 +326,117 @@ fn auto_falls_back_to_udp_where_the_tcp_wire_is_blocked_ipv6() {
     }
     auto_finds_the_open_wire("t6", true, false);
 }
+
+/// Sends whole Ethernet frames out of `ifname` from an AF_PACKET socket (in the calling
+/// thread's namespace).
+fn inject(ifname: &str, frames: &[Vec<u8>]) {
+    // SAFETY: plain socket(2); checked below. Protocol 0: send-only, receives nothing.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
+    assert!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
+    let name = std::ffi::CString::new(ifname).expect("interface name");
+    // SAFETY: a valid C string.
+    let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    assert!(ifindex > 0, "no interface {ifname}");
+    for f in frames {
+        // SAFETY: all-zero sockaddr_ll is valid; the fields are set here.
+        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        sll.sll_family = libc::AF_PACKET as u16;
+        sll.sll_ifindex = ifindex as i32;
+        sll.sll_halen = 6;
+        sll.sll_addr[..6].copy_from_slice(&f[..6]);
+        // SAFETY: the frame and the address outlive the call.
+        let n = unsafe {
+            libc::sendto(
+                fd,
+                f.as_ptr().cast(),
+                f.len(),
+                0,
+                (&sll as *const libc::sockaddr_ll).cast(),
+                size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        assert_eq!(n, f.len() as isize, "injecting: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is ours and closed once.
+    unsafe { libc::close(fd) };
+}
+
+/// The server namespace's count of RSTs its kernel sent.
+fn kernel_rsts(ns: &paqet_tests::Netns) -> u64 {
+    let out = ns.exec(&["cat", "/proc/net/snmp"]).expect("reading /proc/net/snmp");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut tcp = text.lines().filter(|l| l.starts_with("Tcp:"));
+    let (header, values) = (tcp.next().unwrap_or_default(), tcp.next().unwrap_or_default());
+    let idx = header.split_whitespace().position(|h| h == "OutRsts").expect("OutRsts");
+    values
+        .split_whitespace()
+        .nth(idx)
+        .and_then(|v| v.parse().ok())
+        .expect("OutRsts value")
+}
+
+#[test]
+fn a_replayed_syn_and_a_keyless_syn_get_no_answer() {
+    if !require_root("a_replayed_syn_and_a_keyless_syn_get_no_answer") {
+        return;
+    }
+    use paqet_tests::capture::Capture;
+    // The router is where an on-path observer sits: it sees the SYN leave (after NAT)
+    // and can send it again. (On the paqet hosts XDP takes the frames before tcpdump.)
+    let (mut bed, router) = relay_behind_router("k1", false, "xdp", Some("tcp"));
+    let syns = format!("tcp dst port {SERVER_PORT} and tcp[tcpflags] & tcp-syn != 0");
+    let capture = Capture::start(&router.ns, &router.wan_if, &syns).expect("capture");
+    // A fresh client opens a fresh flow while the capture runs.
+    bed.restart_client().expect("restarting the client");
+    assert_exact(&bed, curl(&bed, MIB), MIB);
+    let seen = capture.stop().expect("capture");
+    let syn = seen
+        .first()
+        .cloned()
+        .unwrap_or_else(|| panic!("no SYN captured\n{}", bed.logs()));
+    assert_eq!(syn[14 + 20 + 13] & 0x12, 0x02, "the first captured segment is a SYN");
+    // The same SYN from another source port too (the tag does not cover the source).
+    let mut moved = syn.clone();
+    moved[14 + 20] ^= 0x40;
+
+    let rsts_before = kernel_rsts(&bed.hosts.server);
+    let answers = format!(
+        "src host {} and tcp src port {SERVER_PORT} and tcp[tcpflags] & (tcp-syn | tcp-rst) != 0",
+        router::SERVER_IP
+    );
+    let replies = Capture::start(&router.ns, &router.wan_if, &answers).expect("capture");
+    let wan_if = router.wan_if.clone();
+    router
+        .ns
+        .run(move || inject(&wan_if, &[syn, moved]))
+        .expect("router namespace");
+    // The kernel's own SYN, from the client through the router, carries no tag: the
+    // port must look filtered (no SYN-ACK, no RST), so the connect times out instead of
+    // being refused.
+    let server: std::net::SocketAddr = (router::SERVER_IP, SERVER_PORT).into();
+    let keyless = bed
+        .hosts
+        .client
+        .run(move || std::net::TcpStream::connect_timeout(&server, Duration::from_secs(2)).map(|_| ()))
+        .expect("client namespace");
+    let err = keyless.expect_err("a keyless SYN was answered");
+    assert_ne!(
+        err.kind(),
+        std::io::ErrorKind::ConnectionRefused,
+        "the server's port refused (RST) instead of staying silent"
+    );
+    let answered = replies.stop().expect("capture");
+    assert!(
+        answered.is_empty(),
+        "{} SYN-ACK/RST segments answered a replayed or keyless SYN\n{}",
+        answered.len(),
+        bed.logs()
+    );
+    assert_eq!(
+        kernel_rsts(&bed.hosts.server),
+        rsts_before,
+        "the server's kernel sent RSTs"
+    );
+    // The live flow is untouched by the replays.
+    assert_exact(&bed, curl(&bed, MIB), MIB);
+}
