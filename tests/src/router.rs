@@ -30,6 +30,8 @@ pub const ROUTER_LAN_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 1);
 /// The router's address on the server's link: what the server sees the client as.
 pub const ROUTER_WAN_IP: Ipv4Addr = TwoHosts::CLIENT_IP;
 pub const SERVER_IP: Ipv4Addr = TwoHosts::SERVER_IP;
+/// The public address [`Router::change_public_address`] moves to.
+pub const ROUTER_WAN_IP2: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 3);
 pub const CLIENT_LAN_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 1, 0, 0, 0, 2);
 pub const ROUTER_LAN_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 1, 0, 0, 0, 1);
 pub const ROUTER_WAN_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 1);
@@ -234,6 +236,24 @@ table ip {TABLE}_nat {{
     pub fn set_established_timeout(&self, secs: u32) -> Result<()> {
         self.ns
             .sysctl("net.netfilter.nf_conntrack_tcp_timeout_established", &secs.to_string())
+    }
+
+    /// The NAT's public address changes (as after a DHCP renewal): the router takes
+    /// [`ROUTER_WAN_IP2`] beside its address, source-NATs to it from now on, and forgets
+    /// every flow.
+    pub fn change_public_address(&self) -> Result<()> {
+        let wan = self.wan_if.as_str();
+        self.ns
+            .exec(&["ip", "addr", "add", &format!("{ROUTER_WAN_IP2}/24"), "dev", wan])?;
+        let chain = ["ip", &format!("{TABLE}_nat"), "postrouting"];
+        let mut flush = self.ns.command("nft");
+        flush.arg("flush").arg("chain").args(chain);
+        run_checked(&mut flush)?;
+        let mut snat = self.ns.command("nft");
+        snat.arg("add").arg("rule").args(chain);
+        snat.args(["oifname", wan, "snat", "to", &ROUTER_WAN_IP2.to_string()]);
+        run_checked(&mut snat)?;
+        self.forget_flows()
     }
 
     /// Drops every UDP datagram it would forward (a network that blocks UDP).

@@ -76,6 +76,7 @@ fn fetch_in_two_parts(bed: &RelayBed, len: u64, first: u64, between: impl FnOnce
             got += n as u64;
         }
         between();
+        let resumed = std::time::Instant::now();
         loop {
             let n = s.read(&mut buf)?;
             if n == 0 {
@@ -84,6 +85,11 @@ fn fetch_in_two_parts(bed: &RelayBed, len: u64, first: u64, between: impl FnOnce
             hash.update(&buf[..n]);
             got += n as u64;
         }
+        eprintln!(
+            "fetch: the {} bytes after the pause took {:.1} s",
+            got - first,
+            resumed.elapsed().as_secs_f64()
+        );
         Ok((pattern::hex(&hash.finalize()), got))
     });
     match result {
@@ -211,6 +217,31 @@ fn a_forgotten_flow_is_reopened_and_the_stream_carries_on_ipv6() {
         return;
     }
     forgotten_flow_is_reopened("r6", true);
+}
+
+#[test]
+fn a_new_public_address_reopens_the_flow_and_the_session_roams_ipv4() {
+    if !require_root("a_new_public_address_reopens_the_flow_and_the_session_roams_ipv4") {
+        return;
+    }
+    let (bed, router) = relay_behind_router("a4", false, "xdp", Some("tcp"));
+    let len = 16 * MIB;
+    let fetched = fetch_in_two_parts(&bed, len, MIB, || {
+        router.change_public_address().expect("a new public address");
+    });
+    assert_exact(&bed, fetched, len);
+    assert!(
+        bed.log_of("client").contains("opening it again"),
+        "the client did not re-open the flow\n{}",
+        bed.logs()
+    );
+    assert!(
+        bed.log_of("server")
+            .contains(&format!("new={}", router::ROUTER_WAN_IP2)),
+        "the server did not move the session to the new address\n{}",
+        bed.logs()
+    );
+    assert_tracked_as_tcp(&router, &bed);
 }
 
 /// The router's established-flow timeout in the idle test (Linux's default is 5 days).
