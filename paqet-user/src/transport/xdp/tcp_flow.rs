@@ -85,6 +85,10 @@ const SYN_REFRESH: Duration = Duration::from_secs(100);
 /// this long; the engine's own re-handshake comes after 4 s, so the flow is open again
 /// by then.
 pub const REOPEN_AFTER: Duration = Duration::from_secs(3);
+/// Server: at most this many flows. Only SYNs that prove the key make one, so only a
+/// key holder could make more; a SYN beyond it is refused (unless it starts an
+/// existing flow over) until idle flows are pruned.
+const MAX_FLOWS: usize = 1 << 16;
 /// Datagrams held per flow while its handshake runs: an ARQ's first burst (at most
 /// ~370 KiB per flow, and a server holds only for flows whose SYN proved the key).
 const HELD_MAX: usize = 256;
@@ -193,6 +197,8 @@ pub enum RxDrop {
     Replayed,
     /// RST, FIN, or flags no segment of ours carries at this point.
     Unexpected,
+    /// Server: as many flows as it keeps.
+    Full,
 }
 
 /// What to do with a datagram the engine sends.
@@ -614,6 +620,10 @@ impl Flows {
             return RxVerdict::Drop(RxDrop::Stale);
         }
         self.forget_old_syns(now);
+        if self.flows.len() >= MAX_FLOWS && !self.flows.contains_key(&peer) {
+            tracing::debug!(%peer, "{MAX_FLOWS} TCP-shaped flows already; SYN refused");
+            return RxVerdict::Drop(RxDrop::Full);
+        }
         if self.seen.contains_key(&(rx.seq, tsval)) {
             // The same SYN again: a retransmission while our SYN-ACK is unanswered gets
             // it again; anything later is a replay.

@@ -541,3 +541,35 @@ fn replay_memory_forgets_old_syns_and_prune_forgets_idle_flows() {
     assert!(p.server.seen.is_empty());
     assert!(p.server.flows.is_empty());
 }
+
+#[test]
+fn a_server_keeps_a_bounded_number_of_flows() {
+    let now = Instant::now();
+    let mut server = flows(Side::Server { port: PORT }, KEY, now);
+    let key = SynKey::new(KEY);
+    let syn = |i: u32| {
+        let tsval = (UNIX_MS as u32).wrapping_add(i).wrapping_add(key.ts_offset(PORT));
+        let mut r = Received {
+            seq: key.isn(PORT, tsval),
+            flags: SYN,
+            window: SYN_WINDOW,
+            ..Received::default()
+        };
+        r.options.timestamps = Some((tsval, 0));
+        r
+    };
+    let peer = |i: u32| SocketAddr::from(([198, 18, (i >> 8) as u8, i as u8], 1000 + (i >> 16) as u16));
+    for i in 0..MAX_FLOWS as u32 {
+        assert_eq!(server.on_receive(peer(i), &syn(i), now, UNIX_MS), RxVerdict::Consumed);
+    }
+    let extra = MAX_FLOWS as u32;
+    assert_eq!(
+        server.on_receive(peer(extra), &syn(extra), now, UNIX_MS),
+        RxVerdict::Drop(RxDrop::Full)
+    );
+    // A fresh SYN for a flow it has still starts that flow over.
+    assert_eq!(
+        server.on_receive(peer(0), &syn(extra + 1), now, UNIX_MS),
+        RxVerdict::Consumed
+    );
+}
