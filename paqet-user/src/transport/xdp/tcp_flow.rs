@@ -499,8 +499,22 @@ impl Flows {
     fn open(&mut self, peer: SocketAddr, now: Instant, unix_ms: u64) {
         let clock = self.clock_ms(now);
         let port = peer.port();
-        let tsval = (unix_ms as u32).wrapping_add(self.key.ts_offset(port));
-        let iss = self.key.isn(port, tsval);
+        let offset = self.key.ts_offset(port);
+        // A middlebox that still tracks the previous flow in SYN_SENT or SYN_RECV takes
+        // a new SYN only if its sequence number is after the old one's (Linux's
+        // `tcp_in_window` re-initialises then, and calls anything else invalid). The
+        // ISN is a tag, not a choice, but the TSval may move by a few milliseconds:
+        // each step is an even chance, so 64 steps fail once in 2^64.
+        let previous = self.flows.get(&peer).map(|f| f.snd_nxt);
+        let mut tsval = (unix_ms as u32).wrapping_add(offset);
+        let mut iss = self.key.isn(port, tsval);
+        for _ in 0..64 {
+            if previous.is_none_or(|p| after(iss, p)) {
+                break;
+            }
+            tsval = tsval.wrapping_add(1);
+            iss = self.key.isn(port, tsval);
+        }
         let syn = Segment {
             seq: iss,
             ack: 0,

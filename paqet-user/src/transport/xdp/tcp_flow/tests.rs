@@ -573,3 +573,23 @@ fn a_server_keeps_a_bounded_number_of_flows() {
         RxVerdict::Consumed
     );
 }
+
+#[test]
+fn a_fresh_syn_is_after_the_last_one_so_a_middlebox_in_syn_sent_takes_it() {
+    let mut now = Instant::now();
+    let mut client = flows(Side::Client, KEY, now);
+    let mut ct = Conntrack::default();
+    client.on_send(server_addr(), b"x", now, UNIX_MS);
+    let first = client.take_control()[0].seg;
+    assert!(ct.in_window(0, &first, 0));
+    // No answer for long enough that the SYN is made afresh, many times over.
+    let mut last = first;
+    for i in 1..=50u64 {
+        now += SYN_REFRESH;
+        client.on_send(server_addr(), b"x", now, UNIX_MS + i * 100_000);
+        let syn = client.take_control()[0].seg;
+        assert_ne!(syn.seq, last.seq, "round {i}: the same SYN");
+        assert!(after(syn.seq, last.seq), "round {i}: a fresh SYN before the last");
+        last = syn;
+    }
+}
