@@ -358,40 +358,6 @@ fn auto_falls_back_to_udp_where_the_tcp_wire_is_blocked_ipv6() {
     auto_finds_the_open_wire("t6", true, false);
 }
 
-/// Sends whole Ethernet frames out of `ifname` from an AF_PACKET socket (in the calling
-/// thread's namespace).
-fn inject(ifname: &str, frames: &[Vec<u8>]) {
-    // SAFETY: plain socket(2); checked below. Protocol 0: send-only, receives nothing.
-    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
-    assert!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
-    let name = std::ffi::CString::new(ifname).expect("interface name");
-    // SAFETY: a valid C string.
-    let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
-    assert!(ifindex > 0, "no interface {ifname}");
-    for f in frames {
-        // SAFETY: all-zero sockaddr_ll is valid; the fields are set here.
-        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        sll.sll_family = libc::AF_PACKET as u16;
-        sll.sll_ifindex = ifindex as i32;
-        sll.sll_halen = 6;
-        sll.sll_addr[..6].copy_from_slice(&f[..6]);
-        // SAFETY: the frame and the address outlive the call.
-        let n = unsafe {
-            libc::sendto(
-                fd,
-                f.as_ptr().cast(),
-                f.len(),
-                0,
-                (&sll as *const libc::sockaddr_ll).cast(),
-                size_of::<libc::sockaddr_ll>() as u32,
-            )
-        };
-        assert_eq!(n, f.len() as isize, "injecting: {}", std::io::Error::last_os_error());
-    }
-    // SAFETY: fd is ours and closed once.
-    unsafe { libc::close(fd) };
-}
-
 /// The server namespace's count of RSTs its kernel sent.
 fn kernel_rsts(ns: &paqet_tests::Netns) -> u64 {
     let out = ns.exec(&["cat", "/proc/net/snmp"]).expect("reading /proc/net/snmp");
@@ -411,7 +377,7 @@ fn a_replayed_syn_and_a_keyless_syn_get_no_answer() {
     if !require_root("a_replayed_syn_and_a_keyless_syn_get_no_answer") {
         return;
     }
-    use paqet_tests::capture::Capture;
+    use paqet_tests::capture::{Capture, inject};
     // The router is where an on-path observer sits: it sees the SYN leave (after NAT)
     // and can send it again. (On the paqet hosts XDP takes the frames before tcpdump.)
     let (mut bed, router) = relay_behind_router("k1", false, "xdp", Some("tcp"));
@@ -439,7 +405,7 @@ fn a_replayed_syn_and_a_keyless_syn_get_no_answer() {
     let wan_if = router.wan_if.clone();
     router
         .ns
-        .run(move || inject(&wan_if, &[syn, moved]))
+        .run(move || inject(&wan_if, &[syn, moved], Duration::ZERO))
         .expect("router namespace");
     // The kernel's own SYN, from the client through the router, carries no tag: the
     // port must look filtered (no SYN-ACK, no RST), so the connect times out instead of

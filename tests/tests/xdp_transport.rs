@@ -637,39 +637,5 @@ fn send_garbage(ifname: &str, src: [u8; 6], dst: [u8; 6], client: SocketAddr, se
         frames.push(frame(dst, src, foreign, server, wire, &random(1 + i * 97)));
     }
 
-    // SAFETY: plain socket(2); checked below. Protocol 0: send-only, receives nothing.
-    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
-    assert!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
-    let name = std::ffi::CString::new(ifname).expect("interface name");
-    // SAFETY: a valid C string.
-    let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
-    assert!(ifindex > 0, "no interface {ifname}");
-    // SAFETY: all-zero sockaddr_ll is valid; the fields are set below.
-    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    sll.sll_family = libc::AF_PACKET as u16;
-    sll.sll_ifindex = ifindex as i32;
-    sll.sll_halen = 6;
-    sll.sll_addr[..6].copy_from_slice(&dst);
-    for f in &frames {
-        // SAFETY: the frame and the address outlive the call.
-        let n = unsafe {
-            libc::sendto(
-                fd,
-                f.as_ptr().cast(),
-                f.len(),
-                0,
-                (&sll as *const libc::sockaddr_ll).cast(),
-                size_of::<libc::sockaddr_ll>() as u32,
-            )
-        };
-        assert_eq!(
-            n,
-            f.len() as isize,
-            "sending garbage: {}",
-            std::io::Error::last_os_error()
-        );
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    // SAFETY: fd is ours and closed once.
-    unsafe { libc::close(fd) };
+    paqet_tests::capture::inject(ifname, &frames, Duration::from_millis(2));
 }

@@ -397,24 +397,9 @@ impl XdpTransport {
                     return None;
                 }
             };
-            let f = emit::Frame {
-                src_mac: self.src_mac,
-                dst_mac,
-                src,
-                dst: t.peer,
-                wire: self.wire,
-                tcp,
-                ip_id: self.ip_id.fetch_add(1, Ordering::Relaxed),
-                payload: &t.payload,
-            };
-            match emit::emit(frame, &f) {
-                Ok(n) => Some(n),
-                Err(e) => {
-                    tracing::debug!("cannot build a frame: {e:?}");
-                    skipped_invalid += 1;
-                    None
-                }
-            }
+            let n = self.build(frame, dst_mac, src, t.peer, tcp, &t.payload);
+            skipped_invalid += usize::from(n.is_none());
+            n
         });
         drop(tx);
         Self::count(&self.counters.tx_frames, queued);
@@ -424,6 +409,32 @@ impl XdpTransport {
         Self::count(&self.counters.tx_held, held);
         Self::count(&self.counters.tx_dropped_flow, dropped_flow);
         self.send_control(&mut peers, now);
+    }
+
+    /// Writes one frame into `frame`: its length, or `None` (logged) if it cannot be
+    /// built.
+    fn build(
+        &self,
+        frame: &mut [u8],
+        dst_mac: [u8; 6],
+        src: SocketAddr,
+        dst: SocketAddr,
+        tcp: Option<tcp_flow::Segment>,
+        payload: &[u8],
+    ) -> Option<usize> {
+        let f = emit::Frame {
+            src_mac: self.src_mac,
+            dst_mac,
+            src,
+            dst,
+            wire: self.wire,
+            tcp,
+            ip_id: self.ip_id.fetch_add(1, Ordering::Relaxed),
+            payload,
+        };
+        emit::emit(frame, &f)
+            .map_err(|e| tracing::debug!("cannot build a frame: {e:?}"))
+            .ok()
     }
 
     /// Sends what the TCP-shaped flows queued by themselves: SYN, SYN-ACK, ACK, and the
@@ -443,27 +454,10 @@ impl XdpTransport {
                 failed += 1;
                 return None;
             };
-            let f = emit::Frame {
-                src_mac: self.src_mac,
-                dst_mac,
-                src,
-                dst: *peer,
-                wire: self.wire,
-                tcp: Some(*seg),
-                ip_id: self.ip_id.fetch_add(1, Ordering::Relaxed),
-                payload,
-            };
-            match emit::emit(frame, &f) {
-                Ok(n) => {
-                    data += usize::from(!payload.is_empty());
-                    Some(n)
-                }
-                Err(e) => {
-                    tracing::debug!("cannot build a control frame: {e:?}");
-                    failed += 1;
-                    None
-                }
-            }
+            let n = self.build(frame, dst_mac, src, *peer, Some(*seg), payload);
+            failed += usize::from(n.is_none());
+            data += usize::from(n.is_some() && !payload.is_empty());
+            n
         });
         drop(tx);
         // A lost handshake segment is sent again by the flow (SYN) or answered again

@@ -264,6 +264,25 @@ struct Flow {
 }
 
 impl Flow {
+    /// A flow whose first sequence number is `iss`, before anything from the peer.
+    fn new(state: State, iss: u32, now: Instant) -> Flow {
+        Flow {
+            state,
+            iss,
+            snd_nxt: iss.wrapping_add(1),
+            snd_una: iss.wrapping_add(1),
+            snd_wnd: 0,
+            peer_scale: 0,
+            rcv_nxt: 0,
+            ts_recent: 0,
+            ts_offset: 0,
+            last_rx: now,
+            last_tx: now,
+            unanswered_since: None,
+            held: VecDeque::new(),
+        }
+    }
+
     fn tsval(&self, clock_ms: u32) -> u32 {
         clock_ms.wrapping_add(self.ts_offset)
     }
@@ -527,27 +546,18 @@ impl Flows {
             },
         };
         let held = self.flows.remove(&peer).map(|f| f.held).unwrap_or_default();
+        let state = State::SynSent {
+            syn,
+            first_sent: now,
+            last_sent: now,
+        };
         self.flows.insert(
             peer,
             Flow {
-                state: State::SynSent {
-                    syn,
-                    first_sent: now,
-                    last_sent: now,
-                },
-                iss,
-                snd_nxt: iss.wrapping_add(1),
-                snd_una: iss.wrapping_add(1),
-                snd_wnd: 0,
-                peer_scale: 0,
-                rcv_nxt: 0,
-                ts_recent: 0,
                 // Later TSvals go on from the SYN's at one per millisecond.
                 ts_offset: tsval.wrapping_sub(clock),
-                last_rx: now,
-                last_tx: now,
-                unanswered_since: None,
                 held,
+                ..Flow::new(state, iss, now)
             },
         );
         self.control.push(Control {
@@ -678,24 +688,16 @@ impl Flows {
         if self.flows.remove(&peer).is_some() {
             tracing::debug!(%peer, "a fresh SYN for a flow we have: starting it over");
         }
-        let held = VecDeque::new();
         self.flows.insert(
             peer,
             Flow {
-                state: State::SynReceived { irs: rx.seq, synack },
-                iss,
-                snd_nxt: iss.wrapping_add(1),
-                snd_una: iss.wrapping_add(1),
                 // A SYN's window is never scaled.
                 snd_wnd: u32::from(rx.window),
                 peer_scale: rx.options.window_scale.unwrap_or(0).min(14),
                 rcv_nxt: rx.seq.wrapping_add(1),
                 ts_recent: tsval,
                 ts_offset,
-                last_rx: now,
-                last_tx: now,
-                unanswered_since: None,
-                held,
+                ..Flow::new(State::SynReceived { irs: rx.seq, synack }, iss, now)
             },
         );
         self.control.push(Control {
