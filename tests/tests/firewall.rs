@@ -27,6 +27,17 @@ const MIB: u64 = 1 << 20;
 
 /// A relay whose client sits behind the router; `transport`/`wire` as the configs say.
 fn relay_behind_router(tag: &str, ipv6: bool, transport: &'static str, wire: Option<&str>) -> (RelayBed, Router) {
+    let (bed, router, _key) = keyed_relay_behind_router(tag, ipv6, transport, wire);
+    (bed, router)
+}
+
+/// [`relay_behind_router`], and the key both ends use.
+fn keyed_relay_behind_router(
+    tag: &str,
+    ipv6: bool,
+    transport: &'static str,
+    wire: Option<&str>,
+) -> (RelayBed, Router, String) {
     router::tools_present().expect("firewall tools");
     let (hosts, router) = router::behind_router(tag, ipv6).expect("client, router and server namespaces");
     let server_ip = router::server_ip(ipv6);
@@ -39,7 +50,7 @@ fn relay_behind_router(tag: &str, ipv6: bool, transport: &'static str, wire: Opt
         format!("SOCKS_ADDR=127.0.0.1:{SOCKS_PORT}\nREMOTE_ADDR={listen}\nKCP_MODE=fast3\n{common}"),
     ));
     let bed = RelayBed::start_on_hosts(hosts, tag, &opts).expect("relay behind the router");
-    (bed, router)
+    (bed, router, opts.client_key)
 }
 
 /// A body fetched through the SOCKS port in two parts: `first` bytes, then `between`
@@ -380,7 +391,7 @@ fn a_replayed_syn_and_a_keyless_syn_get_no_answer() {
     use paqet_tests::capture::{Capture, inject};
     // The router is where an on-path observer sits: it sees the SYN leave (after NAT)
     // and can send it again. (On the paqet hosts XDP takes the frames before tcpdump.)
-    let (mut bed, router) = relay_behind_router("k1", false, "xdp", Some("tcp"));
+    let (mut bed, router, key) = keyed_relay_behind_router("k1", false, "xdp", Some("tcp"));
     let syns = format!("tcp dst port {SERVER_PORT} and tcp[tcpflags] & tcp-syn != 0");
     let capture = Capture::start(&router.ns, &router.wan_if, &syns).expect("capture");
     // A fresh client opens a fresh flow while the capture runs.
@@ -395,6 +406,30 @@ fn a_replayed_syn_and_a_keyless_syn_get_no_answer() {
     // The same SYN from another source port too (the tag does not cover the source).
     let mut moved = syn.clone();
     moved[14 + 20] ^= 0x40;
+    // The control: a fresh SYN made with the key, from a third port, which must be
+    // answered; it shows the replays reach the server and an answer would be seen.
+    let key = paqet::config::Key::from_base64(&key).expect("the bed's key");
+    let syn_key = paqet::transport::xdp::tcp_flow::SynKey::new(*paqet::engine::crypto::syn_tag_key(
+        &paqet::engine::crypto::Psk(key.0),
+    ));
+    let unix_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_millis() as u64;
+    let (isn, tsval) = syn_key.syn_numbers(SERVER_PORT, unix_ms);
+    let mut fresh = syn.clone();
+    let tcp = 14 + 20;
+    fresh[tcp] ^= 0x20;
+    fresh[tcp + 4..tcp + 8].copy_from_slice(&isn.to_be_bytes());
+    // Options as paqet writes them: MSS (4), SACK-permitted (2), then timestamps.
+    assert_eq!(
+        &fresh[tcp + 20 + 6..tcp + 20 + 8],
+        &[8, 10],
+        "timestamps where paqet puts them"
+    );
+    fresh[tcp + 20 + 8..tcp + 20 + 12].copy_from_slice(&tsval.to_be_bytes());
+    let port_of = |f: &[u8], at: usize| u16::from_be_bytes([f[at], f[at + 1]]);
+    let fresh_port = port_of(&fresh, tcp);
 
     let rsts_before = kernel_rsts(&bed.hosts.server);
     let answers = format!(
@@ -405,7 +440,7 @@ fn a_replayed_syn_and_a_keyless_syn_get_no_answer() {
     let wan_if = router.wan_if.clone();
     router
         .ns
-        .run(move || inject(&wan_if, &[syn, moved], Duration::ZERO))
+        .run(move || inject(&wan_if, &[syn, moved, fresh], Duration::ZERO))
         .expect("router namespace");
     // The kernel's own SYN, from the client through the router, carries no tag: the
     // port must look filtered (no SYN-ACK, no RST), so the connect times out instead of
@@ -423,12 +458,14 @@ fn a_replayed_syn_and_a_keyless_syn_get_no_answer() {
         "the server's port refused (RST) instead of staying silent"
     );
     let answered = replies.stop().expect("capture");
-    assert!(
-        answered.is_empty(),
-        "{} SYN-ACK/RST segments answered a replayed or keyless SYN\n{}",
-        answered.len(),
+    let to_ports: Vec<u16> = answered.iter().map(|f| port_of(f, tcp + 2)).collect();
+    assert_eq!(
+        to_ports,
+        vec![fresh_port],
+        "the fresh keyed SYN must get one SYN-ACK, the replayed and keyless ones nothing\n{}",
         bed.logs()
     );
+    assert_eq!(answered[0][tcp + 13], 0x12, "a SYN-ACK");
     assert_eq!(
         kernel_rsts(&bed.hosts.server),
         rsts_before,

@@ -345,6 +345,13 @@ impl SynKey {
         u32::from_be_bytes([out[0], out[1], out[2], out[3]])
     }
 
+    /// What a SYN to `port` sent at `unix_ms` carries: (ISN, TSval). For tools and
+    /// tests that must show a keyed SYN is answered where a replayed one is not.
+    pub fn syn_numbers(&self, port: u16, unix_ms: u64) -> (u32, u32) {
+        let tsval = (unix_ms as u32).wrapping_add(self.ts_offset(port));
+        (self.isn(port, tsval), tsval)
+    }
+
     /// The TSval offset for SYNs to `port`.
     fn ts_offset(&self, port: u16) -> u32 {
         self.tag(b"paqet syn tsval offset", port, 0)
@@ -626,7 +633,10 @@ impl Flows {
     fn on_syn(&mut self, peer: SocketAddr, port: u16, rx: &Received, now: Instant, unix_ms: u64) -> RxVerdict {
         let verdict = self.check_syn(peer, port, rx, now, unix_ms);
         match verdict {
-            RxVerdict::Consumed => self.counters.syns_answered += 1,
+            RxVerdict::Consumed => {
+                self.counters.syns_answered += 1;
+                tracing::debug!(%peer, "keyed SYN answered");
+            }
             _ => self.counters.syns_refused += 1,
         }
         verdict

@@ -224,6 +224,10 @@ fn opens_like_tcp_with_the_usual_options() {
     assert_eq!(o.window_scale, Some(WINDOW_SCALE));
     assert_eq!(o.timestamps.map(|t| t.1), Some(0));
     assert_eq!(s.option_bytes().len, 20);
+    assert_eq!(
+        SynKey::new(KEY).syn_numbers(PORT, UNIX_MS),
+        (s.seq, o.timestamps.map_or(0, |t| t.0))
+    );
     p.carry(0, s, 0, false);
     let synack = p.server.take_control();
     assert_eq!(synack.len(), 1);
