@@ -351,8 +351,72 @@ pub fn parse_frame<B: Bytes + ?Sized>(b: &B) -> Result<FrameSummary, ParseError>
     Ok(s)
 }
 
+/// What the TCP options of a segment say (the ones paqet writes and reads).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct TcpOptions {
+    pub mss: Option<u16>,
+    /// Window scale shift as sent (RFC 7323 caps its use at 14; the value is kept as is).
+    pub window_scale: Option<u8>,
+    pub sack_permitted: bool,
+    /// (TSval, TSecr).
+    pub timestamps: Option<(u32, u32)>,
+}
+
+pub mod tcpopt {
+    pub const EOL: u8 = 0;
+    pub const NOP: u8 = 1;
+    pub const MSS: u8 = 2;
+    pub const WINDOW_SCALE: u8 = 3;
+    pub const SACK_PERMITTED: u8 = 4;
+    pub const SACK: u8 = 5;
+    pub const TIMESTAMPS: u8 = 8;
+}
+
+/// Reads TCP options (the bytes between the fixed 20-byte header and the payload).
+/// Unknown options are skipped by their length; a length that is too short for its
+/// kind or runs past the end is [`ParseError::Malformed`]. Userspace only (the XDP
+/// program matches outer addresses and ports, never options).
+pub fn parse_tcp_options(opts: &[u8]) -> Result<TcpOptions, ParseError> {
+    let mut out = TcpOptions::default();
+    let mut i = 0usize;
+    // Every option is at least one byte long, so this ends within 40 steps for any
+    // header (and within opts.len() steps for any slice).
+    while let Some(&kind) = opts.get(i) {
+        match kind {
+            tcpopt::EOL => break,
+            tcpopt::NOP => {
+                i += 1;
+                continue;
+            }
+            _ => {}
+        }
+        let len = *opts.get(i + 1).ok_or(ParseError::Malformed)? as usize;
+        let body = opts.get(i + 2..i + len.max(2)).ok_or(ParseError::Malformed)?;
+        if len < 2 {
+            return Err(ParseError::Malformed);
+        }
+        match (kind, body.len()) {
+            (tcpopt::MSS, 2) => out.mss = Some(u16::from_be_bytes([body[0], body[1]])),
+            (tcpopt::WINDOW_SCALE, 1) => out.window_scale = Some(body[0]),
+            (tcpopt::SACK_PERMITTED, 0) => out.sack_permitted = true,
+            (tcpopt::TIMESTAMPS, 8) => {
+                out.timestamps = Some((
+                    u32::from_be_bytes([body[0], body[1], body[2], body[3]]),
+                    u32::from_be_bytes([body[4], body[5], body[6], body[7]]),
+                ))
+            }
+            (tcpopt::MSS | tcpopt::WINDOW_SCALE | tcpopt::SACK_PERMITTED | tcpopt::TIMESTAMPS, _) => {
+                return Err(ParseError::Malformed);
+            }
+            _ => {}
+        }
+        i += len;
+    }
+    Ok(out)
+}
+
 mod emit;
-pub use emit::{EmitError, Headers, checksum, sum};
+pub use emit::{EmitError, Headers, TCP_MAX_OPTIONS_LEN, TcpOptionBytes, checksum, sum};
 
 #[cfg(test)]
 mod tests;

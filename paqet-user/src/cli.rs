@@ -79,7 +79,7 @@ pub struct RunArgs {
     #[arg(long, value_name = "KIND")]
     pub transport: Option<String>,
 
-    /// WIRE: what frames look like on the wire, tcp or udp [default: tcp]
+    /// WIRE: what xdp frames look like on the wire: auto (client: tcp, then udp; server: both), tcp or udp [default: auto]
     #[arg(long, value_name = "SHAPE")]
     pub wire: Option<String>,
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use tokio::net::TcpListener;
 
-use crate::config::{Config, KcpMode, Role, TransportKind, WireShape, XdpMode};
+use crate::config::{Config, KcpMode, Role, TransportKind, WireChoice, XdpMode};
 use crate::dial::Dialer;
 use crate::engine::crypto::Psk;
 use crate::engine::kcp::KcpProfile;
@@ -219,8 +219,9 @@ fn open_xdp(config: &Config, side: &Side) -> Result<Vec<(AnyTransport, String)>>
             local: SocketAddr::new(site.ip, port),
             local_other_family: site.other_family,
             peer,
-            wire: config.wire,
+            wire: config.wire.xdp_shape(),
             mode: attach_mode(config),
+            syn_key: *crate::engine::crypto::syn_tag_key(&Psk(config.key.0)),
         };
         let transport = XdpTransport::open(opts.clone())
             .with_context(|| format!("cannot start the xdp transport on {}", opts.interface))?;
@@ -246,6 +247,17 @@ fn open_paths(config: &Config, side: &Side) -> Result<(Vec<AnyTransport>, String
             Ok((vec![udp], format!("{role}-udp-{}", udp_port(side))))
         }
         TransportKind::Xdp => {
+            if config.wire == WireChoice::Auto {
+                tracing::info!(
+                    "WIRE=auto with TRANSPORT=xdp: TCP-shaped frames (xdp carries one wire per interface; \
+                     TRANSPORT=auto also {} udp beside it)",
+                    if matches!(side, Side::Client { .. }) {
+                        "falls back to"
+                    } else {
+                        "serves"
+                    }
+                );
+            }
             let opened = open_xdp(config, side)?;
             let instance = opened[0].1.clone();
             Ok((opened.into_iter().map(|(t, _)| t).collect(), instance))
@@ -261,12 +273,24 @@ fn open_paths(config: &Config, side: &Side) -> Result<(Vec<AnyTransport>, String
                 Err(e) => tracing::warn!("TRANSPORT=auto: xdp unavailable ({e:#}); using udp only"),
             }
             // A server's xdp on the UDP-shaped wire takes that port's UDP frames itself.
-            let udp_free = matches!(side, Side::Client { .. }) || config.wire == WireShape::Tcp || paths.is_empty();
+            let udp_free = matches!(side, Side::Client { .. }) || config.wire != WireChoice::Udp || paths.is_empty();
             if udp_free {
                 paths.push(open_udp(config, side)?);
             }
             let names: Vec<&str> = paths.iter().map(|p| p.name()).collect();
             tracing::info!("TRANSPORT=auto: paths {}", names.join(", "));
+            if config.wire == WireChoice::Auto && paths.len() > 1 {
+                match side {
+                    Side::Client { .. } => tracing::info!(
+                        "WIRE=auto: trying the TCP-shaped wire first (it passes networks that drop UDP), \
+                         udp if it gets no answer (networks that drop the fake TCP)"
+                    ),
+                    Side::Server { .. } => tracing::info!(
+                        "WIRE=auto: serving the TCP-shaped wire and udp on port {}",
+                        udp_port(side)
+                    ),
+                }
+            }
 
             Ok((paths, instance))
         }

@@ -67,6 +67,43 @@ impl Capture {
     }
 }
 
+/// Sends whole Ethernet frames out of `ifname` from an AF_PACKET socket, in the calling
+/// thread's network namespace (run it inside [`Netns::run`]), `pause` apart.
+pub fn inject(ifname: &str, frames: &[Vec<u8>], pause: Duration) {
+    // SAFETY: plain socket(2); checked below. Protocol 0: send-only, receives nothing.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
+    assert!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
+    let name = std::ffi::CString::new(ifname).expect("interface name");
+    // SAFETY: a valid C string.
+    let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    assert!(ifindex > 0, "no interface {ifname}");
+    for f in frames {
+        // SAFETY: all-zero sockaddr_ll is valid; the fields are set here.
+        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        sll.sll_family = libc::AF_PACKET as u16;
+        sll.sll_ifindex = ifindex as i32;
+        sll.sll_halen = 6;
+        if let Some(dst) = f.get(..6) {
+            sll.sll_addr[..6].copy_from_slice(dst);
+        }
+        // SAFETY: the frame and the address outlive the call.
+        let n = unsafe {
+            libc::sendto(
+                fd,
+                f.as_ptr().cast(),
+                f.len(),
+                0,
+                (&sll as *const libc::sockaddr_ll).cast(),
+                size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        assert_eq!(n, f.len() as isize, "injecting: {}", std::io::Error::last_os_error());
+        std::thread::sleep(pause);
+    }
+    // SAFETY: fd is ours and closed once.
+    unsafe { libc::close(fd) };
+}
+
 fn parse_pcap(bytes: &[u8]) -> Result<Vec<Vec<u8>>> {
     if bytes.len() < 24 {
         bail!("pcap shorter than its header");

@@ -11,6 +11,7 @@ pub mod linkem;
 pub mod netns;
 pub mod pattern;
 pub mod relay;
+pub mod router;
 pub mod scenarios;
 pub mod service;
 pub mod socks;

@@ -137,6 +137,12 @@ impl RelayBed {
         Self::start_on(hosts, Some(link), tag, opts)
     }
 
+    /// The same relay on hosts the caller joined (e.g. through a router); the configs
+    /// usually come from `opts.as_written`, since the addresses are the caller's.
+    pub fn start_on_hosts(hosts: TwoHosts, tag: &str, opts: &RelayOptions) -> Result<RelayBed> {
+        Self::start_on(hosts, None, tag, opts)
+    }
+
     fn start_on(hosts: TwoHosts, link: Option<EmulatedLink>, tag: &str, opts: &RelayOptions) -> Result<RelayBed> {
         let origin_host = OriginHost::behind(&hosts.server, tag)?;
         let dir = std::env::temp_dir().join(format!("paqet-bed-{}-{tag}", std::process::id()));

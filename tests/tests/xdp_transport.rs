@@ -11,8 +11,12 @@
 //!   random non-IP frames and truncated IPv4 headers (left to the kernel by
 //!   `paqet_steer`, which counts them malformed), frames with valid headers and an
 //!   empty payload (redirected, then dropped and counted by the transport), and frames
-//!   with valid headers and random payloads from another port (redirected and handed
-//!   on: only the engine's AEAD can reject those). The transfer carries on regardless.
+//!   with valid headers and random payloads from another port (redirected and, on the
+//!   UDP wire, handed on: only the engine's AEAD can reject those; on the TCP-shaped
+//!   wire no flow takes them, since that port never sent a keyed SYN, and they are
+//!   dropped and counted). The transfer carries on regardless. On the TCP-shaped wire
+//!   the client's first datagrams wait for the flow's handshake (SYN, SYN-ACK, ACK),
+//!   which is counted exactly.
 //!
 //! Flow control is a sliding window smaller than any ring, so no frame can be lost by
 //! design, and the test asserts that (every frame sent was received, no drops) as
@@ -452,6 +456,8 @@ fn run_case(wire: WireShape, tag: &str, ipv6: bool) {
         peer: None,
         wire,
         mode: AttachMode::Auto,
+        // Any key, the same at both ends: the TCP-shaped wire's SYNs must carry its tag.
+        syn_key: [7; 32],
     };
     let client_opts = XdpOptions {
         interface: hosts.client_if.clone(),
@@ -461,6 +467,8 @@ fn run_case(wire: WireShape, tag: &str, ipv6: bool) {
         peer: Some(server_addr),
         wire,
         mode: AttachMode::Auto,
+        // Any key, the same at both ends: the TCP-shaped wire's SYNs must carry its tag.
+        syn_key: [7; 32],
     };
     let before = (kernel_counters(&hosts.client), kernel_counters(&hosts.server));
     let (addr_tx, addr_rx) = mpsc::channel();
@@ -506,13 +514,33 @@ fn run_case(wire: WireShape, tag: &str, ipv6: bool) {
         assert_eq!(o.received_unique, DATAGRAMS, "{name} missed datagrams");
         assert_eq!(o.corrupt, 0, "{name} saw corrupted datagrams");
     }
-    // Only the server gets the garbage with a payload; the empty ones are dropped.
-    assert_eq!(server.foreign, GARBAGE_EACH as u64, "random-payload garbage handed on");
+    // UDP wire: only the server gets the garbage with a payload; the empty ones are
+    // dropped. TCP-shaped wire: the garbage comes from a port that never sent a keyed
+    // SYN, so no flow takes any of it, and nothing answers it.
+    let garbage_handed_on = if wire == WireShape::Tcp { 0 } else { GARBAGE_EACH as u64 };
+    assert_eq!(server.foreign, garbage_handed_on, "random-payload garbage handed on");
     assert_eq!(client.foreign, 0);
-    assert_eq!(
-        server.counters.rx_dropped_malformed, GARBAGE_EACH as u64,
-        "empty-payload garbage dropped and counted"
-    );
+    if wire == WireShape::Tcp {
+        assert_eq!(server.counters.rx_dropped_malformed, 0);
+        assert_eq!(
+            server.counters.rx_dropped_flow,
+            2 * GARBAGE_EACH as u64,
+            "garbage of no flow dropped and counted"
+        );
+        // One handshake: SYN and ACK from the client, SYN-ACK from the server.
+        assert_eq!((client.counters.tx_control, server.counters.rx_control), (2, 2));
+        assert_eq!((server.counters.tx_control, client.counters.rx_control), (1, 1));
+        assert_eq!(client.counters.rx_dropped_flow, 0);
+        assert_eq!(
+            (client.counters.tx_dropped_flow, server.counters.tx_dropped_flow),
+            (0, 0)
+        );
+    } else {
+        assert_eq!(
+            server.counters.rx_dropped_malformed, GARBAGE_EACH as u64,
+            "empty-payload garbage dropped and counted"
+        );
+    }
     assert_eq!(client.counters.rx_dropped_malformed, 0);
 
     // Nothing lost on the way: each frame sent was received, none refused.
@@ -527,16 +555,11 @@ fn run_case(wire: WireShape, tag: &str, ipv6: bool) {
         assert_eq!(o.steer_no_socket, 0, "{name}: matched frames with no socket");
         assert_eq!(o.retransmit_rounds, 0, "{name} had to retransmit: a frame was lost");
     }
-    assert_eq!(
-        server.counters.rx_frames,
-        client.counters.tx_frames + GARBAGE_EACH as u64
-    );
+    assert_eq!(server.counters.rx_frames, client.counters.tx_frames + garbage_handed_on);
     assert_eq!(client.counters.rx_frames, server.counters.tx_frames);
-    assert_eq!(
-        server.steer_redirected,
-        server.counters.rx_frames + server.counters.rx_dropped_malformed
-    );
-    assert_eq!(client.steer_redirected, client.counters.rx_frames);
+    let taken = |c: &XdpCountersSnapshot| c.rx_frames + c.rx_dropped_malformed + c.rx_control + c.rx_dropped_flow;
+    assert_eq!(server.steer_redirected, taken(&server.counters));
+    assert_eq!(client.steer_redirected, taken(&client.counters));
 
     // The kernels never saw a relay frame, and answered none.
     assert_eq!(after.0, before.0, "client namespace's kernel saw relay traffic");
@@ -614,39 +637,5 @@ fn send_garbage(ifname: &str, src: [u8; 6], dst: [u8; 6], client: SocketAddr, se
         frames.push(frame(dst, src, foreign, server, wire, &random(1 + i * 97)));
     }
 
-    // SAFETY: plain socket(2); checked below. Protocol 0: send-only, receives nothing.
-    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
-    assert!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
-    let name = std::ffi::CString::new(ifname).expect("interface name");
-    // SAFETY: a valid C string.
-    let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
-    assert!(ifindex > 0, "no interface {ifname}");
-    // SAFETY: all-zero sockaddr_ll is valid; the fields are set below.
-    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    sll.sll_family = libc::AF_PACKET as u16;
-    sll.sll_ifindex = ifindex as i32;
-    sll.sll_halen = 6;
-    sll.sll_addr[..6].copy_from_slice(&dst);
-    for f in &frames {
-        // SAFETY: the frame and the address outlive the call.
-        let n = unsafe {
-            libc::sendto(
-                fd,
-                f.as_ptr().cast(),
-                f.len(),
-                0,
-                (&sll as *const libc::sockaddr_ll).cast(),
-                size_of::<libc::sockaddr_ll>() as u32,
-            )
-        };
-        assert_eq!(
-            n,
-            f.len() as isize,
-            "sending garbage: {}",
-            std::io::Error::last_os_error()
-        );
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    // SAFETY: fd is ours and closed once.
-    unsafe { libc::close(fd) };
+    paqet_tests::capture::inject(ifname, &frames, Duration::from_millis(2));
 }

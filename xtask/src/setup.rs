@@ -19,6 +19,10 @@ pub const APT_PACKAGES: &[&str] = &[
     "curl",
     // systemd-analyze, to verify dist/paqet.service (install and the service tests).
     "systemd",
+    // The firewall tests' router: nft for NAT and a strict stateful filter, conntrack
+    // to make it forget flows mid-session.
+    "nftables",
+    "conntrack",
 ];
 
 pub const BPF_LINKER_VERSION: &str = "0.13.0";

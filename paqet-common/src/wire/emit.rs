@@ -11,8 +11,37 @@ use super::{
     ethertype, ipproto,
 };
 
-/// The longest headers [`Headers::emit`] writes: Ethernet, two VLAN tags, IPv6, TCP.
-const MAX_HEADER_LEN: usize = ETH_HEADER_LEN + 2 * VLAN_TAG_LEN + IPV6_HEADER_LEN + TCP_MIN_HEADER_LEN;
+/// The longest headers [`Headers::emit`] writes: Ethernet, two VLAN tags, IPv6, TCP
+/// with a full 40 bytes of options.
+const MAX_HEADER_LEN: usize =
+    ETH_HEADER_LEN + 2 * VLAN_TAG_LEN + IPV6_HEADER_LEN + TCP_MIN_HEADER_LEN + TCP_MAX_OPTIONS_LEN;
+
+/// TCP options fit in 40 bytes (data offset 15 words minus the fixed 5).
+pub const TCP_MAX_OPTIONS_LEN: usize = 40;
+
+/// TCP option bytes to put after the fixed TCP header: a multiple of 4 long (pad with
+/// NOP or EOL), at most [`TCP_MAX_OPTIONS_LEN`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TcpOptionBytes {
+    pub bytes: [u8; TCP_MAX_OPTIONS_LEN],
+    pub len: u8,
+}
+
+impl Default for TcpOptionBytes {
+    fn default() -> Self {
+        TcpOptionBytes {
+            bytes: [0; TCP_MAX_OPTIONS_LEN],
+            len: 0,
+        }
+    }
+}
+
+impl TcpOptionBytes {
+    /// The options as written; `None` if `len` is out of range.
+    pub fn as_slice(&self) -> Option<&[u8]> {
+        self.bytes.get(..self.len as usize)
+    }
+}
 
 /// Everything the outer headers of one frame say.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -37,6 +66,8 @@ pub struct Headers {
     pub tcp_ack: u32,
     pub tcp_flags: u8,
     pub tcp_window: u16,
+    /// TCP options (SYN options, timestamps); empty for UDP.
+    pub tcp_options: TcpOptionBytes,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,7 +76,8 @@ pub enum EmitError {
     BufferTooSmall,
     /// Source and destination are not both IPv4 or both IPv6.
     AddressFamily,
-    /// Protocol other than TCP/UDP, or more than two VLAN tags.
+    /// Protocol other than TCP/UDP, more than two VLAN tags, or TCP options that are
+    /// not a multiple of 4 bytes or longer than 40.
     Unsupported,
     /// The payload does not fit the IP (or UDP) length field.
     PayloadTooLong,
@@ -63,7 +95,13 @@ impl Headers {
             _ => return Err(EmitError::AddressFamily),
         };
         let l4 = match self.protocol {
-            ipproto::TCP => TCP_MIN_HEADER_LEN,
+            ipproto::TCP => {
+                let opts = self.tcp_options.len as usize;
+                if opts > TCP_MAX_OPTIONS_LEN || opts % 4 != 0 {
+                    return Err(EmitError::Unsupported);
+                }
+                TCP_MIN_HEADER_LEN + opts
+            }
             ipproto::UDP => UDP_HEADER_LEN,
             _ => return Err(EmitError::Unsupported),
         };
@@ -163,10 +201,12 @@ impl Headers {
         } else {
             seg[4..8].copy_from_slice(&self.tcp_seq.to_be_bytes());
             seg[8..12].copy_from_slice(&self.tcp_ack.to_be_bytes());
-            seg[12] = ((TCP_MIN_HEADER_LEN / 4) as u8) << 4;
+            let opts = self.tcp_options.as_slice().ok_or(EmitError::Unsupported)?;
+            seg[12] = (((TCP_MIN_HEADER_LEN + opts.len()) / 4) as u8) << 4;
             seg[13] = self.tcp_flags;
             seg[14..16].copy_from_slice(&self.tcp_window.to_be_bytes());
             seg[16..20].copy_from_slice(&[0, 0, 0, 0]);
+            seg[TCP_MIN_HEADER_LEN..TCP_MIN_HEADER_LEN + opts.len()].copy_from_slice(opts);
             16
         };
         // The L4 header's length is even, so the payload's words line up as in the frame.

@@ -282,6 +282,7 @@ mod emit {
             tcp_ack: 0x0102_0304,
             tcp_flags: 0x18,
             tcp_window: 512,
+            tcp_options: TcpOptionBytes::default(),
         }
     }
 
@@ -393,5 +394,77 @@ mod emit {
         h.protocol = ipproto::TCP;
         h.vlan_count = 3;
         assert_eq!(h.header_len(), Err(EmitError::Unsupported));
+    }
+
+    /// A SYN's usual options (Linux's order), emitted, parsed back by both parsers.
+    #[test]
+    fn tcp_options_roundtrip() {
+        let syn_opts = [2, 4, 0x05, 0xb4, 4, 2, 8, 10, 0, 0, 0, 7, 0, 0, 0, 0, 1, 3, 3, 9];
+        for v6 in [false, true] {
+            let mut h = headers(v6, ipproto::TCP, 0);
+            h.tcp_options.bytes[..syn_opts.len()].copy_from_slice(&syn_opts);
+            h.tcp_options.len = syn_opts.len() as u8;
+            let f = build(&h, b"");
+            let s = parse_frame(&f[..]).unwrap();
+            assert_eq!(s.payload_len, 0);
+            assert_eq!(s.payload_offset - s.l4_offset, 40);
+            let opts = &f[s.l4_offset as usize + 20..s.payload_offset as usize];
+            let o = parse_tcp_options(opts).unwrap();
+            assert_eq!(o.mss, Some(1460));
+            assert_eq!(o.window_scale, Some(9));
+            assert!(o.sack_permitted);
+            assert_eq!(o.timestamps, Some((7, 0)));
+            // The checksum covers the options.
+            let l4 = s.l4_offset as usize;
+            let pseudo = if v6 {
+                sum(sum(0, &h.src.octets), &h.dst.octets) + 6 + (f.len() - l4) as u32
+            } else {
+                sum(sum(0, &h.src.octets[..4]), &h.dst.octets[..4]) + 6 + (f.len() - l4) as u32
+            };
+            assert_eq!(checksum(pseudo, &f[l4..]), 0);
+        }
+        let mut h = headers(false, ipproto::TCP, 0);
+        h.tcp_options.len = 6;
+        assert_eq!(h.header_len(), Err(EmitError::Unsupported));
+        h.tcp_options.len = 44;
+        assert_eq!(h.header_len(), Err(EmitError::Unsupported));
+    }
+
+    #[test]
+    fn tcp_options_truncated_or_corrupt() {
+        let good = [1u8, 1, 8, 10, 0, 0, 0, 1, 0, 0, 0, 2];
+        assert_eq!(parse_tcp_options(&good).unwrap().timestamps, Some((1, 2)));
+        // Every truncation of a timestamps option is malformed, never a panic.
+        for cut in 3..good.len() {
+            assert_eq!(parse_tcp_options(&good[..cut]), Err(ParseError::Malformed), "cut {cut}");
+        }
+        // Wrong lengths for known kinds; length 0 and 1 (would loop forever if trusted).
+        for bad in [
+            &[2u8, 3, 5][..],
+            &[3, 4, 1, 1],
+            &[4, 3, 0],
+            &[8, 9, 0, 0, 0, 0, 0, 0, 0],
+            &[9, 0],
+            &[9, 1],
+            &[2],
+        ] {
+            assert_eq!(parse_tcp_options(bad), Err(ParseError::Malformed), "{bad:?}");
+        }
+        // Unknown options are skipped; EOL ends the list; empty is fine.
+        let o = parse_tcp_options(&[30, 4, 0xaa, 0xbb, 3, 3, 7, 0, 0xff]).unwrap();
+        assert_eq!(o.window_scale, Some(7));
+        assert_eq!(parse_tcp_options(&[]).unwrap(), TcpOptions::default());
+        // Arbitrary bytes never panic.
+        let mut x = 0x1234_5678u32;
+        for _ in 0..2000 {
+            let mut b = [0u8; 40];
+            for v in b.iter_mut() {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                *v = (x % 12) as u8;
+            }
+            let _ = parse_tcp_options(&b[..(x % 41) as usize]);
+        }
     }
 }

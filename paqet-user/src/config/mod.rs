@@ -19,7 +19,9 @@ pub use error::{ConfigError, Origin};
 pub use keys::{KEYS, flag_for_key};
 pub use policy::{IpNet, PortRange, RuleSource, TargetPolicy, TargetRule, Verdict};
 pub use settings::Settings;
-pub use values::{Credentials, HostPort, KcpMode, Key, KeyError, LogLevel, Role, TransportKind, WireShape, XdpMode};
+pub use values::{
+    Credentials, HostPort, KcpMode, Key, KeyError, LogLevel, Role, TransportKind, WireChoice, WireShape, XdpMode,
+};
 
 use keys::{is_secret, known_key};
 use settings::{check_private, read_private};
@@ -40,7 +42,7 @@ pub struct Config {
     pub listen_addr: Option<SocketAddr>,
     pub interface: Option<String>,
     pub transport: TransportKind,
-    pub wire: WireShape,
+    pub wire: WireChoice,
     pub xdp_mode: XdpMode,
     pub kcp_mode: KcpMode,
     pub udp_buffer: Option<usize>,
@@ -89,7 +91,7 @@ impl Config {
             listen_addr: value(s, "LISTEN_ADDR", |v| values::parse_bind_addr(v, "0.0.0.0:4000"))?,
             interface: value(s, "INTERFACE", values::parse_interface)?,
             transport: value(s, "TRANSPORT", values::parse_transport)?.unwrap_or(TransportKind::Auto),
-            wire: value(s, "WIRE", str::parse)?.unwrap_or(WireShape::Tcp),
+            wire: value(s, "WIRE", str::parse)?.unwrap_or(WireChoice::Auto),
             xdp_mode: value(s, "XDP_MODE", str::parse)?.unwrap_or(XdpMode::Auto),
             kcp_mode: value(s, "KCP_MODE", str::parse)?.unwrap_or(KcpMode::Fast3),
             udp_buffer: value(s, "UDP_BUFFER", values::parse_size)?,

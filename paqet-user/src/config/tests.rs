@@ -73,7 +73,7 @@ fn seed_example_plus_key_is_a_client_with_defaults() {
     assert_eq!(c.key.0[31], 31);
     assert_eq!(
         (c.transport, c.wire, c.xdp_mode, c.log_level),
-        (TransportKind::Auto, WireShape::Tcp, XdpMode::Auto, LogLevel::Info)
+        (TransportKind::Auto, WireChoice::Auto, XdpMode::Auto, LogLevel::Info)
     );
     assert_eq!(c.timeout, Duration::from_secs(30));
     assert_eq!(
@@ -108,7 +108,7 @@ fn every_key_parses() {
     assert_eq!(c.interface.as_deref(), Some("eth0"));
     assert_eq!(
         (c.transport, c.wire, c.xdp_mode, c.kcp_mode),
-        (TransportKind::Udp, WireShape::Udp, XdpMode::Generic, KcpMode::Normal)
+        (TransportKind::Udp, WireChoice::Udp, XdpMode::Generic, KcpMode::Normal)
     );
     assert_eq!(c.udp_buffer, Some(4 << 20));
     assert_eq!(c.timeout, Duration::from_secs(5));
@@ -185,7 +185,7 @@ fn bad_values_name_line_key_and_what_is_valid() {
         ("TRANSPORT=tcp", "expected one of auto, xdp, udp"),
         (
             "WIRE=icmp",
-            "t.conf:3: WIRE=\"icmp\" is not valid: expected one of tcp, udp",
+            "t.conf:3: WIRE=\"icmp\" is not valid: expected one of auto, tcp, udp",
         ),
         ("XDP_MODE=offload", "expected one of auto, native, generic"),
         (

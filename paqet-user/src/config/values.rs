@@ -64,6 +64,23 @@ choice_enum!(
     WireShape { Tcp = "tcp", Udp = "udp" }
 );
 
+choice_enum!(
+    /// `WIRE`: a wire shape, or `auto`: a client tries the TCP-shaped wire first and
+    /// falls back to UDP, a server serves both (under `TRANSPORT=auto`).
+    WireChoice { Auto = "auto", Tcp = "tcp", Udp = "udp" }
+);
+
+impl WireChoice {
+    /// The shape of the frames xdp builds: `auto` means TCP-shaped there (the wire
+    /// that passes UDP-hostile networks; UDP comes from the kernel's socket beside it).
+    pub fn xdp_shape(self) -> WireShape {
+        match self {
+            WireChoice::Auto | WireChoice::Tcp => WireShape::Tcp,
+            WireChoice::Udp => WireShape::Udp,
+        }
+    }
+}
+
 choice_enum!(XdpMode { Auto = "auto", Native = "native", Generic = "generic" });
 
 choice_enum!(
@@ -313,6 +330,18 @@ mod tests {
         );
         assert_eq!("both".parse::<Role>(), Err("expected one of client, server".into()));
         assert_eq!("quic".parse::<WireShape>(), Err("expected one of tcp, udp".into()));
+        assert_eq!(
+            "quic".parse::<WireChoice>(),
+            Err("expected one of auto, tcp, udp".into())
+        );
+        assert_eq!(
+            "AUTO".parse::<WireChoice>().map(WireChoice::xdp_shape),
+            Ok(WireShape::Tcp)
+        );
+        assert_eq!(
+            "udp".parse::<WireChoice>().map(WireChoice::xdp_shape),
+            Ok(WireShape::Udp)
+        );
         assert_eq!(LogLevel::Debug.to_tracing(), tracing::Level::DEBUG);
     }
 

@@ -162,6 +162,8 @@ fn xdp_opts(iface: &str, local: SocketAddr, peer: Option<SocketAddr>, role: &str
         peer,
         wire: WireShape::Udp,
         mode: AttachMode::Auto,
+        // Any key, the same at both ends: the TCP-shaped wire's SYNs must carry its tag.
+        syn_key: [7; 32],
     }
 }
 

@@ -52,6 +52,13 @@ impl std::fmt::Debug for Psk {
     }
 }
 
+/// The key the xdp transport tags its SYNs with (the TCP-shaped wire's handshake, which
+/// the server answers only when the tag proves the pre-shared key): its own label, so it
+/// reveals nothing about any other key drawn from the pre-shared key.
+pub fn syn_tag_key(psk: &Psk) -> zeroize::Zeroizing<[u8; 32]> {
+    zeroize::Zeroizing::new(epoch_keys::derive(&psk.0, b"paqet tcp syn tag", 0))
+}
+
 /// Masks the receiver index of every data packet, so that no byte of a packet is
 /// constant across a session. The key comes from the pre-shared key, not the session:
 /// the receiver must unmask the index to find the session at all. The mask is AES of

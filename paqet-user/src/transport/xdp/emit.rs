@@ -4,13 +4,15 @@
 //! with every checksum computed in software: AF_XDP frames bypass the stack's
 //! checksum offload, and a veth with `tx off` sends exactly the bytes it is given.
 //!
-//! TCP-shaped frames look like the middle of a bulk transfer (PSH|ACK, sequence
-//! numbers advancing with the payload, acks following the peer), as the Go paqet's
-//! do, so networks that only pass TCP pass them.
+//! TCP-shaped frames carry the header fields their flow ([`super::tcp_flow`]) gives
+//! them: SYN, SYN-ACK and ACK with their options, then PSH|ACK with timestamps, the
+//! sequence advancing with the payload and the ACK following the peer.
 
 use std::net::{IpAddr, SocketAddr};
 
-use paqet_common::wire::{Addr, Headers, ipproto};
+use paqet_common::wire::{Addr, Headers, TcpOptionBytes, ipproto};
+
+use super::tcp_flow::{self, Segment};
 
 use crate::config::WireShape;
 
@@ -18,18 +20,6 @@ pub use paqet_common::wire::EmitError;
 
 /// TTL / hop limit of paqet's frames: what Linux uses by default, so nothing stands out.
 const HOP_LIMIT: u8 = 64;
-/// PSH|ACK: what a TCP connection in the middle of a bulk transfer sends.
-pub const TCP_FLAGS_PSH_ACK: u8 = 0x18;
-/// An advertised window a Linux peer commonly shows (44 × 1460-byte segments).
-const TCP_WINDOW: u16 = 64240;
-
-/// TCP sequence and acknowledgement numbers of one frame (ignored for UDP).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct TcpNumbers {
-    pub seq: u32,
-    pub ack: u32,
-}
-
 /// Everything the headers of one frame say.
 #[derive(Clone, Copy, Debug)]
 pub struct Frame<'a> {
@@ -38,7 +28,8 @@ pub struct Frame<'a> {
     pub src: SocketAddr,
     pub dst: SocketAddr,
     pub wire: WireShape,
-    pub tcp: TcpNumbers,
+    /// The TCP header fields (TCP-shaped wire only; `None` on the UDP wire).
+    pub tcp: Option<Segment>,
     /// IPv4 identification field (unused for IPv6).
     pub ip_id: u16,
     pub payload: &'a [u8],
@@ -52,6 +43,7 @@ fn protocol(wire: WireShape) -> u8 {
 }
 
 fn headers(f: &Frame<'_>) -> Headers {
+    let tcp = f.tcp.filter(|_| f.wire == WireShape::Tcp);
     Headers {
         dst_mac: f.dst_mac,
         src_mac: f.src_mac,
@@ -62,27 +54,32 @@ fn headers(f: &Frame<'_>) -> Headers {
         dst_port: f.dst.port(),
         ttl: HOP_LIMIT,
         ip_id: f.ip_id,
-        tcp_seq: f.tcp.seq,
-        tcp_ack: f.tcp.ack,
-        tcp_flags: if f.wire == WireShape::Tcp { TCP_FLAGS_PSH_ACK } else { 0 },
-        tcp_window: if f.wire == WireShape::Tcp { TCP_WINDOW } else { 0 },
+        tcp_seq: tcp.map_or(0, |t| t.seq),
+        tcp_ack: tcp.map_or(0, |t| t.ack),
+        tcp_flags: tcp.map_or(0, |t| t.flags),
+        tcp_window: tcp.map_or(0, |t| t.window),
+        tcp_options: tcp.map_or_else(TcpOptionBytes::default, |t| t.option_bytes()),
         ..Headers::default()
     }
 }
 
-/// Bytes of headers in front of the payload for this address family and wire shape.
+/// Bytes of headers in front of a data payload for this address family and wire shape
+/// (on the TCP-shaped wire including the timestamps every data segment carries).
 pub fn header_len(ipv6: bool, wire: WireShape) -> usize {
     let ip = if ipv6 {
         IpAddr::from([0u16; 8])
     } else {
         IpAddr::from([0u8; 4])
     };
-    let h = Headers {
+    let mut h = Headers {
         src: Addr::from(ip),
         dst: Addr::from(ip),
         protocol: protocol(wire),
         ..Headers::default()
     };
+    if wire == WireShape::Tcp {
+        h.tcp_options.len = tcp_flow::DATA_OPTIONS_LEN as u8;
+    }
     // Cannot fail: both addresses of one family, TCP or UDP, no VLAN tags.
     h.header_len().unwrap_or(usize::MAX)
 }
@@ -105,10 +102,13 @@ mod tests {
             src: src.parse().unwrap(),
             dst: dst.parse().unwrap(),
             wire,
-            tcp: TcpNumbers {
+            tcp: Some(Segment {
                 seq: 0x0102_0304,
                 ack: 0xa0b0_c0d0,
-            },
+                flags: tcp_flow::PSH | tcp_flow::ACK,
+                window: tcp_flow::DATA_WINDOW,
+                options: tcp_flow::Options::Timestamps { tsval: 5, tsecr: 6 },
+            }),
             ip_id: 7,
             payload,
         }
@@ -154,8 +154,10 @@ mod tests {
                     };
                     assert!(verifies(pseudo, &buf[l4..n]), "{wire} {src} L4 checksum");
                     if wire == WireShape::Tcp {
-                        assert_eq!(s.tcp_flags, TCP_FLAGS_PSH_ACK);
-                        assert_eq!((s.tcp_seq, s.tcp_ack), (f.tcp.seq, f.tcp.ack));
+                        let t = f.tcp.unwrap();
+                        assert_eq!(s.tcp_flags, tcp_flow::PSH | tcp_flow::ACK);
+                        assert_eq!((s.tcp_seq, s.tcp_ack), (t.seq, t.ack));
+                        assert_eq!(n - s.payload_len as usize, header_len(f.dst.is_ipv6(), wire));
                     }
                 }
             }

@@ -22,10 +22,11 @@ mod emit;
 mod iface;
 mod neigh;
 mod peers;
+pub mod tcp_flow;
 mod tx_kicker;
 mod xsk;
 
-pub use emit::{EmitError, TcpNumbers};
+pub use emit::EmitError;
 pub use neigh::NeighError;
 pub use xsk::{FRAME_SIZE, UMEM_FRAMES, XskError};
 
@@ -43,7 +44,7 @@ use std::time::Instant;
 
 use paqet_common::Stats;
 use paqet_common::maps::{FilterConfig, Protocol};
-use paqet_common::wire::{Addr, parse_frame};
+use paqet_common::wire::{Addr, parse_frame, parse_tcp_options};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
@@ -51,6 +52,7 @@ use super::{RecvBatch, Transport};
 use crate::engine::Transmit;
 use crate::kernel::{AttachOptions, AttachedMode, KernelError, Steering};
 use peers::Peers;
+use tcp_flow::{Control, Flows, Received, RxVerdict, SynKey, TxVerdict};
 
 /// Most frames one `send_batch` queues per TX ring pass.
 const TX_CHUNK: usize = 256;
@@ -70,6 +72,9 @@ pub struct XdpOptions {
     pub peer: Option<SocketAddr>,
     pub wire: WireShape,
     pub mode: AttachMode,
+    /// The key SYNs of the TCP-shaped wire are tagged with
+    /// (`engine::crypto::syn_tag_key`): a server answers only SYNs that carry it.
+    pub syn_key: [u8; 32],
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -116,6 +121,17 @@ pub struct XdpCounters {
     /// Datagrams that cannot be sent at all: larger than `max_payload`, or to a peer of
     /// the other address family.
     pub tx_dropped_invalid: AtomicU64,
+    /// TCP-shaped wire: datagrams held while their flow's handshake runs (sent after it).
+    pub tx_held: AtomicU64,
+    /// TCP-shaped wire: datagrams dropped by their flow (no flow to that peer, past the
+    /// peer's window, too many held).
+    pub tx_dropped_flow: AtomicU64,
+    /// TCP-shaped wire: handshake segments (no payload) sent and received.
+    pub tx_control: AtomicU64,
+    pub rx_control: AtomicU64,
+    /// TCP-shaped wire: frames no flow takes (no flow, a SYN without the key, a
+    /// replayed SYN, RST or FIN): dropped without an answer.
+    pub rx_dropped_flow: AtomicU64,
 }
 
 /// A copy of [`XdpCounters`] at one moment.
@@ -127,6 +143,11 @@ pub struct XdpCountersSnapshot {
     pub tx_dropped_full: u64,
     pub tx_dropped_no_neighbour: u64,
     pub tx_dropped_invalid: u64,
+    pub tx_held: u64,
+    pub tx_dropped_flow: u64,
+    pub tx_control: u64,
+    pub rx_control: u64,
+    pub rx_dropped_flow: u64,
 }
 
 impl XdpCounters {
@@ -139,6 +160,11 @@ impl XdpCounters {
             tx_dropped_full: r(&self.tx_dropped_full),
             tx_dropped_no_neighbour: r(&self.tx_dropped_no_neighbour),
             tx_dropped_invalid: r(&self.tx_dropped_invalid),
+            tx_held: r(&self.tx_held),
+            tx_dropped_flow: r(&self.tx_dropped_flow),
+            tx_control: r(&self.tx_control),
+            rx_control: r(&self.rx_control),
+            rx_dropped_flow: r(&self.rx_dropped_flow),
         }
     }
 }
@@ -221,7 +247,22 @@ impl XdpTransport {
         })?;
         let queues = open_queues(&mut steering, &info)?;
 
-        let peers = Arc::new(Mutex::new(Peers::default()));
+        let mut peers = Peers::default();
+        if opts.wire == WireShape::Tcp {
+            let side = match opts.peer {
+                Some(_) => tcp_flow::Side::Client,
+                None => tcp_flow::Side::Server { port: local.port() },
+            };
+            let mss = mss(info.mtu, local.is_ipv6() || local_other.is_some());
+            peers.tcp = Some(Flows::new(
+                side,
+                SynKey::new(opts.syn_key),
+                mss,
+                Instant::now(),
+                rand::random(),
+            ));
+        }
+        let peers = Arc::new(Mutex::new(peers));
         let resolver = neigh::Resolver::spawn(opts.interface.clone(), peers.clone()).map_err(XdpError::Resolver)?;
         if let Some(peer) = opts.peer {
             resolve_at_open(&peers, peer.ip(), &opts.interface);
@@ -323,10 +364,13 @@ impl XdpTransport {
     fn send_chunk(&self, chunk: &[Transmit], missing: &mut Vec<IpAddr>) {
         let Some(q) = self.queues.first() else { return };
         let now = Instant::now();
+        let unix_ms = unix_ms();
         let mut peers = self.peers();
         let mut tx = lock(&q.xsk.tx);
         let mut skipped_invalid = 0usize;
         let mut skipped_neigh = 0usize;
+        let mut held = 0usize;
+        let mut dropped_flow = 0usize;
         let (queued, processed) = q.xsk.send(&mut tx, chunk.len(), |i, frame| {
             let t = &chunk[i];
             let Some(src) = self.source_for(&t.peer).filter(|_| t.payload.len() <= self.max_payload) else {
@@ -340,33 +384,90 @@ impl XdpTransport {
                 }
                 return None;
             };
-            let tcp = match self.wire {
-                WireShape::Tcp => peers.next_tcp(t.peer, t.payload.len(), now),
-                WireShape::Udp => TcpNumbers::default(),
-            };
-            let f = emit::Frame {
-                src_mac: self.src_mac,
-                dst_mac,
-                src,
-                dst: t.peer,
-                wire: self.wire,
-                tcp,
-                ip_id: self.ip_id.fetch_add(1, Ordering::Relaxed),
-                payload: &t.payload,
-            };
-            match emit::emit(frame, &f) {
-                Ok(n) => Some(n),
-                Err(e) => {
-                    tracing::debug!("cannot build a frame: {e:?}");
-                    skipped_invalid += 1;
-                    None
+            let tcp = match peers.tcp.as_mut().map(|f| f.on_send(t.peer, &t.payload, now, unix_ms)) {
+                None => None,
+                Some(TxVerdict::Send(seg)) => Some(seg),
+                Some(TxVerdict::Held) => {
+                    held += 1;
+                    return None;
                 }
-            }
+                Some(TxVerdict::Drop(why)) => {
+                    tracing::trace!(peer = %t.peer, ?why, "datagram dropped by its TCP-shaped flow");
+                    dropped_flow += 1;
+                    return None;
+                }
+            };
+            let n = self.build(frame, dst_mac, src, t.peer, tcp, &t.payload);
+            skipped_invalid += usize::from(n.is_none());
+            n
         });
+        drop(tx);
         Self::count(&self.counters.tx_frames, queued);
         Self::count(&self.counters.tx_dropped_full, chunk.len() - processed);
         Self::count(&self.counters.tx_dropped_invalid, skipped_invalid);
         Self::count(&self.counters.tx_dropped_no_neighbour, skipped_neigh);
+        Self::count(&self.counters.tx_held, held);
+        Self::count(&self.counters.tx_dropped_flow, dropped_flow);
+        self.send_control(&mut peers, now);
+    }
+
+    /// Writes one frame into `frame`: its length, or `None` (logged) if it cannot be
+    /// built.
+    fn build(
+        &self,
+        frame: &mut [u8],
+        dst_mac: [u8; 6],
+        src: SocketAddr,
+        dst: SocketAddr,
+        tcp: Option<tcp_flow::Segment>,
+        payload: &[u8],
+    ) -> Option<usize> {
+        let f = emit::Frame {
+            src_mac: self.src_mac,
+            dst_mac,
+            src,
+            dst,
+            wire: self.wire,
+            tcp,
+            ip_id: self.ip_id.fetch_add(1, Ordering::Relaxed),
+            payload,
+        };
+        emit::emit(frame, &f)
+            .map_err(|e| tracing::debug!("cannot build a frame: {e:?}"))
+            .ok()
+    }
+
+    /// Sends what the TCP-shaped flows queued by themselves: SYN, SYN-ACK, ACK, and the
+    /// datagrams held during a handshake. Called with the peers locked, after a send or
+    /// a drain.
+    fn send_control(&self, peers: &mut Peers, now: Instant) {
+        let Some(controls) = peers.tcp.as_mut().filter(|f| f.has_control()).map(Flows::take_control) else {
+            return;
+        };
+        let Some(q) = self.queues.first() else { return };
+        let mut tx = lock(&q.xsk.tx);
+        let mut failed = 0usize;
+        let mut data = 0usize;
+        let (queued, processed) = q.xsk.send(&mut tx, controls.len(), |i, frame| {
+            let Control { peer, seg, payload } = &controls[i];
+            let (Some(src), Some(dst_mac)) = (self.source_for(peer), peers.mac(peer.ip(), now)) else {
+                failed += 1;
+                return None;
+            };
+            let n = self.build(frame, dst_mac, src, *peer, Some(*seg), payload);
+            failed += usize::from(n.is_none());
+            data += usize::from(n.is_some() && !payload.is_empty());
+            n
+        });
+        drop(tx);
+        // A lost handshake segment is sent again by the flow (SYN) or answered again
+        // (SYN-ACK for a retransmitted SYN), so a full ring only delays.
+        // Held datagrams count as data frames, handshake segments as control.
+        let data = data.min(queued);
+        Self::count(&self.counters.tx_frames, data);
+        Self::count(&self.counters.tx_control, queued - data);
+        Self::count(&self.counters.tx_dropped_invalid, failed);
+        Self::count(&self.counters.tx_dropped_full, controls.len() - processed);
     }
 
     /// Drains ready frames of all queues into `batch`; returns how many were filled.
@@ -377,7 +478,10 @@ impl XdpTransport {
         let slots = batch.slots_mut();
         let mut filled = 0usize;
         let mut malformed = 0usize;
+        let mut control = 0usize;
+        let mut refused = 0usize;
         let now = Instant::now();
+        let unix_ms = unix_ms();
         let mut peers = self.peers();
         for k in 0..n {
             if filled == cap {
@@ -387,53 +491,96 @@ impl XdpTransport {
             let mut rx = lock(&q.xsk.rx);
             q.xsk.drain_rx(&mut rx, (cap - filled) as u32, |frame| {
                 let slot = &mut slots[filled];
-                match frame.and_then(|f| self.accept(f, &mut peers, now, &mut slot.buf)) {
-                    Some((peer, len, src_mac)) => {
+                let accepted = frame
+                    .ok_or(Rejected::Malformed)
+                    .and_then(|f| self.accept(f, &mut peers, now, unix_ms, &mut slot.buf));
+                match accepted {
+                    Ok((peer, len, src_mac)) => {
                         slot.peer = peer;
                         slot.len = len;
                         slot.link_src = Some(src_mac);
                         filled += 1;
                     }
-                    None => malformed += 1,
+                    Err(Rejected::Malformed) => malformed += 1,
+                    Err(Rejected::Control) => control += 1,
+                    Err(Rejected::Flow) => refused += 1,
                 }
             });
         }
+        // Handshake answers go out at once, with the peers still locked so that no
+        // datagram of the engine can overtake them.
+        self.send_control(&mut peers, now);
         drop(peers);
         batch.set_filled(filled);
         Self::count(&self.counters.rx_frames, filled);
         Self::count(&self.counters.rx_dropped_malformed, malformed);
+        Self::count(&self.counters.rx_control, control);
+        Self::count(&self.counters.rx_dropped_flow, refused);
         filled
     }
 
     /// Checks one received frame and copies its payload into `buf`: the sender and the
-    /// payload length, or `None` to drop it. Checksums are not checked: a veth peer
-    /// hands over frames whose checksums were never filled in, and the AEAD above
-    /// authenticates every payload anyway.
+    /// payload length, or why not. Checksums are not checked: a veth peer hands over
+    /// frames whose checksums were never filled in, and the AEAD above authenticates
+    /// every payload anyway. On the TCP-shaped wire the frame's flow decides first:
+    /// handshake segments stay here, and frames of no flow are dropped unanswered.
     fn accept(
         &self,
         frame: &[u8],
         peers: &mut Peers,
         now: Instant,
+        unix_ms: u64,
         buf: &mut [u8],
-    ) -> Option<(SocketAddr, usize, [u8; 6])> {
-        let s = parse_frame(frame).ok()?;
-        let dst = s.dst.to_ip()?;
+    ) -> Result<(SocketAddr, usize, [u8; 6]), Rejected> {
+        let s = parse_frame(frame).map_err(|_| Rejected::Malformed)?;
+        let dst = s.dst.to_ip().ok_or(Rejected::Malformed)?;
         let ours = dst == self.local.ip() || self.local_other.is_some_and(|o| o.ip() == dst);
         if !self.filter.matches(&s) || !ours {
-            return None;
+            return Err(Rejected::Malformed);
         }
-        let peer = SocketAddr::new(s.src.to_ip()?, s.src_port);
-        let payload = frame.get(s.payload_offset as usize..)?.get(..s.payload_len as usize)?;
+        let peer = SocketAddr::new(s.src.to_ip().ok_or(Rejected::Malformed)?, s.src_port);
+        let payload = frame
+            .get(s.payload_offset as usize..)
+            .and_then(|p| p.get(..s.payload_len as usize))
+            .ok_or(Rejected::Malformed)?;
+        if let Some(flows) = peers.tcp.as_mut() {
+            let options = frame
+                .get(s.l4_offset as usize + paqet_common::wire::TCP_MIN_HEADER_LEN..s.payload_offset as usize)
+                .map(parse_tcp_options)
+                .ok_or(Rejected::Malformed)?
+                .map_err(|_| Rejected::Malformed)?;
+            let rx = Received {
+                seq: s.tcp_seq,
+                ack: s.tcp_ack,
+                flags: s.tcp_flags,
+                window: s.tcp_window,
+                options,
+                payload_len: payload.len(),
+            };
+            match flows.on_receive(peer, &rx, now, unix_ms) {
+                RxVerdict::Deliver => {}
+                RxVerdict::Consumed => {
+                    // A server answers a SYN only when it proves the key and is new, so
+                    // its source MAC is as trustworthy as an authenticated payload's:
+                    // the SYN-ACK goes back the way the SYN came.
+                    if self.learn_macs && rx.flags & tcp_flow::SYN != 0 {
+                        peers.learn(peer.ip(), s.src_mac, now);
+                    }
+                    return Err(Rejected::Control);
+                }
+                RxVerdict::Drop(why) => {
+                    tracing::trace!(%peer, ?why, "frame dropped by the TCP-shaped flows");
+                    return Err(Rejected::Flow);
+                }
+            }
+        }
         if payload.is_empty() || payload.len() > buf.len() {
-            return None;
+            return Err(Rejected::Malformed);
         }
         buf[..payload.len()].copy_from_slice(payload);
         // The source MAC is only learned once the engine has authenticated the payload
         // (`peer_authenticated`): any host on the link can forge a frame's source.
-        if self.wire == WireShape::Tcp {
-            peers.saw_tcp(peer, s.tcp_seq, payload.len(), now);
-        }
-        Some((peer, payload.len(), s.src_mac))
+        Ok((peer, payload.len(), s.src_mac))
     }
 
     /// Resolves once any queue's socket is readable and its RX ring really has frames.
@@ -458,6 +605,31 @@ impl XdpTransport {
             Poll::Pending
         })
     }
+}
+
+/// Why a received frame is not handed to the engine.
+enum Rejected {
+    Malformed,
+    /// A handshake segment the flow took.
+    Control,
+    /// A frame no flow takes.
+    Flow,
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The MSS a SYN announces: what a TCP header without options leaves of the MTU.
+fn mss(mtu: u32, ipv6: bool) -> u16 {
+    let ip = if ipv6 {
+        paqet_common::wire::IPV6_HEADER_LEN
+    } else {
+        paqet_common::wire::IPV4_MIN_HEADER_LEN
+    };
+    u16::try_from((mtu as usize).saturating_sub(ip + paqet_common::wire::TCP_MIN_HEADER_LEN)).unwrap_or(u16::MAX)
 }
 
 /// Binds a kernel socket to pick a free port when `local` has port 0, and keeps it as
@@ -620,9 +792,13 @@ mod tests {
 
     #[test]
     fn max_payload_respects_mtu_and_frame() {
-        assert_eq!(max_payload(1500, false, WireShape::Tcp), 1460);
+        // TCP-shaped frames carry timestamps (12 bytes of options) in every segment.
+        assert_eq!(max_payload(1500, false, WireShape::Tcp), 1448);
         assert_eq!(max_payload(1500, false, WireShape::Udp), 1472);
-        assert_eq!(max_payload(1500, true, WireShape::Tcp), 1440);
+        // Less than the engine's default 1432-byte datagram: the path's size must win.
+        assert_eq!(max_payload(1500, true, WireShape::Tcp), 1428);
+        assert_eq!(mss(1500, false), 1460);
+        assert_eq!(mss(1500, true), 1440);
         // A jumbo MTU is capped by the UMEM frame.
         assert_eq!(max_payload(9000, false, WireShape::Udp), xsk::MAX_FRAME - 42);
     }

@@ -1,14 +1,14 @@
-//! What the transport remembers per peer: the MAC to put in frames for it, and the TCP
-//! sequence/acknowledgement numbers of TCP-shaped frames exchanged with it.
+//! What the transport remembers per peer: the MAC to put in frames for it, and on the
+//! TCP-shaped wire its flow ([`super::tcp_flow`]).
 //!
 //! Held behind one mutex that the TX path takes once per batch and the RX path once
 //! per drained batch.
 
 use std::collections::HashSet;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use super::emit::TcpNumbers;
+use super::tcp_flow::Flows;
 use crate::engine::FastMap;
 
 /// Where a MAC came from. Learned (the source MAC of a frame the peer sent) wins over
@@ -26,23 +26,13 @@ struct MacEntry {
     used: Instant,
 }
 
-#[derive(Clone, Copy, Debug)]
-struct Flow {
-    /// Sequence number of our next frame.
-    seq: u32,
-    /// What we acknowledge: the end of the newest data seen from the peer.
-    ack: u32,
-    /// False until the first frame from the peer sets `ack` for real.
-    ack_known: bool,
-    used: Instant,
-}
-
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Peers {
     /// Looked up for every frame sent: SipHash here was ~1 % of a sending relay's CPU.
     /// Only authenticated peers and our own sends add entries.
     macs: FastMap<IpAddr, MacEntry>,
-    flows: FastMap<SocketAddr, Flow>,
+    /// The TCP-shaped wire's flows; `None` on the UDP wire.
+    pub tcp: Option<Flows>,
     /// Addresses a resolution was asked for and has not finished.
     pending: HashSet<IpAddr>,
 }
@@ -106,82 +96,19 @@ impl Peers {
             .collect()
     }
 
-    /// Numbers for the next TCP-shaped frame to `peer`; the sequence advances by the
-    /// payload, as a real connection's does.
-    pub fn next_tcp(&mut self, peer: SocketAddr, payload_len: usize, now: Instant) -> TcpNumbers {
-        let f = self.flows.entry(peer).or_insert_with(|| new_flow(now));
-        f.used = now;
-        let n = TcpNumbers { seq: f.seq, ack: f.ack };
-        f.seq = f.seq.wrapping_add(payload_len as u32);
-        n
-    }
-
-    /// Records a TCP-shaped frame from `peer` so our acks follow its sequence numbers,
-    /// once we have sent to it. The frame is not authenticated yet: frames from forged
-    /// sources must not add entries, or a flood of them would grow the table without
-    /// bound. (A server's first answer to a client therefore acks a random number, as
-    /// a client's first frame always did.)
-    pub fn saw_tcp(&mut self, peer: SocketAddr, seq: u32, payload_len: usize, now: Instant) {
-        let Some(f) = self.flows.get_mut(&peer) else {
-            return;
-        };
-        f.used = now;
-        let end = seq.wrapping_add(payload_len as u32);
-        // Serial-number comparison: only move forward, so a reordered frame does not
-        // pull the ack back.
-        if !f.ack_known || (end.wrapping_sub(f.ack) as i32) > 0 {
-            f.ack = end;
-            f.ack_known = true;
-        }
-    }
-
     /// Forgets peers not heard from or sent to for `idle`, so a long-running server's
     /// tables stay as large as its live peers.
     pub fn prune(&mut self, now: Instant, idle: Duration) {
         self.macs.retain(|_, e| now.duration_since(e.used) < idle);
-        self.flows.retain(|_, f| now.duration_since(f.used) < idle);
-    }
-}
-
-fn new_flow(now: Instant) -> Flow {
-    // Random initial numbers, as a real stack picks them, so flows do not all start alike.
-    Flow {
-        seq: rand::random(),
-        ack: rand::random(),
-        ack_known: false,
-        used: now,
+        if let Some(tcp) = self.tcp.as_mut() {
+            tcp.prune(now, idle);
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sequence_advances_with_payload_and_ack_follows_the_peer() {
-        let mut p = Peers::default();
-        let now = Instant::now();
-        let peer: SocketAddr = "198.18.0.1:5000".parse().unwrap();
-        let a = p.next_tcp(peer, 100, now);
-        let b = p.next_tcp(peer, 50, now);
-        assert_eq!(b.seq, a.seq.wrapping_add(100));
-        p.saw_tcp(peer, 1000, 10, now);
-        assert_eq!(p.next_tcp(peer, 0, now).ack, 1010);
-        p.saw_tcp(peer, 900, 10, now); // older: ignored
-        assert_eq!(p.next_tcp(peer, 0, now).ack, 1010);
-        p.saw_tcp(peer, u32::MAX - 5, 10, now); // far behind in serial arithmetic: ignored
-        assert_eq!(p.next_tcp(peer, 0, now).ack, 1010);
-    }
-
-    #[test]
-    fn frames_from_peers_we_never_sent_to_add_no_flow() {
-        let mut p = Peers::default();
-        let now = Instant::now();
-        for port in 1..=1000 {
-            p.saw_tcp(SocketAddr::from(([198, 18, 0, 9], port)), 7, 10, now);
-        }
-        assert!(p.flows.is_empty());
-    }
 
     #[test]
     fn learned_macs_win_over_the_kernel() {
