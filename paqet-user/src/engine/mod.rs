@@ -20,6 +20,7 @@ mod admission;
 pub mod arq;
 mod backoff;
 pub mod crypto;
+pub mod datagrams;
 pub mod frame;
 pub mod kcp;
 pub mod mux;
@@ -48,7 +49,7 @@ pub use sessions::{PATH_FALLBACK_AFTER, SERVER_UNANSWERED_AFTER};
 pub type FastMap<K, V> = foldhash::HashMap<K, V>;
 
 /// Bumped whenever the wire format changes; travels inside the handshake.
-pub const PROTOCOL_VERSION: u8 = 4;
+pub const PROTOCOL_VERSION: u8 = 5;
 /// How far a client's clock may be from the server's before its handshake is refused.
 const HANDSHAKE_MAX_SKEW_MS: u64 = 120_000;
 const KCP_HEADER_LEN: usize = 24;
@@ -330,6 +331,8 @@ pub struct Engine {
     stream_window: Option<u16>,
     /// The latest time the edge told us; for the calls that need no fresh reading.
     clock: Instant,
+    /// Relayed UDP: reassembly and what arrived (`datagrams`).
+    datagrams: datagrams::Datagrams,
 }
 
 impl Engine {
@@ -368,6 +371,7 @@ impl Engine {
             queued_segments: 0,
             stream_window: None,
             clock: now,
+            datagrams: datagrams::Datagrams::default(),
         };
         engine.control_buf = vec![0u8; engine.read_buffer_len()];
         engine

@@ -1043,3 +1043,5 @@ fn after_a_lost_answer_the_server_answers_under_the_session_the_client_still_has
         "{got:?}"
     );
 }
+#[path = "datagram_tests.rs"]
+mod datagram_tests;
