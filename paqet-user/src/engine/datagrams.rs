@@ -384,7 +384,7 @@ impl Engine {
             return Err(DatagramError::TooLarge(payload.len()));
         }
         let peer = self.datagram_peer(peer);
-        if !self.peers.get(&peer).is_some_and(|p| p.session.is_some()) {
+        if self.peers.get(&peer).is_none_or(|p| p.session.is_none()) {
             return Err(DatagramError::NoSession);
         }
         let mut message = std::mem::take(&mut self.datagrams.message);
