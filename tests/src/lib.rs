@@ -14,5 +14,6 @@ pub mod relay;
 pub mod scenarios;
 pub mod service;
 pub mod socks;
+pub mod udp;
 
 pub use netns::{ChildGuard, Netns, TwoHosts, fmt_mac, paqet_bin, require_root, run_checked, veth, wait_for};
