@@ -184,9 +184,14 @@ impl Association {
             for _ in 0..4 {
                 match self.recv()? {
                     None => break,
-                    Some((source, data)) if data.len() == payload.len() => {
+                    Some((source, data)) => {
+                        // Every reply, even a stale one, must come from the target.
                         if source != Target::Ip(expect_source) {
                             bail!("reply from {source:?}, expected {expect_source}");
+                        }
+                        // A reply to an earlier try of another size.
+                        if data.len() != payload.len() {
+                            continue;
                         }
                         if data != payload {
                             let at = data.iter().zip(payload).position(|(a, b)| a != b);
@@ -194,7 +199,6 @@ impl Association {
                         }
                         return Ok(());
                     }
-                    Some(_) => continue,
                 }
             }
         }
@@ -211,11 +215,24 @@ pub struct UdpEcho {
 }
 
 const SEEN_MAX: usize = 4096;
+/// What a stranger's copy starts with.
+pub const STRANGER_PREFIX: &[u8] = b"stranger:";
 
 impl UdpEcho {
     pub fn start(ns: &Netns, addr: SocketAddr) -> Result<UdpEcho> {
+        Self::start_with_stranger(ns, addr, None)
+    }
+
+    /// With `stranger`: before each echo, the same bytes behind `STRANGER_PREFIX` are
+    /// sent to the sender from another port of this host (`stranger`), as a third party
+    /// would, which a port-restricted NAT must not let through.
+    pub fn start_with_stranger(ns: &Netns, addr: SocketAddr, stranger: Option<u16>) -> Result<UdpEcho> {
         // A socket opened in the namespace stays there, whichever thread serves it.
         let socket = ns.run(|| UdpSocket::bind(addr))??;
+        let other = match stranger {
+            Some(port) => Some(ns.run(|| UdpSocket::bind(SocketAddr::new(addr.ip(), port)))??),
+            None => None,
+        };
         socket.set_read_timeout(Some(Duration::from_millis(100)))?;
         let stop = Arc::new(AtomicBool::new(false));
         let seen = Arc::new(Mutex::new(Vec::new()));
@@ -224,6 +241,11 @@ impl UdpEcho {
             let mut buf = vec![0u8; 1 << 16];
             while !stop2.load(Ordering::Relaxed) {
                 if let Ok((n, from)) = socket.recv_from(&mut buf) {
+                    if let Some(other) = &other {
+                        let mut d = STRANGER_PREFIX.to_vec();
+                        d.extend_from_slice(&buf[..n]);
+                        let _ = other.send_to(&d, from);
+                    }
                     let _ = socket.send_to(&buf[..n], from);
                     let mut seen = seen2.lock().unwrap_or_else(|p| p.into_inner());
                     if seen.len() < SEEN_MAX {

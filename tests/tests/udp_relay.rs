@@ -133,7 +133,9 @@ fn socks_udp_drops_frag_foreign_sources_and_refused_targets_and_ends_with_its_co
     }
     let bed = RelayBed::start("d2", &RelayOptions::new("udp").unwrap()).unwrap();
     let v4: SocketAddr = (ORIGIN_IP, ECHO_PORT).into();
-    let echo = UdpEcho::start(&bed.origin_host.ns, v4).unwrap();
+    // Each echo is preceded by a copy from port 8 of the same host: port-restricted
+    // filtering on the server must drop it.
+    let echo = UdpEcho::start_with_stranger(&bed.origin_host.ns, v4, Some(8)).unwrap();
     // On the server's loopback, which the default policy denies.
     let forbidden: SocketAddr = ([127, 0, 0, 1], ECHO_PORT).into();
     let echo_forbidden = UdpEcho::start(&bed.hosts.server, forbidden).unwrap();
@@ -156,6 +158,13 @@ fn socks_udp_drops_frag_foreign_sources_and_refused_targets_and_ends_with_its_co
         assoc.send(&Target::Ip(forbidden), 0, &refused_payload)?;
         // A datagram sent after them all comes back: the relay and the flow work.
         assoc.echo(&target, v4, b"after", 3)?;
+        // Nothing from the stranger's port came through, before or now.
+        while let Some((source, data)) = assoc.recv()? {
+            anyhow::ensure!(
+                !data.starts_with(udp::STRANGER_PREFIX),
+                "a datagram from {source:?}, where the flow never sent, reached the client"
+            );
+        }
         // The association ends with its control connection: its relay port closes.
         let relay = assoc.relay;
         drop(assoc.control);
