@@ -165,6 +165,10 @@ fn socks_udp_drops_frag_foreign_sources_and_refused_targets_and_ends_with_its_co
                 "a datagram from {source:?}, where the flow never sent, reached the client"
             );
         }
+        // `paqet status` lists the association with its relay address and drops.
+        let relay_text = format!("\"local\":\"{}\"", assoc.relay);
+        let (listed, text) = status_shows(|t| t.contains("socks-udp") && t.contains(&relay_text));
+        anyhow::ensure!(listed, "status does not list the association:\n{text}");
         // The association ends with its control connection: its relay port closes.
         let relay = assoc.relay;
         drop(assoc.control);
@@ -236,6 +240,23 @@ impl Drop for RemoveDir {
     }
 }
 
+/// Waits (bounded) until `paqet status --json` satisfies `shows`. Retried because
+/// other tests' relays may publish under the same instance names meanwhile.
+fn status_shows(shows: impl Fn(&str) -> bool) -> (bool, String) {
+    let mut text = String::new();
+    let ok = wait_for(
+        || {
+            let Ok(status) = Command::new(paqet_tests::paqet_bin()).args(["status", "--json"]).output() else {
+                return false;
+            };
+            text = String::from_utf8_lossy(&status.stdout).into_owned();
+            shows(&text)
+        },
+        Duration::from_secs(10),
+    );
+    (ok, text)
+}
+
 #[test]
 fn dig_through_a_udp_forward_asks_a_dns_server_behind_the_server() {
     if !require_root("dig_through_a_udp_forward_asks_a_dns_server_behind_the_server") {
@@ -266,20 +287,13 @@ fn dig_through_a_udp_forward_asks_a_dns_server_behind_the_server() {
     };
     assert_eq!(dig(false), "198.18.9.9", "dig over the UDP forward\n{}", bed.logs());
     assert_eq!(dig(true), "198.18.9.9", "dig over the TCP forward\n{}", bed.logs());
-    // The client's status lists both forwards with their counters.
-    // (Bounded retries: other tests' clients may publish under the same instance name.)
-    let mut text = String::new();
-    let listed = wait_for(
-        || {
-            let status = Command::new(paqet_tests::paqet_bin())
-                .args(["status", "--json"])
-                .output()
-                .unwrap();
-            text = String::from_utf8_lossy(&status.stdout).into_owned();
-            text.contains("forward-udp") && text.contains("forward-tcp") && text.contains("127.0.0.1:5353")
-        },
-        Duration::from_secs(10),
-    );
+    // The client's status lists both forwards with their counters, the server's its
+    // UDP flows.
+    let (listed, text) = status_shows(|t| {
+        t.contains("forward-udp") && t.contains("forward-tcp") && t.contains("127.0.0.1:5353")
+    });
+    assert!(listed, "{text}");
+    let (listed, text) = status_shows(|t| t.contains("\"to_targets\":") && !t.contains("\"to_targets\":0"));
     assert!(listed, "{text}");
 }
 

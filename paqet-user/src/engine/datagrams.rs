@@ -33,8 +33,15 @@ pub const REASSEMBLY_TIMEOUT: Duration = Duration::from_secs(2);
 pub const REASSEMBLY_BYTES_PER_PEER: usize = 4 << 20;
 /// Bytes all incomplete datagrams may hold together.
 pub const REASSEMBLY_BYTES_TOTAL: usize = 32 << 20;
-/// Incomplete datagrams held at once, overall (bounds the bookkeeping, not the bytes).
+/// Incomplete datagrams held at once, overall and per peer (so one peer's many small
+/// incomplete datagrams cannot push out everyone else's).
 pub const REASSEMBLY_MAX_PARTIALS: usize = 4096;
+pub const REASSEMBLY_MAX_PARTIALS_PER_PEER: usize = 1024;
+/// What an incomplete datagram costs besides its data: its slot per fragment, charged
+/// against the caps, so 255-fragment datagrams of 1-byte fragments are no way around them.
+fn partial_overhead(count: u8) -> usize {
+    64 + count as usize * std::mem::size_of::<Option<Vec<u8>>>()
+}
 
 const KIND_FRAGMENT: u8 = 0;
 const KIND_CLOSE: u8 = 1;
@@ -183,6 +190,7 @@ pub struct Reassembler {
     order: VecDeque<(Key, Instant)>,
     bytes: usize,
     bytes_by_peer: FastMap<PeerId, usize>,
+    partials_by_peer: FastMap<PeerId, usize>,
     per_peer_cap: usize,
     total_cap: usize,
     timeout: Duration,
@@ -210,6 +218,7 @@ impl Reassembler {
             order: VecDeque::new(),
             bytes: 0,
             bytes_by_peer: FastMap::default(),
+            partials_by_peer: FastMap::default(),
             per_peer_cap,
             total_cap,
             timeout,
@@ -259,38 +268,53 @@ impl Reassembler {
             return Err(Held::Malformed);
         }
         if !self.partials.contains_key(&key) {
+            if self.partials_by_peer.get(&peer).copied().unwrap_or(0) >= REASSEMBLY_MAX_PARTIALS_PER_PEER {
+                self.evict_oldest(Some(peer));
+            }
             if self.partials.len() >= REASSEMBLY_MAX_PARTIALS {
                 self.evict_oldest(None);
             }
+            let overhead = partial_overhead(count);
             self.partials.insert(
                 key,
                 Partial {
                     count,
                     got: 0,
                     parts: vec![None; count as usize],
-                    bytes: 0,
+                    bytes: overhead,
                     started: now,
                 },
             );
+            self.bytes += overhead;
+            *self.bytes_by_peer.entry(peer).or_insert(0) += overhead;
+            *self.partials_by_peer.entry(peer).or_insert(0) += 1;
             self.order.push_back((key, now));
         }
         if self.partials.get(&key).is_some_and(|p| p.parts[index as usize].is_some()) {
             self.counters.duplicate_fragments += 1;
             return Err(Held::Duplicate);
         }
-        // Make room: this peer's oldest first, then anyone's oldest.
+        // Make room: this peer's oldest first, then anyone's oldest (never this datagram
+        // itself while an older one can go).
         while self.bytes_by_peer.get(&peer).copied().unwrap_or(0) + data.len() > self.per_peer_cap {
-            if !self.evict_oldest(Some(peer)) {
+            if !self.evict_oldest_but(Some(peer), key) {
                 break;
             }
         }
         while self.bytes + data.len() > self.total_cap {
-            if !self.evict_oldest(None) {
+            if !self.evict_oldest_but(None, key) {
                 break;
             }
         }
+        if self.bytes_by_peer.get(&peer).copied().unwrap_or(0) + data.len() > self.per_peer_cap
+            || self.bytes + data.len() > self.total_cap
+        {
+            // Only this datagram is left and it does not fit: it cannot complete.
+            self.remove(key);
+            self.counters.evicted += 1;
+            return Err(Held::Waiting);
+        }
         let Some(p) = self.partials.get_mut(&key) else {
-            // Evicted to make room for itself: the datagram is too large for the caps.
             return Err(Held::Waiting);
         };
         p.parts[index as usize] = Some(data.to_vec());
@@ -328,8 +352,15 @@ impl Reassembler {
 
     /// Drops the oldest incomplete datagram (of `peer`, if given); false if none.
     fn evict_oldest(&mut self, peer: Option<PeerId>) -> bool {
+        self.evict_oldest_but(peer, (PeerId::MAX, u32::MAX, u32::MAX))
+    }
+
+    /// [`Self::evict_oldest`], sparing `keep`.
+    fn evict_oldest_but(&mut self, peer: Option<PeerId>, keep: Key) -> bool {
         let found = self.order.iter().position(|(key, started)| {
-            peer.is_none_or(|p| key.0 == p) && self.partials.get(key).is_some_and(|x| x.started == *started)
+            *key != keep
+                && peer.is_none_or(|p| key.0 == p)
+                && self.partials.get(key).is_some_and(|x| x.started == *started)
         });
         let Some(at) = found else { return false };
         if let Some((key, _)) = self.order.remove(at) {
@@ -346,6 +377,12 @@ impl Reassembler {
                 *b -= p.bytes;
                 if *b == 0 {
                     self.bytes_by_peer.remove(&key.0);
+                }
+            }
+            if let Some(n) = self.partials_by_peer.get_mut(&key.0) {
+                *n -= 1;
+                if *n == 0 {
+                    self.partials_by_peer.remove(&key.0);
                 }
             }
         }
@@ -622,9 +659,9 @@ mod tests {
         for f in &frames[..4] {
             assert_eq!(feed(&mut r, f, now), Err(Held::Waiting));
         }
-        assert_eq!(r.held_bytes(), 4000);
+        assert_eq!(r.held_bytes(), 4000 + partial_overhead(5));
         r.expire(now + REASSEMBLY_TIMEOUT - Duration::from_millis(1));
-        assert_eq!(r.held_bytes(), 4000, "not yet");
+        assert_eq!(r.held_bytes(), 4000 + partial_overhead(5), "not yet");
         r.expire(now + REASSEMBLY_TIMEOUT);
         assert_eq!(r.held_bytes(), 0);
         assert_eq!(r.counters.timed_out, 1);
@@ -677,6 +714,37 @@ mod tests {
                 }
             }
             assert!(r.held_bytes() <= 15_000, "{}", r.held_bytes());
+        }
+    }
+
+    #[test]
+    fn one_peers_flood_of_tiny_incomplete_datagrams_stays_within_its_share() {
+        let mut r = Reassembler::default();
+        let now = t0();
+        // Another peer's large datagram, one fragment short.
+        let big = cut(1, 1, &message(60_000), 1389);
+        for f in &big[..big.len() - 1] {
+            let _ = feed(&mut r, f, now);
+        }
+        // 5,000 incomplete 255-fragment datagrams of one byte each from peer 9.
+        for id in 0..5000u32 {
+            let _ = r.input(9, 1, id, (0, 255), b"x", now);
+            assert!(r.incomplete() <= 1 + REASSEMBLY_MAX_PARTIALS_PER_PEER);
+            assert!(r.held_bytes() <= REASSEMBLY_BYTES_TOTAL);
+        }
+        assert!(*r.bytes_by_peer.get(&9).unwrap() <= REASSEMBLY_BYTES_PER_PEER);
+        // Peer 7's datagram survived the flood and completes.
+        assert_eq!(feed(&mut r, big.last().unwrap(), now).unwrap(), message(60_000));
+    }
+
+    #[test]
+    fn a_datagram_larger_than_the_caps_is_dropped_not_held() {
+        let mut r = Reassembler::new(3000, 3000, REASSEMBLY_TIMEOUT);
+        let now = t0();
+        let frames = cut(1, 1, &message(5000), 1000);
+        for f in &frames {
+            assert!(feed(&mut r, f, now).is_err());
+            assert!(r.held_bytes() <= 3000);
         }
     }
 
