@@ -56,13 +56,19 @@ pub fn parse_reply(d: &[u8]) -> Result<(Target, FragAndData<'_>)> {
     let (target, used) = match d[3] {
         1 if d.len() >= 10 => {
             let ip = Ipv4Addr::new(d[4], d[5], d[6], d[7]);
-            (Target::Ip(SocketAddr::new(ip.into(), u16::from_be_bytes([d[8], d[9]]))), 10)
+            (
+                Target::Ip(SocketAddr::new(ip.into(), u16::from_be_bytes([d[8], d[9]]))),
+                10,
+            )
         }
         4 if d.len() >= 22 => {
             let mut o = [0u8; 16];
             o.copy_from_slice(&d[4..20]);
             let ip = Ipv6Addr::from(o);
-            (Target::Ip(SocketAddr::new(ip.into(), u16::from_be_bytes([d[20], d[21]]))), 22)
+            (
+                Target::Ip(SocketAddr::new(ip.into(), u16::from_be_bytes([d[20], d[21]]))),
+                22,
+            )
         }
         3 if d.len() >= 5 && d.len() >= 7 + d[4] as usize => {
             let n = d[4] as usize;

@@ -22,7 +22,21 @@ const LOOPBACK: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 /// the largest that fits a SOCKS datagram to a relay on 127.0.0.1 (IPv4) with `header`.
 fn sizes(header: usize) -> Vec<usize> {
     let largest = MAX_UDP_PAYLOAD_V4 - header;
-    vec![1, 2, 100, 1200, 1380, 1381, 1400, 1500, 2800, 9000, 30_000, 65_000.min(largest), largest]
+    vec![
+        1,
+        2,
+        100,
+        1200,
+        1380,
+        1381,
+        1400,
+        1500,
+        2800,
+        9000,
+        30_000,
+        65_000.min(largest),
+        largest,
+    ]
 }
 
 /// Every size to an IPv4, an IPv6 and a named echo server through one association,
@@ -64,9 +78,7 @@ fn every_size_byte_for_byte(tag: &str, transport: &'static str) {
         }
         Ok(checked)
     });
-    let checked = result
-        .unwrap()
-        .unwrap_or_else(|e| panic!("{e:#}\n{}", bed.logs()));
+    let checked = result.unwrap().unwrap_or_else(|e| panic!("{e:#}\n{}", bed.logs()));
     assert_eq!(checked, 3 * sizes(10).len());
     assert!(echo6.count() > 0 && echo4.count() > 0);
 }
@@ -206,7 +218,12 @@ fn start_dnsmasq(bed: &RelayBed, dir: &std::path::Path) -> ChildGuard {
         bed.origin_host
             .ns
             .command("dnsmasq")
-            .args(["--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv", "--no-hosts"])
+            .args([
+                "--keep-in-foreground",
+                "--conf-file=/dev/null",
+                "--no-resolv",
+                "--no-hosts",
+            ])
             .arg(format!("--addn-hosts={}", hosts.display()))
             .arg(format!("--listen-address={ORIGIN_IP}"))
             .args(["--bind-interfaces", "--port=53", "--user=root"])
@@ -246,7 +263,10 @@ fn status_shows(shows: impl Fn(&str) -> bool) -> (bool, String) {
     let mut text = String::new();
     let ok = wait_for(
         || {
-            let Ok(status) = Command::new(paqet_tests::paqet_bin()).args(["status", "--json"]).output() else {
+            let Ok(status) = Command::new(paqet_tests::paqet_bin())
+                .args(["status", "--json"])
+                .output()
+            else {
                 return false;
             };
             text = String::from_utf8_lossy(&status.stdout).into_owned();
@@ -281,7 +301,10 @@ fn dig_through_a_udp_forward_asks_a_dns_server_behind_the_server() {
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         let answer = text.lines().last().unwrap_or_default().trim().to_string();
         if answer != "198.18.9.9" {
-            eprintln!("dig (tcp: {tcp}) said: {text}\n{}", String::from_utf8_lossy(&out.stderr));
+            eprintln!(
+                "dig (tcp: {tcp}) said: {text}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         answer
     };
@@ -289,9 +312,8 @@ fn dig_through_a_udp_forward_asks_a_dns_server_behind_the_server() {
     assert_eq!(dig(true), "198.18.9.9", "dig over the TCP forward\n{}", bed.logs());
     // The client's status lists both forwards with their counters, the server's its
     // UDP flows.
-    let (listed, text) = status_shows(|t| {
-        t.contains("forward-udp") && t.contains("forward-tcp") && t.contains("127.0.0.1:5353")
-    });
+    let (listed, text) =
+        status_shows(|t| t.contains("forward-udp") && t.contains("forward-tcp") && t.contains("127.0.0.1:5353"));
     assert!(listed, "{text}");
     let (listed, text) = status_shows(|t| t.contains("\"to_targets\":") && !t.contains("\"to_targets\":0"));
     assert!(listed, "{text}");
@@ -402,7 +424,9 @@ fn iperf3_through_a_tcp_forward_then_a_udp_forward_at_50_mbit_loses_under_one_pe
     let packets = json_number(&udp, "sum_received", "packets");
     let sent = json_number(&udp, "sum_sent", "packets");
     let mbps = json_number(&udp, "sum_received", "bits_per_second") / 1e6;
-    eprintln!("iperf3 UDP through the udp forward at 50 Mbit/s: {mbps:.1} Mbit/s, {sent} datagrams sent, {packets} counted by the receiver, {lost:.3} % lost");
+    eprintln!(
+        "iperf3 UDP through the udp forward at 50 Mbit/s: {mbps:.1} Mbit/s, {sent} datagrams sent, {packets} counted by the receiver, {lost:.3} % lost"
+    );
     assert!(sent > 1000.0 && packets > 0.0, "{udp}");
     assert!(lost < 1.0, "{lost} % lost\n{udp}\n{}", bed.logs());
 }

@@ -146,7 +146,11 @@ mod tests {
     #[test]
     fn errors_name_the_entry_and_what_is_valid() {
         let cases = [
-            ("tcp/127.0.0.1:1=a:1,,udp/127.0.0.1:2=b:2", "entry 2", "separated by single commas"),
+            (
+                "tcp/127.0.0.1:1=a:1,,udp/127.0.0.1:2=b:2",
+                "entry 2",
+                "separated by single commas",
+            ),
             ("sctp/127.0.0.1:1=a:1", "entry 1", "neither tcp nor udp"),
             ("tcp127.0.0.1:1=a:1", "entry 1", "PROTO/LISTEN=TARGET"),
             ("tcp/127.0.0.1:1", "entry 1", "no '='"),
@@ -156,7 +160,11 @@ mod tests {
             ("udp/198.18.0.1:53=a:1", "entry 1", "not a loopback"),
             ("tcp/127.0.0.1:1=a", "entry 1", "TARGET \"a\""),
             ("tcp/127.0.0.1:1=a:0", "entry 1", "TARGET \"a:0\""),
-            ("tcp/127.0.0.1:1=a:1,tcp/127.0.0.1:1=b:2", "entry 2", "already forwarded by entry 1"),
+            (
+                "tcp/127.0.0.1:1=a:1,tcp/127.0.0.1:1=b:2",
+                "entry 2",
+                "already forwarded by entry 1",
+            ),
             ("tcp/127.0.0.1:1=a:1!publik", "entry 1", "TARGET"),
         ];
         for (text, entry, hint) in cases {
@@ -168,7 +176,9 @@ mod tests {
         let text = "REMOTE_ADDR=198.18.0.2:4000\nKEY=AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=\n\
                     FORWARD=tcp/0.0.0.0:2222=10.0.0.5:22\n";
         let settings = crate::config::Settings::parse_str(text, "/etc/flowless/paqet.conf").unwrap();
-        let e = crate::config::Config::from_settings(&settings, None).unwrap_err().to_string();
+        let e = crate::config::Config::from_settings(&settings, None)
+            .unwrap_err()
+            .to_string();
         assert!(
             e.starts_with("/etc/flowless/paqet.conf:3: FORWARD=\"tcp/0.0.0.0:2222=10.0.0.5:22\" is not valid: entry 1"),
             "{e}"
@@ -177,11 +187,15 @@ mod tests {
         let server = "LISTEN_ADDR=0.0.0.0:4000\nKEY=AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=\n\
                       FORWARD=tcp/127.0.0.1:2222=10.0.0.5:22\n";
         let settings = crate::config::Settings::parse_str(server, "s.conf").unwrap();
-        let e = crate::config::Config::from_settings(&settings, None).unwrap_err().to_string();
+        let e = crate::config::Config::from_settings(&settings, None)
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("s.conf:3: FORWARD is a client setting"), "{e}");
         // The same port over both protocols is two listeners.
         assert_eq!(
-            parse_forwards("tcp/127.0.0.1:53=a:53,udp/127.0.0.1:53=a:53").unwrap().len(),
+            parse_forwards("tcp/127.0.0.1:53=a:53,udp/127.0.0.1:53=a:53")
+                .unwrap()
+                .len(),
             2
         );
     }

@@ -32,7 +32,13 @@ fn datagrams_of_every_size_cross_both_ways_intact() {
         assert!(sim.run_until(10_000, |s| s.link.is_empty()));
         let got = arrived(&mut sim.server);
         assert_eq!(got.len(), 1, "size {len}");
-        let DatagramEvent::Datagram { peer, flow, addr, payload: p } = &got[0] else {
+        let DatagramEvent::Datagram {
+            peer,
+            flow,
+            addr,
+            payload: p,
+        } = &got[0]
+        else {
             panic!("{got:?}")
         };
         assert_eq!((*flow, addr), (5, &target));
@@ -54,7 +60,8 @@ fn datagrams_of_every_size_cross_both_ways_intact() {
         );
     }
     assert_eq!(
-        sim.client.send_datagram(None, 5, &target, &vec![0; MAX_DATAGRAM_PAYLOAD + 1]),
+        sim.client
+            .send_datagram(None, 5, &target, &vec![0; MAX_DATAGRAM_PAYLOAD + 1]),
         Err(DatagramError::TooLarge(MAX_DATAGRAM_PAYLOAD + 1))
     );
 }
@@ -81,8 +88,13 @@ fn a_lossy_duplicating_reordering_link_delivers_whole_datagrams_or_none_never_tw
     let got = arrived(&mut sim.server);
     let mut seen = std::collections::HashSet::new();
     for ev in &got {
-        let DatagramEvent::Datagram { payload, .. } = ev else { panic!("{ev:?}") };
-        let i = sent.iter().position(|s| s == payload).expect("a datagram that was never sent");
+        let DatagramEvent::Datagram { payload, .. } = ev else {
+            panic!("{ev:?}")
+        };
+        let i = sent
+            .iter()
+            .position(|s| s == payload)
+            .expect("a datagram that was never sent");
         assert!(seen.insert(i), "datagram {i} delivered twice");
     }
     assert!(got.len() > 100, "only {} of 200 arrived", got.len());

@@ -78,7 +78,10 @@ impl<'a> DatagramFrame<'a> {
     pub fn parse(buf: &'a [u8]) -> Result<DatagramFrame<'a>, FrameError> {
         let need = |n: usize| {
             if buf.len() < n {
-                Err(FrameError::Truncated { need: n, have: buf.len() })
+                Err(FrameError::Truncated {
+                    need: n,
+                    have: buf.len(),
+                })
             } else {
                 Ok(())
             }
@@ -290,7 +293,11 @@ impl Reassembler {
             *self.partials_by_peer.entry(peer).or_insert(0) += 1;
             self.order.push_back((key, now));
         }
-        if self.partials.get(&key).is_some_and(|p| p.parts[index as usize].is_some()) {
+        if self
+            .partials
+            .get(&key)
+            .is_some_and(|p| p.parts[index as usize].is_some())
+        {
             self.counters.duplicate_fragments += 1;
             return Err(Held::Duplicate);
         }
@@ -499,7 +506,7 @@ impl Engine {
                             addr,
                             payload,
                         });
-                        }
+                    }
                     Err(_) => self.datagrams.reassembler.counters.malformed += 1,
                 }
             }
@@ -697,7 +704,10 @@ mod tests {
         assert!(r.counters.evicted > 0);
         // The newest survive: the last one completes.
         let last = cut(1, 29, &message(4000), 1000);
-        assert_eq!(feed(&mut r, &last[3], now + Duration::from_millis(30)).unwrap(), message(4000));
+        assert_eq!(
+            feed(&mut r, &last[3], now + Duration::from_millis(30)).unwrap(),
+            message(4000)
+        );
         // Another peer has its own share, and the total cap holds.
         for id in 0..30u32 {
             let frames = cut(2, id, &message(4000), 1000);

@@ -149,20 +149,37 @@ impl DatagramRouter {
     /// Hands what the engine reassembled to its consumer, or drops it (counted).
     pub fn deliver(&self, event: DatagramEvent) {
         match (event, &self.server) {
-            (DatagramEvent::Datagram { peer, flow, addr, payload }, Some(server)) => {
-                let Some(datagram) = self.charge(addr, payload) else { return };
+            (
+                DatagramEvent::Datagram {
+                    peer,
+                    flow,
+                    addr,
+                    payload,
+                },
+                Some(server),
+            ) => {
+                let Some(datagram) = self.charge(addr, payload) else {
+                    return;
+                };
                 let sent = server.try_send(ServerDatagram::Datagram { peer, flow, datagram });
                 self.count(sent.is_ok());
             }
             (DatagramEvent::FlowClosed { peer, flow }, Some(server)) => {
                 let _ = server.try_send(ServerDatagram::FlowClosed { peer, flow });
             }
-            (DatagramEvent::Datagram { flow, addr, payload, .. }, None) => {
+            (
+                DatagramEvent::Datagram {
+                    flow, addr, payload, ..
+                },
+                None,
+            ) => {
                 let Some(tx) = lock(&self.flows).get(&flow).cloned() else {
                     self.stats.dropped_no_flow.fetch_add(1, Ordering::Relaxed);
                     return;
                 };
-                let Some(datagram) = self.charge(addr, payload) else { return };
+                let Some(datagram) = self.charge(addr, payload) else {
+                    return;
+                };
                 self.count(tx.try_send(datagram).is_ok());
             }
             (DatagramEvent::FlowClosed { .. }, None) => {}

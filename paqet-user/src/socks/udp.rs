@@ -236,6 +236,9 @@ mod tests {
         assert_eq!(parse_udp_request(&header(&t, 0x81)).unwrap().frag, 0x81);
         assert!(parse_udp_request(&[0, 0, 0, 9, 1, 2, 3, 4, 0, 53]).is_err());
         assert!(parse_udp_request(&[0, 0, 0, 3, 0, 0, 53]).is_err(), "empty name");
-        assert!(parse_udp_request(&[0, 0, 0, 3, 5, b'a', 0, 53]).is_err(), "name past the end");
+        assert!(
+            parse_udp_request(&[0, 0, 0, 3, 5, b'a', 0, 53]).is_err(),
+            "name past the end"
+        );
     }
 }
