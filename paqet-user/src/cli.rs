@@ -115,6 +115,10 @@ pub struct RunArgs {
     #[arg(long, value_name = "CIDRS")]
     pub deny: Option<String>,
 
+    /// FORWARD: client ports forwarded to fixed targets, e.g. tcp/127.0.0.1:2222=10.0.0.5:22,udp/127.0.0.1:5353=9.9.9.9:53 (a non-loopback listener needs !public at the end of its entry)
+    #[arg(long, value_name = "ENTRIES")]
+    pub forward: Option<String>,
+
     /// LOG_LEVEL: error, warn, info, debug or trace [default: info]
     #[arg(long, value_name = "LEVEL")]
     pub log_level: Option<String>,
@@ -141,6 +145,7 @@ impl RunArgs {
             ("KEY_FILE", &self.key_file),
             ("ALLOW", &self.allow),
             ("DENY", &self.deny),
+            ("FORWARD", &self.forward),
             ("LOG_LEVEL", &self.log_level),
         ]
         .into_iter()

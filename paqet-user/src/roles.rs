@@ -360,6 +360,11 @@ async fn run_client(config: Config, server: SocketAddr, paths: Vec<AnyTransport>
             config.socks_addr
         )
     })?;
+    // Before privileges drop, like the SOCKS port: a forward may listen below 1024.
+    let forwards = crate::node::forward::bind_all(&config.forwards).await?;
+    for f in &config.forwards {
+        tracing::info!(forward = %f, "forwarding");
+    }
     let mut ec = engine_config(&config, engine::Role::Client { server });
     ec.max_datagram = path_datagram_size(&paths, ec.max_datagram);
     ec.paths = path_ids(&paths)?;
@@ -374,10 +379,16 @@ async fn run_client(config: Config, server: SocketAddr, paths: Vec<AnyTransport>
     });
     let receiver = tokio::spawn(node.clone().run_receivers());
     let timers = tokio::spawn(node.clone().run_timers());
+    let open_timeout = frontend.open_timeout;
     let accept = tokio::spawn(frontend.serve(listener, node.clone()));
-    let live = tokio::spawn(publish_live(node.clone(), instance, "client"));
+    let mut forwarding = tokio::task::JoinSet::new();
+    for bound in forwards {
+        forwarding.spawn(crate::node::forward::serve(node.clone(), bound, open_timeout));
+    }
+    let live = tokio::spawn(publish_live(node.clone(), instance, "client", None));
     let outcome = wait_for_stop(&mut signals, receiver).await;
     accept.abort();
+    forwarding.abort_all();
     drain(&node, &mut signals).await;
     timers.abort();
     live.abort();
@@ -399,9 +410,17 @@ async fn run_server(config: Config, paths: Vec<AnyTransport>, instance: String, 
     let receiver = tokio::spawn(node.clone().run_receivers());
     let timers = tokio::spawn(node.clone().run_timers());
     let dialing = tokio::spawn(dialer.serve(node.clone(), opened));
-    let live = tokio::spawn(publish_live(node.clone(), instance, "server"));
+    let udp_flows = Arc::new(crate::dial::udp::UdpFlows::new(config.policy.clone()));
+    let datagrams = node
+        .datagrams
+        .take_server_receiver()
+        .context("server node without a datagram channel")?;
+    let udp_stats = udp_flows.stats.clone();
+    let relaying_udp = tokio::spawn(udp_flows.serve(node.clone(), datagrams));
+    let live = tokio::spawn(publish_live(node.clone(), instance, "server", Some(udp_stats)));
     let outcome = wait_for_stop(&mut signals, receiver).await;
     dialing.abort();
+    relaying_udp.abort();
     drain(&node, &mut signals).await;
     timers.abort();
     live.abort();
@@ -409,11 +428,17 @@ async fn run_server(config: Config, paths: Vec<AnyTransport>, instance: String, 
 }
 
 /// Keeps `/run/paqet/<instance>.json` current for `paqet status`.
-async fn publish_live<T: Transport>(node: Arc<Node<T>>, instance: String, role: &'static str) {
+async fn publish_live<T: Transport>(
+    node: Arc<Node<T>>,
+    instance: String,
+    role: &'static str,
+    udp_flows: Option<Arc<crate::dial::udp::UdpStats>>,
+) {
     let transport = node.path_list();
     live::publish(instance, role, transport, move || {
         let c = node.counters();
         live::Snapshot {
+            udp: udp_json(&node, udp_flows.as_deref()),
             sessions: node.with_engine(|e, _| e.peer_count()),
             paths: node
                 .with_engine(|e, _| e.sessions_per_path(node.paths().len()))
@@ -432,6 +457,41 @@ async fn publish_live<T: Transport>(node: Arc<Node<T>>, instance: String, role: 
         }
     })
     .await
+}
+
+/// The UDP part of the live status: the datagram layer's counters, and the client's
+/// associations and forwards or the server's flows.
+fn udp_json<T: Transport>(node: &Node<T>, server: Option<&crate::dial::udp::UdpStats>) -> serde_json::Value {
+    use std::sync::atomic::Ordering::Relaxed;
+    let d = node.datagram_counters();
+    let r = &node.datagrams.stats;
+    let mut v = serde_json::json!({
+        "datagrams_sent": d.sent,
+        "datagrams_received": d.received,
+        "reassembly_timed_out": d.timed_out,
+        "reassembly_evicted": d.evicted,
+        "dropped_queue_full": r.dropped_full.load(Relaxed),
+        "dropped_no_flow": r.dropped_no_flow.load(Relaxed),
+    });
+    match server {
+        None => v["associations"] = serde_json::Value::Array(node.datagrams.registry.to_json()),
+        Some(s) => {
+            v["flows"] = serde_json::json!({
+                "live": s.flows_live.load(Relaxed),
+                "opened": s.flows_opened.load(Relaxed),
+                "refused": s.flows_refused.load(Relaxed),
+                "to_targets": s.datagrams_out.load(Relaxed),
+                "from_targets": s.datagrams_in.load(Relaxed),
+                "bytes_to_targets": s.bytes_out.load(Relaxed),
+                "bytes_from_targets": s.bytes_in.load(Relaxed),
+                "refused_by_policy": s.refused_policy.load(Relaxed),
+                "unresolved": s.unresolved.load(Relaxed),
+                "filtered": s.filtered.load(Relaxed),
+                "dropped": s.dropped.load(Relaxed),
+            })
+        }
+    }
+    v
 }
 
 /// SIGTERM and SIGINT, installed once at start so no signal is missed.

@@ -15,5 +15,6 @@ pub mod router;
 pub mod scenarios;
 pub mod service;
 pub mod socks;
+pub mod udp;
 
 pub use netns::{ChildGuard, Netns, TwoHosts, fmt_mac, paqet_bin, require_root, run_checked, veth, wait_for};

@@ -23,6 +23,11 @@ pub const APT_PACKAGES: &[&str] = &[
     // to make it forget flows mid-session.
     "nftables",
     "conntrack",
+    // The UDP relay tests (tests/tests/udp_relay.rs): iperf3 through the forwards, dig
+    // against a dnsmasq the test starts behind the server.
+    "iperf3",
+    "dnsutils",
+    "dnsmasq-base",
 ];
 
 pub const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -21,6 +21,7 @@ pub const KEYS: &[&str] = &[
     "KEY_FILE",
     "ALLOW",
     "DENY",
+    "FORWARD",
     "LOG_LEVEL",
 ];
 

@@ -6,6 +6,7 @@
 //! the README ("Configuration").
 
 mod error;
+pub mod forward;
 mod keys;
 mod policy;
 mod settings;
@@ -16,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use error::{ConfigError, Origin};
+pub use forward::{Forward, ForwardProto};
 pub use keys::{KEYS, flag_for_key};
 pub use policy::{IpNet, PortRange, RuleSource, TargetPolicy, TargetRule, Verdict};
 pub use settings::Settings;
@@ -49,6 +51,8 @@ pub struct Config {
     pub timeout: Duration,
     pub key: Key,
     pub policy: TargetPolicy,
+    /// Client: ports forwarded to fixed targets (`FORWARD`).
+    pub forwards: Vec<Forward>,
     pub log_level: LogLevel,
 }
 
@@ -101,9 +105,20 @@ impl Config {
                 allow: rules(s, "ALLOW")?.unwrap_or_default(),
                 deny: rules(s, "DENY")?.unwrap_or_default(),
             },
+            forwards: value(s, "FORWARD", forward::parse_forwards)?.unwrap_or_default(),
             log_level: value(s, "LOG_LEVEL", str::parse)?.unwrap_or(LogLevel::Info),
         };
         check_role_needs(s, &config)?;
+        if role == Role::Server
+            && let Some((_, at)) = s.get("FORWARD")
+        {
+            return Err(ConfigError::Conflict {
+                message: format!(
+                    "{at}: FORWARD is a client setting (the client listens and the server dials); \
+                     remove it from the server's config"
+                ),
+            });
+        }
         if role == Role::Client {
             check_socks_exposure(s, &config)?;
         }

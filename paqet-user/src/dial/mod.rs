@@ -5,6 +5,7 @@
 
 pub mod limits;
 pub mod own;
+pub mod udp;
 
 use std::io;
 use std::net::SocketAddr;

@@ -83,12 +83,15 @@ pub enum Inner<'a> {
     Keepalive { padding: &'a [u8] },
     /// The sender's receive buffer dropped this many datagrams lately: send less.
     Overflow { dropped: u32 },
+    /// A fragment of a relayed UDP datagram, or the end of a flow (`engine::datagrams`).
+    Datagram(super::datagrams::DatagramFrame<'a>),
 }
 
 const INNER_KCP: u8 = 1;
 const INNER_RESET: u8 = 2;
 const INNER_KEEPALIVE: u8 = 3;
 const INNER_OVERFLOW: u8 = 4;
+const INNER_DATAGRAM: u8 = 5;
 
 impl<'a> Inner<'a> {
     pub fn parse(buf: &'a [u8]) -> Result<Inner<'a>, FrameError> {
@@ -105,6 +108,7 @@ impl<'a> Inner<'a> {
                 need(body, 4)?;
                 Ok(Inner::Overflow { dropped: be_u32(body) })
             }
+            INNER_DATAGRAM => Ok(Inner::Datagram(super::datagrams::DatagramFrame::parse(body)?)),
             other => Err(FrameError::UnknownType {
                 what: "inner frame",
                 value: other,
@@ -129,6 +133,10 @@ impl<'a> Inner<'a> {
             Inner::Overflow { dropped } => {
                 out.push(INNER_OVERFLOW);
                 out.extend_from_slice(&dropped.to_be_bytes());
+            }
+            Inner::Datagram(frame) => {
+                out.push(INNER_DATAGRAM);
+                frame.emit(out);
             }
         }
     }

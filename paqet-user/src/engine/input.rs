@@ -104,6 +104,10 @@ impl Engine {
                 self.on_peer_overflow(peer_id, now.instant);
                 Ok(())
             }
+            Inner::Datagram(frame) => {
+                self.handle_datagram_frame(now.instant, peer_id, frame);
+                Ok(())
+            }
             Inner::Keepalive { .. } => {
                 if matches!(self.config.role, Role::Server) {
                     self.send_keepalive(peer_id);

@@ -20,6 +20,7 @@ mod admission;
 pub mod arq;
 mod backoff;
 pub mod crypto;
+pub mod datagrams;
 pub mod frame;
 pub mod kcp;
 pub mod mux;
@@ -345,6 +346,8 @@ pub struct Engine {
     stream_window: Option<u16>,
     /// The latest time the edge told us; for the calls that need no fresh reading.
     clock: Instant,
+    /// Relayed UDP: reassembly and what arrived (`datagrams`).
+    datagrams: datagrams::Datagrams,
 }
 
 impl Engine {
@@ -387,6 +390,7 @@ impl Engine {
             queued_segments: 0,
             stream_window: None,
             clock: now,
+            datagrams: datagrams::Datagrams::default(),
         };
         engine.control_buf = vec![0u8; engine.read_buffer_len()];
         engine

@@ -1120,3 +1120,6 @@ fn below_the_load_threshold_no_cookie_is_asked() {
     assert_eq!(sim.server.counters().handshakes, 1);
     assert_eq!(sim.server.counters().cookies_sent, 0);
 }
+
+#[path = "datagram_tests.rs"]
+mod datagram_tests;

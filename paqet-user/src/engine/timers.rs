@@ -37,6 +37,7 @@ impl Engine {
             return;
         }
         self.last_tick = now.instant;
+        self.expire_datagrams(now.instant);
         let ms = self.ms(now.instant);
         let peer_ids: Vec<PeerId> = self.peers.keys().copied().collect();
         self.queued_segments = 0;

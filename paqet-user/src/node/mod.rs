@@ -6,6 +6,8 @@
 //! stream tasks the events name.
 
 mod busy_poll;
+pub mod datagram;
+pub mod forward;
 mod relay;
 
 pub use relay::relay_stream;
@@ -97,6 +99,8 @@ pub struct Node<T: Transport> {
     /// Per path: wakes its sleeping receiver when a datagram goes out there, so it
     /// polls for the answer.
     sent: Vec<Notify>,
+    /// Relayed UDP datagrams, to the flows that own them.
+    pub datagrams: datagram::DatagramRouter,
 }
 
 pub fn now() -> Now {
@@ -133,6 +137,7 @@ impl<T: Transport> Node<T> {
             spent: Mutex::new(Vec::new()),
             busy_poll: Mutex::new(BusyPoll::new(Instant::now())),
             sent,
+            datagrams: datagram::DatagramRouter::new(server),
         };
         (Arc::new(node), rx)
     }
@@ -176,12 +181,14 @@ impl<T: Transport> Node<T> {
         // Last call's sent datagrams: their buffers go back to the engine for reuse.
         let mut transmits: Vec<Transmit> = std::mem::take(&mut *lock(&self.spent));
         let mut events = Vec::new();
+        let mut datagrams = Vec::new();
         let result = {
             let mut engine = lock(&self.engine);
             engine.recycle(&mut transmits);
             let r = f(&mut engine, now());
             engine.drain_transmits(&mut transmits);
             engine.drain_events(&mut events);
+            engine.drain_datagrams(&mut datagrams);
             if engine.take_timer_moved() {
                 self.timer.notify_one();
             }
@@ -193,6 +200,9 @@ impl<T: Transport> Node<T> {
         }
         for event in events {
             self.dispatch(event);
+        }
+        for datagram in datagrams {
+            self.datagrams.deliver(datagram);
         }
         if !transmits.is_empty() {
             let mut spent = lock(&self.spent);
@@ -311,6 +321,27 @@ impl<T: Transport> Node<T> {
     /// Server: the waker registered when the stream was opened.
     pub fn stream_waker(&self, id: StreamId) -> Option<Arc<StreamWaker>> {
         self.waker(id)
+    }
+
+    /// Sends one relayed UDP datagram of `flow` (a client passes `peer: None`).
+    pub fn send_datagram(
+        &self,
+        peer: Option<crate::engine::PeerId>,
+        flow: u32,
+        addr: &TargetAddr,
+        payload: &[u8],
+    ) -> Result<(), crate::engine::datagrams::DatagramError> {
+        self.with_engine(|e, _| e.send_datagram(peer, flow, addr, payload))
+    }
+
+    /// Client: `flow` ended; the server frees it now.
+    pub fn close_flow(&self, flow: u32) {
+        self.datagrams.unregister(flow);
+        self.with_engine(|e, _| e.close_datagram_flow(flow));
+    }
+
+    pub fn datagram_counters(&self) -> crate::engine::datagrams::DatagramCounters {
+        lock(&self.engine).datagram_counters()
     }
 
     pub fn reset_stream(&self, id: StreamId) {

@@ -25,6 +25,9 @@ pub struct Snapshot {
     pub dropped_replayed: u64,
     /// Datagrams the kernel dropped for a full receive ring or socket buffer.
     pub receive_overflows: u64,
+    /// Relayed UDP: counters, and the client's associations and forwards or the
+    /// server's flows (see `roles::udp_json`).
+    pub udp: Value,
 }
 
 pub fn state_path(instance: &str) -> PathBuf {
@@ -53,6 +56,7 @@ fn render(role: &str, transport: &str, now: &Snapshot, before: &Snapshot, secs: 
         "dropped_unauthentic": now.dropped_unauthentic,
         "dropped_replayed": now.dropped_replayed,
         "receive_overflows": now.receive_overflows,
+        "udp": now.udp,
     })
 }
 

@@ -166,9 +166,58 @@ pub fn run(args: &StatusArgs) -> Result<()> {
             if !paths.is_empty() {
                 println!("  sessions per path: {}", paths.join(", "));
             }
+            for line in udp_lines(&live["udp"]) {
+                println!("  {line}");
+            }
         }
     }
     Ok(())
+}
+
+/// Relayed UDP, as `udp_json` in roles.rs publishes it: one line of totals, then one
+/// per association or forward (client) or the flows' counters (server).
+fn udp_lines(udp: &Value) -> Vec<String> {
+    if udp.is_null() {
+        return Vec::new();
+    }
+    let mut lines = vec![format!(
+        "udp: datagrams sent {} received {}, reassembly timed out {} evicted {}, dropped (queue full) {}",
+        udp["datagrams_sent"],
+        udp["datagrams_received"],
+        udp["reassembly_timed_out"],
+        udp["reassembly_evicted"],
+        udp["dropped_queue_full"]
+    )];
+    for a in udp["associations"].as_array().into_iter().flatten() {
+        lines.push(format!(
+            "{} {} <-> {}: flows {} up {} ({} B) down {} ({} B) dropped {}",
+            a["kind"].as_str().unwrap_or("?"),
+            a["local"].as_str().unwrap_or("?"),
+            a["peer"].as_str().unwrap_or("?"),
+            a["flows"],
+            a["up"],
+            a["bytes_up"],
+            a["down"],
+            a["bytes_down"],
+            a["dropped"]
+        ));
+    }
+    let f = &udp["flows"];
+    if !f.is_null() {
+        lines.push(format!(
+            "udp flows: live {} opened {} refused {}; to targets {} from targets {}; refused by policy {} unresolved {} filtered {} dropped {}",
+            f["live"],
+            f["opened"],
+            f["refused"],
+            f["to_targets"],
+            f["from_targets"],
+            f["refused_by_policy"],
+            f["unresolved"],
+            f["filtered"],
+            f["dropped"]
+        ));
+    }
+    lines
 }
 
 /// Bytes per second as people read them: "414 MB/s", "12.3 kB/s", "0 B/s" (decimal

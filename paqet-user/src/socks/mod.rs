@@ -1,6 +1,6 @@
-//! The client's edge: the SOCKS5 front end (fast-socks5). CONNECT only; targets travel
-//! to the server unresolved (socks5h semantics), and the server's answer becomes the
-//! SOCKS reply code.
+//! The client's edge: the SOCKS5 front end (fast-socks5). CONNECT and UDP ASSOCIATE
+//! (`udp`); targets travel to the server unresolved (socks5h semantics), and the
+//! server's answer becomes the SOCKS reply code.
 //!
 //! Hardened against strangers on the port (see `gate` and `auth`): a handshake must
 //! finish within 10 s, at most 256 may be pending at once (the oldest is closed beyond),
@@ -10,6 +10,7 @@
 
 pub mod auth;
 pub mod gate;
+pub mod udp;
 
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
@@ -38,6 +39,8 @@ pub enum SocksError {
     Protocol(#[from] SocksServerError),
     #[error("SOCKS {0}")]
     Handshake(#[from] HandshakeError<SocksServerError>),
+    #[error("UDP ASSOCIATE: {0}")]
+    Udp(#[from] udp::UdpAssociateError),
 }
 
 pub struct SocksFrontend {
@@ -153,7 +156,16 @@ impl SocksFrontend {
         node: &Arc<Node<T>>,
     ) -> Result<(), SocksError> {
         let _ = sock.set_nodelay(true);
+        // Where the client reached us: the UDP relay of an association listens there.
+        let local = sock.local_addr().ok();
         let (proto, command, target) = conn.handshake(handshaker.handshake(sock, peer.ip())).await?;
+        if command == Socks5Command::UDPAssociate
+            && let Some(local) = local
+        {
+            // Held as a live connection until the association ends with it.
+            udp::associate(node.clone(), proto, local, peer).await?;
+            return Ok(());
+        }
         if command != Socks5Command::TCPConnect {
             proto.reply_error(&ReplyError::CommandNotSupported).await?;
             return Ok(());
