@@ -327,7 +327,7 @@ fn auto_finds_the_open_wire(tag: &str, ipv6: bool, block_udp: bool) {
     assert!(
         log.lines()
             .filter(|l| l.contains("session established"))
-            .last()
+            .next_back()
             .is_some_and(|l| l.contains(&format!("path={chosen}"))),
         "the client did not settle on {chosen}\n{}",
         bed.logs()

@@ -97,7 +97,7 @@ impl Headers {
         let l4 = match self.protocol {
             ipproto::TCP => {
                 let opts = self.tcp_options.len as usize;
-                if opts > TCP_MAX_OPTIONS_LEN || opts % 4 != 0 {
+                if opts > TCP_MAX_OPTIONS_LEN || !opts.is_multiple_of(4) {
                     return Err(EmitError::Unsupported);
                 }
                 TCP_MIN_HEADER_LEN + opts

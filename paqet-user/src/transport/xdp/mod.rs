@@ -259,6 +259,8 @@ impl XdpTransport {
                 SynKey::new(opts.syn_key),
                 mss,
                 Instant::now(),
+                // This run's start, for the server's refusal of SYNs stamped earlier.
+                crate::node::now().unix_ms,
                 rand::random(),
             ));
         }

@@ -78,8 +78,9 @@ const SEEN_SYNS_MAX: usize = 1 << 16;
 /// An unanswered SYN is sent again (the same segment, as TCP retransmits) this often,
 /// when there is something to send.
 const SYN_RETRY: Duration = Duration::from_secs(1);
-/// After this long unanswered, a fresh SYN instead: its time would soon be too old.
-const SYN_REFRESH: Duration = Duration::from_secs(100);
+/// After this long unanswered, a fresh SYN instead: a server that (re)started after
+/// the first one was stamped refuses it, as a possible replay from before its start.
+const SYN_REFRESH: Duration = Duration::from_secs(5);
 /// Client: sending this long without hearing anything re-opens the flow. Idle sessions
 /// exchange a keepalive and its answer every second, so a live path is never silent
 /// this long; the engine's own re-handshake comes after 4 s, so the flow is open again
@@ -392,12 +393,17 @@ pub struct Flows {
     control: Vec<Control>,
     /// The flow clock's zero.
     origin: Instant,
+    /// Server: the wall clock (ms) when it started. A SYN stamped earlier may be a
+    /// replay of one answered by an earlier run, whose answered SYNs this one does not
+    /// remember (nothing is kept on disk): refused, as the engine refuses such
+    /// handshakes. 0 turns the check off.
+    started_unix_ms: u64,
     rng: StdRng,
     pub counters: FlowCounters,
 }
 
 impl Flows {
-    pub fn new(side: Side, key: SynKey, mss: u16, origin: Instant, seed: [u8; 32]) -> Flows {
+    pub fn new(side: Side, key: SynKey, mss: u16, origin: Instant, started_unix_ms: u64, seed: [u8; 32]) -> Flows {
         Flows {
             side,
             key,
@@ -407,6 +413,7 @@ impl Flows {
             seen_order: VecDeque::new(),
             control: Vec::new(),
             origin,
+            started_unix_ms,
             rng: StdRng::from_seed(seed),
             counters: FlowCounters::default(),
         }
@@ -642,6 +649,14 @@ impl Flows {
         verdict
     }
 
+    /// Whether a SYN sent at `sent_ms` (the low 32 bits of Unix ms) predates this
+    /// server's start. Only asked while the start is recent: later, any SYN from before
+    /// it fails the skew check anyway, and the 32-bit difference stays meaningful.
+    fn stamped_before_start(&self, sent_ms: u32, unix_ms: u64) -> bool {
+        let recent = unix_ms.saturating_sub(self.started_unix_ms) <= 2 * u64::from(SYN_MAX_SKEW_MS);
+        self.started_unix_ms != 0 && recent && (sent_ms.wrapping_sub(self.started_unix_ms as u32) as i32) < 0
+    }
+
     fn check_syn(&mut self, peer: SocketAddr, port: u16, rx: &Received, now: Instant, unix_ms: u64) -> RxVerdict {
         let Some((tsval, _)) = rx.options.timestamps else {
             return RxVerdict::Drop(RxDrop::Unauthentic);
@@ -650,7 +665,9 @@ impl Flows {
             return RxVerdict::Drop(RxDrop::Unauthentic);
         }
         let sent_ms = tsval.wrapping_sub(self.key.ts_offset(port));
-        if sent_ms.wrapping_sub(unix_ms as u32).wrapping_add(SYN_MAX_SKEW_MS) > 2 * SYN_MAX_SKEW_MS {
+        if sent_ms.wrapping_sub(unix_ms as u32).wrapping_add(SYN_MAX_SKEW_MS) > 2 * SYN_MAX_SKEW_MS
+            || self.stamped_before_start(sent_ms, unix_ms)
+        {
             return RxVerdict::Drop(RxDrop::Stale);
         }
         self.forget_old_syns(now);

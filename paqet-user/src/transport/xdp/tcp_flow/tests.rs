@@ -14,7 +14,7 @@ fn server_addr() -> SocketAddr {
 const UNIX_MS: u64 = 1_800_000_000_000;
 
 fn flows(side: Side, key: [u8; 32], origin: Instant) -> Flows {
-    Flows::new(side, SynKey::new(key), 1448, origin, [side_seed(side); 32])
+    Flows::new(side, SynKey::new(key), 1448, origin, 0, [side_seed(side); 32])
 }
 
 fn side_seed(side: Side) -> u8 {
@@ -395,6 +395,51 @@ fn a_stale_syn_gets_nothing() {
     );
     let skewed = UNIX_MS + u64::from(SYN_MAX_SKEW_MS) - 1;
     assert_eq!(server.on_receive(client_addr(), &syn, now, skewed), RxVerdict::Consumed);
+}
+
+#[test]
+fn a_syn_stamped_before_the_server_started_gets_nothing_and_the_client_soon_sends_a_fresh_one() {
+    let now = Instant::now();
+    let mut client = flows(Side::Client, KEY, now);
+    client.on_send(server_addr(), b"x", now, UNIX_MS);
+    let recorded = received(&client.take_control()[0].seg, 0);
+    // The server (re)starts a moment after the SYN was sent: it cannot know whether an
+    // earlier run answered it.
+    let started = UNIX_MS + 1;
+    let mut server = Flows::new(
+        Side::Server { port: PORT },
+        SynKey::new(KEY),
+        1448,
+        now,
+        started,
+        [2; 32],
+    );
+    assert_eq!(
+        server.on_receive(client_addr(), &recorded, now, started + 10),
+        RxVerdict::Drop(RxDrop::Stale)
+    );
+    assert!(
+        server.take_control().is_empty(),
+        "a SYN from before the start was answered"
+    );
+    // The client's retransmissions repeat that SYN; after SYN_REFRESH it sends a fresh
+    // one, which is answered.
+    let later = now + SYN_REFRESH;
+    let later_ms = UNIX_MS + SYN_REFRESH.as_millis() as u64;
+    client.on_send(server_addr(), b"y", later, later_ms);
+    let fresh = client.take_control();
+    assert_eq!(fresh.len(), 1);
+    assert_ne!(fresh[0].seg.seq, recorded.seq, "not a fresh SYN");
+    assert_eq!(
+        server.on_receive(client_addr(), &received(&fresh[0].seg, 0), later, later_ms),
+        RxVerdict::Consumed
+    );
+    // Long after the start the check stays out of the way (no 32-bit wrap surprises).
+    let mut old_server = Flows::new(Side::Server { port: PORT }, SynKey::new(KEY), 1448, now, 1, [3; 32]);
+    assert_eq!(
+        old_server.on_receive(client_addr(), &received(&fresh[0].seg, 0), later, later_ms),
+        RxVerdict::Consumed
+    );
 }
 
 #[test]
