@@ -14,16 +14,11 @@ pub const REPLY_CONNECTION_REFUSED: u8 = 5;
 pub const REPLY_TTL_EXPIRED: u8 = 6;
 pub const REPLY_COMMAND_NOT_SUPPORTED: u8 = 7;
 
-/// Connects through the proxy. `Ok(Err(code))` is a SOCKS refusal with its reply code.
-pub fn connect(
-    proxy: SocketAddr,
-    host: &str,
-    port: u16,
-    auth: Option<(&str, &str)>,
-    cmd: u8,
-) -> Result<std::result::Result<TcpStream, u8>> {
+/// Connects to the SOCKS port and gets through the greeting (and login, with `auth`);
+/// the stream is ready for a request. Reads time out after `read_timeout`.
+pub fn greet(proxy: SocketAddr, auth: Option<(&str, &str)>, read_timeout: Duration) -> Result<TcpStream> {
     let mut s = TcpStream::connect_timeout(&proxy, Duration::from_secs(5)).context("connecting to the SOCKS port")?;
-    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    s.set_read_timeout(Some(read_timeout))?;
     let method = if auth.is_some() { 2u8 } else { 0u8 };
     s.write_all(&[5, 1, method])?;
     let mut choice = [0u8; 2];
@@ -43,6 +38,18 @@ pub fn connect(
             bail!("authentication failed");
         }
     }
+    Ok(s)
+}
+
+/// Connects through the proxy. `Ok(Err(code))` is a SOCKS refusal with its reply code.
+pub fn connect(
+    proxy: SocketAddr,
+    host: &str,
+    port: u16,
+    auth: Option<(&str, &str)>,
+    cmd: u8,
+) -> Result<std::result::Result<TcpStream, u8>> {
+    let mut s = greet(proxy, auth, Duration::from_secs(60))?;
     let mut req = vec![5, cmd, 0];
     match host.parse::<std::net::IpAddr>() {
         Ok(std::net::IpAddr::V4(ip)) => {

@@ -100,27 +100,7 @@ pub fn associate(
     auth: Option<(&str, &str)>,
     local_ip: IpAddr,
 ) -> Result<std::result::Result<Association, u8>> {
-    let mut s = TcpStream::connect_timeout(&proxy, Duration::from_secs(5)).context("connecting to the SOCKS port")?;
-    s.set_read_timeout(Some(Duration::from_secs(20)))?;
-    let method = if auth.is_some() { 2u8 } else { 0u8 };
-    s.write_all(&[5, 1, method])?;
-    let mut choice = [0u8; 2];
-    s.read_exact(&mut choice).context("reading the method choice")?;
-    if choice[1] != method {
-        bail!("proxy chose method {} instead of {method}", choice[1]);
-    }
-    if let Some((user, pass)) = auth {
-        let mut msg = vec![1, user.len() as u8];
-        msg.extend_from_slice(user.as_bytes());
-        msg.push(pass.len() as u8);
-        msg.extend_from_slice(pass.as_bytes());
-        s.write_all(&msg)?;
-        let mut status = [0u8; 2];
-        s.read_exact(&mut status)?;
-        if status[1] != 0 {
-            bail!("authentication failed");
-        }
-    }
+    let mut s = crate::socks::greet(proxy, auth, Duration::from_secs(20))?;
     // DST.ADDR 0.0.0.0:0: the client does not know its address yet (RFC 1928 allows it).
     s.write_all(&[5, 3, 0, 1, 0, 0, 0, 0, 0, 0])?;
     let mut head = [0u8; 4];

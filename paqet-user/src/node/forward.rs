@@ -30,8 +30,6 @@ use crate::transport::Transport;
 pub const SOURCE_IDLE: Duration = crate::dial::udp::FLOW_IDLE;
 /// Local sources one UDP forward maps at once.
 pub const MAX_SOURCES: usize = 1024;
-/// Socket buffer of a UDP forward's listener: a burst from the application waits here.
-const SOCKET_BUFFER: usize = 4 << 20;
 
 pub fn target_of(host: &HostPort) -> TargetAddr {
     match host.host.parse::<std::net::IpAddr>() {
@@ -54,23 +52,13 @@ pub async fn bind_all(forwards: &[Forward]) -> std::io::Result<Vec<Bound>> {
         let with = |e: std::io::Error| std::io::Error::new(e.kind(), format!("FORWARD {f}: cannot listen: {e}"));
         match f.proto {
             ForwardProto::Tcp => bound.push(Bound::Tcp(TcpListener::bind(f.listen).await.map_err(with)?, f.clone())),
-            ForwardProto::Udp => bound.push(Bound::Udp(bind_udp(f.listen).map_err(with)?, f.clone())),
+            ForwardProto::Udp => bound.push(Bound::Udp(
+                crate::socks::udp::bind_udp(f.listen).map_err(with)?,
+                f.clone(),
+            )),
         }
     }
     Ok(bound)
-}
-
-fn bind_udp(listen: SocketAddr) -> std::io::Result<UdpSocket> {
-    let socket = socket2::Socket::new(
-        socket2::Domain::for_address(listen),
-        socket2::Type::DGRAM,
-        Some(socket2::Protocol::UDP),
-    )?;
-    let _ = socket.set_recv_buffer_size(SOCKET_BUFFER);
-    let _ = socket.set_send_buffer_size(SOCKET_BUFFER);
-    socket.set_nonblocking(true)?;
-    socket.bind(&listen.into())?;
-    UdpSocket::from_std(socket.into())
 }
 
 /// Serves one bound forward until the task is dropped.

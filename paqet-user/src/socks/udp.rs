@@ -27,8 +27,8 @@ use crate::transport::Transport;
 
 /// RSV (2) and FRAG (1) before the address.
 const PREFIX_LEN: usize = 3;
-/// Bytes a relay socket asks the kernel to buffer: a burst from a fast application
-/// waits here while the engine seals.
+/// Bytes a relay socket or a UDP forward's listener asks the kernel to buffer: a burst
+/// from a fast application waits here while the engine seals.
 const SOCKET_BUFFER: usize = 4 << 20;
 
 #[derive(Debug, thiserror::Error)]
@@ -73,7 +73,12 @@ pub fn emit_udp_header(source: &TargetAddr, out: &mut Vec<u8>) -> Result<(), Fra
 }
 
 fn bind_relay(ip: IpAddr) -> io::Result<UdpSocket> {
-    let local = SocketAddr::new(ip, 0);
+    bind_udp(SocketAddr::new(ip, 0))
+}
+
+/// A non-blocking UDP socket on `local` with buffers for bursts of large datagrams:
+/// the association's relay socket, and a UDP forward's listener.
+pub(crate) fn bind_udp(local: SocketAddr) -> io::Result<UdpSocket> {
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(local),
         socket2::Type::DGRAM,
