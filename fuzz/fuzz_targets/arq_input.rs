@@ -109,7 +109,8 @@ impl Write for Sink {
 
 struct Script<'a> {
     input: &'a [u8],
-    arq: Arq<Sink>,
+    arq: Arq,
+    sink: Sink,
     seen: Rc<Seen>,
     clock: u32,
     buf: &'a mut [u8],
@@ -120,13 +121,11 @@ impl<'a> Script<'a> {
         let (config, input) = data.split_first().map_or((0, data), |(&c, r)| (c, r));
         let mtu = MTUS[(config as usize >> 1) % MTUS.len()];
         let seen = Rc::new(Seen::default());
-        let mut arq = Arq::new(
-            CONV,
-            Sink {
-                mtu,
-                seen: seen.clone(),
-            },
-        );
+        let mut arq = Arq::new(CONV);
+        let sink = Sink {
+            mtu,
+            seen: seen.clone(),
+        };
         if config & 1 != 0 {
             arq.set_nodelay(true, 10, 2, true);
         }
@@ -137,6 +136,7 @@ impl<'a> Script<'a> {
         Script {
             input,
             arq,
+            sink,
             seen,
             clock: 0,
             buf,
@@ -245,7 +245,7 @@ impl<'a> Script<'a> {
                     } else {
                         self.clock.wrapping_add(u32::from(self.u16()))
                     };
-                    let _ = self.arq.update(self.clock);
+                    let _ = self.arq.update(self.clock, &mut self.sink);
                 }
                 7 => {
                     let len = self.u16() as usize;
@@ -255,7 +255,7 @@ impl<'a> Script<'a> {
                     }
                 }
                 _ => {
-                    let _ = self.arq.flush();
+                    let _ = self.arq.flush(&mut self.sink);
                 }
             }
             let held = self.arq.recv_held();

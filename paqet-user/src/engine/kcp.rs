@@ -1,7 +1,6 @@
 //! One KCP conversation per stream ([`super::arq`]), tuned the way kcptun tunes its modes.
 
 use std::io;
-use std::sync::{Arc, Mutex};
 
 use super::arq::Arq;
 
@@ -40,16 +39,10 @@ impl KcpProfile {
     }
 }
 
-/// Where every conversation's KCP writes its output packets; the engine drains it right
-/// after each KCP call, while it still knows which peer the packets are for.
-///
-/// The conversation owns its output writer and offers no way back to it, hence the shared
-/// handle.
+/// Where the engine has conversations write their output packets (`Arq::flush` and
+/// `Arq::update` take it as their sink); the engine seals them right after each KCP call,
+/// while it still knows which peer they are for.
 /// Packets are stored back to back in one reused buffer: no allocation per packet.
-#[derive(Clone, Default)]
-pub struct OutputQueue(Arc<Mutex<OutputPackets>>);
-
-/// Queued output packets, back to back, with the end offset of each.
 #[derive(Default)]
 pub struct OutputPackets {
     data: Vec<u8>,
@@ -72,36 +65,10 @@ impl OutputPackets {
     }
 }
 
-impl OutputQueue {
-    fn lock(&self) -> std::sync::MutexGuard<'_, OutputPackets> {
-        crate::sync::lock(&self.0)
-    }
-
-    /// Takes the queued packets; hand the (cleared) buffers back with [`OutputQueue::restore`].
-    pub fn take(&self) -> OutputPackets {
-        std::mem::take(&mut *self.lock())
-    }
-
-    /// Returns the buffers of a [`OutputQueue::take`], keeping anything queued meanwhile.
-    pub fn restore(&self, mut spent: OutputPackets) {
-        let mut q = self.lock();
-        if q.is_empty() {
-            spent.clear();
-            *q = spent;
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.lock().is_empty()
-    }
-}
-
-impl io::Write for OutputQueue {
+impl io::Write for OutputPackets {
     fn write(&mut self, packet: &[u8]) -> io::Result<usize> {
-        let mut q = self.lock();
-        q.data.extend_from_slice(packet);
-        let end = q.data.len();
-        q.ends.push(end);
+        self.data.extend_from_slice(packet);
+        self.ends.push(self.data.len());
         Ok(packet.len())
     }
 
@@ -110,7 +77,7 @@ impl io::Write for OutputQueue {
     }
 }
 
-pub type Conversation = Arq<OutputQueue>;
+pub type Conversation = Arq;
 
 /// A message-mode conversation, so every stream message keeps its boundaries.
 /// A stream message is at most eight segments (`mux`), so twice that always fits; the
@@ -120,15 +87,8 @@ pub type Conversation = Arq<OutputQueue>;
 /// from raising them.
 const MIN_RCV_WINDOW: u16 = 16;
 
-pub fn new_conversation(
-    conv: u32,
-    output: OutputQueue,
-    tuning: KcpTuning,
-    mtu: usize,
-    window: u16,
-    now_ms: u32,
-) -> Conversation {
-    let mut kcp = Arq::new(conv, output);
+pub fn new_conversation(conv: u32, tuning: KcpTuning, mtu: usize, window: u16, now_ms: u32) -> Conversation {
+    let mut kcp = Arq::new(conv);
     kcp.set_nodelay(
         tuning.nodelay,
         tuning.interval_ms as i32,
@@ -140,8 +100,8 @@ pub fn new_conversation(
     let _ = kcp.set_mtu(mtu);
     kcp.set_min_rcv_wnd(MIN_RCV_WINDOW);
     kcp.set_wndsize(window, window);
-    // KCP refuses to flush before its first update.
-    let _ = kcp.update(now_ms);
+    // Starts the flush schedule; a new conversation has nothing to send yet.
+    let _ = kcp.update(now_ms, &mut io::sink());
     kcp
 }
 
@@ -162,14 +122,13 @@ mod tests {
 
     #[test]
     fn message_crosses_two_conversations() {
-        let (qa, qb) = (OutputQueue::default(), OutputQueue::default());
         let tuning = KcpProfile::Fast3.tuning();
-        let mut a = new_conversation(7, qa.clone(), tuning, 1400, 128, 0);
-        let mut b = new_conversation(7, qb.clone(), tuning, 1400, 128, 0);
+        let mut a = new_conversation(7, tuning, 1400, 128, 0);
+        let mut b = new_conversation(7, tuning, 1400, 128, 0);
         let msg = vec![0xabu8; 5000];
         a.send(&msg).unwrap();
-        a.flush().unwrap();
-        let packets = qa.take();
+        let mut packets = OutputPackets::default();
+        a.flush(&mut packets).unwrap();
         for pkt in packets.iter() {
             b.input(pkt).unwrap();
         }

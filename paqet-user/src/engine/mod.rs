@@ -40,7 +40,7 @@ use rand::{Rng, RngCore, SeedableRng};
 
 use crypto::{IndexMask, Initiator, Psk, SEAL_OVERHEAD, SessionCrypto};
 use frame::{OpenError, TargetAddr};
-use kcp::{KcpProfile, OutputQueue};
+use kcp::{KcpProfile, OutputPackets};
 use mux::Stream;
 use sessions::Reach;
 pub use sessions::{PATH_FALLBACK_AFTER, SERVER_UNANSWERED_AFTER};
@@ -317,7 +317,7 @@ pub struct Engine {
     cookie_sealer: crypto::cookie::CookieSealer,
     /// Client: the server's latest cookie, and when it came.
     cookie: Option<(crypto::cookie::Cookie, Instant)>,
-    output: OutputQueue,
+    output: OutputPackets,
     transmits: Vec<Transmit>,
     events: Vec<Event>,
     next_conv: u32,
@@ -373,7 +373,7 @@ impl Engine {
             cookie_gate: admission::CookieGate::default(),
             cookie_sealer,
             cookie: None,
-            output: OutputQueue::default(),
+            output: OutputPackets::default(),
             transmits: Vec::new(),
             events: Vec::new(),
             next_conv,

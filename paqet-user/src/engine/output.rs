@@ -45,8 +45,9 @@ impl Engine {
 
     /// Sends whatever KCP of this stream has ready, sealed for its peer.
     pub(super) fn flush_stream(&mut self, id: StreamId) {
-        if let Some(stream) = self.stream_mut(id) {
-            let _ = stream.kcp.flush();
+        let stream = self.peers.get_mut(&id.peer).and_then(|p| p.streams.get_mut(&id.conv));
+        if let Some(stream) = stream {
+            let _ = stream.kcp.flush(&mut self.output);
         }
         self.seal_kcp_output(id.peer);
     }
@@ -55,11 +56,12 @@ impl Engine {
         if self.output.is_empty() {
             return;
         }
-        let packets = self.output.take();
+        let mut packets = std::mem::take(&mut self.output);
         for packet in packets.iter() {
             self.seal_to(peer_id, &Inner::Kcp(packet));
         }
-        self.output.restore(packets);
+        packets.clear();
+        self.output = packets;
     }
 
     /// Hands back the buffers of datagrams the edge has sent, for the next ones.

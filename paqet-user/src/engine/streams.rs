@@ -55,14 +55,7 @@ impl Engine {
             MIN_WINDOW,
             self.config.max_window,
         );
-        let kcp = kcp::new_conversation(
-            conv,
-            self.output.clone(),
-            self.config.kcp.tuning(),
-            self.kcp_mtu(),
-            window,
-            self.ms(now),
-        );
+        let kcp = kcp::new_conversation(conv, self.config.kcp.tuning(), self.kcp_mtu(), window, self.ms(now));
         Stream::new(kcp, phase, now)
     }
 
@@ -249,7 +242,7 @@ impl Engine {
         self.live_streams -= 1;
         self.events.push(Event::StreamClosed(id));
         // Anything KCP of this stream had queued is moot now.
-        self.output.restore(self.output.take());
+        self.output.clear();
         self.seal_to(id.peer, &Inner::Reset { conv: id.conv });
         let now = self.clock;
         if let Some(peer) = self.peers.get_mut(&id.peer) {

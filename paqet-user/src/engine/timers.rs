@@ -68,7 +68,7 @@ impl Engine {
                 forgotten.push(conv);
                 continue;
             }
-            let _ = stream.kcp.update(ms);
+            let _ = stream.kcp.update(ms, &mut self.output);
             self.queued_segments += stream.kcp.wait_snd();
             let stalled = now.instant.saturating_duration_since(stream.last_activity) > self.config.peer_timeout
                 && matches!(

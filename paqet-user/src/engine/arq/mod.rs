@@ -2,8 +2,9 @@
 //! with ikcp (and the `kcp` crate) in message mode.
 //!
 //! Sans-IO like the rest of the engine: time comes in as `current` milliseconds, received
-//! datagrams through [`Arq::input`], and packets leave through the `W: Write` given at
-//! creation, one `write` per packet of at most one MTU.
+//! datagrams through [`Arq::input`], and packets leave through the `W: Write` the caller
+//! hands to [`Arq::flush`] and [`Arq::update`], one `write` per packet of at most one MTU.
+//! The conversation holds no handle to anything outside itself.
 //!
 //! It keeps ikcp's protocol and timing (RTO estimate and backoff, fast retransmit, window
 //! probes, the optional congestion window) but not its lists: in-flight segments are found
@@ -77,7 +78,7 @@ pub fn opens_conversation(data: &[u8]) -> bool {
         .any(|(h, _)| h.cmd == Command::Push && h.sn == 0)
 }
 
-pub struct Arq<W> {
+pub struct Arq {
     conv: u32,
     mss: usize,
     current: u32,
@@ -106,10 +107,12 @@ pub struct Arq<W> {
     /// (sn, ts) of received segments, acknowledged on the next flush.
     acks: Vec<(u32, u32)>,
     pool: BufferPool,
-    out: Packer<W>,
+    mtu: usize,
+    /// The packet being packed, kept between flushes for its capacity.
+    packet: Vec<u8>,
 }
 
-impl<W> fmt::Debug for Arq<W> {
+impl fmt::Debug for Arq {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Arq")
             .field("conv", &self.conv)
@@ -123,8 +126,8 @@ impl<W> fmt::Debug for Arq<W> {
     }
 }
 
-impl<W: Write> Arq<W> {
-    pub fn new(conv: u32, output: W) -> Self {
+impl Arq {
+    pub fn new(conv: u32) -> Self {
         let mut pool = BufferPool::default();
         pool.set_capacity(MTU_DEFAULT - HEADER_LEN);
         Arq {
@@ -150,7 +153,8 @@ impl<W: Write> Arq<W> {
             recv: RecvBuffer::default(),
             acks: Vec::new(),
             pool,
-            out: Packer::new(MTU_DEFAULT, output),
+            mtu: MTU_DEFAULT,
+            packet: Vec::new(),
         }
     }
 
@@ -169,7 +173,7 @@ impl<W: Write> Arq<W> {
         if mtu < MTU_MIN || mtu <= HEADER_LEN {
             return Err(ArqError::InvalidMtu(mtu));
         }
-        self.out.mtu = mtu;
+        self.mtu = mtu;
         self.mss = mtu - HEADER_LEN;
         self.pool.set_capacity(self.mss);
         Ok(())
@@ -367,8 +371,8 @@ impl<W: Write> Arq<W> {
         if self.resend > 0 { self.resend } else { u32::MAX }
     }
 
-    /// Advances the clock and flushes when the interval elapsed.
-    pub fn update(&mut self, current: u32) -> Result<(), ArqError> {
+    /// Advances the clock and flushes into `sink` when the interval elapsed.
+    pub fn update<W: Write>(&mut self, current: u32, sink: &mut W) -> Result<(), ArqError> {
         self.current = current;
         if !self.updated {
             self.updated = true;
@@ -386,21 +390,28 @@ impl<W: Write> Arq<W> {
         if timediff(current, self.next_flush) >= 0 {
             self.next_flush = current.wrapping_add(self.interval);
         }
-        self.flush()?;
+        self.flush(sink)?;
         if self.send.waiting() == 0 && self.recv.is_empty() {
             self.pool.release();
         }
         Ok(())
     }
 
-    /// Sends pending ACKs and window probes, new segments the windows allow, and due
-    /// retransmissions.
-    pub fn flush(&mut self) -> Result<(), ArqError> {
+    /// Writes into `sink` pending ACKs and window probes, new segments the windows allow,
+    /// and due retransmissions.
+    pub fn flush<W: Write>(&mut self, sink: &mut W) -> Result<(), ArqError> {
+        let mut out = Packer::new(std::mem::take(&mut self.packet), self.mtu, sink);
+        let flushed = self.flush_into(&mut out);
+        self.packet = out.into_buffer();
+        flushed
+    }
+
+    fn flush_into<W: Write>(&mut self, out: &mut Packer<'_, W>) -> Result<(), ArqError> {
         let wnd = self.recv.unused_window(self.rcv_wnd);
         let una = self.recv.next_sn();
-        self.flush_acks(wnd, una)?;
+        self.flush_acks(wnd, una, out)?;
         self.probe.schedule(self.rmt_wnd, self.current);
-        self.flush_probes(wnd, una)?;
+        self.flush_probes(wnd, una, out)?;
         let window = self.send_window();
         let first_new = self.send.admit(window);
         let params = TxParams {
@@ -412,8 +423,8 @@ impl<W: Write> Arq<W> {
             nodelay: self.nodelay,
             resend: self.resend_threshold(),
         };
-        let report = self.send.transmit(first_new, &params, &mut self.out)?;
-        self.out.finish()?;
+        let report = self.send.transmit(first_new, &params, out)?;
+        out.finish()?;
         self.dead |= report.dead;
         let in_flight = self.send.span() as u32;
         self.cc
@@ -434,23 +445,23 @@ impl<W: Write> Arq<W> {
         }
     }
 
-    fn flush_acks(&mut self, wnd: u16, una: u32) -> io::Result<()> {
+    fn flush_acks<W: Write>(&mut self, wnd: u16, una: u32, out: &mut Packer<'_, W>) -> io::Result<()> {
         let base = self.control(Command::Ack, wnd, una);
         for &(sn, ts) in &self.acks {
-            self.out.push(&Header { sn, ts, ..base }, &[])?;
+            out.push(&Header { sn, ts, ..base }, &[])?;
         }
         self.acks.clear();
         Ok(())
     }
 
-    fn flush_probes(&mut self, wnd: u16, una: u32) -> io::Result<()> {
+    fn flush_probes<W: Write>(&mut self, wnd: u16, una: u32, out: &mut Packer<'_, W>) -> io::Result<()> {
         let wanted = [
             (self.probe.ask, Command::WindowAsk),
             (self.probe.tell, Command::WindowTell),
         ];
         for (_, cmd) in wanted.into_iter().filter(|(wanted, _)| *wanted) {
             let header = self.control(cmd, wnd, una);
-            self.out.push(&header, &[])?;
+            out.push(&header, &[])?;
         }
         self.probe.ask = false;
         self.probe.tell = false;

@@ -1,23 +1,21 @@
-//! Packs segments into packets of at most one MTU and hands each packet to the writer.
+//! Packs segments into packets of at most one MTU and hands each packet to the caller's
+//! sink, one `write` per packet.
 
 use std::io::{self, Write};
 
 use super::segment::{HEADER_LEN, Header};
 
-#[derive(Debug)]
-pub struct Packer<W> {
+/// One flush's packer: the conversation lends its packet buffer (kept between flushes,
+/// so packing allocates nothing) and the caller lends the sink.
+pub struct Packer<'a, W> {
     packet: Vec<u8>,
-    pub mtu: usize,
-    pub writer: W,
+    mtu: usize,
+    sink: &'a mut W,
 }
 
-impl<W: Write> Packer<W> {
-    pub fn new(mtu: usize, writer: W) -> Self {
-        Packer {
-            packet: Vec::with_capacity(mtu),
-            mtu,
-            writer,
-        }
+impl<'a, W: Write> Packer<'a, W> {
+    pub fn new(packet: Vec<u8>, mtu: usize, sink: &'a mut W) -> Self {
+        Packer { packet, mtu, sink }
     }
 
     pub fn push(&mut self, header: &Header, payload: &[u8]) -> io::Result<()> {
@@ -34,8 +32,14 @@ impl<W: Write> Packer<W> {
         if self.packet.is_empty() {
             return Ok(());
         }
-        let written = self.writer.write_all(&self.packet);
+        let written = self.sink.write_all(&self.packet);
         self.packet.clear();
         written
+    }
+
+    /// The packet buffer back, empty, for the next flush.
+    pub fn into_buffer(mut self) -> Vec<u8> {
+        self.packet.clear();
+        self.packet
     }
 }

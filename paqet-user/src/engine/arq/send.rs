@@ -273,7 +273,7 @@ impl SendBuffer {
         &mut self,
         first_new: usize,
         p: &TxParams,
-        out: &mut Packer<W>,
+        out: &mut Packer<'_, W>,
     ) -> io::Result<FlushReport> {
         let full = timediff(p.now, self.rto_floor) >= 0;
         let mut pass = Pass {
@@ -298,7 +298,7 @@ impl SendBuffer {
         full: bool,
         first_new: usize,
         p: &TxParams,
-        out: &mut Packer<W>,
+        out: &mut Packer<'_, W>,
     ) -> io::Result<()> {
         let una = self.una;
         let start = if full { 0 } else { first_new };
@@ -325,7 +325,13 @@ struct Pass {
 }
 
 impl Pass {
-    fn visit<W: Write>(&mut self, seg: &mut InFlight, sn: u32, p: &TxParams, out: &mut Packer<W>) -> io::Result<()> {
+    fn visit<W: Write>(
+        &mut self,
+        seg: &mut InFlight,
+        sn: u32,
+        p: &TxParams,
+        out: &mut Packer<'_, W>,
+    ) -> io::Result<()> {
         if seg.acked {
             return Ok(());
         }
