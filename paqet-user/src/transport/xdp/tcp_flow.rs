@@ -79,8 +79,8 @@ const SEEN_SYNS_MAX: usize = 1 << 16;
 /// when there is something to send.
 const SYN_RETRY: Duration = Duration::from_secs(1);
 /// After this long unanswered (one retransmission), a fresh SYN instead: a server that
-/// (re)started after
-/// the first one was stamped refuses it, as a possible replay from before its start.
+/// (re)started after the first one was stamped refuses it, as a possible replay from
+/// before its start.
 const SYN_REFRESH: Duration = Duration::from_secs(2);
 /// Client: sending this long without hearing anything re-opens the flow. Idle sessions
 /// exchange a keepalive and its answer every second, so a live path is never silent
