@@ -99,6 +99,10 @@ pub struct RunArgs {
     #[arg(long, value_name = "SECONDS")]
     pub timeout: Option<String>,
 
+    /// UDP_TIMEOUT: seconds a server UDP flow lives without a client datagram [default: 60]
+    #[arg(long, value_name = "SECONDS")]
+    pub udp_timeout: Option<String>,
+
     /// KEY: pre-shared key, base64 of 32 bytes (visible to other users in `ps`; prefer --key-file)
     #[arg(long, value_name = "BASE64")]
     pub key: Option<String>,
@@ -141,6 +145,7 @@ impl RunArgs {
             ("KCP_MODE", &self.kcp_mode),
             ("UDP_BUFFER", &self.udp_buffer),
             ("TIMEOUT", &self.timeout),
+            ("UDP_TIMEOUT", &self.udp_timeout),
             ("KEY", &self.key),
             ("KEY_FILE", &self.key_file),
             ("ALLOW", &self.allow),

@@ -410,7 +410,10 @@ async fn run_server(config: Config, paths: Vec<AnyTransport>, instance: String, 
     let receiver = tokio::spawn(node.clone().run_receivers());
     let timers = tokio::spawn(node.clone().run_timers());
     let dialing = tokio::spawn(dialer.serve(node.clone(), opened));
-    let udp_flows = Arc::new(crate::dial::udp::UdpFlows::new(config.policy.clone()));
+    let udp_flows = Arc::new(crate::dial::udp::UdpFlows::new(
+        config.policy.clone(),
+        config.udp_timeout,
+    ));
     let datagrams = node
         .datagrams
         .take_server_receiver()

@@ -319,6 +319,57 @@ fn dig_through_a_udp_forward_asks_a_dns_server_behind_the_server() {
     assert!(listed, "{text}");
 }
 
+/// A server flow closes after `UDP_TIMEOUT` without a datagram from its client, and the
+/// next datagram opens a fresh one. Fails if the key is ignored: the 60 s default
+/// outlasts the bounded wait for `live` to fall to 0.
+#[test]
+fn a_server_udp_flow_idles_out_after_udp_timeout_and_the_next_datagram_reopens_it() {
+    if !require_root("a_server_udp_flow_idles_out_after_udp_timeout_and_the_next_datagram_reopens_it") {
+        return;
+    }
+    let mut opts = RelayOptions::new("udp").unwrap();
+    opts.client_extra
+        .push(format!("FORWARD=udp/127.0.0.1:5353={ORIGIN_IP}:53"));
+    opts.server_extra.push("UDP_TIMEOUT=2".into());
+    let bed = RelayBed::start("d8", &opts).unwrap();
+    let dir = RemoveDir(scratch("d8"));
+    let _dns = start_dnsmasq(&bed, &dir.0);
+    let dig = || {
+        let out = bed
+            .hosts
+            .client
+            .command("dig")
+            .args([
+                "@127.0.0.1",
+                "-p",
+                "5353",
+                "+short",
+                "+tries=3",
+                "+time=3",
+                "svc.paqet.test",
+                "A",
+            ])
+            .output()
+            .expect("running dig");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.lines().last().unwrap_or_default().trim().to_string()
+    };
+    // serde_json writes keys in order: `live` is followed by `opened`.
+    let flows = |live: u64, opened: u64| format!("\"live\":{live},\"opened\":{opened}");
+    assert_eq!(dig(), "198.18.9.9", "first dig\n{}", bed.logs());
+    let (listed, text) = status_shows(|t| t.contains(&flows(1, 1)));
+    assert!(listed, "the server does not list one live flow:\n{text}");
+    let (gone, text) = status_shows(|t| t.contains(&flows(0, 1)));
+    assert!(
+        gone,
+        "the flow did not idle out within 10 s of UDP_TIMEOUT=2:\n{text}\n{}",
+        bed.logs()
+    );
+    assert_eq!(dig(), "198.18.9.9", "dig after the flow idled out\n{}", bed.logs());
+    let (reopened, text) = status_shows(|t| t.contains(&flows(1, 2)));
+    assert!(reopened, "the next datagram did not open a second flow:\n{text}");
+}
+
 /// The largest datagram (65,507 bytes) through a UDP forward, and replies finding each
 /// of several local sources.
 #[test]

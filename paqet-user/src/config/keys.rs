@@ -17,6 +17,7 @@ pub const KEYS: &[&str] = &[
     "KCP_MODE",
     "UDP_BUFFER",
     "TIMEOUT",
+    "UDP_TIMEOUT",
     "KEY",
     "KEY_FILE",
     "ALLOW",

@@ -49,6 +49,8 @@ pub struct Config {
     pub kcp_mode: KcpMode,
     pub udp_buffer: Option<usize>,
     pub timeout: Duration,
+    /// How long a server UDP flow lives without a datagram from its client.
+    pub udp_timeout: Duration,
     pub key: Key,
     pub policy: TargetPolicy,
     /// Client: ports forwarded to fixed targets (`FORWARD`).
@@ -100,6 +102,7 @@ impl Config {
             kcp_mode: value(s, "KCP_MODE", str::parse)?.unwrap_or(KcpMode::Fast3),
             udp_buffer: value(s, "UDP_BUFFER", values::parse_size)?,
             timeout: value(s, "TIMEOUT", values::parse_timeout)?.unwrap_or(Duration::from_secs(30)),
+            udp_timeout: value(s, "UDP_TIMEOUT", values::parse_timeout)?.unwrap_or(crate::dial::udp::FLOW_IDLE),
             key: resolve_key(s)?,
             policy: TargetPolicy {
                 allow: rules(s, "ALLOW")?.unwrap_or_default(),

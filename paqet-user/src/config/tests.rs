@@ -461,3 +461,11 @@ fn key_file_is_read_checked_and_relative_to_the_config() {
     .unwrap_err();
     assert!(matches!(e, ConfigError::Unreadable { .. }), "{e}");
 }
+
+#[test]
+fn udp_timeout_defaults_to_a_minute_and_takes_whole_seconds() {
+    assert_eq!(server("").udp_timeout, Duration::from_secs(60));
+    assert_eq!(server("UDP_TIMEOUT=2\n").udp_timeout, Duration::from_secs(2));
+    let err = config(&format!("LISTEN_ADDR=0.0.0.0:4000\nKEY={KEY_B64}\nUDP_TIMEOUT=2s\n")).unwrap_err();
+    assert!(err.to_string().contains("UDP_TIMEOUT"), "{err}");
+}

@@ -10,7 +10,7 @@
 //! - **Bounded**: at most [`MAX_FLOWS_PER_CLIENT`] flows per client and [`MAX_FLOWS`]
 //!   overall (each holds up to two sockets), [`MAX_DESTINATIONS_PER_FLOW`] destinations
 //!   per flow, [`FLOW_QUEUE`] datagrams queued per flow; a flow with no datagram from
-//!   its client for [`FLOW_IDLE`] ends and frees its sockets (replies alone do not keep
+//!   its client for `UDP_TIMEOUT` (default [`FLOW_IDLE`]) ends and frees its sockets (replies alone do not keep
 //!   it: a target cannot hold a flow open against its client's will).
 //!
 //! A name is resolved in the flow's own task, so a slow resolver stalls only that flow;
@@ -110,11 +110,11 @@ pub fn choose_destination(
 }
 
 impl UdpFlows {
-    pub fn new(policy: TargetPolicy) -> UdpFlows {
+    pub fn new(policy: TargetPolicy, idle: Duration) -> UdpFlows {
         UdpFlows {
             policy,
             stats: Arc::new(UdpStats::default()),
-            idle: FLOW_IDLE,
+            idle,
         }
     }
 
