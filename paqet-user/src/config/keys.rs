@@ -22,6 +22,7 @@ pub const KEYS: &[&str] = &[
     "ALLOW",
     "DENY",
     "FORWARD",
+    "METRICS_ADDR",
     "LOG_LEVEL",
 ];
 
