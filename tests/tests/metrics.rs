@@ -258,9 +258,21 @@ fn only_get_metrics_is_served_and_a_silent_client_is_cut_off() {
         .run(|| {
             let mut idle = TcpStream::connect(addr).unwrap();
             idle.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-            let s = scrape(ns);
-            assert_eq!(s.sum("paqet_sessions"), 1.0, "{}", s.text);
-            assert_eq!(s.value("paqet_sessions", &[("transport", "udp"), ("path", "udp")]), 1.0);
+            // The client handshakes at start; the SOCKS port is up before that ends.
+            let mut s = scrape(ns);
+            wait_for(
+                || {
+                    s = scrape(ns);
+                    s.sum("paqet_sessions") == 1.0
+                },
+                Duration::from_secs(10),
+            );
+            assert_eq!(
+                s.value("paqet_sessions", &[("transport", "udp"), ("path", "udp")]),
+                1.0,
+                "{}",
+                s.text
+            );
             let mut buf = [0u8; 16];
             match idle.read(&mut buf) {
                 Ok(0) => true,
@@ -277,7 +289,10 @@ fn only_get_metrics_is_served_and_a_silent_client_is_cut_off() {
 
 #[test]
 fn a_public_metrics_addr_needs_the_opt_in() {
-    let out = Command::new(paqet_tests::paqet_bin())
+    // Bounded, in case the check were gone and the client ran.
+    let out = Command::new("timeout")
+        .arg("20")
+        .arg(paqet_tests::paqet_bin())
         .args([
             "client",
             "--remote-addr",
