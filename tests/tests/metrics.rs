@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use paqet_tests::netns::Netns;
 use paqet_tests::relay::{RelayBed, RelayOptions};
-use paqet_tests::{require_root, scenarios, wait_for};
+use paqet_tests::{require_root, scenarios, socks, wait_for};
 use serde_json::Value;
 
 const MIB: u64 = 1 << 20;
@@ -236,6 +236,22 @@ fn scrapes_parse_and_move_with_a_download() {
     );
     assert!(live["rss_bytes"].as_u64().is_some_and(|r| r > 0), "{live}");
     assert!(live["steering"]["redirected"].as_u64().is_some_and(|r| r > 0), "{live}");
+
+    // A CONNECT to the server's loopback, which its target policy denies, is one more
+    // policy drop on the server.
+    let policy = [("reason", "policy")];
+    let refusals = || scrape(server_ns).value("paqet_dropped_total", &policy);
+    let first = refusals();
+    let proxy = bed.socks_addr();
+    let refused = client_ns
+        .run(|| socks::connect(proxy, "127.0.0.1", 22, None, 1))
+        .unwrap()
+        .unwrap();
+    assert!(
+        refused.is_err(),
+        "the policy let a CONNECT to the server's loopback through"
+    );
+    assert_eq!(refusals(), first + 1.0);
 }
 
 #[test]
