@@ -123,6 +123,10 @@ pub struct RunArgs {
     #[arg(long, value_name = "ENTRIES")]
     pub forward: Option<String>,
 
+    /// METRICS_ADDR: ip:port serving Prometheus metrics at /metrics, e.g. 127.0.0.1:9465 (off when unset; a non-loopback address needs !public at the end)
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_addr: Option<String>,
+
     /// LOG_LEVEL: error, warn, info, debug or trace [default: info]
     #[arg(long, value_name = "LEVEL")]
     pub log_level: Option<String>,
@@ -151,6 +155,7 @@ impl RunArgs {
             ("ALLOW", &self.allow),
             ("DENY", &self.deny),
             ("FORWARD", &self.forward),
+            ("METRICS_ADDR", &self.metrics_addr),
             ("LOG_LEVEL", &self.log_level),
         ]
         .into_iter()

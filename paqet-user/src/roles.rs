@@ -362,6 +362,7 @@ async fn run_client(config: Config, server: SocketAddr, paths: Vec<AnyTransport>
     })?;
     // Before privileges drop, like the SOCKS port: a forward may listen below 1024.
     let forwards = crate::node::forward::bind_all(&config.forwards).await?;
+    let metrics = bind_metrics(&config).await?;
     for f in &config.forwards {
         tracing::info!(forward = %f, "forwarding");
     }
@@ -385,13 +386,13 @@ async fn run_client(config: Config, server: SocketAddr, paths: Vec<AnyTransport>
     for bound in forwards {
         forwarding.spawn(crate::node::forward::serve(node.clone(), bound, open_timeout));
     }
-    let live = tokio::spawn(publish_live(node.clone(), instance, "client", None));
+    let mut reporting = report(live_source(node.clone(), "client", None), instance, metrics);
     let outcome = wait_for_stop(&mut signals, receiver).await;
     accept.abort();
     forwarding.abort_all();
     drain(&node, &mut signals).await;
     timers.abort();
-    live.abort();
+    reporting.abort_all();
     outcome
 }
 
@@ -403,13 +404,14 @@ async fn run_server(config: Config, paths: Vec<AnyTransport>, instance: String, 
     ec.paths = path_ids(&paths)?;
     let engine = Engine::new(ec, std::time::Instant::now());
     let (node, opened) = Node::new(engine, paths, true);
+    let metrics = bind_metrics(&config).await?;
     crate::ops::privileges::drop_after_start()?;
     let opened = opened.context("server node without an open-stream channel")?;
     tracing::info!(listen = ?config.listen_addr, paths = %node.path_list(), kcp = ?config.kcp_mode, "paqet server running");
     let dialer = Arc::new(Dialer::new(config.policy.clone(), config.timeout));
     let receiver = tokio::spawn(node.clone().run_receivers());
     let timers = tokio::spawn(node.clone().run_timers());
-    let dialing = tokio::spawn(dialer.serve(node.clone(), opened));
+    let dialing = tokio::spawn(dialer.clone().serve(node.clone(), opened));
     let udp_flows = Arc::new(crate::dial::udp::UdpFlows::new(
         config.policy.clone(),
         config.udp_timeout,
@@ -418,48 +420,82 @@ async fn run_server(config: Config, paths: Vec<AnyTransport>, instance: String, 
         .datagrams
         .take_server_receiver()
         .context("server node without a datagram channel")?;
-    let udp_stats = udp_flows.stats.clone();
+    let server = ServerCounters {
+        dialer,
+        udp: udp_flows.stats.clone(),
+    };
     let relaying_udp = tokio::spawn(udp_flows.serve(node.clone(), datagrams));
-    let live = tokio::spawn(publish_live(node.clone(), instance, "server", Some(udp_stats)));
+    let mut reporting = report(live_source(node.clone(), "server", Some(server)), instance, metrics);
     let outcome = wait_for_stop(&mut signals, receiver).await;
     dialing.abort();
     relaying_udp.abort();
     drain(&node, &mut signals).await;
     timers.abort();
-    live.abort();
+    reporting.abort_all();
     outcome
 }
 
-/// Keeps `/run/paqet/<instance>.json` current for `paqet status`.
-async fn publish_live<T: Transport>(
-    node: Arc<Node<T>>,
-    instance: String,
-    role: &'static str,
-    udp_flows: Option<Arc<crate::dial::udp::UdpStats>>,
-) {
-    let transport = node.path_list();
-    live::publish(instance, role, transport, move || {
-        let c = node.counters();
-        live::Snapshot {
-            udp: udp_json(&node, udp_flows.as_deref()),
-            sessions: node.with_engine(|e, _| e.peer_count()),
-            paths: node
-                .with_engine(|e, _| e.sessions_per_path(node.paths().len()))
-                .into_iter()
-                .enumerate()
-                .map(|(i, n)| (node.path_name(PathId(i as u8)), n))
-                .collect(),
-            streams: node.live_streams(),
-            datagrams_in: c.datagrams_in,
-            datagrams_out: c.datagrams_out,
-            bytes_in: c.bytes_in,
-            bytes_out: c.bytes_out,
-            dropped_unauthentic: c.dropped_unauthentic,
-            dropped_replayed: c.dropped_replayed + c.dropped_stale_handshake,
-            receive_overflows: node.receive_overflows(),
-        }
-    })
-    .await
+/// Binds `METRICS_ADDR`, when set: before privileges drop, like the SOCKS port.
+async fn bind_metrics(config: &Config) -> Result<Option<TcpListener>> {
+    let Some(metrics) = config.metrics else {
+        return Ok(None);
+    };
+    let listener = crate::ops::metrics::bind(metrics.addr)
+        .await
+        .context("METRICS_ADDR (is another exporter on that port? `ss -ltnp` shows who holds it)")?;
+    tracing::info!(%metrics, "serving Prometheus metrics at /metrics");
+    Ok(Some(listener))
+}
+
+/// Keeps `/run/paqet/<instance>.json` current for `paqet status`, and answers scrapes
+/// when `metrics` is bound: both from `source`.
+fn report(source: live::Source, instance: String, metrics: Option<TcpListener>) -> tokio::task::JoinSet<()> {
+    let mut tasks = tokio::task::JoinSet::new();
+    if let Some(listener) = metrics {
+        tasks.spawn(crate::ops::metrics::serve(listener, source.clone()));
+    }
+    tasks.spawn(live::publish(instance, source));
+    tasks
+}
+
+/// What only a server counts, beside its node.
+struct ServerCounters {
+    dialer: Arc<Dialer>,
+    udp: Arc<crate::dial::udp::UdpStats>,
+}
+
+/// The one place the relay's counters are read, for `paqet status` and the metrics.
+fn live_source<T: Transport>(node: Arc<Node<T>>, role: &'static str, server: Option<ServerCounters>) -> live::Source {
+    live::Source::new(role, node.path_list(), move || snapshot(&node, server.as_ref()))
+}
+
+fn snapshot<T: Transport>(node: &Node<T>, server: Option<&ServerCounters>) -> live::Snapshot {
+    use std::sync::atomic::Ordering::Relaxed;
+    let c = node.counters();
+    live::Snapshot {
+        udp: udp_json(node, server.map(|s| &*s.udp)),
+        sessions: node.with_engine(|e, _| e.peer_count()),
+        paths: node
+            .with_engine(|e, _| e.load_per_path(node.paths().len()))
+            .into_iter()
+            .enumerate()
+            .map(|(i, load)| (node.path_name(PathId(i as u8)), load))
+            .collect(),
+        streams: node.live_streams(),
+        datagrams_in: c.datagrams_in,
+        datagrams_out: c.datagrams_out,
+        bytes_in: c.bytes_in,
+        bytes_out: c.bytes_out,
+        handshakes: c.handshakes,
+        dropped_unauthentic: c.dropped_unauthentic,
+        dropped_replayed: c.dropped_replayed + c.dropped_stale_handshake,
+        dropped_policy: server.map_or(0, |s| {
+            s.dialer.refused_by_policy.load(Relaxed) + s.udp.refused_policy.load(Relaxed)
+        }),
+        receive_overflows: node.receive_overflows(),
+        steering: node.steering_counters(),
+        rss_bytes: live::resident_bytes(),
+    }
 }
 
 /// The UDP part of the live status: the datagram layer's counters, and the client's

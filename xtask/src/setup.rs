@@ -133,7 +133,68 @@ pub fn run(_args: &Args) -> Result<()> {
         );
     }
     eprintln!("    {}: present", sysroot.display());
+    pip_install_missing()?;
     step("setup: done");
+    Ok(())
+}
+
+/// Python modules the tests use, with the pip requirement that provides each: the
+/// metrics test (tests/tests/metrics.rs) parses a scrape with the official Prometheus
+/// client's parsers, so the format is checked by code no one here wrote.
+pub const PIP_PACKAGES: &[(&str, &str)] = &[("prometheus_client", "prometheus-client==0.26.0")];
+
+fn python_has(module: &str) -> bool {
+    Command::new("python3")
+        .args(["-c", &format!("import {module}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// Installs the missing [`PIP_PACKAGES`] for the `python3` on PATH (the one the tests
+/// run), with its own pip; Debian's python3-pip first when it has none.
+fn pip_install_missing() -> Result<()> {
+    step("setup: checking python modules");
+    let mut missing = Vec::new();
+    for (module, requirement) in PIP_PACKAGES {
+        if python_has(module) {
+            eprintln!("    {module}: installed, skipping");
+        } else {
+            missing.push(*requirement);
+        }
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let has_pip = || {
+        Command::new("python3")
+            .args(["-m", "pip", "--version"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if !has_pip() {
+        if !is_debian_like() {
+            bail!("python3 with pip is needed to install {}", missing.join(", "));
+        }
+        step("setup: installing python3-pip");
+        apt_get_install(&["python3-pip"])?;
+    }
+    step(format!("setup: installing {} with pip", missing.join(" ")));
+    util::run(
+        Command::new("python3")
+            .args(["-m", "pip", "install", "--quiet"])
+            .args(&missing)
+            // Debian's own python3 refuses pip installs outside a venv (PEP 668); a test
+            // tool beside the system's packages is what is wanted here. Environment
+            // variables, not flags, so an older pip ignores them instead of failing.
+            .env("PIP_BREAK_SYSTEM_PACKAGES", "1")
+            .env("PIP_ROOT_USER_ACTION", "ignore")
+            .env("PIP_DISABLE_PIP_VERSION_CHECK", "1"),
+    )?;
+    for (module, _) in PIP_PACKAGES {
+        if !python_has(module) {
+            bail!("pip installed {module}, but python3 still cannot import it");
+        }
+    }
     Ok(())
 }
 

@@ -80,11 +80,16 @@ pub fn parse_forwards(text: &str) -> Result<Vec<Forward>, String> {
     Ok(out)
 }
 
-fn parse_entry(entry: &str) -> Result<Forward, String> {
-    let (entry, public) = match entry.strip_suffix(PUBLIC_SUFFIX) {
+/// Splits the `!public` opt-in off `text` (FORWARD entries and METRICS_ADDR use it).
+pub(crate) fn strip_public(text: &str) -> (&str, bool) {
+    match text.strip_suffix(PUBLIC_SUFFIX) {
         Some(rest) => (rest, true),
-        None => (entry, false),
-    };
+        None => (text, false),
+    }
+}
+
+fn parse_entry(entry: &str) -> Result<Forward, String> {
+    let (entry, public) = strip_public(entry);
     let (proto, rest) = entry
         .split_once('/')
         .ok_or_else(|| format!("expected PROTO/LISTEN=TARGET, e.g. {EXAMPLE}"))?;

@@ -23,6 +23,7 @@ pub const KEYS: &[&str] = &[
     "ALLOW",
     "DENY",
     "FORWARD",
+    "METRICS_ADDR",
     "LOG_LEVEL",
 ];
 

@@ -22,7 +22,8 @@ pub use keys::{KEYS, flag_for_key};
 pub use policy::{IpNet, PortRange, RuleSource, TargetPolicy, TargetRule, Verdict};
 pub use settings::Settings;
 pub use values::{
-    Credentials, HostPort, KcpMode, Key, KeyError, LogLevel, Role, TransportKind, WireChoice, WireShape, XdpMode,
+    Credentials, HostPort, KcpMode, Key, KeyError, LogLevel, MetricsAddr, Role, TransportKind, WireChoice, WireShape,
+    XdpMode,
 };
 
 use keys::{is_secret, known_key};
@@ -55,6 +56,8 @@ pub struct Config {
     pub policy: TargetPolicy,
     /// Client: ports forwarded to fixed targets (`FORWARD`).
     pub forwards: Vec<Forward>,
+    /// Where Prometheus metrics are served (`METRICS_ADDR`); off when unset.
+    pub metrics: Option<MetricsAddr>,
     pub log_level: LogLevel,
 }
 
@@ -109,6 +112,7 @@ impl Config {
                 deny: rules(s, "DENY")?.unwrap_or_default(),
             },
             forwards: value(s, "FORWARD", forward::parse_forwards)?.unwrap_or_default(),
+            metrics: value(s, "METRICS_ADDR", values::parse_metrics_addr)?,
             log_level: value(s, "LOG_LEVEL", str::parse)?.unwrap_or(LogLevel::Info),
         };
         check_role_needs(s, &config)?;

@@ -331,7 +331,7 @@ mod tests {
             msg.starts_with("/etc/flowless/paqet.conf:3: unknown key SOCKS_ADR (did you mean SOCKS_ADDR?); valid keys: ROLE, SOCKS_ADDR, "),
             "{msg}"
         );
-        assert!(msg.ends_with("ALLOW, DENY, FORWARD, LOG_LEVEL"), "{msg}");
+        assert!(msg.ends_with("ALLOW, DENY, FORWARD, METRICS_ADDR, LOG_LEVEL"), "{msg}");
         let msg = Settings::parse_str("COLOUR=red", "t").unwrap_err().to_string();
         assert!(msg.starts_with("t:1: unknown key COLOUR; valid keys: ROLE,"), "{msg}");
     }

@@ -469,3 +469,35 @@ fn udp_timeout_defaults_to_a_minute_and_takes_whole_seconds() {
     let err = config(&format!("LISTEN_ADDR=0.0.0.0:4000\nKEY={KEY_B64}\nUDP_TIMEOUT=2s\n")).unwrap_err();
     assert!(err.to_string().contains("UDP_TIMEOUT"), "{err}");
 }
+
+#[test]
+fn metrics_addr_is_off_by_default_and_loopback_unless_public() {
+    assert_eq!(config(&client("")).unwrap().metrics, None);
+    let on = config(&client("METRICS_ADDR=127.0.0.1:9465")).unwrap().metrics.unwrap();
+    assert_eq!((on.addr, on.public), (sa("127.0.0.1:9465"), false));
+    let v6 = config(&client("METRICS_ADDR=[::1]:9465")).unwrap().metrics.unwrap();
+    assert_eq!(v6.addr, sa("[::1]:9465"));
+    let public = server("METRICS_ADDR=0.0.0.0:9465!public").metrics.unwrap();
+    assert_eq!((public.addr, public.public), (sa("0.0.0.0:9465"), true));
+    assert_eq!(public.to_string(), "0.0.0.0:9465!public");
+}
+
+#[test]
+fn bad_metrics_addr_is_a_clear_config_error() {
+    let cases: &[(&str, &str)] = &[
+        (
+            "METRICS_ADDR=0.0.0.0:9465",
+            "t.conf:3: METRICS_ADDR=\"0.0.0.0:9465\" is not valid: 0.0.0.0:9465 is not a loopback address",
+        ),
+        ("METRICS_ADDR=198.18.0.1:9465", "end the value with !public to mean it"),
+        ("METRICS_ADDR=localhost:9465", "e.g. 127.0.0.1:9465"),
+        ("METRICS_ADDR=127.0.0.1:0", "port 0 cannot be used here"),
+        ("METRICS_ADDR=9465", "expected ip:port"),
+        ("METRICS_ADDR=127.0.0.1:9465!pub", "expected ip:port"),
+        ("METRICS_ADDR=", "the value is empty"),
+    ];
+    for (line, expected) in cases {
+        let msg = err(&client(line));
+        assert!(msg.contains(expected), "{line}: {msg}");
+    }
+}

@@ -9,6 +9,8 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use base64::Engine as _;
+
+use super::forward::{PUBLIC_SUFFIX, strip_public};
 use base64::engine::DecodePaddingMode;
 use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig, STANDARD};
 
@@ -266,6 +268,39 @@ pub(crate) fn parse_bind_addr(s: &str, example: &str) -> Result<SocketAddr, Stri
         return Err(PORT_ZERO.to_owned());
     }
     Ok(addr)
+}
+
+/// `METRICS_ADDR`: where the Prometheus metrics are served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MetricsAddr {
+    pub addr: SocketAddr,
+    /// Listens off loopback (the value said `!public`).
+    pub public: bool,
+}
+
+impl fmt::Display for MetricsAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.addr)?;
+        if self.public {
+            f.write_str(PUBLIC_SUFFIX)?;
+        }
+        Ok(())
+    }
+}
+
+/// Off loopback only with `!public` at the end, as a FORWARD listener: the page has no
+/// credentials, and tells whoever reaches it how busy the relay is and what it runs on.
+pub(crate) fn parse_metrics_addr(s: &str) -> Result<MetricsAddr, String> {
+    let (text, public) = strip_public(s);
+    let addr = parse_bind_addr(text, "127.0.0.1:9465")?;
+    if !public && !is_loopback(addr.ip()) {
+        return Err(format!(
+            "{addr} is not a loopback address, so anyone who reaches it could read the relay's counters \
+             (no credentials are asked); end the value with {PUBLIC_SUFFIX} to mean it (e.g. \
+             0.0.0.0:9465{PUBLIC_SUFFIX}), or listen on 127.0.0.1"
+        ));
+    }
+    Ok(MetricsAddr { addr, public })
 }
 
 /// Whether binding here keeps the SOCKS port off the network.

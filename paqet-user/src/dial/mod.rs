@@ -26,6 +26,8 @@ pub struct Dialer {
     pub policy: TargetPolicy,
     pub timeout: Duration,
     pub limits: Arc<DialLimits>,
+    /// Streams refused because the target policy denies every address of the target.
+    pub refused_by_policy: std::sync::atomic::AtomicU64,
 }
 
 impl Dialer {
@@ -34,6 +36,7 @@ impl Dialer {
             policy,
             timeout,
             limits: Arc::new(DialLimits::default()),
+            refused_by_policy: Default::default(),
         }
     }
 
@@ -128,6 +131,8 @@ impl Dialer {
             }
         }
         if allowed.is_empty() {
+            self.refused_by_policy
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return Err(OpenError::NotAllowed);
         }
         let mut last = OpenError::HostUnreachable;

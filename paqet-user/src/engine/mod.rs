@@ -229,6 +229,13 @@ pub struct Counters {
     pub cookies_sent: u64,
 }
 
+/// What one path carries: see [`Engine::load_per_path`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PathLoad {
+    pub sessions: usize,
+    pub streams: usize,
+}
+
 struct Session {
     local_index: u32,
     remote_index: u32,
@@ -408,12 +415,13 @@ impl Engine {
         self.peers.values().filter(|p| p.session.is_some()).count()
     }
 
-    /// Sessions answered on each of `paths` paths (index = `PathId`).
-    pub fn sessions_per_path(&self, paths: usize) -> Vec<usize> {
-        let mut counts = vec![0; paths];
+    /// Sessions answered, and their streams, on each of `paths` paths (index = `PathId`).
+    pub fn load_per_path(&self, paths: usize) -> Vec<PathLoad> {
+        let mut counts = vec![PathLoad::default(); paths];
         for peer in self.peers.values().filter(|p| p.session.is_some()) {
             if let Some(n) = counts.get_mut(peer.path.0 as usize) {
-                *n += 1;
+                n.sessions += 1;
+                n.streams += peer.streams.len();
             }
         }
         counts

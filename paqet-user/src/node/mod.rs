@@ -462,6 +462,17 @@ impl<T: Transport> Node<T> {
         self.paths.iter().map(|p| p.receive_overflows()).sum()
     }
 
+    /// The eBPF steering programs' counters, summed over the paths that attached one.
+    pub fn steering_counters(&self) -> Option<paqet_common::maps::Stats> {
+        self.paths
+            .iter()
+            .filter_map(|p| p.steering_counters())
+            .reduce(|mut total, s| {
+                total.accumulate(&s);
+                total
+            })
+    }
+
     fn report_drops(&self, before: Counters) -> Counters {
         let now = self.counters();
         let unauthentic = now.dropped_unauthentic - before.dropped_unauthentic;

@@ -1,11 +1,18 @@
 //! What a running paqet publishes about itself for `paqet status`: sessions, streams
 //! and throughput, in `/run/paqet/<instance>.json`, rewritten every second (write, then
 //! rename, so a reader never sees half a file) and removed at exit.
+//!
+//! The same [`Source`] feeds the Prometheus metrics (`ops::metrics`), so the status
+//! file and a scrape never count differently.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use paqet_common::maps::Stats;
 use serde_json::{Value, json};
+
+use crate::engine::PathLoad;
 
 pub const RUN_DIR: &str = "/run/paqet";
 const EVERY: Duration = Duration::from_secs(1);
@@ -14,20 +21,79 @@ const EVERY: Duration = Duration::from_secs(1);
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
     pub sessions: usize,
-    /// Sessions on each path, by the path's name ("xdp/tcp", "udp"), best first.
-    pub paths: Vec<(String, usize)>,
+    /// Sessions and their streams on each path, by the path's name ("xdp/tcp", "udp"),
+    /// best first.
+    pub paths: Vec<(String, PathLoad)>,
     pub streams: usize,
     pub datagrams_in: u64,
     pub datagrams_out: u64,
     pub bytes_in: u64,
     pub bytes_out: u64,
+    /// Handshakes completed (client: answers taken; server: sessions opened).
+    pub handshakes: u64,
     pub dropped_unauthentic: u64,
     pub dropped_replayed: u64,
+    /// Server: streams and UDP flows refused by the target policy.
+    pub dropped_policy: u64,
     /// Datagrams the kernel dropped for a full receive ring or socket buffer.
     pub receive_overflows: u64,
+    /// The eBPF steering program's counters, when a path attached it.
+    pub steering: Option<Stats>,
+    /// The process's resident memory.
+    pub rss_bytes: u64,
     /// Relayed UDP: counters, and the client's associations and forwards or the
     /// server's flows (see `roles::udp_json`).
     pub udp: Value,
+}
+
+/// What a running relay is and how to read its counters now: shared by the status
+/// publisher and the metrics server.
+#[derive(Clone)]
+pub struct Source {
+    pub role: &'static str,
+    /// The paths' names, best first: "xdp/tcp, udp".
+    pub transport: String,
+    read: Arc<dyn Fn() -> Snapshot + Send + Sync>,
+}
+
+impl Source {
+    pub fn new(role: &'static str, transport: String, read: impl Fn() -> Snapshot + Send + Sync + 'static) -> Source {
+        Source {
+            role,
+            transport,
+            read: Arc::new(read),
+        }
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        (self.read)()
+    }
+}
+
+/// Resident memory of this process, from /proc/self/statm (in pages); 0 if unreadable.
+pub fn resident_bytes() -> u64 {
+    let Ok(statm) = std::fs::read_to_string("/proc/self/statm") else {
+        return 0;
+    };
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
+    pages.saturating_mul(u64::try_from(page).unwrap_or(4096))
+}
+
+fn steering_json(s: &Stats) -> Value {
+    json!({
+        "seen": s.seen,
+        "matched": s.matched,
+        "passed": s.passed,
+        "redirected": s.redirected,
+        "no_socket": s.no_socket,
+        "malformed": s.malformed,
+    })
 }
 
 pub fn state_path(instance: &str) -> PathBuf {
@@ -38,7 +104,7 @@ fn render(role: &str, transport: &str, now: &Snapshot, before: &Snapshot, secs: 
     let paths: Vec<Value> = now
         .paths
         .iter()
-        .map(|(name, sessions)| json!({ "name": name, "sessions": sessions }))
+        .map(|(name, load)| json!({ "name": name, "sessions": load.sessions, "streams": load.streams }))
         .collect();
     let rate = |a: u64, b: u64| ((a.saturating_sub(b)) as f64 / secs).round() as u64;
     json!({
@@ -51,11 +117,17 @@ fn render(role: &str, transport: &str, now: &Snapshot, before: &Snapshot, secs: 
         "streams": now.streams,
         "datagrams_in": now.datagrams_in,
         "datagrams_out": now.datagrams_out,
+        "bytes_in": now.bytes_in,
+        "bytes_out": now.bytes_out,
         "bytes_in_per_s": rate(now.bytes_in, before.bytes_in),
         "bytes_out_per_s": rate(now.bytes_out, before.bytes_out),
+        "handshakes": now.handshakes,
         "dropped_unauthentic": now.dropped_unauthentic,
         "dropped_replayed": now.dropped_replayed,
+        "dropped_policy": now.dropped_policy,
         "receive_overflows": now.receive_overflows,
+        "steering": now.steering.as_ref().map(steering_json),
+        "rss_bytes": now.rss_bytes,
         "udp": now.udp,
     })
 }
@@ -69,7 +141,9 @@ fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
 /// Publishes `snapshot()` every second until the task is dropped. Without a writable
 /// /run/paqet (e.g. an unprivileged run without the unit's RuntimeDirectory) it says so
 /// once and stops: the relay itself does not depend on it.
-pub async fn publish(instance: String, role: &'static str, transport: String, snapshot: impl Fn() -> Snapshot) {
+pub async fn publish(instance: String, source: Source) {
+    let (role, transport) = (source.role, source.transport.as_str());
+    let snapshot = || source.snapshot();
     let path = state_path(&instance);
     if let Err(e) = std::fs::create_dir_all(RUN_DIR) {
         tracing::info!("not publishing live status: cannot create {RUN_DIR}: {e}");
@@ -78,7 +152,7 @@ pub async fn publish(instance: String, role: &'static str, transport: String, sn
     let _cleanup = RemoveOnDrop(path.clone());
     let mut before = snapshot();
     // At once, so `paqet status` and `paqet check` see a relay from its first moment.
-    if let Err(e) = write_atomically(&path, &render(role, &transport, &before, &before, 1.0).to_string()) {
+    if let Err(e) = write_atomically(&path, &render(role, transport, &before, &before, 1.0).to_string()) {
         tracing::info!("not publishing live status: cannot write {}: {e}", path.display());
         return;
     }
@@ -87,7 +161,7 @@ pub async fn publish(instance: String, role: &'static str, transport: String, sn
     loop {
         ticker.tick().await;
         let now = snapshot();
-        let text = render(role, &transport, &now, &before, EVERY.as_secs_f64()).to_string();
+        let text = render(role, transport, &now, &before, EVERY.as_secs_f64()).to_string();
         if let Err(e) = write_atomically(&path, &text) {
             tracing::info!("not publishing live status: cannot write {}: {e}", path.display());
             return;
@@ -135,7 +209,22 @@ mod tests {
         };
         let now = Snapshot {
             sessions: 2,
-            paths: vec![("xdp/tcp".into(), 1), ("udp".into(), 1)],
+            paths: vec![
+                (
+                    "xdp/tcp".into(),
+                    PathLoad {
+                        sessions: 1,
+                        streams: 4,
+                    },
+                ),
+                (
+                    "udp".into(),
+                    PathLoad {
+                        sessions: 1,
+                        streams: 1,
+                    },
+                ),
+            ],
             streams: 5,
             bytes_in: 3000,
             bytes_out: 500,
@@ -148,5 +237,8 @@ mod tests {
         assert_eq!(v["streams"], 5);
         assert_eq!(v["paths"][1]["name"], "udp");
         assert_eq!(v["paths"][1]["sessions"], 1);
+        assert_eq!(v["paths"][0]["streams"], 4);
+        assert_eq!(v["bytes_in"], 3000);
+        assert!(v["steering"].is_null());
     }
 }

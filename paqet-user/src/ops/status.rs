@@ -157,6 +157,12 @@ pub fn run(args: &StatusArgs) -> Result<()> {
                 live["dropped_replayed"],
                 live["receive_overflows"]
             );
+            println!(
+                "  handshakes {}, refused by policy {}, resident memory {:.1} MiB",
+                live["handshakes"],
+                live["dropped_policy"],
+                live["rss_bytes"].as_f64().unwrap_or(0.0) / f64::from(1u32 << 20)
+            );
             let paths: Vec<String> = live["paths"]
                 .as_array()
                 .into_iter()

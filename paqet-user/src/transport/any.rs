@@ -65,6 +65,13 @@ impl Transport for AnyTransport {
         }
     }
 
+    fn steering_counters(&self) -> Option<paqet_common::maps::Stats> {
+        match self {
+            AnyTransport::Udp(t) => t.steering_counters(),
+            AnyTransport::Xdp(t) => t.steering_counters(),
+        }
+    }
+
     fn peer_authenticated(&self, peer: SocketAddr, link_src: Option<[u8; 6]>) {
         match self {
             AnyTransport::Udp(t) => t.peer_authenticated(peer, link_src),

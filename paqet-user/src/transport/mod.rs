@@ -118,6 +118,12 @@ pub trait Transport: Send + Sync + 'static {
         0
     }
 
+    /// The counters of the eBPF program this transport attached (summed over CPUs), for
+    /// `paqet status` and the metrics; `None` without one, or when the map cannot be read.
+    fn steering_counters(&self) -> Option<paqet_common::maps::Stats> {
+        None
+    }
+
     /// The engine authenticated a datagram from `peer` that arrived from `link_src`:
     /// the transport may now trust that path (e.g. the next-hop MAC for replies).
     fn peer_authenticated(&self, _peer: SocketAddr, _link_src: Option<[u8; 6]>) {}

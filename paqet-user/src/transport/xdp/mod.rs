@@ -753,6 +753,12 @@ impl Transport for XdpTransport {
         dropped + ring_full
     }
 
+    fn steering_counters(&self) -> Option<Stats> {
+        self.steering_stats()
+            .inspect_err(|e| tracing::debug!("cannot read paqet_steer's counters: {e}"))
+            .ok()
+    }
+
     fn peer_authenticated(&self, peer: SocketAddr, link_src: Option<[u8; 6]>) {
         if let (true, Some(mac)) = (self.learn_macs, link_src) {
             self.peers().learn(peer.ip(), mac, Instant::now());
