@@ -207,3 +207,162 @@ fn deb_installs_removes_and_purges() -> Result<()> {
     );
     Ok(())
 }
+
+/// Polls `cond` every 250 ms for at most `secs` seconds.
+fn poll(secs: u64, mut cond: impl FnMut() -> bool) -> bool {
+    paqet_tests::wait_for(&mut cond, std::time::Duration::from_secs(secs))
+}
+
+/// The copy booted with systemd as PID 1 (systemd-nspawn -b, private network: only lo).
+struct Booted<'a> {
+    _scratch: &'a Scratch,
+    nspawn: ChildGuard,
+}
+
+impl Booted<'_> {
+    fn pid1(&self) -> Option<String> {
+        let out = Command::new("pgrep")
+            .args(["-P", &self.nspawn.id().to_string()])
+            .output()
+            .ok()?;
+        String::from_utf8_lossy(&out.stdout).lines().next().map(str::to_string)
+    }
+
+    /// `args` run inside the container; its output (stdout) and whether it succeeded.
+    fn exec(&self, args: &[&str]) -> (bool, String) {
+        let Some(pid) = self.pid1() else {
+            return (false, "the container has no PID 1".into());
+        };
+        match Command::new("nsenter")
+            .args(["-t", &pid, "-m", "-u", "-i", "-n", "-p"])
+            .args(args)
+            .output()
+        {
+            Ok(o) => (
+                o.status.success(),
+                String::from_utf8_lossy(&o.stdout).trim().to_string(),
+            ),
+            Err(e) => (false, e.to_string()),
+        }
+    }
+
+    fn show(&self, prop: &str) -> String {
+        self.exec(&["systemctl", "show", "-p", prop, "--value", "paqet"]).1
+    }
+}
+
+impl Drop for Booted<'_> {
+    fn drop(&mut self) {
+        let _ = self.exec(&["systemctl", "poweroff"]);
+        let _ = self.nspawn.wait_exit(std::time::Duration::from_secs(20));
+    }
+}
+
+#[test]
+fn unit_runs_under_systemd_in_a_container_without_bpffs() -> Result<()> {
+    if !require_root("unit_runs_under_systemd_in_a_container_without_bpffs") {
+        return Ok(());
+    }
+    let deb = deb();
+    let s = Scratch::new()?;
+    std::fs::copy(&deb, s.reach("/tmp/paqet.deb")).context("copying the .deb into the copy")?;
+    s.chroot_ok(&["dpkg", "-i", "/tmp/paqet.deb"])?;
+    let key = String::from_utf8(run_checked(Command::new(paqet_tests::paqet_bin()).arg("genkey"))?.stdout)?;
+    // Keeps the file's owner and mode (postinst's): overwritten, not replaced.
+    std::fs::write(
+        s.reach(CONFIG),
+        format!("LISTEN_ADDR=127.0.0.1:4000\nTRANSPORT=auto\nKEY={}\n", key.trim()),
+    )?;
+    // This machine's own tree boots here: its network waiter would hold
+    // network-online.target (and so paqet) for two minutes on a network-less container,
+    // and its first-boot wizard fails without a machine id.
+    s.chroot_ok(&[
+        "systemctl",
+        "mask",
+        "systemd-networkd-wait-online.service",
+        "systemd-firstboot.service",
+    ])?;
+    s.in_ns(&format!(
+        "umount {r}/proc {r}/dev {r}/tmp {r}/run; rm -f {r}/etc/machine-id",
+        r = s.root().display()
+    ))?;
+    let name = format!("paqet-test-{}", std::process::id());
+    let nspawn = ChildGuard::spawn(
+        s.nsenter()
+            .arg("systemd-nspawn")
+            .arg("-D")
+            .arg(s.root())
+            .args([
+                "-M",
+                &name,
+                "-b",
+                "--private-network",
+                "--console=pipe",
+                "--register=no",
+            ])
+            .args(["--link-journal=no", "--keep-unit"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null()),
+    )?;
+    let c = Booted { _scratch: &s, nspawn };
+    let booted = poll(90, || {
+        let state = c.exec(&["systemctl", "is-system-running"]).1;
+        state == "running" || state == "degraded"
+    });
+    assert!(
+        booted,
+        "the container did not finish booting in 90 s: {}",
+        c.exec(&["systemctl", "is-system-running"]).1
+    );
+    assert!(
+        !Path::new(&format!("/proc/{}/root/sys/fs/bpf", c.pid1().unwrap_or_default())).exists(),
+        "the container has /sys/fs/bpf: this test is about one without it"
+    );
+
+    let (started, _) = c.exec(&["systemctl", "start", "paqet"]);
+    assert!(
+        started,
+        "systemctl start paqet failed: {}",
+        c.exec(&["systemctl", "status", "--no-pager", "paqet"]).1
+    );
+    assert!(
+        poll(20, || c.show("ActiveState") == "active"),
+        "paqet.service is not active"
+    );
+    assert!(
+        poll(20, || c
+            .exec(&["journalctl", "-u", "paqet", "--no-pager"])
+            .1
+            .contains("paqet server running")),
+        "the journal has no 'paqet server running'"
+    );
+    let journal = c.exec(&["journalctl", "-u", "paqet", "--no-pager"]).1;
+    eprintln!("journal:\n{journal}");
+    assert!(
+        journal.contains("xdp unavailable") && journal.contains("using udp only"),
+        "TRANSPORT=auto must say why it runs udp"
+    );
+
+    let first = c.show("MainPID");
+    assert!(
+        c.exec(&["systemctl", "kill", "--signal=SIGKILL", "paqet"]).0,
+        "systemctl kill failed"
+    );
+    let restarted = poll(30, || {
+        c.show("NRestarts") == "1" && c.show("ActiveState") == "active" && c.show("MainPID") != first
+    });
+    assert!(
+        restarted,
+        "no restart after SIGKILL: NRestarts={} MainPID={}",
+        c.show("NRestarts"),
+        c.show("MainPID")
+    );
+
+    assert!(c.exec(&["systemctl", "stop", "paqet"]).0, "systemctl stop paqet failed");
+    assert_eq!(c.show("Result"), "success", "stop must end with Result=success");
+    eprintln!(
+        "xdp in a container: not run: the container has no /sys/fs/bpf (the case this test is for), \
+         and its only interface is lo, which XDP's AF_XDP path does not serve"
+    );
+    Ok(())
+}
