@@ -124,11 +124,8 @@ fn user_in(s: &Scratch) -> Result<Option<(u32, u32)>> {
     Ok(Some((uid, gid)))
 }
 
-#[test]
-fn deb_installs_removes_and_purges() -> Result<()> {
-    if !require_root("deb_installs_removes_and_purges") {
-        return Ok(());
-    }
+/// A fresh copy, without paqet or its user, holding the package at /tmp/paqet.deb.
+fn copy_with_deb() -> Result<Scratch> {
     let deb = deb();
     let s = Scratch::new()?;
     // The host may have the user (the service tests make it): the copy must not, so
@@ -141,6 +138,15 @@ fn deb_installs_removes_and_purges() -> Result<()> {
         "this machine has a paqet package installed: the test needs it without"
     );
     std::fs::copy(&deb, s.reach("/tmp/paqet.deb")).context("copying the .deb into the copy")?;
+    Ok(s)
+}
+
+#[test]
+fn deb_installs_removes_and_purges() -> Result<()> {
+    if !require_root("deb_installs_removes_and_purges") {
+        return Ok(());
+    }
+    let s = copy_with_deb()?;
 
     let out = s.chroot(&["dpkg", "-i", "/tmp/paqet.deb"])?;
     assert!(out.status.success(), "dpkg -i failed");
@@ -263,9 +269,7 @@ fn unit_runs_under_systemd_in_a_container_without_bpffs() -> Result<()> {
     if !require_root("unit_runs_under_systemd_in_a_container_without_bpffs") {
         return Ok(());
     }
-    let deb = deb();
-    let s = Scratch::new()?;
-    std::fs::copy(&deb, s.reach("/tmp/paqet.deb")).context("copying the .deb into the copy")?;
+    let s = copy_with_deb()?;
     s.chroot_ok(&["dpkg", "-i", "/tmp/paqet.deb"])?;
     let key = String::from_utf8(run_checked(Command::new(paqet_tests::paqet_bin()).arg("genkey"))?.stdout)?;
     // Keeps the file's owner and mode (postinst's): overwritten, not replaced.

@@ -29,13 +29,7 @@ pub struct Args {
 
 /// Builds (unless `--binary`), stages and packages; returns the .deb's path.
 pub fn run(args: &Args) -> Result<PathBuf> {
-    let built = match &args.binary {
-        Some(b) => b.clone(),
-        None => crate::build::run(&crate::build::Args {
-            release: true,
-            debug: false,
-        })?,
-    };
+    let built = crate::install::given_or_built(&args.binary)?;
     let out = util::target_dir().join("debian");
     let tree = out.join("paqet");
     step(format!("deb: staging {}", tree.display()));
