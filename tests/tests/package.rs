@@ -370,3 +370,25 @@ fn unit_runs_under_systemd_in_a_container_without_bpffs() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn lintian_finds_no_errors() -> Result<()> {
+    let out = Command::new("lintian")
+        .args(["--fail-on", "error", "--tag-display-limit", "0"])
+        .arg(deb())
+        .output()
+        .context("running lintian (`cargo xtask setup` installs it)")?;
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("lintian:\n{said}");
+    assert!(
+        out.status.success(),
+        "lintian reports errors (or failed, {}):\n{said}",
+        out.status
+    );
+    assert!(!said.lines().any(|l| l.starts_with("E: ")), "lintian errors:\n{said}");
+    Ok(())
+}

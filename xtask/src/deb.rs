@@ -83,10 +83,14 @@ fn stage(tree: &Path, binary: &Path) -> Result<()> {
     let dist = util::root().join("dist");
     put(tree, BIN, &read(binary)?, 0o755)?;
     // The release profile keeps line tables (debug = 1) for backtraces in development;
-    // the package ships the binary without them (40 MB → a few).
+    // the package ships the binary stripped as dh_strip would (40 MB → a few).
     util::run(
         Command::new("strip")
-            .arg("--strip-debug")
+            .args([
+                "--remove-section=.comment",
+                "--remove-section=.note",
+                "--strip-unneeded",
+            ])
             .arg(tree.join(BIN.trim_start_matches('/'))),
     )?;
     let usr_bin = tree.join("usr/bin");
@@ -95,6 +99,18 @@ fn stage(tree: &Path, binary: &Path) -> Result<()> {
     put(tree, UNIT, &read(&dist.join("paqet.service"))?, 0o644)?;
     put(tree, CONFIG, &read(&dist.join("paqet.conf"))?, 0o600)?;
     put(tree, "/usr/share/doc/paqet/copyright", copyright().as_bytes(), 0o644)?;
+    put(tree, "/usr/share/doc/paqet/changelog", changelog().as_bytes(), 0o644)?;
+    util::run(
+        Command::new("gzip")
+            .args(["-9nf"])
+            .arg(tree.join("usr/share/doc/paqet/changelog")),
+    )?;
+    put(
+        tree,
+        "/usr/share/lintian/overrides/paqet",
+        &read(&dist.join("debian/lintian-overrides"))?,
+        0o644,
+    )?;
     for script in MAINTAINER_SCRIPTS {
         put(
             tree,
@@ -111,9 +127,18 @@ fn stage(tree: &Path, binary: &Path) -> Result<()> {
 fn copyright() -> String {
     format!(
         "Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/\n\
-         Upstream-Name: paqet\nSource: {}\n\nFiles: *\nCopyright: flowless\nLicense: {}\n",
+         Upstream-Name: paqet\nSource: {}\n\nFiles: *\nCopyright: 2026 flowless\nLicense: {}\n",
         env!("CARGO_PKG_REPOSITORY"),
         env!("CARGO_PKG_LICENSE")
+    )
+}
+
+/// A native package's changelog: one entry for the version being built.
+fn changelog() -> String {
+    format!(
+        "paqet ({}) unstable; urgency=medium\n\n  * Built by cargo xtask deb.\n\n \
+         -- flowless <paqet@example.invalid>  Sat, 05 Dec 2026 00:00:00 +0000\n",
+        version()
     )
 }
 

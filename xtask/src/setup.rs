@@ -32,6 +32,8 @@ pub const APT_PACKAGES: &[&str] = &[
     // systemd-nspawn to run paqet.service under a real systemd; pgrep finds its PID 1.
     "systemd-container",
     "procps",
+    // Checks the package (cargo xtask deb) in the same test.
+    "lintian",
 ];
 
 pub const BPF_LINKER_VERSION: &str = "0.13.0";
