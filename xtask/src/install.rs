@@ -117,6 +117,17 @@ fn install_file(src: &Path, dst: &Path, mode: u32) -> Result<()> {
     Ok(())
 }
 
+/// `binary` when given, else a fresh release build (install and deb ship either).
+pub fn given_or_built(binary: &Option<PathBuf>) -> Result<PathBuf> {
+    match binary {
+        Some(b) => Ok(b.clone()),
+        None => crate::build::run(&crate::build::Args {
+            release: true,
+            debug: false,
+        }),
+    }
+}
+
 fn dist(name: &str) -> PathBuf {
     util::root().join("dist").join(name)
 }
@@ -125,13 +136,7 @@ pub fn run(args: &Args) -> Result<()> {
     if !util::is_root() {
         bail!("install writes /opt, /etc and creates a system user: run it as root");
     }
-    let built = match &args.binary {
-        Some(b) => b.clone(),
-        None => crate::build::run(&crate::build::Args {
-            release: true,
-            debug: false,
-        })?,
-    };
+    let built = given_or_built(&args.binary)?;
     step(format!("install: binary {BIN}"));
     install_file(&built, &under(&args.destdir, BIN), 0o755)?;
 

@@ -5,6 +5,7 @@
 
 mod bench;
 mod build;
+mod deb;
 mod fuzz;
 mod install;
 mod run;
@@ -37,6 +38,8 @@ enum Command {
     Test(test::Args),
     /// Build, then install paqet as a service (/opt/flowless/bin/paqet, user flowless-paqet, paqet.service).
     Install(install::Args),
+    /// Build, then write the Debian package target/debian/paqet_VERSION_ARCH.deb.
+    Deb(deb::Args),
     /// Benchmarks: paqet (xdp, udp) beside the raw ceilings, kcptun and TCP (needs root).
     Bench(bench::Args),
     /// Remove the installed binary and unit (the config and user stay unless --purge).
@@ -55,6 +58,7 @@ fn main() {
         Command::Bench(a) => bench::run(&a),
         Command::Fuzz(a) => fuzz::run(&a),
         Command::Install(a) => install::run(&a),
+        Command::Deb(a) => deb::run(&a).map(|_| ()),
         Command::Uninstall(a) => install::uninstall(&a),
     };
     if let Err(e) = result {

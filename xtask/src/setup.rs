@@ -28,6 +28,12 @@ pub const APT_PACKAGES: &[&str] = &[
     "iperf3",
     "dnsutils",
     "dnsmasq-base",
+    // The package test (tests/tests/package.rs): boots an overlay of this machine with
+    // systemd-nspawn to run paqet.service under a real systemd; pgrep finds its PID 1.
+    "systemd-container",
+    "procps",
+    // Checks the package (cargo xtask deb) in the same test.
+    "lintian",
 ];
 
 pub const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -1,5 +1,6 @@
 //! `cargo xtask test`: what CI runs. Setup, build, then the whole workspace's tests in
-//! release mode, against the binary just built (PAQET_BIN), and the library's unit
+//! release mode, against the binary just built (PAQET_BIN) and its Debian package
+//! (PAQET_DEB), and the library's unit
 //! tests once more with overflow checks.
 
 use crate::util::{self, step};
@@ -18,11 +19,20 @@ pub fn run(args: &Args) -> Result<()> {
         release: true,
         debug: false,
     })?;
-    step(format!("testing the workspace (PAQET_BIN={})", bin.display()));
+    // tests/tests/package.rs installs the package built from this very binary.
+    let deb = crate::deb::run(&crate::deb::Args {
+        binary: Some(bin.clone()),
+    })?;
+    step(format!(
+        "testing the workspace (PAQET_BIN={}, PAQET_DEB={})",
+        bin.display(),
+        deb.display()
+    ));
     let mut cmd = util::cargo_cmd();
     cmd.current_dir(util::root())
         .args(["test", "--release", "--no-fail-fast"])
-        .env("PAQET_BIN", &bin);
+        .env("PAQET_BIN", &bin)
+        .env("PAQET_DEB", &deb);
     if args.cargo_args.is_empty() {
         cmd.arg("--workspace");
     } else {
