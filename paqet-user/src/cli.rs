@@ -37,6 +37,14 @@ pub enum Command {
     Status(StatusArgs),
     /// Print a new random key (base64 of 32 bytes) for KEY or KEY_FILE
     Genkey,
+    /// Print the shell completion script for bash, zsh or fish
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page, paqet(1), in roff (`cargo xtask deb` installs it)
+    #[command(hide = true)]
+    Manpage,
 }
 
 /// Flags shared by the commands that read paqet.conf. Each is optional and, when given,

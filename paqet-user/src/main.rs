@@ -60,6 +60,11 @@ fn main() -> ExitCode {
             genkey();
             Ok(())
         }
+        Command::Completions { shell } => {
+            paqet::ops::manual::write_completions(*shell, &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Manpage => paqet::ops::manual::write_manpage(&mut std::io::stdout()).map_err(Into::into),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

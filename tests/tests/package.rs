@@ -184,6 +184,24 @@ fn deb_installs_removes_and_purges() -> Result<()> {
         String::from_utf8_lossy(&verify.stderr).trim().is_empty(),
         "systemd-analyze verify complained"
     );
+    // The man page and completions come from the binary's clap definitions.
+    let page = s.chroot_ok(&["man", "-l", "/usr/share/man/man1/paqet.1.gz"])?;
+    assert!(
+        page.contains("CONFIGURATION") && page.contains("SOCKS_ADDR") && page.contains("EXIT STATUS"),
+        "man -l did not render the page: {page}"
+    );
+    let complete = s.chroot_ok(&[
+        "bash",
+        "-c",
+        "source /usr/share/bash-completion/completions/paqet; complete -p paqet",
+    ])?;
+    assert!(complete.contains("paqet"), "bash found no completion: {complete}");
+    for path in [
+        "/usr/share/zsh/vendor-completions/_paqet",
+        "/usr/share/fish/vendor_completions.d/paqet.fish",
+    ] {
+        assert!(s.meta(path).is_some(), "{path} is not installed");
+    }
     assert!(
         s.chroot(&["dpkg-query", "-W", "-f=${Conffiles}", "paqet"])?
             .stdout

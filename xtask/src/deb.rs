@@ -79,6 +79,13 @@ fn read(path: &Path) -> Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("reading {}", path.display()))
 }
 
+const MANPAGE: &str = "/usr/share/man/man1/paqet.1";
+const COMPLETIONS: [(&str, &str); 3] = [
+    ("bash", "/usr/share/bash-completion/completions/paqet"),
+    ("zsh", "/usr/share/zsh/vendor-completions/_paqet"),
+    ("fish", "/usr/share/fish/vendor_completions.d/paqet.fish"),
+];
+
 fn stage(tree: &Path, binary: &Path) -> Result<()> {
     let dist = util::root().join("dist");
     put(tree, BIN, &read(binary)?, 0o755)?;
@@ -98,6 +105,7 @@ fn stage(tree: &Path, binary: &Path) -> Result<()> {
     std::os::unix::fs::symlink(BIN, usr_bin.join("paqet")).context("symlinking /usr/bin/paqet")?;
     put(tree, UNIT, &read(&dist.join("paqet.service"))?, 0o644)?;
     put(tree, CONFIG, &read(&dist.join("paqet.conf"))?, 0o600)?;
+    stage_manual(tree, binary)?;
     put(tree, "/usr/share/doc/paqet/copyright", copyright().as_bytes(), 0o644)?;
     put(tree, "/usr/share/doc/paqet/changelog", changelog().as_bytes(), 0o644)?;
     util::run(
@@ -122,6 +130,36 @@ fn stage(tree: &Path, binary: &Path) -> Result<()> {
     put(tree, "DEBIAN/conffiles", format!("{CONFIG}\n").as_bytes(), 0o644)?;
     put(tree, "DEBIAN/control", control(tree)?.as_bytes(), 0o644)?;
     Ok(())
+}
+
+/// The man page and the completions, printed by the binary itself from its clap
+/// definitions (`paqet manpage`, `paqet completions SHELL`).
+fn stage_manual(tree: &Path, binary: &Path) -> Result<()> {
+    put(tree, MANPAGE, &printed_by(binary, &["manpage"])?, 0o644)?;
+    util::run(
+        Command::new("gzip")
+            .args(["-9nf"])
+            .arg(tree.join(MANPAGE.trim_start_matches('/'))),
+    )?;
+    for (shell, path) in COMPLETIONS {
+        put(tree, path, &printed_by(binary, &["completions", shell])?, 0o644)?;
+    }
+    Ok(())
+}
+
+fn printed_by(binary: &Path, args: &[&str]) -> Result<Vec<u8>> {
+    let out = Command::new(binary)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {} {}", binary.display(), args.join(" ")))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{} {} failed: {}",
+        binary.display(),
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(out.stdout)
 }
 
 fn copyright() -> String {

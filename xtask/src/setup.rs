@@ -34,6 +34,8 @@ pub const APT_PACKAGES: &[&str] = &[
     "procps",
     // Checks the package (cargo xtask deb) in the same test.
     "lintian",
+    // `man -l` renders the packaged page in the same test.
+    "man-db",
 ];
 
 pub const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -7,7 +7,7 @@
 
 mod error;
 pub mod forward;
-mod keys;
+pub(crate) mod keys;
 mod policy;
 mod settings;
 mod values;
