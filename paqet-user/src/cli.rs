@@ -264,16 +264,24 @@ mod tests {
         assert!(s.json);
         assert_eq!(s.instance.as_deref(), Some("client-eth0"));
         let help = Cli::command().render_help().to_string();
-        for line in [
-            "client  Run the SOCKS5 side",
-            "server  Run the relay server",
-            "run     Run with the role from the config",
-            "check   Troubleshoot",
-            "status  Show attached programs, counters and live sessions",
-            "genkey  Print a new random key",
+        // Column widths follow the longest command name: match name and text per line.
+        for (name, about) in [
+            ("client", "Run the SOCKS5 side"),
+            ("server", "Run the relay server"),
+            ("run", "Run with the role from the config"),
+            ("check", "Troubleshoot"),
+            ("status", "Show attached programs, counters and live sessions"),
+            ("genkey", "Print a new random key"),
+            ("completions", "Print the shell completion script"),
         ] {
-            assert!(help.contains(line), "{line:?} missing from:\n{help}");
+            let listed = help.lines().any(|l| {
+                let l = l.trim_start();
+                l.strip_prefix(name)
+                    .is_some_and(|rest| rest.trim_start().starts_with(about))
+            });
+            assert!(listed, "{name:?} with {about:?} missing from:\n{help}");
         }
+        assert!(!help.contains("manpage"), "the manpage command is hidden:\n{help}");
         let mut cmd = Cli::command();
         let client_help = cmd.find_subcommand_mut("client").unwrap().render_help().to_string();
         assert!(

@@ -36,7 +36,10 @@ struct Scratch {
 
 impl Scratch {
     fn new() -> Result<Scratch> {
-        let dir = std::env::temp_dir().join(format!("paqet-pkg-{}", std::process::id()));
+        // Tests run in parallel threads of one process: each copy needs its own folder.
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("paqet-pkg-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
         let holder = ChildGuard::spawn(
             Command::new("unshare")
