@@ -47,6 +47,7 @@ impl Scratch {
                 .stdin(Stdio::null()),
         )?;
         let s = Scratch { holder, dir };
+        s.wait_for_own_namespace()?;
         let d = s.dir.display();
         // /proc and /dev for dpkg and useradd; fresh /tmp and /run so nothing of the
         // host's leaks in (no /run/systemd/system: the scripts must not call systemctl).
@@ -57,6 +58,20 @@ impl Scratch {
              mount -t tmpfs tmpfs {d}/m/tmp; mount -t tmpfs tmpfs {d}/m/run"
         ))?;
         Ok(s)
+    }
+
+    /// Until `unshare` has run, the holder is still in this machine's mount namespace,
+    /// and mounts made through it would land on the host.
+    fn wait_for_own_namespace(&self) -> Result<()> {
+        let ours = std::fs::read_link("/proc/self/ns/mnt")?;
+        let theirs = format!("/proc/{}/ns/mnt", self.holder.id());
+        for _ in 0..500 {
+            if std::fs::read_link(&theirs).is_ok_and(|ns| ns != ours) {
+                return Ok(());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        anyhow::bail!("unshare did not make its own mount namespace within 5 s")
     }
 
     fn root(&self) -> PathBuf {
