@@ -366,7 +366,9 @@ fn a_server_udp_flow_idles_out_after_udp_timeout_and_the_next_datagram_reopens_i
         bed.logs()
     );
     assert_eq!(dig(), "198.18.9.9", "dig after the flow idled out\n{}", bed.logs());
-    let (reopened, text) = status_shows(|t| t.contains(&flows(1, 2)));
+    // The new flow may idle out again before a reading catches it live: what counts is
+    // that a second one was opened (and the dig above was answered through it).
+    let (reopened, text) = status_shows(|t| t.contains(&flows(1, 2)) || t.contains(&flows(0, 2)));
     assert!(reopened, "the next datagram did not open a second flow:\n{text}");
 }
 
