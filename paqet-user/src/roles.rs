@@ -487,6 +487,7 @@ fn snapshot<T: Transport>(node: &Node<T>, server: Option<&ServerCounters>) -> li
         bytes_in: c.bytes_in,
         bytes_out: c.bytes_out,
         handshakes: c.handshakes,
+        keepalives: c.keepalives,
         dropped_unauthentic: c.dropped_unauthentic,
         dropped_replayed: c.dropped_replayed + c.dropped_stale_handshake,
         dropped_policy: server.map_or(0, |s| {

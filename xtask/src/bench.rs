@@ -11,7 +11,7 @@ use crate::util::{self, step};
 use anyhow::{Result, bail};
 use std::process::Command;
 
-pub const BENCH_APT_PACKAGES: &[&str] = &["kcptun", "microsocks", "fonts-dejavu-core"];
+pub const BENCH_APT_PACKAGES: &[&str] = &["kcptun", "microsocks", "fonts-dejavu-core", "iperf3"];
 
 #[derive(clap::Args)]
 pub struct Args {

@@ -438,6 +438,7 @@ impl Engine {
         let len = self.rng.random_range(0..32);
         let padding: Vec<u8> = (0..len).map(|_| self.rng.random()).collect();
         self.seal_to(peer_id, &Inner::Keepalive { padding: &padding });
+        self.counters.keepalives += 1;
     }
 
     pub(super) fn tick_peer(&mut self, now: Now, peer_id: PeerId) {

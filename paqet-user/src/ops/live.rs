@@ -31,6 +31,8 @@ pub struct Snapshot {
     pub bytes_out: u64,
     /// Handshakes completed (client: answers taken; server: sessions opened).
     pub handshakes: u64,
+    /// Keepalives sent: session upkeep, which an idle client pays.
+    pub keepalives: u64,
     pub dropped_unauthentic: u64,
     pub dropped_replayed: u64,
     /// Server: streams and UDP flows refused by the target policy.
@@ -122,6 +124,7 @@ fn render(role: &str, transport: &str, now: &Snapshot, before: &Snapshot, secs: 
         "bytes_in_per_s": rate(now.bytes_in, before.bytes_in),
         "bytes_out_per_s": rate(now.bytes_out, before.bytes_out),
         "handshakes": now.handshakes,
+        "keepalives": now.keepalives,
         "dropped_unauthentic": now.dropped_unauthentic,
         "dropped_replayed": now.dropped_replayed,
         "dropped_policy": now.dropped_policy,

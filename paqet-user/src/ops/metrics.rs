@@ -175,6 +175,7 @@ pub fn render(role: &'static str, transport: &str, s: &Snapshot) -> Result<Strin
     counter(&mut r, "paqet_packets_in", "Tunnel datagrams received", s.datagrams_in);
     counter(&mut r, "paqet_packets_out", "Tunnel datagrams sent", s.datagrams_out);
     counter(&mut r, "paqet_handshakes", "Handshakes completed", s.handshakes);
+    counter(&mut r, "paqet_keepalives", "Keepalives sent (an idle client's upkeep)", s.keepalives);
     let dropped = Family::<Labels, Counter>::default();
     for (reason, n) in [
         ("authentication", s.dropped_unauthentic),
@@ -256,6 +257,7 @@ mod tests {
             datagrams_in: 100,
             datagrams_out: 7,
             handshakes: 2,
+            keepalives: 4,
             dropped_unauthentic: 5,
             dropped_replayed: 6,
             dropped_policy: 8,
@@ -279,6 +281,7 @@ mod tests {
             ("paqet_packets_in_total", "100"),
             ("paqet_packets_out_total", "7"),
             ("paqet_handshakes_total", "2"),
+            ("paqet_keepalives_total", "4"),
             ("paqet_dropped_total{reason=\"authentication\"}", "5"),
             ("paqet_dropped_total{reason=\"replay\"}", "6"),
             ("paqet_dropped_total{reason=\"policy\"}", "8"),

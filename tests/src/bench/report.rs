@@ -38,11 +38,47 @@ pub struct Row {
     pub note: String,
 }
 
+/// Relayed UDP at a fixed offered rate (iperf3 -u), as its receiver counted it.
+#[derive(Clone, Debug)]
+pub struct UdpRow {
+    pub system: String,
+    pub offered_mbit: f64,
+    pub goodput_mbit: f64,
+    pub loss_percent: f64,
+}
+
+/// What a paqet row cost in session upkeep: handshakes both ends completed and
+/// keepalives both ends sent while the row was measured.
+#[derive(Clone, Debug)]
+pub struct Upkeep {
+    pub system: String,
+    pub test: &'static str,
+    pub handshakes: u64,
+    pub keepalives: u64,
+    pub datagrams: u64,
+}
+
+impl Upkeep {
+    /// Upkeep datagrams as a percentage of all the row's datagrams.
+    pub fn share(&self) -> f64 {
+        100.0 * (self.handshakes * 2 + self.keepalives) as f64 / self.datagrams.max(1) as f64
+    }
+}
+
+/// The direct UDP rows' system (iperf3 from the client namespace to the server's).
+pub const UDP_DIRECT: &str = "UDP direct";
+
+/// The xdp rows over the TCP-shaped wire (the default) are `paqet xdp`; the same over
+/// the UDP wire are this system, to show what the TCP wire's opening and upkeep cost.
+pub const XDP_UDP_WIRE: &str = "paqet xdp, udp wire";
+
 #[derive(Default, Debug)]
 pub struct Results {
     pub rows: Vec<Row>,
     /// (system, process, peak RSS KiB)
     pub rss: Vec<(String, String, u64)>,
+    pub udp: Vec<UdpRow>,
+    pub upkeep: Vec<Upkeep>,
     pub notes: Vec<String>,
 }
 
@@ -252,6 +288,30 @@ impl Results {
             });
             out.push((format!("lossy, {tr} ≥ TCP with BBR"), verdict(ok), d));
         }
+        // The TCP-shaped wire's frames carry 32 bytes of TCP header and timestamps where
+        // UDP has 8, about 2 % of a full frame: more than that is what its opening and
+        // upkeep would cost.
+        for test in [CLEAN1, LOSSY] {
+            let tcp_wire = self.get("paqet xdp", test);
+            let udp_wire = self.get(XDP_UDP_WIRE, test);
+            let ok = tcp_wire.zip(udp_wire).map(|(a, b)| a.value >= 0.9 * b.value);
+            let d = tcp_wire.zip(udp_wire).map_or(String::new(), |(a, b)| {
+                format!("{:.1} vs {:.1} MB/s = {:.2}×", a.value, b.value, a.value / b.value)
+            });
+            out.push((
+                format!("{test}, xdp: the TCP-shaped wire ≥ 90 % of the UDP wire"),
+                verdict(ok),
+                d,
+            ));
+        }
+        let worst_upkeep = self.upkeep.iter().max_by(|a, b| a.share().total_cmp(&b.share()));
+        out.push((
+            "session upkeep (handshakes, keepalives) during any paqet row ≤ 0.1 % of its datagrams".to_string(),
+            verdict(worst_upkeep.map(|u| u.share() <= 0.1)),
+            worst_upkeep.map_or(String::new(), |u| {
+                format!("at most {:.4} % ({}, {})", u.share(), u.system, u.test)
+            }),
+        ));
         for tr in ["xdp", "udp"] {
             let sys = format!("paqet {tr}");
             let st = self.get(&sys, STREAMS);
@@ -267,6 +327,46 @@ impl Results {
             ));
         }
         out
+    }
+
+    /// Relayed UDP beside direct UDP at the same offered rate.
+    pub fn udp_table(&self) -> String {
+        let mut t = String::from(
+            "| system | offered Mbit/s | goodput Mbit/s | loss % | goodput vs direct |\n|---|---:|---:|---:|---:|\n",
+        );
+        for r in &self.udp {
+            let direct = self
+                .udp
+                .iter()
+                .find(|d| d.system == UDP_DIRECT && d.offered_mbit == r.offered_mbit);
+            let ratio = direct.map_or("–".to_string(), |d| format!("{:.2}×", r.goodput_mbit / d.goodput_mbit));
+            let _ = writeln!(
+                t,
+                "| {} | {:.0} | {:.1} | {:.2} | {ratio} |",
+                r.system, r.offered_mbit, r.goodput_mbit, r.loss_percent
+            );
+        }
+        t
+    }
+
+    /// Handshakes and keepalives during each paqet row.
+    pub fn upkeep_table(&self) -> String {
+        let mut t = String::from(
+            "| system | row | handshakes | keepalives | datagrams both ways | upkeep share |\n|---|---|---:|---:|---:|---:|\n",
+        );
+        for u in &self.upkeep {
+            let _ = writeln!(
+                t,
+                "| {} | {} | {} | {} | {} | {:.4} % |",
+                u.system,
+                u.test,
+                u.handshakes,
+                u.keepalives,
+                u.datagrams,
+                u.share()
+            );
+        }
+        t
     }
 
     pub fn targets_table(&self) -> String {

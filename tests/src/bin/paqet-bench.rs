@@ -22,13 +22,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use paqet_tests::bench::peers::{self, KcpConfig};
-use paqet_tests::bench::report::{CEILING, CLEAN1, CLEAN8, Kind, LOSSY, RR, Results, Row, STREAMS};
+use paqet_tests::bench::report::{
+    CEILING, CLEAN1, CLEAN8, Kind, LOSSY, RR, Results, Row, STREAMS, UDP_DIRECT, UdpRow, Upkeep, XDP_UDP_WIRE,
+};
 use paqet_tests::bench::{
     self, Access, BENCH_ORIGIN_PORT, ECHO_PORT, FORWARD_PORT, GIB, MIB, Proc, SERVER_IP, Servers,
 };
 use paqet_tests::linkem::{Impairment, hosts_through_emulator};
 use paqet_tests::netns::{ChildGuard, Netns, TwoHosts};
-use paqet_tests::relay::{RelayBed, RelayOptions, ensure_bpffs, sibling_bin};
+use paqet_tests::relay::{ORIGIN_IP, RelayBed, RelayOptions, ensure_bpffs, sibling_bin};
 
 #[derive(Clone, Copy, Debug)]
 struct Sizes {
@@ -44,6 +46,9 @@ struct Sizes {
     streams_cap: Duration,
     rr: usize,
     ceiling_secs: f64,
+    /// iperf3 -u offered rates, Mbit/s, and how long each runs.
+    udp_rates: &'static [u32],
+    udp_secs: u32,
 }
 
 const FULL: Sizes = Sizes {
@@ -59,6 +64,8 @@ const FULL: Sizes = Sizes {
     streams_cap: Duration::from_secs(180),
     rr: 2000,
     ceiling_secs: 5.0,
+    udp_rates: &[100, 400],
+    udp_secs: 5,
 };
 
 const QUICK: Sizes = Sizes {
@@ -74,6 +81,8 @@ const QUICK: Sizes = Sizes {
     streams_cap: Duration::from_secs(60),
     rr: 300,
     ceiling_secs: 2.0,
+    udp_rates: &[100],
+    udp_secs: 2,
 };
 
 /// 40 ms RTT, 1 % loss (each way).
@@ -97,6 +106,59 @@ fn relay_options(transport: &'static str) -> anyhow::Result<RelayOptions> {
         "ALLOW={SERVER_IP}/32:{BENCH_ORIGIN_PORT},{SERVER_IP}/32:{ECHO_PORT}"
     ));
     Ok(opts)
+}
+
+/// Both ends on the UDP wire (xdp builds TCP-shaped frames under the default `auto`).
+fn udp_wire(mut opts: RelayOptions) -> RelayOptions {
+    opts.server_extra.push("WIRE=udp".into());
+    opts.client_extra.push("WIRE=udp".into());
+    opts
+}
+
+/// Session upkeep so far, summed over the running paqet instances (one bed at a time).
+struct UpkeepReading {
+    /// The client's completed handshakes (each is a message each way).
+    handshakes: u64,
+    keepalives: u64,
+    datagrams: u64,
+}
+
+impl UpkeepReading {
+    /// `paqet status` reads what each instance published, once a second: a reading is
+    /// taken only after a fresh one, so a row's counts are its own.
+    fn now() -> Result<UpkeepReading> {
+        std::thread::sleep(Duration::from_millis(1_200));
+        let out = std::process::Command::new(paqet_tests::paqet_bin())
+            .args(["status", "--json"])
+            .output()
+            .context("running paqet status --json")?;
+        anyhow::ensure!(out.status.success(), "paqet status: {}", String::from_utf8_lossy(&out.stderr));
+        let all: serde_json::Value = serde_json::from_slice(&out.stdout).context("paqet status --json")?;
+        let instances = all.as_array().context("paqet status --json: not a list")?;
+        let mut r = UpkeepReading {
+            handshakes: 0,
+            keepalives: 0,
+            datagrams: 0,
+        };
+        for i in instances {
+            let live = &i["live"];
+            let n = |key: &str| live[key].as_u64().with_context(|| format!("no live.{key} in {i}"));
+            if i["role"] == "client" {
+                r.handshakes += n("handshakes")?;
+            }
+            r.keepalives += n("keepalives")?;
+            r.datagrams += n("datagrams_in")? + n("datagrams_out")?;
+        }
+        Ok(r)
+    }
+
+    fn since(&self, before: &UpkeepReading) -> UpkeepReading {
+        UpkeepReading {
+            handshakes: self.handshakes.saturating_sub(before.handshakes),
+            keepalives: self.keepalives.saturating_sub(before.keepalives),
+            datagrams: self.datagrams.saturating_sub(before.datagrams),
+        }
+    }
 }
 
 fn origin() -> SocketAddr {
@@ -130,9 +192,20 @@ impl Bench {
         cap: Duration,
         procs: &[Proc],
     ) -> Result<()> {
+        let upkeep0 = (kind == Kind::Paqet).then(UpkeepReading::now).transpose()?;
         let c0 = bench::total_cpu(procs);
         let t = ns.run(|| bench::download_many(access, streams, len_each, cap))?;
         let cpu = bench::total_cpu(procs) - c0;
+        if let Some(before) = upkeep0 {
+            let d = UpkeepReading::now()?.since(&before);
+            self.r.upkeep.push(Upkeep {
+                system: sys.into(),
+                test,
+                handshakes: d.handshakes,
+                keepalives: d.keepalives,
+                datagrams: d.datagrams,
+            });
+        }
         let cpu_per_gib = (!procs.is_empty() && t.bytes > 0).then(|| cpu / (t.bytes as f64 / GIB));
         let note = if test == STREAMS {
             if t.all_complete() {
@@ -293,13 +366,40 @@ impl Bench {
         let sys = format!("paqet {transport}");
         let tag = if transport == "xdp" { "bx" } else { "bu" };
         let bed = RelayBed::start(tag, &relay_options(transport)?)?;
-        if transport == "udp" {
+        let res = self.paqet_clean(&sys, &bed, transport == "udp");
+        if res.is_ok() && transport == "xdp" {
+            drop(bed);
+            return self.paqet_xdp_udp_wire();
+        }
+        res
+    }
+
+    /// One stream over xdp with the UDP wire, beside the default TCP-shaped wire's row:
+    /// what the TCP wire's opening and upkeep cost.
+    fn paqet_xdp_udp_wire(&mut self) -> Result<()> {
+        let bed = RelayBed::start("bw", &udp_wire(relay_options("xdp")?))?;
+        let _servers = Servers::start(&bed.hosts.server)?;
+        let procs = paqet_procs(&bed);
+        let o = Access::Socks {
+            proxy: bed.socks_addr(),
+            target: origin(),
+        };
+        let s = self.s;
+        let res = self.transfer(XDP_UDP_WIRE, Kind::Paqet, CLEAN1, &bed.hosts.client, &o, 1, s.clean, s.clean_cap, &procs);
+        if res.is_err() {
+            eprintln!("{}", bed.logs());
+        }
+        res
+    }
+
+    fn paqet_clean(&mut self, sys: &str, bed: &RelayBed, offloads: bool) -> Result<()> {
+        if offloads {
             // As a host would run the udp transport (AF_XDP is what needs them off): UDP
             // GSO/GRO may then carry coalesced datagrams through the veth.
             peers::set_offloads(&bed.hosts, true)?;
         }
         let _servers = Servers::start(&bed.hosts.server)?;
-        let procs = paqet_procs(&bed);
+        let procs = paqet_procs(bed);
         let socks = bed.socks_addr();
         let o = Access::Socks {
             proxy: socks,
@@ -309,18 +409,27 @@ impl Bench {
             proxy: socks,
             target: echo(),
         };
-        let res = self.clean_suite(&sys, Kind::Paqet, &bed.hosts.client, &o, &e, &procs, true);
-        self.rss(&sys, &procs);
+        let res = self.clean_suite(sys, Kind::Paqet, &bed.hosts.client, &o, &e, &procs, true);
+        self.rss(sys, &procs);
         if res.is_err() {
             eprintln!("{}", bed.logs());
         }
         res
     }
 
+    /// The lossy row of paqet over `transport`, and over xdp with the UDP wire too.
     fn paqet_lossy(&mut self, transport: &'static str) -> Result<()> {
         let sys = format!("paqet {transport}");
         let tag = if transport == "xdp" { "blx" } else { "blu" };
-        let bed = RelayBed::start_through(tag, &relay_options(transport)?, LOSSY_LINK)?;
+        self.paqet_lossy_as(&sys, tag, relay_options(transport)?)?;
+        if transport == "xdp" {
+            self.paqet_lossy_as(XDP_UDP_WIRE, "blw", udp_wire(relay_options("xdp")?))?;
+        }
+        Ok(())
+    }
+
+    fn paqet_lossy_as(&mut self, sys: &str, tag: &str, opts: RelayOptions) -> Result<()> {
+        let bed = RelayBed::start_through(tag, &opts, LOSSY_LINK)?;
         let _servers = Servers::start(&bed.hosts.server)?;
         let procs = paqet_procs(&bed);
         let o = Access::Socks {
@@ -329,7 +438,7 @@ impl Bench {
         };
         let s = self.s;
         self.transfer(
-            &sys,
+            sys,
             Kind::Paqet,
             LOSSY,
             &bed.hosts.client,
@@ -467,6 +576,67 @@ impl Bench {
         )
     }
 
+    /// Relayed UDP: iperf3 -u at fixed offered rates through a client's UDP forward over
+    /// each transport, beside iperf3 straight across the same link.
+    fn udp_datagrams(&mut self) -> Result<()> {
+        {
+            let hosts = TwoHosts::new("bd")?;
+            peers::set_offloads(&hosts, true)?;
+            let _iperf = iperf3_server(&hosts.server, SERVER_IP)?;
+            for &rate in self.s.udp_rates {
+                self.iperf3_udp(UDP_DIRECT, &hosts.client, SERVER_IP, rate)?;
+            }
+        }
+        for transport in ["udp", "xdp"] {
+            let mut opts = relay_options(transport)?;
+            // iperf3 keeps its control connection on TCP, on the port of its UDP test.
+            opts.client_extra.push(format!(
+                "FORWARD=tcp/127.0.0.1:{IPERF3_PORT}={ORIGIN_IP}:{IPERF3_PORT},udp/127.0.0.1:{IPERF3_PORT}={ORIGIN_IP}:{IPERF3_PORT}"
+            ));
+            let bed = RelayBed::start(if transport == "udp" { "bdu" } else { "bdx" }, &opts)?;
+            if transport == "udp" {
+                peers::set_offloads(&bed.hosts, true)?;
+            }
+            let _iperf = iperf3_server(&bed.origin_host.ns, ORIGIN_IP)?;
+            for &rate in self.s.udp_rates {
+                let res = self.iperf3_udp(&format!("paqet {transport}"), &bed.hosts.client, Ipv4Addr::LOCALHOST, rate);
+                if res.is_err() {
+                    eprintln!("{}", bed.logs());
+                }
+                res?;
+            }
+        }
+        Ok(())
+    }
+
+    fn iperf3_udp(&mut self, sys: &str, ns: &Netns, to: Ipv4Addr, rate_mbit: u32) -> Result<()> {
+        let out = ns
+            .command("iperf3")
+            .args(["-c", &to.to_string(), "-p", &IPERF3_PORT.to_string(), "-J", "--connect-timeout", "5000"])
+            .args(["-u", "-l", "1200", "-b", &format!("{rate_mbit}M"), "-t", &self.s.udp_secs.to_string()])
+            .stdin(Stdio::null())
+            .output()
+            .context("running iperf3")?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        anyhow::ensure!(out.status.success(), "iperf3 -u at {rate_mbit} Mbit/s failed: {text}");
+        let report: serde_json::Value = serde_json::from_str(&text).context("iperf3's JSON report")?;
+        // What the receiver (the iperf3 server) counted, as the client reports at the end.
+        let received = &report["end"]["sum_received"];
+        let n = |key: &str| received[key].as_f64().with_context(|| format!("no end.sum_received.{key}: {text}"));
+        let row = UdpRow {
+            system: sys.into(),
+            offered_mbit: rate_mbit.into(),
+            goodput_mbit: n("bits_per_second")? / 1e6,
+            loss_percent: n("lost_percent")?,
+        };
+        eprintln!(
+            "bench: {:<32} udp {:>5.0} Mbit/s offered: {:.1} Mbit/s, {:.2} % lost",
+            row.system, row.offered_mbit, row.goodput_mbit, row.loss_percent
+        );
+        self.r.udp.push(row);
+        Ok(())
+    }
+
     fn lossy_peers(&mut self) -> Result<()> {
         let (hosts, _link) = hosts_through_emulator("bl", LOSSY_LINK)?;
         let _servers = Servers::start(&hosts.server)?;
@@ -591,6 +761,29 @@ impl Bench {
     }
 }
 
+const IPERF3_PORT: u16 = 5201;
+
+/// `iperf3 -s` on `ip` in `ns`, once it accepts connections.
+fn iperf3_server(ns: &Netns, ip: Ipv4Addr) -> Result<ChildGuard> {
+    let server = ChildGuard::spawn(
+        ns.command("iperf3")
+            .args(["-s", "-B", &ip.to_string(), "-p", &IPERF3_PORT.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    )?;
+    let up = ns.run(|| {
+        paqet_tests::wait_for(
+            || std::net::TcpStream::connect((ip, IPERF3_PORT)).is_ok(),
+            Duration::from_secs(10),
+        )
+    })?;
+    anyhow::ensure!(up, "iperf3 -s on {ip}:{IPERF3_PORT} did not start");
+    // iperf3 counts that probe as a client; let it see the close before the test's.
+    std::thread::sleep(Duration::from_millis(300));
+    Ok(server)
+}
+
 /// The paqet client and server of a bed, whose CPU and RSS count as paqet's.
 fn paqet_procs(bed: &RelayBed) -> Vec<Proc> {
     [("client", &bed.client), ("server", &bed.server)]
@@ -649,8 +842,8 @@ fn machine() -> String {
 
 const USAGE: &str = "usage: paqet-bench [--quick] [--out DIR] [--only SECTIONS]
        paqet-bench [--quick] --profile xdp|udp --out DIR
-SECTIONS: comma-separated of ceilings, paqet-xdp, paqet-udp, kcptun, tcp, lossy";
-const SECTIONS: [&str; 6] = ["ceilings", "paqet-xdp", "paqet-udp", "kcptun", "tcp", "lossy"];
+SECTIONS: comma-separated of ceilings, paqet-xdp, paqet-udp, kcptun, tcp, lossy, udp";
+const SECTIONS: [&str; 7] = ["ceilings", "paqet-xdp", "paqet-udp", "kcptun", "tcp", "lossy", "udp"];
 
 struct Args {
     quick: bool,
@@ -768,6 +961,7 @@ fn main() {
         let r3 = b.lossy_peers();
         r1.and(r2).and(r3)
     });
+    section(&mut b, "udp", &|b| b.udp_datagrams());
 
     let s = b.s;
     let sizes = format!(
@@ -791,6 +985,19 @@ fn main() {
         "Machine: {machine}\n\nSizes: {sizes}\n\nTotal bench time: {:.0} s\n\n{table}\n{targets}",
         started.elapsed().as_secs_f64()
     );
+    if !b.r.upkeep.is_empty() {
+        md.push_str(&format!(
+            "\nSession upkeep during each paqet row (handshakes the client completed, keepalives both ends sent; a handshake is a datagram each way):\n\n{}",
+            b.r.upkeep_table()
+        ));
+    }
+    if !b.r.udp.is_empty() {
+        md.push_str(&format!(
+            "\nRelayed UDP (iperf3 -u, 1200-byte datagrams, {} s per rate, through a UDP forward; as the receiver counted):\n\n{}",
+            s.udp_secs,
+            b.r.udp_table()
+        ));
+    }
     if !b.r.notes.is_empty() {
         md.push_str("\nNotes:\n");
         for n in &b.r.notes {
