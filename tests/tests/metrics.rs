@@ -303,6 +303,43 @@ fn only_get_metrics_is_served_and_a_silent_client_is_cut_off() {
     assert!(closed, "the server kept a silent connection open for 30 s");
 }
 
+/// A connection to the metrics port from `source` (any 127/8 address is loopback's).
+fn connect_from(source: [u8; 4]) -> std::io::Result<TcpStream> {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    s.bind(&SocketAddr::from((source, 0)).into())?;
+    s.connect_timeout(&METRICS.parse::<SocketAddr>().unwrap().into(), Duration::from_secs(5))?;
+    Ok(s.into())
+}
+
+#[test]
+fn silent_connections_from_one_address_leave_the_scraper_room() {
+    if !require_root("silent_connections_from_one_address_leave_the_scraper_room") {
+        return;
+    }
+    let mut opts = RelayOptions::new("udp").unwrap();
+    opts.client_extra.push(format!("METRICS_ADDR={METRICS}"));
+    let bed = RelayBed::start("m3", &opts).unwrap();
+    let ns = &bed.hosts.client;
+    // As many silent connections as the server serves at once, all from one address:
+    // the scraper, from another, must still be answered while they wait.
+    let answered = ns
+        .run(|| {
+            let silent: Vec<TcpStream> = (0..4).map(|_| connect_from([127, 0, 0, 2]).unwrap()).collect();
+            let mut scraper = connect_from([127, 0, 0, 1]).unwrap();
+            scraper.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            write!(scraper, "GET /metrics HTTP/1.1\r\nHost: {METRICS}\r\n\r\n").unwrap();
+            let mut raw = Vec::new();
+            let answer = scraper.read_to_end(&mut raw).map(|_| String::from_utf8_lossy(&raw).into_owned());
+            drop(silent);
+            answer
+        })
+        .unwrap();
+    match answered {
+        Ok(text) => assert!(text.starts_with("HTTP/1.1 200 OK"), "the scrape got: {text:?}"),
+        Err(e) => panic!("the scrape got no answer while silent connections held the port: {e}"),
+    }
+}
+
 #[test]
 fn a_public_metrics_addr_needs_the_opt_in() {
     // Bounded, in case the check were gone and the client ran.

@@ -6,13 +6,14 @@
 //! file and a scrape never count differently.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use paqet_common::maps::Stats;
 use serde_json::{Value, json};
 
 use crate::engine::PathLoad;
+use crate::sync::lock;
 
 pub const RUN_DIR: &str = "/run/paqet";
 const EVERY: Duration = Duration::from_secs(1);
@@ -56,6 +57,8 @@ pub struct Source {
     /// The paths' names, best first: "xdp/tcp, udp".
     pub transport: String,
     read: Arc<dyn Fn() -> Snapshot + Send + Sync>,
+    /// The latest reading, for [`recent`](Self::recent).
+    latest: Arc<Mutex<Option<(Instant, Snapshot)>>>,
 }
 
 impl Source {
@@ -64,11 +67,24 @@ impl Source {
             role,
             transport,
             read: Arc::new(read),
+            latest: Arc::default(),
         }
     }
 
     pub fn snapshot(&self) -> Snapshot {
-        (self.read)()
+        let now = (self.read)();
+        *lock(&self.latest) = Some((Instant::now(), now.clone()));
+        now
+    }
+
+    /// A reading at most `max_age` old: a reading takes the engine's lock, and whoever
+    /// can reach the metrics port may ask as often as it likes.
+    pub fn recent(&self, max_age: Duration) -> Snapshot {
+        let cached = lock(&self.latest).clone();
+        match cached {
+            Some((at, snapshot)) if at.elapsed() <= max_age => snapshot,
+            _ => self.snapshot(),
+        }
     }
 }
 

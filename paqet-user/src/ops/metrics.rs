@@ -2,11 +2,15 @@
 //! `GET /metrics`, read from the same [`live::Source`] as `paqet status`.
 //!
 //! The server is deliberately tiny: one request per connection, at most
-//! [`MAX_CONNECTIONS`] at once (more are closed at once), each with [`DEADLINE`] to send
-//! its request and take the answer, and a request head of at most [`MAX_REQUEST`]
-//! bytes. A slow or silent client costs one slot for a few seconds, never the relay.
+//! [`MAX_CONNECTIONS`] at once and [`MAX_PER_SOURCE`] from one address (more are closed
+//! at once), each with [`HEAD_DEADLINE`] to send its request and [`DEADLINE`] in all,
+//! and a request head of at most [`MAX_REQUEST`] bytes. A slow or silent client holds
+//! one slot for a second, never the relay: the counters it reads are at most
+//! [`MAX_AGE`] old, so scraping in a loop does not reach the engine more often than that.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use prometheus_client::encoding::text::encode;
@@ -18,13 +22,21 @@ use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
 
 use super::live::{Snapshot, Source};
+use crate::sync::lock;
 
 /// Scrapes served at once; Prometheus sends one at a time per target.
 const MAX_CONNECTIONS: usize = 4;
+/// Connections from one address at once, so one client cannot hold every slot.
+const MAX_PER_SOURCE: usize = 2;
+/// Time a connection gets to send its request (a scraper sends it at once).
+const HEAD_DEADLINE: Duration = Duration::from_secs(1);
 /// Time a connection gets for its whole request and answer.
 const DEADLINE: Duration = Duration::from_secs(5);
+/// How old the counters a scrape reads may be.
+const MAX_AGE: Duration = Duration::from_millis(100);
 /// A request head larger than this is not a scrape.
 const MAX_REQUEST: usize = 4096;
 const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -44,10 +56,13 @@ pub async fn bind(addr: std::net::SocketAddr) -> Result<TcpListener, MetricsErro
         .map_err(|source| MetricsError::Bind { addr, source })
 }
 
-/// Answers scrapes until the task is dropped.
+/// Answers scrapes until the task is dropped (which ends the connections too).
 pub async fn serve(listener: TcpListener, source: Source) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let per_source: Arc<Mutex<HashMap<IpAddr, usize>>> = Arc::default();
+    let mut connections = JoinSet::new();
     loop {
+        while connections.try_join_next().is_some() {}
         let (conn, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(e) => {
@@ -61,22 +76,56 @@ pub async fn serve(listener: TcpListener, source: Source) {
             tracing::debug!(%peer, "metrics: too many connections; closed");
             continue;
         };
+        let Some(source_slot) = SourceSlot::take(&per_source, peer.ip()) else {
+            tracing::debug!(%peer, "metrics: too many connections from this address; closed");
+            continue;
+        };
         let source = source.clone();
-        tokio::spawn(async move {
+        connections.spawn(async move {
             if tokio::time::timeout(DEADLINE, answer(conn, &source)).await.is_err() {
                 tracing::debug!(%peer, "metrics: connection timed out");
             }
-            drop(slot);
+            drop((slot, source_slot));
         });
     }
 }
 
+/// One of [`MAX_PER_SOURCE`] connections of an address, given back on drop.
+struct SourceSlot {
+    held: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    ip: IpAddr,
+}
+
+impl SourceSlot {
+    fn take(held: &Arc<Mutex<HashMap<IpAddr, usize>>>, ip: IpAddr) -> Option<SourceSlot> {
+        let mut map = lock(held);
+        let n = map.entry(ip).or_default();
+        if *n >= MAX_PER_SOURCE {
+            return None;
+        }
+        *n += 1;
+        Some(SourceSlot { held: held.clone(), ip })
+    }
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        let mut map = lock(&self.held);
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.ip);
+            }
+        }
+    }
+}
+
 async fn answer(mut conn: TcpStream, source: &Source) {
-    let Some(head) = read_head(&mut conn).await else {
+    let Ok(Some(head)) = tokio::time::timeout(HEAD_DEADLINE, read_head(&mut conn)).await else {
         return;
     };
     let response = match route(&head) {
-        Route::Metrics => match render(source.role, &source.transport, &source.snapshot()) {
+        Route::Metrics => match render(source.role, &source.transport, &source.recent(MAX_AGE)) {
             Ok(body) => response("200 OK", CONTENT_TYPE, &body),
             Err(_) => response("500 Internal Server Error", "text/plain", "cannot encode the metrics\n"),
         },
