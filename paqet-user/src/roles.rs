@@ -318,6 +318,9 @@ fn udp_port(side: &Side) -> u16 {
 }
 
 pub async fn run(config: Config) -> Result<()> {
+    for line in &config.ignored {
+        tracing::warn!("{line}");
+    }
     match config.role {
         Role::Client => {
             let server = resolve_remote(&config).await?;

@@ -330,7 +330,8 @@ fn a_server_udp_flow_idles_out_after_udp_timeout_and_the_next_datagram_reopens_i
     let mut opts = RelayOptions::new("udp").unwrap();
     opts.client_extra
         .push(format!("FORWARD=udp/127.0.0.1:5353={ORIGIN_IP}:53"));
-    opts.server_extra.push("UDP_TIMEOUT=2".into());
+    // Twice the status file's refresh and more, so a reading sees the first flow live.
+    opts.server_extra.push("UDP_TIMEOUT=4".into());
     let bed = RelayBed::start("d8", &opts).unwrap();
     let dir = RemoveDir(scratch("d8"));
     let _dns = start_dnsmasq(&bed, &dir.0);
@@ -362,7 +363,7 @@ fn a_server_udp_flow_idles_out_after_udp_timeout_and_the_next_datagram_reopens_i
     let (gone, text) = status_shows(|t| t.contains(&flows(0, 1)));
     assert!(
         gone,
-        "the flow did not idle out within 10 s of UDP_TIMEOUT=2:\n{text}\n{}",
+        "the flow did not idle out within 10 s of its listing with UDP_TIMEOUT=4:\n{text}\n{}",
         bed.logs()
     );
     assert_eq!(dig(), "198.18.9.9", "dig after the flow idled out\n{}", bed.logs());

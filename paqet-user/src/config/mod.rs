@@ -59,6 +59,9 @@ pub struct Config {
     /// Where Prometheus metrics are served (`METRICS_ADDR`); off when unset.
     pub metrics: Option<MetricsAddr>,
     pub log_level: LogLevel,
+    /// Keys set for the other role, which this one does not read: one line each, for
+    /// the log at start.
+    pub ignored: Vec<String>,
 }
 
 impl Config {
@@ -114,6 +117,7 @@ impl Config {
             forwards: value(s, "FORWARD", forward::parse_forwards)?.unwrap_or_default(),
             metrics: value(s, "METRICS_ADDR", values::parse_metrics_addr)?,
             log_level: value(s, "LOG_LEVEL", str::parse)?.unwrap_or(LogLevel::Info),
+            ignored: ignored_keys(s, role),
         };
         check_role_needs(s, &config)?;
         if role == Role::Server
@@ -131,6 +135,23 @@ impl Config {
         }
         Ok(config)
     }
+}
+
+/// Keys only a server reads, and keys only a client reads. A config shared by both
+/// roles is fine, so these are no error; but a setting that silently does nothing (a
+/// client's UDP_TIMEOUT) is said at start.
+const SERVER_ONLY: [&str; 3] = ["ALLOW", "DENY", "UDP_TIMEOUT"];
+const CLIENT_ONLY: [&str; 3] = ["SOCKS_ADDR", "SOCKS_USER", "SOCKS_PASS"];
+
+fn ignored_keys(s: &Settings, role: Role) -> Vec<String> {
+    let (others, other_role) = match role {
+        Role::Client => (SERVER_ONLY, Role::Server),
+        Role::Server => (CLIENT_ONLY, Role::Client),
+    };
+    others
+        .into_iter()
+        .filter_map(|key| s.get(key).map(|(_, at)| format!("{at}: {key} is a {other_role} setting; a {role} ignores it")))
+        .collect()
 }
 
 /// Parses `key` if set. Empty values are refused here, since only ALLOW/DENY give

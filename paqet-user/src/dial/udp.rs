@@ -242,6 +242,19 @@ impl FlowTask<'_> {
                     self.reply(node, from, &buf6[..n]);
                 }
                 _ = tokio::time::sleep_until(deadline) => {
+                    // A datagram routed here as the timer fired keeps the flow (its
+                    // replies come back this way); otherwise close the channel first, so
+                    // the next datagram opens a fresh flow, and still send any that
+                    // slipped in before the close.
+                    if let Ok(datagram) = rx.try_recv() {
+                        deadline = Instant::now() + self.flows.idle;
+                        self.send(&datagram).await;
+                        continue;
+                    }
+                    rx.close();
+                    while let Ok(datagram) = rx.try_recv() {
+                        self.send(&datagram).await;
+                    }
                     tracing::debug!(flow = self.flow, "UDP flow idle for {} s: closed", self.flows.idle.as_secs());
                     return Ok(());
                 }

@@ -140,6 +140,9 @@ fn check_config(r: &mut Report, args: &RunArgs) -> Option<Config> {
                 Err(_) => format!("valid (no file at {}: flags and defaults only)", path.display()),
             };
             r.line(true, "config", &detail);
+            for line in &config.ignored {
+                println!("NOTE  config: {line}");
+            }
             Some(config)
         }
         Err(e) => {
