@@ -61,8 +61,7 @@ fn main() -> ExitCode {
             Ok(())
         }
         Command::Completions { shell } => {
-            paqet::ops::manual::write_completions(*shell, &mut std::io::stdout());
-            Ok(())
+            paqet::ops::manual::write_completions(*shell, &mut std::io::stdout()).map_err(Into::into)
         }
         Command::Manpage => paqet::ops::manual::write_manpage(&mut std::io::stdout()).map_err(Into::into),
     };

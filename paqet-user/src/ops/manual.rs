@@ -119,8 +119,11 @@ fn roff_text(text: &str) -> String {
     }
 }
 
-pub fn write_completions(shell: clap_complete::Shell, out: &mut impl Write) {
-    clap_complete::generate(shell, &mut Cli::command(), "paqet", out);
+/// Rendered in memory first: clap_complete panics on a failed write (`| head`).
+pub fn write_completions(shell: clap_complete::Shell, out: &mut impl Write) -> std::io::Result<()> {
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "paqet", &mut script);
+    out.write_all(&script)
 }
 
 #[cfg(test)]
@@ -148,8 +151,23 @@ mod tests {
     #[test]
     fn completions_cover_the_subcommands() {
         let mut script = Vec::new();
-        write_completions(clap_complete::Shell::Bash, &mut script);
+        write_completions(clap_complete::Shell::Bash, &mut script).unwrap();
         let script = String::from_utf8(script).unwrap();
         assert!(script.contains("complete -F _paqet") && script.contains("genkey"));
+    }
+
+    #[test]
+    fn a_closed_output_is_an_error_not_a_panic() {
+        struct Closed;
+        impl Write for Closed {
+            fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+                Err(std::io::ErrorKind::BrokenPipe.into())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let err = write_completions(clap_complete::Shell::Zsh, &mut Closed).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::BrokenPipe);
     }
 }
