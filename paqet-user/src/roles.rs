@@ -513,6 +513,7 @@ fn udp_json<T: Transport>(node: &Node<T>, server: Option<&crate::dial::udp::UdpS
         "datagrams_received": d.received,
         "reassembly_timed_out": d.timed_out,
         "reassembly_evicted": d.evicted,
+        "expired_before_session": d.expired_waiting,
         "dropped_queue_full": r.dropped_full.load(Relaxed),
         "dropped_no_flow": r.dropped_no_flow.load(Relaxed),
     });

@@ -1,7 +1,7 @@
 //! Relayed UDP datagrams between two engines over the in-memory link of `tests`:
 //! whole datagrams arrive intact or not at all, never twice, in both directions.
 
-use super::datagrams::{DatagramError, DatagramEvent, MAX_DATAGRAM_PAYLOAD};
+use super::datagrams::{DatagramError, DatagramEvent, MAX_DATAGRAM_PAYLOAD, WAIT_FOR_SESSION, WAITING_MAX};
 use super::*;
 
 fn connected(impair: Impairment, seed: u8) -> Sim {
@@ -107,13 +107,47 @@ fn a_lossy_duplicating_reordering_link_delivers_whole_datagrams_or_none_never_tw
 }
 
 #[test]
-fn a_closed_flow_is_reported_to_the_server_and_nothing_before_a_session() {
-    let mut fresh = Sim::new(Impairment::default(), 33);
+fn datagrams_sent_before_the_session_wait_for_it_within_bounds() {
+    let mut sim = Sim::new(Impairment::default(), 33);
     let target = TargetAddr::Ip("198.18.1.2:9".parse().unwrap());
+    let stale = pattern(100, 0);
+    sim.client.send_datagram(None, 1, &target, &stale).unwrap();
+    // Older than WAIT_FOR_SESSION by the time the session comes: dropped, counted.
+    sim.now += WAIT_FOR_SESSION + Duration::from_millis(500);
+    let now = sim.clock();
+    sim.client.handle_timeout(now);
+    let fresh: Vec<Vec<u8>> = (1..WAITING_MAX as u64).map(|i| pattern(1000, i)).collect();
+    for payload in &fresh {
+        sim.client.send_datagram(None, 2, &target, payload).unwrap();
+    }
+    // The queue is full (in count): refused as before.
     assert_eq!(
-        fresh.client.send_datagram(None, 1, &target, b"x"),
+        sim.client.send_datagram(None, 2, &target, b"one too many"),
         Err(DatagramError::NoSession)
     );
+    // A server does not queue for a client it has no session with.
+    let server_target = TargetAddr::Ip("198.18.1.2:9".parse().unwrap());
+    assert_eq!(
+        sim.server.send_datagram(Some(7), 1, &server_target, b"x"),
+        Err(DatagramError::NoSession)
+    );
+    sim.client.connect(now);
+    sim.collect();
+    assert!(sim.run_until(100_000, |s| s.client.is_connected()), "no session");
+    assert!(sim.run_until(100_000, |s| s.link.is_empty()));
+    let got: Vec<Vec<u8>> = arrived(&mut sim.server)
+        .into_iter()
+        .map(|e| match e {
+            DatagramEvent::Datagram { flow: 2, payload, .. } => payload,
+            other => panic!("unexpected {other:?}"),
+        })
+        .collect();
+    assert_eq!(got, fresh, "the waiting datagrams, in order, and not the stale one");
+    assert_eq!(sim.client.datagram_counters().expired_waiting, 1);
+}
+
+#[test]
+fn a_closed_flow_is_reported_to_the_server() {
     let mut sim = connected(Impairment::default(), 34);
     sim.client.close_datagram_flow(9);
     sim.collect();

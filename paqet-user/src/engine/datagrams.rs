@@ -37,6 +37,14 @@ pub const REASSEMBLY_BYTES_TOTAL: usize = 32 << 20;
 /// incomplete datagrams cannot push out everyone else's).
 pub const REASSEMBLY_MAX_PARTIALS: usize = 4096;
 pub const REASSEMBLY_MAX_PARTIALS_PER_PEER: usize = 1024;
+/// Client: datagrams sent while no session is up wait this long for one (a DNS query
+/// sent as the client starts would otherwise be lost, and its resolver would wait
+/// seconds to ask again)...
+pub const WAIT_FOR_SESSION: Duration = Duration::from_secs(2);
+/// ...this many of them, holding at most this many bytes; beyond that they are
+/// refused as before.
+pub const WAITING_MAX: usize = 64;
+pub const WAITING_BYTES: usize = 256 << 10;
 /// What an incomplete datagram costs besides its data: its slot per fragment, charged
 /// against the caps, so 255-fragment datagrams of 1-byte fragments are no way around them.
 fn partial_overhead(count: u8) -> usize {
@@ -52,7 +60,7 @@ pub const FRAGMENT_HEADER_LEN: usize = 11;
 pub enum DatagramError {
     #[error("datagram of {0} bytes is larger than the {MAX_DATAGRAM_PAYLOAD} bytes UDP carries")]
     TooLarge(usize),
-    #[error("no session with the peer yet")]
+    #[error("no session with the peer yet (and too many datagrams wait for one)")]
     NoSession,
     #[error("the path's packets are too small to carry fragments")]
     PathTooSmall,
@@ -174,6 +182,8 @@ pub struct DatagramCounters {
     pub evicted: u64,
     /// Authentic datagram messages that broke the format (bad address, count mismatch).
     pub malformed: u64,
+    /// Client: datagrams that waited for a session longer than [`WAIT_FOR_SESSION`].
+    pub expired_waiting: u64,
 }
 
 type Key = (PeerId, u32, u32);
@@ -404,6 +414,15 @@ pub struct Datagrams {
     next_id: u32,
     inbox: Vec<DatagramEvent>,
     message: Vec<u8>,
+    /// Client: encoded messages (address ‖ payload) waiting for a session.
+    waiting: Vec<Waiting>,
+    waiting_bytes: usize,
+}
+
+struct Waiting {
+    since: Instant,
+    flow: u32,
+    message: Vec<u8>,
 }
 
 impl Engine {
@@ -428,20 +447,57 @@ impl Engine {
             return Err(DatagramError::TooLarge(payload.len()));
         }
         let peer = self.datagram_peer(peer);
-        if self.peers.get(&peer).is_none_or(|p| p.session.is_none()) {
-            return Err(DatagramError::NoSession);
-        }
         let mut message = std::mem::take(&mut self.datagrams.message);
         message.clear();
-        let emitted = addr.emit(&mut message);
-        if let Err(e) = emitted {
-            self.datagrams.message = message;
-            return Err(e.into());
+        let result = match addr.emit(&mut message) {
+            Err(e) => Err(e.into()),
+            Ok(()) => {
+                message.extend_from_slice(payload);
+                if self.peers.get(&peer).is_some_and(|p| p.session.is_some()) {
+                    self.send_message(peer, flow, &message)
+                } else {
+                    self.wait_for_session(flow, &message)
+                }
+            }
+        };
+        self.datagrams.message = message;
+        result
+    }
+
+    /// A client keeps a few datagrams until its session is up; a server has nobody to
+    /// send to until its client handshakes.
+    fn wait_for_session(&mut self, flow: u32, message: &[u8]) -> Result<(), DatagramError> {
+        let d = &mut self.datagrams;
+        let full = d.waiting.len() >= WAITING_MAX || d.waiting_bytes + message.len() > WAITING_BYTES;
+        if matches!(self.config.role, Role::Server) || full {
+            return Err(DatagramError::NoSession);
         }
-        message.extend_from_slice(payload);
+        d.waiting_bytes += message.len();
+        d.waiting.push(Waiting {
+            since: self.clock,
+            flow,
+            message: message.to_vec(),
+        });
+        Ok(())
+    }
+
+    /// Client: the session is up; what waited for it goes now, unless it waited too long.
+    pub(super) fn send_waiting_datagrams(&mut self, now: Instant) {
+        let peer = self.datagram_peer(None);
+        self.datagrams.waiting_bytes = 0;
+        for w in std::mem::take(&mut self.datagrams.waiting) {
+            if now.saturating_duration_since(w.since) > WAIT_FOR_SESSION {
+                self.datagrams.reassembler.counters.expired_waiting += 1;
+            } else if let Err(e) = self.send_message(peer, w.flow, &w.message) {
+                tracing::debug!(flow = w.flow, "a datagram that waited for the session was not sent: {e}");
+            }
+        }
+    }
+
+    /// One encoded datagram (address ‖ payload) as sealed fragments.
+    fn send_message(&mut self, peer: PeerId, flow: u32, message: &[u8]) -> Result<(), DatagramError> {
         let room = self.fragment_room();
         let Some(count) = fragment_count(message.len(), room) else {
-            self.datagrams.message = message;
             return Err(DatagramError::PathTooSmall);
         };
         let id = self.datagrams.next_id;
@@ -458,7 +514,6 @@ impl Engine {
             self.datagrams.reassembler.counters.fragments_sent += 1;
         }
         self.datagrams.reassembler.counters.sent += 1;
-        self.datagrams.message = message;
         Ok(())
     }
 

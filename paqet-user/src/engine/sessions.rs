@@ -345,6 +345,7 @@ impl Engine {
                 conv,
             });
         }
+        self.send_waiting_datagrams(now.instant);
         Ok(())
     }
 

@@ -187,12 +187,13 @@ fn udp_lines(udp: &Value) -> Vec<String> {
         return Vec::new();
     }
     let mut lines = vec![format!(
-        "udp: datagrams sent {} received {}, reassembly timed out {} evicted {}, dropped (queue full) {}",
+        "udp: datagrams sent {} received {}, reassembly timed out {} evicted {}, dropped (queue full) {}, expired before the session {}",
         udp["datagrams_sent"],
         udp["datagrams_received"],
         udp["reassembly_timed_out"],
         udp["reassembly_evicted"],
-        udp["dropped_queue_full"]
+        udp["dropped_queue_full"],
+        udp["expired_before_session"]
     )];
     for a in udp["associations"].as_array().into_iter().flatten() {
         lines.push(format!(
