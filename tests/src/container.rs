@@ -280,7 +280,12 @@ impl<'a> Booted<'a> {
             nspawn,
         };
         let booted = wait_for(
-            || matches!(c.exec(&["systemctl", "is-system-running"]).1.as_str(), "running" | "degraded"),
+            || {
+                matches!(
+                    c.exec(&["systemctl", "is-system-running"]).1.as_str(),
+                    "running" | "degraded"
+                )
+            },
             Duration::from_secs(90),
         );
         anyhow::ensure!(
@@ -326,7 +331,9 @@ impl<'a> Booted<'a> {
     /// fails (the caller looks).
     pub fn run(&self, args: &[&str]) -> Result<Output> {
         let mut c = self.command(args).context("the container has no PID 1")?;
-        let out = c.output().with_context(|| format!("running {} in the container", args.join(" ")))?;
+        let out = c
+            .output()
+            .with_context(|| format!("running {} in the container", args.join(" ")))?;
         echo(args, &out);
         Ok(out)
     }

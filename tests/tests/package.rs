@@ -275,14 +275,22 @@ fn upgrade_keeps_the_config_and_restarts_the_running_service() -> Result<()> {
     dpkg_install(&c, DEB_IN)?;
     let old = c.run_ok(&["dpkg-query", "-W", "-f=${Version}", "paqet"])?;
     // Keys the template has only as comments, and one changed from its default.
-    let edited = write_config(&s, "LISTEN_ADDR=127.0.0.1:4000\nTRANSPORT=udp\nTIMEOUT=17\n", &genkey()?)?;
+    let edited = write_config(
+        &s,
+        "LISTEN_ADDR=127.0.0.1:4000\nTRANSPORT=udp\nTIMEOUT=17\n",
+        &genkey()?,
+    )?;
     start_service(&c);
     let (pid, since) = (c.show("MainPID"), c.show("ExecMainStartTimestampMonotonic"));
 
     let new = format!("{old}+upgrade1");
     let next = repack_newer(&c, &new)?;
     let said = dpkg_install(&c, next)?;
-    assert!(!said.contains("conffile"), "dpkg asked about the config: {said}");
+    // dpkg's conffile question starts "Configuration file '/etc/…'".
+    assert!(
+        !said.contains("Configuration file"),
+        "dpkg asked about the config: {said}"
+    );
 
     assert_eq!(
         std::fs::read_to_string(s.reach(CONFIG))?,
