@@ -144,10 +144,11 @@ fn succeeded(args: &[&str], out: Output) -> Result<String> {
 
 /// What debootstrap adds to its minimal base: systemd as PID 1 and the bus systemctl
 /// uses. paqet's own dependencies (libc6, libgcc-s1, passwd) are in the base already.
-pub const DEBIAN_PACKAGES: &[&str] = &["systemd", "systemd-sysv", "dbus"];
+const DEBIAN_PACKAGES: &[&str] = &["systemd", "systemd-sysv", "dbus"];
 const DEBIAN_SUITE: &str = "bookworm";
 const DEBIAN_MIRROR: &str = "http://deb.debian.org/debian";
-/// debootstrap took 47 s here; the limit leaves room for a slow mirror.
+/// debootstrap took 47 s on an idle two-core machine, 90 to 100 s beside other builds;
+/// the limit leaves room for a slow mirror.
 const DEBOOTSTRAP_LIMIT: Duration = Duration::from_secs(900);
 
 /// A minimal Debian 12 root in `cache` (under target/), built with debootstrap on first
