@@ -7,6 +7,7 @@
 #[cfg(feature = "bench")]
 pub mod bench;
 pub mod capture;
+pub mod container;
 pub mod linkem;
 pub mod netns;
 pub mod pattern;

@@ -1,14 +1,18 @@
 //! The Debian package (`cargo xtask deb`, PAQET_DEB): installed with `dpkg -i` into a
-//! throwaway copy of this machine (a private mount namespace holding an overlay of /
-//! whose writes go to a tmpfs, entered with chroot), then removed and purged. Nothing
-//! it does reaches the host's root filesystem or its dpkg database.
+//! throwaway copy of this machine (an overlay of / entered with chroot), then removed
+//! and purged; and run as a service under a real systemd, in a minimal Debian 12 made
+//! with debootstrap and booted with systemd-nspawn: started, killed, stopped, upgraded,
+//! and on the xdp transport in a container allowed to load BPF. Nothing it does reaches
+//! the host's root filesystem or its dpkg database (see paqet_tests::container).
 
 use anyhow::{Context, Result};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Command;
 
-use paqet_tests::{ChildGuard, require_root, run_checked};
+use paqet_tests::container::{Booted, Network, Overlay, debian_root};
+use paqet_tests::relay::{ORIGIN_IP, ORIGIN_PORT, RelayBed, RelayOptions, genkey};
+use paqet_tests::{TwoHosts, pattern, require_root, socks, wait_for};
 
 const USER: &str = "flowless-paqet";
 const CONFIG: &str = "/etc/flowless/paqet.conf";
@@ -26,111 +30,7 @@ fn deb() -> PathBuf {
     p
 }
 
-/// An overlay of / in its own mount namespace (held open by a sleeping child): the
-/// chroot sees this machine's files, and every write lands in a tmpfs that goes away
-/// with the namespace.
-struct Scratch {
-    holder: ChildGuard,
-    dir: PathBuf,
-}
-
-impl Scratch {
-    fn new() -> Result<Scratch> {
-        // Tests run in parallel threads of one process: each copy needs its own folder.
-        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("paqet-pkg-{}-{n}", std::process::id()));
-        std::fs::create_dir_all(&dir)?;
-        let holder = ChildGuard::spawn(
-            Command::new("unshare")
-                .args(["--mount", "--propagation", "private", "sleep", "600"])
-                .stdin(Stdio::null()),
-        )?;
-        let s = Scratch { holder, dir };
-        s.wait_for_own_namespace()?;
-        let d = s.dir.display();
-        // /proc and /dev for dpkg and useradd; fresh /tmp and /run so nothing of the
-        // host's leaks in (no /run/systemd/system: the scripts must not call systemctl).
-        s.in_ns(&format!(
-            "set -e; mount -t tmpfs tmpfs {d}; mkdir {d}/u {d}/w {d}/m; \
-             mount -t overlay overlay -o lowerdir=/,upperdir={d}/u,workdir={d}/w {d}/m; \
-             mount --bind /proc {d}/m/proc; mount --bind /dev {d}/m/dev; \
-             mount -t tmpfs tmpfs {d}/m/tmp; mount -t tmpfs tmpfs {d}/m/run"
-        ))?;
-        Ok(s)
-    }
-
-    /// Until `unshare` has run, the holder is still in this machine's mount namespace,
-    /// and mounts made through it would land on the host.
-    fn wait_for_own_namespace(&self) -> Result<()> {
-        let ours = std::fs::read_link("/proc/self/ns/mnt")?;
-        let theirs = format!("/proc/{}/ns/mnt", self.holder.id());
-        for _ in 0..500 {
-            if std::fs::read_link(&theirs).is_ok_and(|ns| ns != ours) {
-                return Ok(());
-            }
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
-        anyhow::bail!("unshare did not make its own mount namespace within 5 s")
-    }
-
-    fn root(&self) -> PathBuf {
-        self.dir.join("m")
-    }
-
-    /// `path` of the copy as this process can reach it: through the holder's
-    /// /proc/PID/root, since the mounts exist only in its namespace.
-    fn reach(&self, path: &str) -> PathBuf {
-        Path::new("/proc")
-            .join(self.holder.id().to_string())
-            .join("root")
-            .join(self.root().strip_prefix("/").unwrap_or(&self.root()))
-            .join(path.trim_start_matches('/'))
-    }
-
-    fn nsenter(&self) -> Command {
-        let mut c = Command::new("nsenter");
-        c.args(["-t", &self.holder.id().to_string(), "-m"]);
-        c
-    }
-
-    fn in_ns(&self, script: &str) -> Result<Output> {
-        run_checked(self.nsenter().args(["sh", "-c", script]))
-    }
-
-    /// `args` run chrooted in the copy; Ok even when it fails (the caller looks).
-    fn chroot(&self, args: &[&str]) -> Result<Output> {
-        let out = self.nsenter().arg("chroot").arg(self.root()).args(args).output()?;
-        eprintln!(
-            "$ {}\n{}{}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(out)
-    }
-
-    fn chroot_ok(&self, args: &[&str]) -> Result<String> {
-        let out = self.chroot(args)?;
-        anyhow::ensure!(out.status.success(), "{} failed ({})", args.join(" "), out.status);
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    }
-
-    fn meta(&self, path: &str) -> Option<std::fs::Metadata> {
-        self.reach(path).symlink_metadata().ok()
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        // The mounts live only in the holder's namespace: they end with it.
-        let _ = self.holder.0.kill();
-        let _ = self.holder.0.wait();
-        let _ = std::fs::remove_dir(&self.dir);
-    }
-}
-
-fn user_in(s: &Scratch) -> Result<Option<(u32, u32)>> {
+fn user_in(s: &Overlay) -> Result<Option<(u32, u32)>> {
     let out = s.chroot(&["getent", "passwd", USER])?;
     if !out.status.success() {
         return Ok(None);
@@ -142,10 +42,12 @@ fn user_in(s: &Scratch) -> Result<Option<(u32, u32)>> {
     Ok(Some((uid, gid)))
 }
 
-/// A fresh copy, without paqet or its user, holding the package at /tmp/paqet.deb.
-fn copy_with_deb() -> Result<Scratch> {
+/// A fresh copy of this machine, without paqet or its user, holding the package at
+/// /tmp/paqet.deb.
+fn copy_with_deb() -> Result<Overlay> {
     let deb = deb();
-    let s = Scratch::new()?;
+    let s = Overlay::new(Path::new("/"))?;
+    s.mount_for_chroot()?;
     // The host may have the user (the service tests make it): the copy must not, so
     // that postinst is seen creating it.
     if user_in(&s)?.is_some() {
@@ -250,115 +152,40 @@ fn deb_installs_removes_and_purges() -> Result<()> {
     Ok(())
 }
 
-/// Polls `cond` every 250 ms for at most `secs` seconds.
-fn poll(secs: u64, mut cond: impl FnMut() -> bool) -> bool {
-    paqet_tests::wait_for(&mut cond, std::time::Duration::from_secs(secs))
+/// Polls `cond` every 20 ms for at most `secs` seconds.
+fn poll(secs: u64, cond: impl FnMut() -> bool) -> bool {
+    wait_for(cond, std::time::Duration::from_secs(secs))
 }
 
-/// The copy booted with systemd as PID 1 (systemd-nspawn -b, private network: only lo).
-struct Booted<'a> {
-    _scratch: &'a Scratch,
-    nspawn: ChildGuard,
+/// Where the package waits in a booted copy (nspawn mounts a fresh tmpfs on /tmp).
+const DEB_IN: &str = "/var/tmp/paqet.deb";
+
+/// A copy of the cached minimal Debian holding the package at [`DEB_IN`].
+fn debian_with_deb() -> Result<Overlay> {
+    let s = Overlay::new(&debian_root(Path::new(env!("CARGO_TARGET_TMPDIR")))?)?;
+    std::fs::copy(deb(), s.reach(DEB_IN)).context("copying the .deb into the copy")?;
+    Ok(s)
 }
 
-impl Booted<'_> {
-    fn pid1(&self) -> Option<String> {
-        let out = Command::new("pgrep")
-            .args(["-P", &self.nspawn.id().to_string()])
-            .output()
-            .ok()?;
-        String::from_utf8_lossy(&out.stdout).lines().next().map(str::to_string)
-    }
-
-    /// `args` run inside the container; its output (stdout) and whether it succeeded.
-    fn exec(&self, args: &[&str]) -> (bool, String) {
-        let Some(pid) = self.pid1() else {
-            return (false, "the container has no PID 1".into());
-        };
-        match Command::new("nsenter")
-            .args(["-t", &pid, "-m", "-u", "-i", "-n", "-p"])
-            .args(args)
-            .output()
-        {
-            Ok(o) => (
-                o.status.success(),
-                String::from_utf8_lossy(&o.stdout).trim().to_string(),
-            ),
-            Err(e) => (false, e.to_string()),
-        }
-    }
-
-    fn show(&self, prop: &str) -> String {
-        self.exec(&["systemctl", "show", "-p", prop, "--value", "paqet"]).1
-    }
+/// `dpkg -i` under the container's systemd (so the maintainer scripts see it running),
+/// with no terminal to answer a prompt; returns what dpkg printed on stderr.
+fn dpkg_install(c: &Booted, deb: &str) -> Result<String> {
+    let out = c.run(&["dpkg", "-i", deb])?;
+    let said = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "dpkg -i {deb} failed: {said}");
+    Ok(said)
 }
 
-impl Drop for Booted<'_> {
-    fn drop(&mut self) {
-        let _ = self.exec(&["systemctl", "poweroff"]);
-        let _ = self.nspawn.wait_exit(std::time::Duration::from_secs(20));
-    }
+/// Writes the config in place (the file keeps the owner and mode postinst gave it):
+/// `lines`, then `key`.
+fn write_config(s: &Overlay, lines: &str, key: &str) -> Result<String> {
+    let text = format!("# edited by the test\n{lines}KEY={key}\n");
+    std::fs::write(s.reach(CONFIG), &text).context("writing the config")?;
+    Ok(text)
 }
 
-#[test]
-fn unit_runs_under_systemd_in_a_container_without_bpffs() -> Result<()> {
-    if !require_root("unit_runs_under_systemd_in_a_container_without_bpffs") {
-        return Ok(());
-    }
-    let s = copy_with_deb()?;
-    s.chroot_ok(&["dpkg", "-i", "/tmp/paqet.deb"])?;
-    let key = String::from_utf8(run_checked(Command::new(paqet_tests::paqet_bin()).arg("genkey"))?.stdout)?;
-    // Keeps the file's owner and mode (postinst's): overwritten, not replaced.
-    std::fs::write(
-        s.reach(CONFIG),
-        format!("LISTEN_ADDR=127.0.0.1:4000\nTRANSPORT=auto\nKEY={}\n", key.trim()),
-    )?;
-    // This machine's own tree boots here: its network waiter would hold
-    // network-online.target (and so paqet) for two minutes on a network-less container,
-    // and its first-boot wizard fails without a machine id.
-    s.chroot_ok(&[
-        "systemctl",
-        "mask",
-        "systemd-networkd-wait-online.service",
-        "systemd-firstboot.service",
-    ])?;
-    s.in_ns(&format!(
-        "umount {r}/proc {r}/dev {r}/tmp {r}/run; rm -f {r}/etc/machine-id",
-        r = s.root().display()
-    ))?;
-    let name = format!("paqet-test-{}", std::process::id());
-    let nspawn = ChildGuard::spawn(
-        s.nsenter()
-            .arg("systemd-nspawn")
-            .arg("-D")
-            .arg(s.root())
-            .args([
-                "-M",
-                &name,
-                "-b",
-                "--private-network",
-                "--console=pipe",
-                "--register=no",
-            ])
-            .args(["--link-journal=no", "--keep-unit"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null()),
-    )?;
-    let c = Booted { _scratch: &s, nspawn };
-    let booted = poll(90, || {
-        let state = c.exec(&["systemctl", "is-system-running"]).1;
-        state == "running" || state == "degraded"
-    });
-    assert!(
-        booted,
-        "the container did not finish booting in 90 s: {}",
-        c.exec(&["systemctl", "is-system-running"]).1
-    );
-    assert!(
-        !Path::new(&format!("/proc/{}/root/sys/fs/bpf", c.pid1().unwrap_or_default())).exists(),
-        "the container has /sys/fs/bpf: this test is about one without it"
-    );
-
+/// `systemctl start paqet`, then until it is active and says so in the journal.
+fn start_service(c: &Booted) {
     let (started, _) = c.exec(&["systemctl", "start", "paqet"]);
     assert!(
         started,
@@ -367,16 +194,37 @@ fn unit_runs_under_systemd_in_a_container_without_bpffs() -> Result<()> {
     );
     assert!(
         poll(20, || c.show("ActiveState") == "active"),
-        "paqet.service is not active"
+        "paqet.service is not active:\n{}",
+        c.journal()
     );
     assert!(
-        poll(20, || c
-            .exec(&["journalctl", "-u", "paqet", "--no-pager"])
-            .1
-            .contains("paqet server running")),
-        "the journal has no 'paqet server running'"
+        poll(20, || c.journal().contains("paqet server running")),
+        "the journal has no 'paqet server running':\n{}",
+        c.journal()
     );
-    let journal = c.exec(&["journalctl", "-u", "paqet", "--no-pager"]).1;
+}
+
+#[test]
+fn unit_runs_under_systemd_in_a_debian_container_without_bpffs() -> Result<()> {
+    if !require_root("unit_runs_under_systemd_in_a_debian_container_without_bpffs") {
+        return Ok(());
+    }
+    let s = debian_with_deb()?;
+    let c = Booted::boot(&s, Network::Private)?;
+    assert!(
+        !Path::new(&format!("/proc/{}/root/sys/fs/bpf", c.pid1().unwrap_or_default())).exists(),
+        "the container has /sys/fs/bpf: this test is about one without it"
+    );
+    let said = dpkg_install(&c, DEB_IN)?;
+    assert!(
+        said.contains("sets no KEY"),
+        "postinst must say why the service is not started: {said}"
+    );
+    assert_eq!(c.show("ActiveState"), "inactive", "postinst must not start the service");
+    write_config(&s, "LISTEN_ADDR=127.0.0.1:4000\nTRANSPORT=auto\n", &genkey()?)?;
+
+    start_service(&c);
+    let journal = c.journal();
     eprintln!("journal:\n{journal}");
     assert!(
         journal.contains("xdp unavailable") && journal.contains("using udp only"),
@@ -384,10 +232,11 @@ fn unit_runs_under_systemd_in_a_container_without_bpffs() -> Result<()> {
     );
 
     let first = c.show("MainPID");
-    assert!(
-        c.exec(&["systemctl", "kill", "--signal=SIGKILL", "paqet"]).0,
-        "systemctl kill failed"
-    );
+    // The main process, its only one. With the default (all), systemd 252 also walks
+    // the unit's cgroup, and on a cgroup-v1 host reading cgroup.procs while the killed
+    // process exits sometimes fails: "Failed to send signal SIGKILL to auxiliary
+    // processes: Input/output error", though the signal was sent.
+    c.run_ok(&["systemctl", "kill", "--kill-whom=main", "--signal=SIGKILL", "paqet"])?;
     let restarted = poll(30, || {
         c.show("NRestarts") == "1" && c.show("ActiveState") == "active" && c.show("MainPID") != first
     });
@@ -398,11 +247,156 @@ fn unit_runs_under_systemd_in_a_container_without_bpffs() -> Result<()> {
         c.show("MainPID")
     );
 
-    assert!(c.exec(&["systemctl", "stop", "paqet"]).0, "systemctl stop paqet failed");
+    c.run_ok(&["systemctl", "stop", "paqet"])?;
     assert_eq!(c.show("Result"), "success", "stop must end with Result=success");
-    eprintln!(
-        "xdp in a container: not run: the container has no /sys/fs/bpf (the case this test is for), \
-         and its only interface is lo, which XDP's AF_XDP path does not serve"
+    Ok(())
+}
+
+/// The newer package of an upgrade: the built one repacked with dpkg-deb under a higher
+/// version, inside the container (the files are the same; dpkg still replaces each one,
+/// so a process left running keeps the old, deleted binary).
+fn repack_newer(c: &Booted, version: &str) -> Result<&'static str> {
+    const NEXT: &str = "/var/tmp/paqet-next.deb";
+    c.run_ok(&[
+        "sh",
+        "-c",
+        &format!(
+            "set -e; dpkg-deb -R {DEB_IN} /var/tmp/next; \
+             sed -i 's/^Version: .*/Version: {version}/' /var/tmp/next/DEBIAN/control; \
+             dpkg-deb --build --root-owner-group /var/tmp/next {NEXT}"
+        ),
+    ])?;
+    Ok(NEXT)
+}
+
+#[test]
+fn upgrade_keeps_the_config_and_restarts_the_running_service() -> Result<()> {
+    if !require_root("upgrade_keeps_the_config_and_restarts_the_running_service") {
+        return Ok(());
+    }
+    let s = debian_with_deb()?;
+    let c = Booted::boot(&s, Network::Private)?;
+    dpkg_install(&c, DEB_IN)?;
+    let old = c.run_ok(&["dpkg-query", "-W", "-f=${Version}", "paqet"])?;
+    // Keys the template has only as comments, and one changed from its default.
+    let edited = write_config(
+        &s,
+        "LISTEN_ADDR=127.0.0.1:4000\nTRANSPORT=udp\nTIMEOUT=17\n",
+        &genkey()?,
+    )?;
+    start_service(&c);
+    let (pid, since) = (c.show("MainPID"), c.show("ExecMainStartTimestampMonotonic"));
+
+    let new = format!("{old}+upgrade1");
+    let next = repack_newer(&c, &new)?;
+    let said = dpkg_install(&c, next)?;
+    // dpkg's conffile question starts "Configuration file '/etc/…'".
+    assert!(
+        !said.contains("Configuration file"),
+        "dpkg asked about the config: {said}"
+    );
+
+    assert_eq!(
+        std::fs::read_to_string(s.reach(CONFIG))?,
+        edited,
+        "the upgrade must keep the edited config"
+    );
+    let conf = s.meta(CONFIG).context("the upgrade removed the config")?;
+    assert_eq!(conf.mode() & 0o7777, 0o600, "mode of {CONFIG} after the upgrade");
+    assert_eq!(
+        Some((conf.uid(), conf.gid())),
+        user_in(&s)?,
+        "{CONFIG} must still belong to {USER}"
+    );
+    let restarted = poll(30, || {
+        c.show("ActiveState") == "active"
+            && !matches!(c.show("MainPID").as_str(), "0" | "")
+            && c.show("MainPID") != pid
+            && c.show("ExecMainStartTimestampMonotonic") != since
+    });
+    assert!(
+        restarted,
+        "the upgrade did not restart the running service (MainPID {pid} -> {}):\n{}",
+        c.show("MainPID"),
+        c.journal()
+    );
+    let exe = c.run_ok(&["readlink", &format!("/proc/{}/exe", c.show("MainPID"))])?;
+    assert_eq!(
+        exe.trim(),
+        "/opt/flowless/bin/paqet",
+        "the service must run the upgrade's binary, not the replaced one"
+    );
+    let status = c.run_ok(&["dpkg", "-s", "paqet"])?;
+    assert!(
+        status.lines().any(|l| l == format!("Version: {new}"))
+            && status.lines().any(|l| l == "Status: install ok installed"),
+        "dpkg -s paqet must show {new} installed:\n{status}"
+    );
+    Ok(())
+}
+
+/// For the failure message: the container was given all the test knows to give, so
+/// the journal tells whether the unit or the host is at fault.
+const XDP_IN_CONTAINER: &str = "the service did not run TRANSPORT=xdp in a container given \
+     CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN and CAP_IPC_LOCK (nspawn --capability), bpf() \
+     through nspawn's seccomp filter (--system-call-filter=bpf) and a bpffs of its own. \
+     An EPERM from bpf() or the XDP attach in the journal means this host's kernel does \
+     not let a container load BPF; anything else is the unit's or paqet's fault";
+
+#[test]
+fn xdp_runs_in_a_debian_container_that_may_load_bpf() -> Result<()> {
+    if !require_root("xdp_runs_in_a_debian_container_that_may_load_bpf") {
+        return Ok(());
+    }
+    // The client side is the usual bed: the client (xdp, as root, the host's bpffs) in
+    // its namespace, the origin behind the server namespace. No server there: the
+    // container, booted into the server namespace, runs it as the service.
+    let mut opts = RelayOptions::new("xdp")?;
+    opts.start_server = false;
+    let bed = RelayBed::start_on_hosts(TwoHosts::new("nx")?, "nx", &opts)?;
+    let s = debian_with_deb()?;
+    let c = Booted::boot(&s, Network::Bpf(&bed.hosts.server))?;
+    dpkg_install(&c, DEB_IN)?;
+    let iface = &bed.hosts.server_if;
+    write_config(
+        &s,
+        &format!(
+            "LISTEN_ADDR={}:{}\nINTERFACE={iface}\nTRANSPORT=xdp\nALLOW={ORIGIN_IP}/32\n",
+            TwoHosts::SERVER_IP,
+            paqet_tests::relay::SERVER_PORT,
+        ),
+        &opts.server_key,
+    )?;
+    let (started, _) = c.exec(&["systemctl", "start", "paqet"]);
+    let running = started
+        && poll(20, || {
+            let j = c.journal();
+            j.contains("xdp transport open") && j.contains("paqet server running")
+        });
+    assert!(running, "{XDP_IN_CONTAINER}; the journal:\n{}", c.journal());
+    assert!(
+        c.exec(&["test", "-d", &format!("/sys/fs/bpf/paqet/server-{iface}")]).0,
+        "the service made no pins in the container's bpffs"
+    );
+
+    const LEN: u64 = 1 << 20;
+    let proxy = bed.socks_addr();
+    let (hash, len) = bed
+        .hosts
+        .client
+        .run(|| socks::fetch_bytes(proxy, &ORIGIN_IP.to_string(), ORIGIN_PORT, LEN))?
+        .with_context(|| format!("fetching through the container's xdp server:\n{}", c.journal()))?;
+    assert_eq!(
+        (hash, len),
+        (pattern::sha256_hex(LEN, LEN), LEN),
+        "the body through the container's xdp server differs"
+    );
+
+    c.run_ok(&["systemctl", "stop", "paqet"])?;
+    assert_eq!(c.show("Result"), "success", "stop must end with Result=success");
+    assert!(
+        !c.exec(&["test", "-e", &format!("/sys/fs/bpf/paqet/server-{iface}")]).0,
+        "the stopped service left its pins"
     );
     Ok(())
 }

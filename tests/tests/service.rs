@@ -475,8 +475,9 @@ fn unit_passes_systemd_analyze_verify() {
     assert_eq!(one("Restart"), "always");
     assert_eq!(one("NoNewPrivileges"), "yes");
     assert_eq!(one("ProtectSystem"), "strict");
-    // "-": a container without /sys/fs/bpf must still start it (udp); see package.rs.
-    assert_eq!(one("ReadWritePaths"), "-/sys/fs/bpf");
+    // "-": a container without /sys/fs/bpf must still start it (udp); the pin folder,
+    // not /sys/fs/bpf, which ProtectKernelTunables keeps read-only; see package.rs.
+    assert_eq!(one("ReadWritePaths"), "-/sys/fs/bpf/paqet");
     assert_eq!(one("AmbientCapabilities"), one("CapabilityBoundingSet"));
     for cap in ["CAP_BPF", "CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_IPC_LOCK"] {
         assert!(

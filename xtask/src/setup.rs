@@ -28,8 +28,10 @@ pub const APT_PACKAGES: &[&str] = &[
     "iperf3",
     "dnsutils",
     "dnsmasq-base",
-    // The package test (tests/tests/package.rs): boots an overlay of this machine with
-    // systemd-nspawn to run paqet.service under a real systemd; pgrep finds its PID 1.
+    // The package test (tests/tests/package.rs): builds a minimal Debian with
+    // debootstrap and boots it with systemd-nspawn to run paqet.service under a real
+    // systemd; pgrep finds its PID 1.
+    "debootstrap",
     "systemd-container",
     "procps",
     // Checks the package (cargo xtask deb) in the same test.
