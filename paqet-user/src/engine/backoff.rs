@@ -39,6 +39,31 @@ impl SendBackoff {
     pub fn window(&self, window: u16) -> u16 {
         (window >> self.shift).max(MIN_WINDOW.min(window))
     }
+
+    /// The peer reported an overflow: halve the windows, unless they were halved a
+    /// moment ago or are already cut as far as they go. Returns the new cut, if any.
+    pub fn cut(&mut self, now: Instant) -> Option<u8> {
+        if self.changed.is_some_and(|at| now.saturating_duration_since(at) < STEP) || self.shift >= MAX_SHIFT {
+            return None;
+        }
+        self.shift += 1;
+        self.changed = Some(now);
+        Some(self.shift)
+    }
+
+    /// Doubles cut windows back after a quiet [`RECOVERY`]; true if it did.
+    pub fn recover(&mut self, now: Instant) -> bool {
+        if self.shift == 0
+            || self
+                .changed
+                .is_some_and(|at| now.saturating_duration_since(at) < RECOVERY)
+        {
+            return false;
+        }
+        self.shift -= 1;
+        self.changed = Some(now);
+        true
+    }
 }
 
 impl Engine {
@@ -49,59 +74,27 @@ impl Engine {
             return;
         }
         let now = self.clock;
-        let recent: Vec<PeerId> = self
-            .peers
-            .iter()
-            .filter(|(_, p)| p.session.is_some() && now.saturating_duration_since(p.last_rx) < RECENT)
-            .map(|(&id, _)| id)
-            .collect();
         let dropped = u32::try_from(dropped).unwrap_or(u32::MAX);
-        for peer in recent {
-            self.seal_to(peer, &Inner::Overflow { dropped });
+        let recent = self
+            .peers
+            .values_mut()
+            .filter(|c| c.has_session() && c.silent_for(now) < RECENT);
+        for connection in recent {
+            connection.seal(&Inner::Overflow { dropped }, now, &mut self.out);
         }
     }
 
     /// The peer's receive buffer overflowed with what we sent: halve our send windows.
     pub(super) fn on_peer_overflow(&mut self, peer_id: PeerId, now: Instant) {
-        let Some(peer) = self.peers.get_mut(&peer_id) else {
+        let window = self.window_share();
+        let Some(connection) = self.peers.get_mut(&peer_id) else {
             return;
         };
-        let b = &mut peer.backoff;
-        if b.changed.is_some_and(|at| now.saturating_duration_since(at) < STEP) || b.shift >= MAX_SHIFT {
+        let Some(shift) = connection.on_overflow(window, now) else {
             return;
-        }
-        b.shift += 1;
-        b.changed = Some(now);
-        let shift = b.shift;
+        };
         if matches!(self.config.role, Role::Client { .. }) || shift == 1 {
             tracing::info!(shift, "the peer's receive buffer overflows; sending less");
-        }
-        self.apply_send_backoff(peer_id);
-    }
-
-    /// Doubles a backed-off peer's windows back after a quiet [`RECOVERY`].
-    pub(super) fn recover_send_backoff(&mut self, peer_id: PeerId, now: Instant) {
-        let Some(peer) = self.peers.get_mut(&peer_id) else {
-            return;
-        };
-        let b = &mut peer.backoff;
-        if b.shift == 0 || b.changed.is_some_and(|at| now.saturating_duration_since(at) < RECOVERY) {
-            return;
-        }
-        b.shift -= 1;
-        b.changed = Some(now);
-        self.apply_send_backoff(peer_id);
-    }
-
-    /// Gives each of the peer's streams its share of the window, cut by the backoff.
-    pub(super) fn apply_send_backoff(&mut self, peer_id: PeerId) {
-        let window = self.stream_window.unwrap_or(self.config.max_window);
-        let Some(peer) = self.peers.get_mut(&peer_id) else {
-            return;
-        };
-        let send = peer.backoff.window(window);
-        for stream in peer.streams.values_mut() {
-            stream.kcp.set_wndsize(send, 0);
         }
     }
 }

@@ -428,9 +428,10 @@ impl Engine {
             return Err(DatagramError::TooLarge(payload.len()));
         }
         let peer = self.datagram_peer(peer);
-        if self.peers.get(&peer).is_none_or(|p| p.session.is_none()) {
+        let room = self.fragment_room();
+        let Some(connection) = self.peers.get_mut(&peer).filter(|c| c.has_session()) else {
             return Err(DatagramError::NoSession);
-        }
+        };
         let mut message = std::mem::take(&mut self.datagrams.message);
         message.clear();
         let emitted = addr.emit(&mut message);
@@ -439,7 +440,6 @@ impl Engine {
             return Err(e.into());
         }
         message.extend_from_slice(payload);
-        let room = self.fragment_room();
         let Some(count) = fragment_count(message.len(), room) else {
             self.datagrams.message = message;
             return Err(DatagramError::PathTooSmall);
@@ -454,7 +454,7 @@ impl Engine {
                 count,
                 data,
             };
-            self.seal_to(peer, &super::frame::Inner::Datagram(frame));
+            connection.seal(&super::frame::Inner::Datagram(frame), self.clock, &mut self.out);
             self.datagrams.reassembler.counters.fragments_sent += 1;
         }
         self.datagrams.reassembler.counters.sent += 1;

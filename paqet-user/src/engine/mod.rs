@@ -19,6 +19,7 @@
 mod admission;
 pub mod arq;
 mod backoff;
+mod connection;
 pub mod crypto;
 pub mod datagrams;
 pub mod frame;
@@ -26,6 +27,7 @@ pub mod kcp;
 pub mod mux;
 
 mod input;
+mod outbox;
 mod output;
 mod sessions;
 mod streams;
@@ -38,10 +40,11 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::{Rng, RngCore, SeedableRng};
 
-use crypto::{IndexMask, Initiator, Psk, SEAL_OVERHEAD, SessionCrypto};
+use connection::Connection;
+use crypto::{IndexMask, Initiator, Psk, SEAL_OVERHEAD};
 use frame::{OpenError, TargetAddr};
-use kcp::{KcpProfile, OutputPackets};
-use mux::Stream;
+use kcp::KcpProfile;
+use outbox::Outbox;
 use sessions::Reach;
 pub use sessions::{PATH_FALLBACK_AFTER, SERVER_UNANSWERED_AFTER};
 
@@ -236,56 +239,6 @@ pub struct PathLoad {
     pub streams: usize,
 }
 
-struct Session {
-    local_index: u32,
-    remote_index: u32,
-    crypto: SessionCrypto,
-    /// An authentic packet under it arrived: the peer has it.
-    confirmed: bool,
-}
-
-/// Resumption secrets a server keeps per client: its sessions of the last half minute
-/// or so (one handshake a second while answers are lost), so a client whose answers
-/// went missing still proves itself with the session it last had.
-const RESUME_SECRETS_KEPT: usize = 32;
-
-struct Peer {
-    addr: SocketAddr,
-    path: PathId,
-    /// How far our send windows to this peer are cut after it reported overflows.
-    backoff: backoff::SendBackoff,
-    session: Option<Session>,
-    /// The session before the last re-handshake: packets already in flight under it
-    /// still open until the peer switches over.
-    previous: Option<Session>,
-    /// Server: the resumption secrets of this client's latest sessions, newest last.
-    resume_secrets: std::collections::VecDeque<zeroize::Zeroizing<[u8; 32]>>,
-    /// Server: an authentic packet of this client arrived under some session.
-    confirmed: bool,
-    streams: FastMap<u32, Stream>,
-    tombstones: HashMap<u32, Instant>,
-    last_rx: Instant,
-    last_tx: Instant,
-}
-
-impl Peer {
-    fn new(addr: SocketAddr, path: PathId, now: Instant) -> Peer {
-        Peer {
-            addr,
-            path,
-            backoff: backoff::SendBackoff::default(),
-            session: None,
-            previous: None,
-            resume_secrets: std::collections::VecDeque::new(),
-            confirmed: false,
-            streams: FastMap::default(),
-            tombstones: HashMap::new(),
-            last_rx: now,
-            last_tx: now,
-        }
-    }
-}
-
 struct PendingHandshake {
     path: PathId,
     initiator: Initiator,
@@ -301,7 +254,7 @@ pub struct Engine {
     epoch: Instant,
     /// Our own instance id (client) — the server's peer key for us.
     instance: PeerId,
-    peers: FastMap<PeerId, Peer>,
+    peers: FastMap<PeerId, Connection>,
     /// Local session index → peer, for both current and previous sessions.
     index: FastMap<u32, PeerId>,
     /// Unmasks the index a data packet names (it is masked under the PSK).
@@ -324,14 +277,10 @@ pub struct Engine {
     cookie_sealer: crypto::cookie::CookieSealer,
     /// Client: the server's latest cookie, and when it came.
     cookie: Option<(crypto::cookie::Cookie, Instant)>,
-    output: OutputPackets,
-    transmits: Vec<Transmit>,
-    events: Vec<Event>,
+    out: Outbox,
     next_conv: u32,
     last_tick: Instant,
     scratch: Vec<u8>,
-    /// Buffers of sent datagrams, reused for the next ones (no allocation per datagram).
-    spare: Vec<Vec<u8>>,
     /// A stream's first (control) message is read here.
     control_buf: Vec<u8>,
     /// Streams that took input since the last drain and owe the peer an acknowledgement.
@@ -361,6 +310,7 @@ impl Engine {
     pub fn new(config: EngineConfig, now: Instant) -> Engine {
         let index_mask = IndexMask::new(&config.psk);
         let cookie_sealer = crypto::cookie::CookieSealer::new(&config.psk);
+        let out = Outbox::new(config.max_datagram);
         let mut rng = StdRng::from_seed(config.seed);
         let instance = rng.next_u64();
         let next_conv = rng.random_range(1..1 << 24);
@@ -380,13 +330,10 @@ impl Engine {
             cookie_gate: admission::CookieGate::default(),
             cookie_sealer,
             cookie: None,
-            output: OutputPackets::default(),
-            transmits: Vec::new(),
-            events: Vec::new(),
+            out,
             next_conv,
             last_tick: now,
             scratch: Vec::with_capacity(64 * 1024),
-            spare: Vec::new(),
             control_buf: Vec::new(),
             unflushed: Vec::new(),
             delayed_acks: Vec::new(),
@@ -404,7 +351,11 @@ impl Engine {
     }
 
     pub fn counters(&self) -> Counters {
-        self.counters
+        Counters {
+            datagrams_out: self.out.datagrams_out,
+            bytes_out: self.out.bytes_out,
+            ..self.counters
+        }
     }
 
     pub fn live_streams(&self) -> usize {
@@ -412,16 +363,16 @@ impl Engine {
     }
 
     pub fn peer_count(&self) -> usize {
-        self.peers.values().filter(|p| p.session.is_some()).count()
+        self.peers.values().filter(|c| c.has_session()).count()
     }
 
     /// Sessions answered, and their streams, on each of `paths` paths (index = `PathId`).
     pub fn load_per_path(&self, paths: usize) -> Vec<PathLoad> {
         let mut counts = vec![PathLoad::default(); paths];
-        for peer in self.peers.values().filter(|p| p.session.is_some()) {
-            if let Some(n) = counts.get_mut(peer.path.0 as usize) {
+        for connection in self.peers.values().filter(|c| c.has_session()) {
+            if let Some(n) = counts.get_mut(connection.path.0 as usize) {
                 n.sessions += 1;
-                n.streams += peer.streams.len();
+                n.streams += connection.stream_count();
             }
         }
         counts
@@ -437,7 +388,7 @@ impl Engine {
 
     /// Client: whether a session with the server is established.
     pub fn is_connected(&self) -> bool {
-        self.peers.get(&self.instance).is_some_and(|p| p.session.is_some())
+        self.peers.get(&self.instance).is_some_and(|c| c.has_session())
     }
 
     fn kcp_mtu(&self) -> usize {
@@ -475,14 +426,14 @@ impl Engine {
             }
             self.wake_writer_if_room(id);
         }
-        into.append(&mut self.transmits);
+        into.append(&mut self.out.transmits);
     }
 
     pub fn drain_events(&mut self, into: &mut Vec<Event>) {
         // A run of datagrams for one stream wakes its reader once, not once each (a
         // wake-up left over from an interleaved run is harmless: one Notify permit).
-        self.events.dedup();
-        into.append(&mut self.events);
+        self.out.events.dedup();
+        into.append(&mut self.out.events);
     }
 
     /// True once after a call made [`poll_timeout`](Self::poll_timeout) earlier than the

@@ -7,12 +7,11 @@ use std::time::{Duration, Instant};
 use rand::{Rng, RngCore};
 
 use super::admission;
+use super::connection::{Connection, Session};
 use super::crypto::{self, Initiator, Responder, cookie};
-use super::frame::{InitPayload, Inner, OpenError, ResponsePayload};
-use super::mux::Phase;
+use super::frame::{InitPayload, ResponsePayload};
 use super::{
-    DropReason, Engine, Event, HANDSHAKE_MAX_SKEW_MS, Now, PROTOCOL_VERSION, PathId, Peer, PeerId, PendingHandshake,
-    Role, Session, StreamId,
+    DropReason, Engine, Event, HANDSHAKE_MAX_SKEW_MS, Now, PROTOCOL_VERSION, PathId, PeerId, PendingHandshake, Role,
 };
 
 const HANDSHAKE_RETRY: Duration = Duration::from_secs(1);
@@ -28,8 +27,6 @@ pub const SERVER_UNANSWERED_AFTER: Duration = Duration::from_secs(10);
 const UNANSWERED_REPEAT: Duration = Duration::from_secs(60);
 /// While a worse path carries the session, the best one is tried again this often.
 const BETTER_PATH_RETRY: Duration = Duration::from_secs(60);
-/// Nothing sent for this long: send a keepalive so the peer knows we are alive.
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
 /// Client: nothing heard for this long although we keep sending: the server has
 /// probably restarted and forgotten us; handshake again.
 const REHANDSHAKE_AFTER: Duration = Duration::from_secs(4);
@@ -63,8 +60,8 @@ impl Engine {
             let carrying = self
                 .peers
                 .get(&self.instance)
-                .filter(|p| p.session.is_some())
-                .and_then(|p| self.config.paths.iter().position(|&path| path == p.path));
+                .filter(|c| c.has_session())
+                .and_then(|c| self.config.paths.iter().position(|&path| path == c.path));
             self.reach.tried = carrying.map_or(1, |i| i + 1);
         }
         let tried = self.reach.tried.min(self.config.paths.len());
@@ -74,9 +71,12 @@ impl Engine {
         }
     }
 
-    /// Client: the server answers under our current session again, so no handshake is
-    /// needed after all.
-    fn reach_restored(&mut self) {
+    /// Client: the server answers under our current session: whatever made us
+    /// handshake again has passed, and no handshake is needed after all.
+    pub(super) fn server_answers(&mut self) {
+        if self.reach.unanswered_since.is_none() {
+            return;
+        }
         if self.reach.down {
             tracing::info!("the server answers again");
         }
@@ -137,11 +137,10 @@ impl Engine {
                     sent_at: now.instant,
                     cookie_binding,
                 });
-                self.peers
-                    .entry(self.instance)
-                    .or_insert_with(|| Peer::new(server, path, now.instant))
-                    .last_tx = now.instant;
-                self.push_transmit(server, path, msg);
+                if let Some(connection) = self.connection_to_server(path, now.instant) {
+                    connection.last_tx = now.instant;
+                }
+                self.out.push_transmit(server, path, msg);
                 tracing::debug!(%server, path = path.0, "handshake sent");
             }
             Err(e) => tracing::error!("cannot start handshake: {e}"),
@@ -225,7 +224,11 @@ impl Engine {
             return Err(DropReason::RateLimited);
         }
         self.seen_handshakes.insert(fingerprint, now.instant);
-        if !self.may_resume(init.instance, &fingerprint, &init.resume_proof) {
+        let may_resume = self
+            .peers
+            .get(&init.instance)
+            .is_none_or(|c| c.may_resume(&fingerprint, &init.resume_proof));
+        if !may_resume {
             tracing::debug!(%from, "handshake claims a live client's instance without proof; refused");
             return Err(DropReason::Unauthentic);
         }
@@ -247,7 +250,7 @@ impl Engine {
         };
         self.install_session(init.instance, from, path, session, now.instant);
         self.cookie_gate.note_answered(now.instant);
-        self.push_transmit(from, path, msg);
+        self.out.push_transmit(from, path, msg);
         tracing::info!(client = %from, "client authenticated, session established");
         Ok(())
     }
@@ -263,7 +266,7 @@ impl Engine {
         self.pad(admission::MAX_PADDING);
         reply.extend_from_slice(&self.scratch);
         self.counters.cookies_sent += 1;
-        self.push_transmit(from, path, reply);
+        self.out.push_transmit(from, path, reply);
         tracing::debug!(client = %from, "under load: asked for a cookie");
     }
 
@@ -328,156 +331,77 @@ impl Engine {
             ..Reach::default()
         };
         let rtt = now.instant.saturating_duration_since(pending.sent_at);
-        self.events.push(Event::Connected {
+        self.out.events.push(Event::Connected {
             path,
             rtt,
             after_outage,
         });
-        // Streams opened while we waited: their KCP output was dropped; send it now.
-        let convs: Vec<u32> = self
-            .peers
-            .get(&self.instance)
-            .map(|p| p.streams.keys().copied().collect())
-            .unwrap_or_default();
-        for conv in convs {
-            self.flush_stream(StreamId {
-                peer: self.instance,
-                conv,
-            });
+        if let Some(connection) = self.peers.get_mut(&self.instance) {
+            connection.flush_streams(self.clock, &mut self.out);
         }
         Ok(())
-    }
-
-    /// A handshake for an instance the server has sessions with must prove it holds the
-    /// resumption secret of one of them (the latest ones are kept: answers to the
-    /// client's latest handshakes may have been lost). An instance that has neither
-    /// used a session nor opened a stream has nothing to take over, so a fresh client
-    /// whose first answer was lost retries without a proof.
-    fn may_resume(&self, instance: PeerId, ephemeral: &[u8], proof: &[u8; 16]) -> bool {
-        let Some(peer) = self.peers.get(&instance) else {
-            return true;
-        };
-        if !peer.confirmed && peer.streams.is_empty() {
-            return true;
-        }
-        peer.resume_secrets.iter().any(|secret| {
-            let expected = crypto::resume_proof(secret, ephemeral);
-            bool::from(subtle::ConstantTimeEq::ct_eq(&expected[..], &proof[..]))
-        })
     }
 
     /// A handshake completed: `session` becomes the peer's current one.
     fn install_session(&mut self, peer_id: PeerId, addr: SocketAddr, path: PathId, session: Session, now: Instant) {
         self.counters.handshakes += 1;
         self.index.insert(session.local_index, peer_id);
-        let peer = self.peers.entry(peer_id).or_insert_with(|| Peer::new(addr, path, now));
-        peer.addr = addr;
-        peer.path = path;
-        peer.last_rx = now;
-        if peer.resume_secrets.len() >= super::RESUME_SECRETS_KEPT {
-            peer.resume_secrets.pop_front();
+        let max_streams = self.config.max_streams_per_peer;
+        let connection = self
+            .peers
+            .entry(peer_id)
+            .or_insert_with(|| Connection::new(peer_id, addr, path, max_streams, now));
+        if let Some(retired) = connection.install(session, addr, path, now) {
+            self.index.remove(&retired);
         }
-        peer.resume_secrets
-            .push_back(zeroize::Zeroizing::new(*session.crypto.resume_secret()));
-        if let Some(old) = peer.previous.take() {
-            self.index.remove(&old.local_index);
-        }
-        peer.previous = peer.session.replace(session);
     }
 
-    /// An authentic packet arrived: the peer is alive, and (server) may have roamed to
-    /// another address or path. Only the client's latest packet moves it: one overtaken
-    /// on the way may come from the address the client just left (a NAT rebinding), or
-    /// be a copy an on-path attacker sent on from elsewhere.
-    pub(super) fn note_peer_alive(
-        &mut self,
-        peer_id: PeerId,
-        path: PathId,
-        from: SocketAddr,
-        index: u32,
-        newest: bool,
-        now: Instant,
-    ) {
-        let server = matches!(self.config.role, Role::Server);
-        let Some(peer) = self.peers.get_mut(&peer_id) else {
-            return;
+    /// Client: the connection to the server, made on first use.
+    pub(super) fn connection_to_server(&mut self, path: PathId, now: Instant) -> Option<&mut Connection> {
+        let Role::Client { server } = self.config.role else {
+            return None;
         };
-        peer.last_rx = now;
-        peer.confirmed = true;
-        let mut current = peer.session.as_ref().is_some_and(|s| s.local_index == index);
-        // Server: the client speaks under the session before the newest, which it has
-        // never used: the newest one's answer did not reach the client (lost, or the
-        // path it took works one way only), so go back to the session the client has.
-        let newest_unused = peer.session.as_ref().is_some_and(|s| !s.confirmed);
-        let under_previous = peer.previous.as_ref().is_some_and(|s| s.local_index == index);
-        if server && !current && newest && under_previous && newest_unused {
-            std::mem::swap(&mut peer.session, &mut peer.previous);
-            tracing::debug!("the client still uses its earlier session; answering under it");
-            current = true;
-        }
-        if let Some(session) = [peer.session.as_mut(), peer.previous.as_mut()]
-            .into_iter()
-            .flatten()
-            .find(|s| s.local_index == index)
-        {
-            session.confirmed = true;
-        }
-        if server && current && newest && (peer.addr, peer.path) != (from, path) {
-            tracing::info!(old = %peer.addr, new = %from, path = path.0, "client address changed");
-            peer.addr = from;
-            peer.path = path;
-        }
-        if !server && current && self.reach.unanswered_since.is_some() {
-            // The server answers under the session we have: whatever made us handshake
-            // again has passed.
-            self.reach_restored();
-        }
+        let (id, max_streams) = (self.instance, self.config.max_streams_per_peer);
+        Some(
+            self.peers
+                .entry(id)
+                .or_insert_with(|| Connection::new(id, server, path, max_streams, now)),
+        )
     }
 
     pub(super) fn send_keepalive(&mut self, peer_id: PeerId) {
-        let len = self.rng.random_range(0..32);
-        let padding: Vec<u8> = (0..len).map(|_| self.rng.random()).collect();
-        self.seal_to(peer_id, &Inner::Keepalive { padding: &padding });
+        if let Some(connection) = self.peers.get_mut(&peer_id) {
+            connection.send_keepalive(&mut self.rng, self.clock, &mut self.out);
+        }
     }
 
+    /// A peer silent past the timeout loses its streams (a server forgets it too); one
+    /// that stopped overflowing gets its windows back; a client keeps its session warm.
     pub(super) fn tick_peer(&mut self, now: Now, peer_id: PeerId) {
-        let Some(peer) = self.peers.get(&peer_id) else { return };
-        let silent_for = now.instant.saturating_duration_since(peer.last_rx);
-        if silent_for > self.config.peer_timeout && peer.session.is_some() {
-            self.drop_peer_streams(peer_id);
-            if matches!(self.config.role, Role::Server) {
+        let server = matches!(self.config.role, Role::Server);
+        let window = self.window_share();
+        let Some(connection) = self.peers.get_mut(&peer_id) else {
+            return;
+        };
+        if connection.timed_out(now.instant, self.config.peer_timeout) {
+            self.live_streams -= connection.drop_streams(&mut self.out);
+            if server {
                 self.forget_peer(peer_id);
                 return;
             }
         }
-        self.recover_send_backoff(peer_id, now.instant);
-        let Some(peer) = self.peers.get(&peer_id) else { return };
-        let idle = now.instant.saturating_duration_since(peer.last_tx) >= KEEPALIVE_INTERVAL;
-        if peer.session.is_some() && idle && matches!(self.config.role, Role::Client { .. }) {
-            self.send_keepalive(peer_id);
-        }
-    }
-
-    fn drop_peer_streams(&mut self, peer_id: PeerId) {
-        let Some(peer) = self.peers.get_mut(&peer_id) else {
-            return;
-        };
-        let convs: Vec<u32> = peer.streams.drain().map(|(c, _)| c).collect();
-        self.live_streams -= convs.len();
-        if !convs.is_empty() {
-            tracing::info!(streams = convs.len(), "peer silent too long; dropping its streams");
-        }
-        for conv in convs {
-            self.events.push(Event::StreamClosed(StreamId { peer: peer_id, conv }));
+        connection.recover_backoff(window, now.instant);
+        if !server && connection.keepalive_due(now.instant) {
+            connection.send_keepalive(&mut self.rng, self.clock, &mut self.out);
         }
     }
 
     fn forget_peer(&mut self, peer_id: PeerId) {
-        if let Some(peer) = self.peers.remove(&peer_id) {
-            for s in [peer.session, peer.previous].into_iter().flatten() {
-                self.index.remove(&s.local_index);
+        if let Some(connection) = self.peers.remove(&peer_id) {
+            for index in connection.session_indices() {
+                self.index.remove(&index);
             }
-            tracing::info!(client = %peer.addr, "client silent too long; session forgotten");
+            tracing::info!(client = %connection.addr, "client silent too long; session forgotten");
         }
     }
 
@@ -489,11 +413,11 @@ impl Engine {
             self.tick_unanswered(now, now.instant.saturating_duration_since(since));
             return;
         }
-        let Some(peer) = self.peers.get(&self.instance) else {
+        let Some(connection) = self.peers.get(&self.instance) else {
             return;
         };
-        let silent = now.instant.saturating_duration_since(peer.last_rx);
-        if peer.session.is_some() && silent >= REHANDSHAKE_AFTER && peer.last_tx > peer.last_rx {
+        let silent = connection.silent_for(now.instant);
+        if connection.has_session() && silent >= REHANDSHAKE_AFTER && connection.last_tx > connection.last_rx {
             tracing::info!(
                 silent_ms = silent.as_millis() as u64,
                 "server silent; handshaking again"
@@ -507,7 +431,7 @@ impl Engine {
     fn tick_unanswered(&mut self, now: Now, silent: Duration) {
         let paths = self.config.paths.clone();
         if self.reach.tried < paths.len() && silent >= PATH_FALLBACK_AFTER * self.reach.tried as u32 {
-            self.events.push(Event::PathFallback {
+            self.out.events.push(Event::PathFallback {
                 unanswered: paths[..self.reach.tried].to_vec(),
                 next: paths[self.reach.tried],
             });
@@ -529,7 +453,7 @@ impl Engine {
             self.reach.down = true;
             self.reach.last_warning = Some(now.instant);
             self.fail_streams_awaiting_reply();
-            self.events.push(Event::ServerUnanswered {
+            self.out.events.push(Event::ServerUnanswered {
                 tried: paths[..self.reach.tried.min(paths.len())].to_vec(),
                 silent,
             });
@@ -539,25 +463,8 @@ impl Engine {
     /// The server is unreachable: streams still waiting for its answer get a failure
     /// now rather than after TIMEOUT.
     fn fail_streams_awaiting_reply(&mut self) {
-        let Some(peer) = self.peers.get(&self.instance) else {
-            return;
-        };
-        let waiting: Vec<u32> = peer
-            .streams
-            .iter()
-            .filter(|(_, s)| s.phase == Phase::AwaitingReply)
-            .map(|(&conv, _)| conv)
-            .collect();
-        for conv in waiting {
-            let id = StreamId {
-                peer: self.instance,
-                conv,
-            };
-            self.events.push(Event::StreamReplied {
-                id,
-                result: Err(OpenError::GeneralFailure),
-            });
-            self.reset_stream(id);
+        if let Some(connection) = self.peers.get_mut(&self.instance) {
+            self.live_streams -= connection.fail_streams_awaiting_reply(self.clock, &mut self.out);
         }
     }
 
@@ -573,7 +480,7 @@ impl Engine {
         let on_worse_path = self
             .peers
             .get(&self.instance)
-            .is_some_and(|p| p.session.is_some() && p.path != best);
+            .is_some_and(|c| c.has_session() && c.path != best);
         let due = self
             .reach
             .last_upgrade_try

@@ -2,12 +2,8 @@
 
 use std::time::{Duration, Instant};
 
-use super::frame::OpenError;
-use super::mux::Phase;
-use super::{Engine, Event, HANDSHAKE_MAX_SKEW_MS, Now, PeerId, Role, StreamId};
+use super::{Engine, HANDSHAKE_MAX_SKEW_MS, Now, PeerId, Role};
 
-/// Late segments of a closed conversation are ignored (not answered) this long.
-const TOMBSTONE_TTL: Duration = Duration::from_secs(30);
 /// Housekeeping cadence when no stream needs KCP ticks.
 const IDLE_TICK: Duration = Duration::from_millis(250);
 
@@ -42,7 +38,7 @@ impl Engine {
         let peer_ids: Vec<PeerId> = self.peers.keys().copied().collect();
         self.queued_segments = 0;
         for peer_id in peer_ids {
-            self.tick_streams(now, peer_id, ms);
+            self.tick_streams(now.instant, peer_id, ms);
             self.tick_peer(now, peer_id);
         }
         if let Role::Client { .. } = self.config.role {
@@ -54,56 +50,12 @@ impl Engine {
             .retain(|_, at| now.instant.saturating_duration_since(*at) < horizon);
     }
 
-    fn tick_streams(&mut self, now: Now, peer_id: PeerId, ms: u32) {
-        let Some(peer) = self.peers.get_mut(&peer_id) else {
+    fn tick_streams(&mut self, now: Instant, peer_id: PeerId, ms: u32) {
+        let Some(connection) = self.peers.get_mut(&peer_id) else {
             return;
         };
-        let mut dead = Vec::new();
-        let mut forgotten = Vec::new();
-        let mut woken = Vec::new();
-        for (&conv, stream) in peer.streams.iter_mut() {
-            if let Phase::Lingering { until } = stream.phase
-                && now.instant >= until
-            {
-                forgotten.push(conv);
-                continue;
-            }
-            let _ = stream.kcp.update(ms, &mut self.output);
-            self.queued_segments += stream.kcp.wait_snd();
-            let stalled = now.instant.saturating_duration_since(stream.last_activity) > self.config.peer_timeout
-                && matches!(
-                    stream.phase,
-                    Phase::AwaitingOpen | Phase::AwaitingReply | Phase::Dialing
-                );
-            if stream.kcp.is_dead_link() || stalled {
-                dead.push((conv, stream.phase == Phase::AwaitingReply));
-            } else if stream.write_blocked && stream.writable() {
-                stream.write_blocked = false;
-                woken.push(conv);
-            }
-        }
-        peer.tombstones
-            .retain(|_, at| now.instant.saturating_duration_since(*at) < TOMBSTONE_TTL);
-        for conv in forgotten {
-            peer.streams.remove(&conv);
-            peer.tombstones.insert(conv, now.instant);
-            self.live_streams -= 1;
-        }
-        self.seal_kcp_output(peer_id);
-        for conv in woken {
-            self.events.push(Event::Writable(StreamId { peer: peer_id, conv }));
-        }
-        for (conv, awaiting_reply) in dead {
-            let id = StreamId { peer: peer_id, conv };
-            tracing::debug!(stream = %id, "stream timed out");
-            if awaiting_reply {
-                // The opener learns it was a timeout, not a refusal.
-                self.events.push(Event::StreamReplied {
-                    id,
-                    result: Err(OpenError::TtlExpired),
-                });
-            }
-            self.reset_stream(id);
-        }
+        let tick = connection.tick_streams(now, ms, self.config.peer_timeout, &mut self.out);
+        self.queued_segments += tick.queued_segments;
+        self.live_streams -= tick.closed;
     }
 }
