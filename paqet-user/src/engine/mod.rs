@@ -16,24 +16,16 @@
 //! (the stream calls of the edge), `input` (datagrams in), `output` (sealed datagrams
 //! out, and delayed ACKs) and `timers` (ticks, timeouts, reaping).
 
-mod admission;
 pub mod arq;
-mod backoff;
 mod connection;
 pub mod crypto;
 pub mod datagrams;
+mod endpoint;
 pub mod frame;
 pub mod kcp;
 pub mod mux;
-
-mod input;
 mod outbox;
-mod output;
-mod sessions;
-mod streams;
-mod timers;
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -41,12 +33,11 @@ use rand::rngs::StdRng;
 use rand::{Rng, RngCore, SeedableRng};
 
 use connection::Connection;
-use crypto::{IndexMask, Initiator, Psk, SEAL_OVERHEAD};
+use crypto::{IndexMask, Psk, SEAL_OVERHEAD};
+pub use endpoint::{PATH_FALLBACK_AFTER, SERVER_UNANSWERED_AFTER};
 use frame::{OpenError, TargetAddr};
 use kcp::KcpProfile;
 use outbox::Outbox;
-use sessions::Reach;
-pub use sessions::{PATH_FALLBACK_AFTER, SERVER_UNANSWERED_AFTER};
 
 /// For the maps looked up once per datagram (see Cargo.toml).
 pub type FastMap<K, V> = foldhash::HashMap<K, V>;
@@ -239,15 +230,6 @@ pub struct PathLoad {
     pub streams: usize,
 }
 
-struct PendingHandshake {
-    path: PathId,
-    initiator: Initiator,
-    local_index: u32,
-    sent_at: Instant,
-    /// What the server's cookie reply to this handshake is bound to.
-    cookie_binding: [u8; crypto::TAG_LEN],
-}
-
 pub struct Engine {
     config: EngineConfig,
     rng: StdRng,
@@ -259,24 +241,12 @@ pub struct Engine {
     index: FastMap<u32, PeerId>,
     /// Unmasks the index a data packet names (it is masked under the PSK).
     index_mask: IndexMask,
-    /// Client: at most one handshake waiting for an answer per path.
-    pending: Vec<PendingHandshake>,
-    /// Client: how the server has been answering (see `sessions`).
-    reach: Reach,
-    /// Client: the resumption secret of the latest session, proven in the next
-    /// handshake so the server moves our streams to it (and nobody else's).
-    resume: Option<zeroize::Zeroizing<[u8; 32]>>,
-    /// Server: handshakes already answered, by ephemeral key, until they are too old to
-    /// pass the clock check anyway.
-    seen_handshakes: HashMap<[u8; 32], Instant>,
-    /// Server: handshakes per source, before any Noise work.
-    handshake_limiter: admission::HandshakeLimiter,
-    /// Server: when handshakes must bring a cookie, and the cookies' secrets.
-    cookie_gate: admission::CookieGate,
+    /// Client: its handshakes with the server, and how the server answers.
+    client: endpoint::ClientState,
+    /// Server: whether a handshake gets an answer.
+    admission: endpoint::Admission,
     /// Seals (server) and opens (client) cookie replies.
     cookie_sealer: crypto::cookie::CookieSealer,
-    /// Client: the server's latest cookie, and when it came.
-    cookie: Option<(crypto::cookie::Cookie, Instant)>,
     out: Outbox,
     next_conv: u32,
     last_tick: Instant,
@@ -311,6 +281,7 @@ impl Engine {
         let index_mask = IndexMask::new(&config.psk);
         let cookie_sealer = crypto::cookie::CookieSealer::new(&config.psk);
         let out = Outbox::new(config.max_datagram);
+        let admission = endpoint::Admission::new(config.handshakes_before_cookies);
         let mut rng = StdRng::from_seed(config.seed);
         let instance = rng.next_u64();
         let next_conv = rng.random_range(1..1 << 24);
@@ -322,14 +293,9 @@ impl Engine {
             peers: FastMap::default(),
             index: FastMap::default(),
             index_mask,
-            pending: Vec::new(),
-            reach: Reach::default(),
-            resume: None,
-            seen_handshakes: HashMap::new(),
-            handshake_limiter: admission::HandshakeLimiter::default(),
-            cookie_gate: admission::CookieGate::default(),
+            client: endpoint::ClientState::default(),
+            admission,
             cookie_sealer,
-            cookie: None,
             out,
             next_conv,
             last_tick: now,
@@ -416,30 +382,6 @@ impl Engine {
 
     fn ms(&self, now: Instant) -> u32 {
         now.saturating_duration_since(self.epoch).as_millis() as u32
-    }
-
-    /// Takes every queued datagram at once, for a batched send.
-    pub fn drain_transmits(&mut self, into: &mut Vec<Transmit>) {
-        for id in std::mem::take(&mut self.unflushed) {
-            if !self.delay_acks(id) {
-                self.flush_stream(id);
-            }
-            self.wake_writer_if_room(id);
-        }
-        into.append(&mut self.out.transmits);
-    }
-
-    pub fn drain_events(&mut self, into: &mut Vec<Event>) {
-        // A run of datagrams for one stream wakes its reader once, not once each (a
-        // wake-up left over from an interleaved run is harmless: one Notify permit).
-        self.out.events.dedup();
-        into.append(&mut self.out.events);
-    }
-
-    /// True once after a call made [`poll_timeout`](Self::poll_timeout) earlier than the
-    /// edge's timer may be set for.
-    pub fn take_timer_moved(&mut self) -> bool {
-        std::mem::take(&mut self.timer_moved)
     }
 }
 

@@ -1,9 +1,8 @@
 //! The engine end to end over an in-memory link that drops, duplicates, reorders and
 //! corrupts datagrams, on a virtual clock: delivery must still be exact and in order.
 
+use super::endpoint::{ACK_DELAY, LINGER, admission};
 use super::mux::{ReadOutcome, StreamError};
-use super::output::ACK_DELAY;
-use super::streams::LINGER;
 use super::*;
 use rand::rngs::StdRng;
 

@@ -4,6 +4,7 @@
 //! What only concerns this peer is done here, with its own session; what it sends goes
 //! to the endpoint's [`Outbox`], and the endpoint keeps the counts that span peers.
 
+mod backoff;
 mod streams;
 
 use std::collections::{HashMap, VecDeque};
@@ -14,12 +15,12 @@ use rand::Rng;
 use rand::rngs::StdRng;
 use zeroize::Zeroizing;
 
-use super::backoff::SendBackoff;
 use super::crypto::{self, CryptoError, Opened, SessionCrypto};
 use super::frame::Inner;
 use super::mux::Stream;
 use super::outbox::Outbox;
 use super::{FastMap, PathId, PeerId};
+use backoff::SendBackoff;
 
 /// Resumption secrets a server keeps per client: its sessions of the last half minute
 /// or so (one handshake a second while answers are lost), so a client whose answers

@@ -2,14 +2,13 @@
 
 use std::time::{Duration, Instant};
 
-use super::frame::{OpenError, StreamMsg, TargetAddr};
-use super::kcp;
-use super::mux::{self, Phase, ReadOutcome, Stream, StreamError};
-use super::{Engine, Event, Now, Role, StreamId};
+use crate::engine::frame::{OpenError, StreamMsg, TargetAddr};
+use crate::engine::kcp;
+use crate::engine::mux::{self, MIN_WINDOW, Phase, ReadOutcome, Stream, StreamError};
+use crate::engine::{Engine, Event, Now, Role, StreamId};
 
 /// After both FINs, acknowledge the peer's retransmissions this long before forgetting.
-pub(super) const LINGER: Duration = Duration::from_secs(2);
-pub(super) const MIN_WINDOW: u16 = 32;
+pub(in crate::engine) const LINGER: Duration = Duration::from_secs(2);
 
 impl Engine {
     /// Client: opens a stream to `target`. Data may be written once `StreamReplied`
@@ -22,7 +21,7 @@ impl Engine {
         if self.server_unanswered() {
             return Err(StreamError::ServerUnanswered);
         }
-        if self.pending.is_empty() && !self.is_connected() {
+        if !self.client.handshake_pending() && !self.is_connected() {
             self.connect(now);
         }
         let conv = self.next_conv;
@@ -41,7 +40,7 @@ impl Engine {
         Ok(id)
     }
 
-    pub(super) fn new_stream(&self, conv: u32, phase: Phase, now: Instant) -> Stream {
+    pub(in crate::engine) fn new_stream(&self, conv: u32, phase: Phase, now: Instant) -> Stream {
         let window = mux::window_for(
             self.live_streams + 1,
             self.config.window_budget,
@@ -54,7 +53,7 @@ impl Engine {
     }
 
     /// Gives every stream its share of the window budget, after the count changed.
-    pub(super) fn rebalance_windows(&mut self) {
+    pub(in crate::engine) fn rebalance_windows(&mut self) {
         let window = mux::window_for(
             self.live_streams,
             self.config.window_budget,
@@ -75,12 +74,12 @@ impl Engine {
     }
 
     /// Every stream's share of the window budget (before a peer's backoff cuts it).
-    pub(super) fn window_share(&self) -> u16 {
+    pub(in crate::engine) fn window_share(&self) -> u16 {
         self.stream_window.unwrap_or(self.config.max_window)
     }
 
     /// A new stream joins its peer's connection and the global count.
-    pub(super) fn add_stream(&mut self, id: StreamId, stream: Stream) {
+    pub(in crate::engine) fn add_stream(&mut self, id: StreamId, stream: Stream) {
         let window = self.window_share();
         let Some(connection) = self.peers.get_mut(&id.peer) else {
             return;
@@ -121,7 +120,7 @@ impl Engine {
         Ok(())
     }
 
-    pub(super) fn stream_mut(&mut self, id: StreamId) -> Option<&mut Stream> {
+    pub(in crate::engine) fn stream_mut(&mut self, id: StreamId) -> Option<&mut Stream> {
         self.peers.get_mut(&id.peer)?.stream_mut(id.conv)
     }
 
@@ -165,7 +164,7 @@ impl Engine {
     /// Only when the write would take something: a writer woken while the streams'
     /// shared budget is spent takes nothing and blocks again, and with this called
     /// after every write it would spin (the next tick recounts the budget).
-    pub(super) fn wake_writer_if_room(&mut self, id: StreamId) {
+    pub(in crate::engine) fn wake_writer_if_room(&mut self, id: StreamId) {
         let budget_left = self.queued_segments < self.send_budget_segments();
         if let Some(stream) = self.stream_mut(id)
             && budget_left
@@ -241,7 +240,7 @@ impl Engine {
     }
 
     /// Moves a stream whose both directions are done to lingering, and reports it closed.
-    pub(super) fn close_if_done(&mut self, id: StreamId, now: Option<Instant>) {
+    pub(in crate::engine) fn close_if_done(&mut self, id: StreamId, now: Option<Instant>) {
         let Some(stream) = self.stream_mut(id) else { return };
         if matches!(stream.phase, Phase::Lingering { .. }) || !stream.fully_closed() {
             return;

@@ -3,10 +3,10 @@
 
 use std::net::SocketAddr;
 
-use super::crypto::CryptoError;
-use super::frame::Inner;
-use super::mux::{Control, Phase};
-use super::{DropReason, Engine, Event, KCP_HEADER_LEN, Now, PathId, PeerId, Role, StreamId, arq};
+use crate::engine::crypto::CryptoError;
+use crate::engine::frame::Inner;
+use crate::engine::mux::{Control, Phase};
+use crate::engine::{DropReason, Engine, Event, KCP_HEADER_LEN, Now, PathId, PeerId, Role, StreamId, arq};
 
 impl Engine {
     /// Handles one datagram from the wire. Anything that does not authenticate is

@@ -5,15 +5,13 @@
 //! `UDP_BUFFER=8192` crawled at 56–88 KB/s.
 //!
 //! The sender halves its streams' send windows (at most once per [`STEP`], down to
-//! 1/64 and never below [`MIN_WINDOW`](super::streams::MIN_WINDOW)) on each report and
+//! 1/64 and never below [`MIN_WINDOW`](crate::engine::mux::MIN_WINDOW)) on each report and
 //! doubles them back once a [`RECOVERY`] passes without one. Only the peer that
 //! reported slows down; path loss still changes nothing.
 
 use std::time::{Duration, Instant};
 
-use super::frame::Inner;
-use super::streams::MIN_WINDOW;
-use super::{Engine, PeerId, Role};
+use crate::engine::mux::MIN_WINDOW;
 
 /// Reports closer together than this count as one (a burst overflows for a while).
 const STEP: Duration = Duration::from_millis(100);
@@ -21,16 +19,10 @@ const STEP: Duration = Duration::from_millis(100);
 const RECOVERY: Duration = Duration::from_secs(1);
 /// At most 1/64 of the window.
 const MAX_SHIFT: u8 = 6;
-/// Peers heard from this recently sent what overflowed (a server tells those).
-const RECENT: Duration = Duration::from_secs(1);
-/// Overflows below this share of what arrived are left to KCP: the xdp ring drops
-/// ~0.5 % on a busy two-core machine and halving windows for that would cost more
-/// than the retransmissions.
-const SIGNIFICANT_PERCENT: u64 = 5;
 
 /// How far a peer's send windows are cut, and since when.
 #[derive(Debug, Default, Clone, Copy)]
-pub(super) struct SendBackoff {
+pub(in crate::engine) struct SendBackoff {
     pub shift: u8,
     pub changed: Option<Instant>,
 }
@@ -63,39 +55,6 @@ impl SendBackoff {
         self.shift -= 1;
         self.changed = Some(now);
         true
-    }
-}
-
-impl Engine {
-    /// The edge saw `dropped` datagrams lost to a full receive buffer while `received`
-    /// arrived: if that is significant, tell the peers that sent them to slow down.
-    pub fn receive_overflowed(&mut self, dropped: u64, received: u64) {
-        if dropped == 0 || dropped * 100 < received * SIGNIFICANT_PERCENT {
-            return;
-        }
-        let now = self.clock;
-        let dropped = u32::try_from(dropped).unwrap_or(u32::MAX);
-        let recent = self
-            .peers
-            .values_mut()
-            .filter(|c| c.has_session() && c.silent_for(now) < RECENT);
-        for connection in recent {
-            connection.seal(&Inner::Overflow { dropped }, now, &mut self.out);
-        }
-    }
-
-    /// The peer's receive buffer overflowed with what we sent: halve our send windows.
-    pub(super) fn on_peer_overflow(&mut self, peer_id: PeerId, now: Instant) {
-        let window = self.window_share();
-        let Some(connection) = self.peers.get_mut(&peer_id) else {
-            return;
-        };
-        let Some(shift) = connection.on_overflow(window, now) else {
-            return;
-        };
-        if matches!(self.config.role, Role::Client { .. }) || shift == 1 {
-            tracing::info!(shift, "the peer's receive buffer overflows; sending less");
-        }
     }
 }
 

@@ -1,18 +1,19 @@
-//! Handshakes, sessions and peers: connecting, answering a client, a client's new
-//! address, keepalives, and forgetting a peer gone silent.
+//! The client's side of the endpoint: handshakes with the server on each of its
+//! paths, their answers (a session or a cookie), falling back to worse paths and back
+//! to the best one, and telling the edge when the server goes unanswered.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use rand::{Rng, RngCore};
+use rand::Rng;
+use zeroize::Zeroizing;
+
+use crate::engine::connection::{Connection, Session};
+use crate::engine::crypto::{self, Initiator, TAG_LEN, cookie};
+use crate::engine::frame::{InitPayload, ResponsePayload};
+use crate::engine::{DropReason, Engine, Event, Now, PROTOCOL_VERSION, PathId, Role};
 
 use super::admission;
-use super::connection::{Connection, Session};
-use super::crypto::{self, Initiator, Responder, cookie};
-use super::frame::{InitPayload, ResponsePayload};
-use super::{
-    DropReason, Engine, Event, HANDSHAKE_MAX_SKEW_MS, Now, PROTOCOL_VERSION, PathId, PeerId, PendingHandshake, Role,
-};
 
 const HANDSHAKE_RETRY: Duration = Duration::from_secs(1);
 /// A client whose best paths went unanswered this long tries the next one beside them
@@ -33,7 +34,7 @@ const REHANDSHAKE_AFTER: Duration = Duration::from_secs(4);
 
 /// Client: how the server has been answering.
 #[derive(Debug, Default)]
-pub(super) struct Reach {
+struct Reach {
     /// Since when handshakes have gone unanswered; `None` while a session answers.
     unanswered_since: Option<Instant>,
     /// Paths being tried: the first this many of `EngineConfig::paths`.
@@ -45,6 +46,36 @@ pub(super) struct Reach {
     last_upgrade_try: Option<Instant>,
 }
 
+/// A handshake sent on one path, waiting for the server's answer.
+struct PendingHandshake {
+    path: PathId,
+    initiator: Initiator,
+    local_index: u32,
+    sent_at: Instant,
+    /// What the server's cookie reply to this handshake is bound to.
+    cookie_binding: [u8; TAG_LEN],
+}
+
+/// Client: what it keeps about its handshakes with the server.
+#[derive(Default)]
+pub(in crate::engine) struct ClientState {
+    /// At most one handshake waiting for an answer per path.
+    pending: Vec<PendingHandshake>,
+    /// How the server has been answering.
+    reach: Reach,
+    /// The resumption secret of the latest session, proven in the next handshake so
+    /// the server moves our streams to it (and nobody else's).
+    resume: Option<Zeroizing<[u8; 32]>>,
+    /// The server's latest cookie, and when it came.
+    cookie: Option<(cookie::Cookie, Instant)>,
+}
+
+impl ClientState {
+    pub fn handshake_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+}
+
 impl Engine {
     /// Client: starts (or restarts) the handshake with the server, on every path being
     /// tried.
@@ -53,8 +84,8 @@ impl Engine {
         if !matches!(self.config.role, Role::Client { .. }) {
             return;
         }
-        if self.reach.unanswered_since.is_none() {
-            self.reach.unanswered_since = Some(now.instant);
+        if self.client.reach.unanswered_since.is_none() {
+            self.client.reach.unanswered_since = Some(now.instant);
             // From the best path down to the one that carries the session now: a
             // client on its fallback does not go back to a silent best path alone.
             let carrying = self
@@ -62,9 +93,9 @@ impl Engine {
                 .get(&self.instance)
                 .filter(|c| c.has_session())
                 .and_then(|c| self.config.paths.iter().position(|&path| path == c.path));
-            self.reach.tried = carrying.map_or(1, |i| i + 1);
+            self.client.reach.tried = carrying.map_or(1, |i| i + 1);
         }
-        let tried = self.reach.tried.min(self.config.paths.len());
+        let tried = self.client.reach.tried.min(self.config.paths.len());
         for i in 0..tried {
             let path = self.config.paths[i];
             self.handshake_on(now, path);
@@ -73,23 +104,23 @@ impl Engine {
 
     /// Client: the server answers under our current session: whatever made us
     /// handshake again has passed, and no handshake is needed after all.
-    pub(super) fn server_answers(&mut self) {
-        if self.reach.unanswered_since.is_none() {
+    pub(in crate::engine) fn server_answers(&mut self) {
+        if self.client.reach.unanswered_since.is_none() {
             return;
         }
-        if self.reach.down {
+        if self.client.reach.down {
             tracing::info!("the server answers again");
         }
-        self.pending.clear();
-        self.reach = Reach {
-            last_upgrade_try: self.reach.last_upgrade_try,
+        self.client.pending.clear();
+        self.client.reach = Reach {
+            last_upgrade_try: self.client.reach.last_upgrade_try,
             ..Reach::default()
         };
     }
 
     /// Client: whether the server went unanswered so long that new streams fail at once.
     pub fn server_unanswered(&self) -> bool {
-        self.reach.down
+        self.client.reach.down
     }
 
     /// Client: sends a fresh handshake on `path`, replacing the one pending there.
@@ -108,7 +139,7 @@ impl Engine {
         self.scratch.clear();
         self.pad(admission::MAX_PADDING);
         let padding = std::mem::take(&mut self.scratch);
-        let resume = self.resume.clone();
+        let resume = self.client.resume.clone();
         let payload = |ephemeral: &[u8]| {
             let mut payload = Vec::with_capacity(64);
             InitPayload {
@@ -129,8 +160,8 @@ impl Engine {
                 };
                 let mac2 = self.mac2_for(&msg, now.instant);
                 msg.extend_from_slice(&mac2);
-                self.pending.retain(|p| p.path != path);
-                self.pending.push(PendingHandshake {
+                self.client.pending.retain(|p| p.path != path);
+                self.client.pending.push(PendingHandshake {
                     path,
                     initiator,
                     local_index,
@@ -150,7 +181,7 @@ impl Engine {
     /// Client: the `mac2` field of a handshake message: under the server's fresh
     /// cookie if we have one, else random (no byte of a handshake is constant).
     fn mac2_for(&mut self, noise: &[u8], now: Instant) -> [u8; cookie::MAC2_LEN] {
-        match self.cookie {
+        match self.client.cookie {
             Some((c, got)) if now.saturating_duration_since(got) < admission::COOKIE_FRESH_FOR => {
                 cookie::mac2(&c, noise)
             }
@@ -158,123 +189,11 @@ impl Engine {
         }
     }
 
-    /// Appends up to `max` random padding bytes to the scratch buffer, so handshake
-    /// sizes do not identify paqet.
-    fn pad(&mut self, max: usize) {
-        let len = self.rng.random_range(0..=max);
-        for _ in 0..len {
-            self.scratch.push(self.rng.random());
-        }
-    }
-
-    fn fresh_index(&mut self) -> u32 {
-        loop {
-            let idx = self.rng.next_u32();
-            if idx != 0 && !self.index.contains_key(&idx) {
-                return idx;
-            }
-        }
-    }
-
-    pub(super) fn handle_handshake_init(
-        &mut self,
-        now: Now,
-        path: PathId,
-        from: SocketAddr,
-        data: &[u8],
-    ) -> Result<(), DropReason> {
-        // Cheap checks first: no Noise work for what cannot be a fresh handshake.
-        if !admission::INIT_MESSAGE_LEN.contains(&data.len()) {
-            return Err(DropReason::Unauthentic);
-        }
-        let (noise, mac2) = cookie::split_mac2(data).ok_or(DropReason::Unauthentic)?;
-        let fingerprint = crypto::handshake_fingerprint(noise).ok_or(DropReason::Unauthentic)?;
-        if self.seen_handshakes.contains_key(&fingerprint) {
-            return Err(DropReason::StaleHandshake);
-        }
-        // Reading NNpsk0's first message costs a hash and an AEAD open, no
-        // Diffie-Hellman: authenticate first, so that only a key holder spends a
-        // source's handshake budget (a stranger spoofing a client's address cannot).
-        let responder = Responder::read(&self.config.psk, noise).map_err(|_| DropReason::Unauthentic)?;
-        let init = InitPayload::parse(&responder.payload).map_err(|_| DropReason::Malformed)?;
-        if init.version != PROTOCOL_VERSION {
-            tracing::warn!(%from, version = init.version, "client speaks another protocol version");
-            return Err(DropReason::Malformed);
-        }
-        let from_before_start = init.unix_ms < self.config.started_unix_ms;
-        if now.unix_ms.abs_diff(init.unix_ms) > HANDSHAKE_MAX_SKEW_MS || from_before_start {
-            return Err(DropReason::StaleHandshake);
-        }
-        // After the replay and clock checks, so a replayed handshake gets no reply of
-        // any kind; and the message is remembered, so a replay of this one gets none
-        // either (the client answers a cookie with a new handshake).
-        if self
-            .cookie_gate
-            .under_load(now.instant, self.config.handshakes_before_cookies)
-            && !self.cookie_gate.valid_mac2(from, noise, mac2, now.instant)
-        {
-            self.seen_handshakes.insert(fingerprint, now.instant);
-            self.send_cookie_reply(from, path, noise, now.instant);
-            return Ok(());
-        }
-        let new_client = !self.peers.contains_key(&init.instance);
-        if !self.handshake_limiter.admit(from.ip(), now.instant)
-            || (new_client && self.peers.len() >= self.config.max_peers)
-        {
-            return Err(DropReason::RateLimited);
-        }
-        self.seen_handshakes.insert(fingerprint, now.instant);
-        let may_resume = self
-            .peers
-            .get(&init.instance)
-            .is_none_or(|c| c.may_resume(&fingerprint, &init.resume_proof));
-        if !may_resume {
-            tracing::debug!(%from, "handshake claims a live client's instance without proof; refused");
-            return Err(DropReason::Unauthentic);
-        }
-
-        let local_index = self.fresh_index();
-        self.scratch.clear();
-        ResponsePayload {
-            version: PROTOCOL_VERSION,
-            server_index: local_index,
-        }
-        .emit(&mut self.scratch);
-        self.pad(admission::MAX_PADDING);
-        let (crypto, msg) = responder.respond(&self.scratch).map_err(|_| DropReason::Unauthentic)?;
-        let session = Session {
-            local_index,
-            remote_index: init.client_index,
-            crypto,
-            confirmed: false,
-        };
-        self.install_session(init.instance, from, path, session, now.instant);
-        self.cookie_gate.note_answered(now.instant);
-        self.out.push_transmit(from, path, msg);
-        tracing::info!(client = %from, "client authenticated, session established");
-        Ok(())
-    }
-
-    /// Server, under load: answers a handshake with a cookie for its source address
-    /// instead of a session. Smaller than the handshake it answers, so it amplifies
-    /// nothing.
-    fn send_cookie_reply(&mut self, from: SocketAddr, path: PathId, noise: &[u8], now: Instant) {
-        let Some(binding) = cookie::binding(noise) else { return };
-        let cookie = self.cookie_gate.cookie_for(from, now);
-        let mut reply = self.cookie_sealer.seal(&cookie, &binding, self.rng.random());
-        self.scratch.clear();
-        self.pad(admission::MAX_PADDING);
-        reply.extend_from_slice(&self.scratch);
-        self.counters.cookies_sent += 1;
-        self.out.push_transmit(from, path, reply);
-        tracing::debug!(client = %from, "under load: asked for a cookie");
-    }
-
     /// Client: a datagram that names no live session may be the server's answer to a
     /// pending handshake. Only one from the server's address, on a path with a handshake
     /// pending, is tried; one that does not authenticate leaves the handshake pending, so
     /// a forged reply can neither end it nor push the client to a worse path.
-    pub(super) fn handle_handshake_response(
+    pub(in crate::engine) fn handle_handshake_response(
         &mut self,
         now: Now,
         path: PathId,
@@ -288,15 +207,16 @@ impl Engine {
             return Err(DropReason::Unauthentic);
         }
         let at = self
+            .client
             .pending
             .iter()
             .position(|p| p.path == path)
             .ok_or(DropReason::Unauthentic)?;
         if admission::cookie_reply_len().contains(&data.len())
-            && let Ok(cookie) = self.cookie_sealer.open(data, &self.pending[at].cookie_binding)
+            && let Ok(cookie) = self.cookie_sealer.open(data, &self.client.pending[at].cookie_binding)
         {
             // The server is under load: handshake again at once, proving our address.
-            self.cookie = Some((cookie, now.instant));
+            self.client.cookie = Some((cookie, now.instant));
             tracing::debug!(path = path.0, "the server asked for a cookie");
             self.handshake_on(now, path);
             return Ok(());
@@ -304,11 +224,11 @@ impl Engine {
         if !admission::RESPONSE_MESSAGE_LEN.contains(&data.len()) {
             return Err(DropReason::Unauthentic);
         }
-        let payload = self.pending[at]
+        let payload = self.client.pending[at]
             .initiator
             .read_response(data)
             .map_err(|_| DropReason::Unauthentic)?;
-        let pending = self.pending.swap_remove(at);
+        let pending = self.client.pending.swap_remove(at);
         let crypto = pending.initiator.into_session().map_err(|_| DropReason::Unauthentic)?;
         let resp = ResponsePayload::parse(&payload).map_err(|_| DropReason::Malformed)?;
         if resp.version != PROTOCOL_VERSION {
@@ -321,12 +241,12 @@ impl Engine {
             crypto,
             confirmed: false,
         };
-        self.resume = Some(zeroize::Zeroizing::new(*session.crypto.resume_secret()));
+        self.client.resume = Some(Zeroizing::new(*session.crypto.resume_secret()));
         self.install_session(self.instance, server, path, session, now.instant);
-        self.pending.clear();
-        let after_outage = self.reach.down;
+        self.client.pending.clear();
+        let after_outage = self.client.reach.down;
         let best = self.config.paths.first().is_none_or(|&best| best == path);
-        self.reach = Reach {
+        self.client.reach = Reach {
             last_upgrade_try: (!best).then_some(now.instant),
             ..Reach::default()
         };
@@ -342,22 +262,8 @@ impl Engine {
         Ok(())
     }
 
-    /// A handshake completed: `session` becomes the peer's current one.
-    fn install_session(&mut self, peer_id: PeerId, addr: SocketAddr, path: PathId, session: Session, now: Instant) {
-        self.counters.handshakes += 1;
-        self.index.insert(session.local_index, peer_id);
-        let max_streams = self.config.max_streams_per_peer;
-        let connection = self
-            .peers
-            .entry(peer_id)
-            .or_insert_with(|| Connection::new(peer_id, addr, path, max_streams, now));
-        if let Some(retired) = connection.install(session, addr, path, now) {
-            self.index.remove(&retired);
-        }
-    }
-
     /// Client: the connection to the server, made on first use.
-    pub(super) fn connection_to_server(&mut self, path: PathId, now: Instant) -> Option<&mut Connection> {
+    pub(in crate::engine) fn connection_to_server(&mut self, path: PathId, now: Instant) -> Option<&mut Connection> {
         let Role::Client { server } = self.config.role else {
             return None;
         };
@@ -369,47 +275,11 @@ impl Engine {
         )
     }
 
-    pub(super) fn send_keepalive(&mut self, peer_id: PeerId) {
-        if let Some(connection) = self.peers.get_mut(&peer_id) {
-            connection.send_keepalive(&mut self.rng, self.clock, &mut self.out);
-        }
-    }
-
-    /// A peer silent past the timeout loses its streams (a server forgets it too); one
-    /// that stopped overflowing gets its windows back; a client keeps its session warm.
-    pub(super) fn tick_peer(&mut self, now: Now, peer_id: PeerId) {
-        let server = matches!(self.config.role, Role::Server);
-        let window = self.window_share();
-        let Some(connection) = self.peers.get_mut(&peer_id) else {
-            return;
-        };
-        if connection.timed_out(now.instant, self.config.peer_timeout) {
-            self.live_streams -= connection.drop_streams(&mut self.out);
-            if server {
-                self.forget_peer(peer_id);
-                return;
-            }
-        }
-        connection.recover_backoff(window, now.instant);
-        if !server && connection.keepalive_due(now.instant) {
-            connection.send_keepalive(&mut self.rng, self.clock, &mut self.out);
-        }
-    }
-
-    fn forget_peer(&mut self, peer_id: PeerId) {
-        if let Some(connection) = self.peers.remove(&peer_id) {
-            for index in connection.session_indices() {
-                self.index.remove(&index);
-            }
-            tracing::info!(client = %connection.addr, "client silent too long; session forgotten");
-        }
-    }
-
     /// Client: renews unanswered handshakes, widens the paths tried, declares the
     /// server unreachable, notices a silent one, and tries the best path again while a
     /// worse one carries the session.
-    pub(super) fn tick_client_handshake(&mut self, now: Now) {
-        if let Some(since) = self.reach.unanswered_since {
+    pub(in crate::engine) fn tick_client_handshake(&mut self, now: Now) {
+        if let Some(since) = self.client.reach.unanswered_since {
             self.tick_unanswered(now, now.instant.saturating_duration_since(since));
             return;
         }
@@ -430,31 +300,33 @@ impl Engine {
 
     fn tick_unanswered(&mut self, now: Now, silent: Duration) {
         let paths = self.config.paths.clone();
-        if self.reach.tried < paths.len() && silent >= PATH_FALLBACK_AFTER * self.reach.tried as u32 {
+        if self.client.reach.tried < paths.len() && silent >= PATH_FALLBACK_AFTER * self.client.reach.tried as u32 {
             self.out.events.push(Event::PathFallback {
-                unanswered: paths[..self.reach.tried].to_vec(),
-                next: paths[self.reach.tried],
+                unanswered: paths[..self.client.reach.tried].to_vec(),
+                next: paths[self.client.reach.tried],
             });
-            self.reach.tried += 1;
+            self.client.reach.tried += 1;
             self.connect(now);
         } else if self
+            .client
             .pending
             .iter()
             .any(|p| now.instant.saturating_duration_since(p.sent_at) >= HANDSHAKE_RETRY)
-            || self.pending.is_empty()
+            || self.client.pending.is_empty()
         {
             self.connect(now);
         }
         let warn_due = self
+            .client
             .reach
             .last_warning
             .is_none_or(|at| now.instant.saturating_duration_since(at) >= UNANSWERED_REPEAT);
         if silent >= SERVER_UNANSWERED_AFTER && warn_due {
-            self.reach.down = true;
-            self.reach.last_warning = Some(now.instant);
+            self.client.reach.down = true;
+            self.client.reach.last_warning = Some(now.instant);
             self.fail_streams_awaiting_reply();
             self.out.events.push(Event::ServerUnanswered {
-                tried: paths[..self.reach.tried.min(paths.len())].to_vec(),
+                tried: paths[..self.client.reach.tried.min(paths.len())].to_vec(),
                 silent,
             });
         }
@@ -472,7 +344,8 @@ impl Engine {
     /// then: if it answers, the session moves there (the server keys us by instance,
     /// so streams carry on). An unanswered try is dropped, not repeated.
     fn try_best_path(&mut self, now: Now) {
-        self.pending
+        self.client
+            .pending
             .retain(|p| now.instant.saturating_duration_since(p.sent_at) < HANDSHAKE_RETRY);
         let Some(&best) = self.config.paths.first() else {
             return;
@@ -482,11 +355,12 @@ impl Engine {
             .get(&self.instance)
             .is_some_and(|c| c.has_session() && c.path != best);
         let due = self
+            .client
             .reach
             .last_upgrade_try
             .is_none_or(|at| now.instant.saturating_duration_since(at) >= BETTER_PATH_RETRY);
         if on_worse_path && due {
-            self.reach.last_upgrade_try = Some(now.instant);
+            self.client.reach.last_upgrade_try = Some(now.instant);
             self.handshake_on(now, best);
         }
     }

@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::{Engine, HANDSHAKE_MAX_SKEW_MS, Now, PeerId, Role};
+use crate::engine::{Engine, Now, PeerId, Role};
 
 /// Housekeeping cadence when no stream needs KCP ticks.
 const IDLE_TICK: Duration = Duration::from_millis(250);
@@ -44,10 +44,7 @@ impl Engine {
         if let Role::Client { .. } = self.config.role {
             self.tick_client_handshake(now);
         }
-        let horizon = Duration::from_millis(2 * HANDSHAKE_MAX_SKEW_MS);
-        self.handshake_limiter.forget_quiet(now.instant);
-        self.seen_handshakes
-            .retain(|_, at| now.instant.saturating_duration_since(*at) < horizon);
+        self.admission.forget_old(now.instant);
     }
 
     fn tick_streams(&mut self, now: Instant, peer_id: PeerId, ms: u32) {
