@@ -29,15 +29,10 @@ mod outbox;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use rand::rngs::StdRng;
-use rand::{Rng, RngCore, SeedableRng};
-
-use connection::Connection;
-use crypto::{IndexMask, Psk, SEAL_OVERHEAD};
-pub use endpoint::{PATH_FALLBACK_AFTER, SERVER_UNANSWERED_AFTER};
+use crypto::Psk;
+pub use endpoint::{Engine, PATH_FALLBACK_AFTER, SERVER_UNANSWERED_AFTER};
 use frame::{OpenError, TargetAddr};
 use kcp::KcpProfile;
-use outbox::Outbox;
 
 /// For the maps looked up once per datagram (see Cargo.toml).
 pub type FastMap<K, V> = foldhash::HashMap<K, V>;
@@ -228,161 +223,6 @@ pub struct Counters {
 pub struct PathLoad {
     pub sessions: usize,
     pub streams: usize,
-}
-
-pub struct Engine {
-    config: EngineConfig,
-    rng: StdRng,
-    epoch: Instant,
-    /// Our own instance id (client) — the server's peer key for us.
-    instance: PeerId,
-    peers: FastMap<PeerId, Connection>,
-    /// Local session index → peer, for both current and previous sessions.
-    index: FastMap<u32, PeerId>,
-    /// Unmasks the index a data packet names (it is masked under the PSK).
-    index_mask: IndexMask,
-    /// Client: its handshakes with the server, and how the server answers.
-    client: endpoint::ClientState,
-    /// Server: whether a handshake gets an answer.
-    admission: endpoint::Admission,
-    /// Seals (server) and opens (client) cookie replies.
-    cookie_sealer: crypto::cookie::CookieSealer,
-    out: Outbox,
-    next_conv: u32,
-    last_tick: Instant,
-    scratch: Vec<u8>,
-    /// A stream's first (control) message is read here.
-    control_buf: Vec<u8>,
-    /// Streams that took input since the last drain and owe the peer an acknowledgement.
-    unflushed: Vec<StreamId>,
-    /// Streams whose few ACKs wait for more, or for `ack_deadline`.
-    delayed_acks: Vec<StreamId>,
-    ack_deadline: Option<Instant>,
-    /// Set when `ack_deadline` is armed: the edge's timer must look again.
-    timer_moved: bool,
-    counters: Counters,
-    live_streams: usize,
-    /// Segments queued or in flight in all streams' send sides: exact after each tick,
-    /// and only ever over-estimated between ticks (writes add, acknowledgements are
-    /// counted at the next tick). Writers wait while it exceeds the send half of the
-    /// window budget, so streams that opened with a large window (before the others
-    /// came) cannot together queue more than the budget.
-    queued_segments: usize,
-    /// The window `rebalance_windows` last gave every stream.
-    stream_window: Option<u16>,
-    /// The latest time the edge told us; for the calls that need no fresh reading.
-    clock: Instant,
-    /// Relayed UDP: reassembly and what arrived (`datagrams`).
-    datagrams: datagrams::Datagrams,
-}
-
-impl Engine {
-    pub fn new(config: EngineConfig, now: Instant) -> Engine {
-        let index_mask = IndexMask::new(&config.psk);
-        let cookie_sealer = crypto::cookie::CookieSealer::new(&config.psk);
-        let out = Outbox::new(config.max_datagram);
-        let admission = endpoint::Admission::new(config.handshakes_before_cookies);
-        let mut rng = StdRng::from_seed(config.seed);
-        let instance = rng.next_u64();
-        let next_conv = rng.random_range(1..1 << 24);
-        let mut engine = Engine {
-            config,
-            rng,
-            epoch: now,
-            instance,
-            peers: FastMap::default(),
-            index: FastMap::default(),
-            index_mask,
-            client: endpoint::ClientState::default(),
-            admission,
-            cookie_sealer,
-            out,
-            next_conv,
-            last_tick: now,
-            scratch: Vec::with_capacity(64 * 1024),
-            control_buf: Vec::new(),
-            unflushed: Vec::new(),
-            delayed_acks: Vec::new(),
-            ack_deadline: None,
-            timer_moved: false,
-            counters: Counters::default(),
-            live_streams: 0,
-            queued_segments: 0,
-            stream_window: None,
-            clock: now,
-            datagrams: datagrams::Datagrams::default(),
-        };
-        engine.control_buf = vec![0u8; engine.read_buffer_len()];
-        engine
-    }
-
-    pub fn counters(&self) -> Counters {
-        Counters {
-            datagrams_out: self.out.datagrams_out,
-            bytes_out: self.out.bytes_out,
-            ..self.counters
-        }
-    }
-
-    pub fn live_streams(&self) -> usize {
-        self.live_streams
-    }
-
-    pub fn peer_count(&self) -> usize {
-        self.peers.values().filter(|c| c.has_session()).count()
-    }
-
-    /// Sessions answered, and their streams, on each of `paths` paths (index = `PathId`).
-    pub fn load_per_path(&self, paths: usize) -> Vec<PathLoad> {
-        let mut counts = vec![PathLoad::default(); paths];
-        for connection in self.peers.values().filter(|c| c.has_session()) {
-            if let Some(n) = counts.get_mut(connection.path.0 as usize) {
-                n.sessions += 1;
-                n.streams += connection.stream_count();
-            }
-        }
-        counts
-    }
-
-    /// Client: the server's address.
-    pub fn server_addr(&self) -> Option<SocketAddr> {
-        match self.config.role {
-            Role::Client { server } => Some(server),
-            Role::Server => None,
-        }
-    }
-
-    /// Client: whether a session with the server is established.
-    pub fn is_connected(&self) -> bool {
-        self.peers.get(&self.instance).is_some_and(|c| c.has_session())
-    }
-
-    fn kcp_mtu(&self) -> usize {
-        self.config.max_datagram - SEAL_OVERHEAD - 1
-    }
-
-    pub fn mss(&self) -> usize {
-        self.kcp_mtu() - KCP_HEADER_LEN
-    }
-
-    /// A buffer size that holds any message `stream_read` can return.
-    pub fn read_buffer_len(&self) -> usize {
-        mux::read_buffer_len(self.mss())
-    }
-
-    /// The send half of the window budget, in segments (`mux::window_for` splits the
-    /// same budget between both directions).
-    fn send_budget_segments(&self) -> usize {
-        self.config.window_budget / (2 * self.mss())
-    }
-
-    pub fn max_write_chunk(&self) -> usize {
-        mux::max_data_per_message(self.mss())
-    }
-
-    fn ms(&self, now: Instant) -> u32 {
-        now.saturating_duration_since(self.epoch).as_millis() as u32
-    }
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@ use super::endpoint::{ACK_DELAY, LINGER, admission};
 use super::mux::{ReadOutcome, StreamError};
 use super::*;
 use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 
 const CLIENT: &str = "198.18.0.1:40000";
 const SERVER: &str = "198.18.0.2:4000";
@@ -159,7 +160,7 @@ impl Sim {
 
     /// Runs until nothing is on the link and the client holds back no ACKs.
     fn settle(&mut self) {
-        let settled = self.run_until(10_000, |sim| sim.link.is_empty() && sim.client.ack_deadline.is_none());
+        let settled = self.run_until(10_000, |sim| sim.link.is_empty() && !sim.client.acks_delayed());
         assert!(settled);
     }
 

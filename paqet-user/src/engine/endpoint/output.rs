@@ -35,6 +35,12 @@ impl Engine {
         true
     }
 
+    /// Whether some ACKs wait for `ack_deadline` (the tests wait for none).
+    #[cfg(test)]
+    pub(in crate::engine) fn acks_delayed(&self) -> bool {
+        self.ack_deadline.is_some()
+    }
+
     pub(in crate::engine) fn flush_delayed_acks(&mut self) {
         self.ack_deadline = None;
         for id in std::mem::take(&mut self.delayed_acks) {
