@@ -11,10 +11,18 @@
 //! new peer. Sessions carry the keys; each side names its session by a random index that
 //! the other side puts in front of every data packet.
 //!
-//! This file holds the engine's state and its small accessors; what the engine does
-//! lives next to it, by concern: `sessions` (handshakes, peers, keepalives), `streams`
-//! (the stream calls of the edge), `input` (datagrams in), `output` (sealed datagrams
-//! out, and delayed ACKs) and `timers` (ticks, timeouts, reaping).
+//! The layout follows quinn-proto's split. The *endpoint* ([`Engine`], in
+//! `endpoint/`) is what spans peers: it routes each datagram to its connection by the
+//! session index it names, admits and answers handshakes (`admission`, `handshakes`;
+//! the client's side in `client`), holds the global limits (peers, the window budget
+//! all streams share, queued segments) and schedules output. A *connection*
+//! (`connection/`, one per peer) holds that peer's current and previous sessions, its
+//! resumption secrets, its streams and their tombstones, its send-window backoff and
+//! its stream cap, and opens and seals with its own session. Both write what they send
+//! to the `outbox` (datagrams, events, reused buffers), a field apart, so a
+//! connection can send while the endpoint holds its other state. This file holds the
+//! public types; `frame`, `crypto`, `arq`, `kcp`, `mux` and `datagrams` are the pure
+//! layers both use.
 
 pub mod arq;
 mod connection;

@@ -37,7 +37,7 @@ use client::ClientState;
 
 /// The endpoint, and the facade the edge calls (the name `Engine` stays: the edge, the
 /// tests and the fuzz targets call it by that name). Per-peer state lives in each
-/// [`Connection`]; what is here spans peers.
+/// `Connection`; what is here spans peers.
 pub struct Engine {
     /// Readable by the engine's tests, which change a limit in place.
     pub(in crate::engine) config: EngineConfig,
