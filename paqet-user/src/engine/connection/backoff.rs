@@ -22,7 +22,7 @@ const MAX_SHIFT: u8 = 6;
 
 /// How far a peer's send windows are cut, and since when.
 #[derive(Debug, Default, Clone, Copy)]
-pub(in crate::engine) struct SendBackoff {
+pub(super) struct SendBackoff {
     pub shift: u8,
     pub changed: Option<Instant>,
 }

@@ -135,16 +135,15 @@ impl Connection {
             .filter(|(_, s)| s.phase == Phase::AwaitingReply)
             .map(|(&conv, _)| conv)
             .collect();
-        waiting
-            .into_iter()
-            .filter(|&conv| {
-                out.events.push(Event::StreamReplied {
-                    id: self.stream_id(conv),
-                    result: Err(OpenError::GeneralFailure),
-                });
-                self.reset_stream(conv, now, out)
-            })
-            .count()
+        let mut closed = 0;
+        for conv in waiting {
+            out.events.push(Event::StreamReplied {
+                id: self.stream_id(conv),
+                result: Err(OpenError::GeneralFailure),
+            });
+            closed += usize::from(self.reset_stream(conv, now, out));
+        }
+        closed
     }
 
     /// Runs the streams' KCP clocks (`ms`), forgets lingered streams and old tombstones,
@@ -196,18 +195,18 @@ impl Connection {
     /// Resets streams that timed out; the opener of one still awaiting its reply learns
     /// it was a timeout, not a refusal. Returns how many closed.
     fn reset_dead(&mut self, dead: Vec<(u32, bool)>, now: Instant, out: &mut Outbox) -> usize {
-        dead.into_iter()
-            .filter(|&(conv, awaiting_reply)| {
-                let id = self.stream_id(conv);
-                tracing::debug!(stream = %id, "stream timed out");
-                if awaiting_reply {
-                    out.events.push(Event::StreamReplied {
-                        id,
-                        result: Err(OpenError::TtlExpired),
-                    });
-                }
-                self.reset_stream(conv, now, out)
-            })
-            .count()
+        let mut closed = 0;
+        for (conv, awaiting_reply) in dead {
+            let id = self.stream_id(conv);
+            tracing::debug!(stream = %id, "stream timed out");
+            if awaiting_reply {
+                out.events.push(Event::StreamReplied {
+                    id,
+                    result: Err(OpenError::TtlExpired),
+                });
+            }
+            closed += usize::from(self.reset_stream(conv, now, out));
+        }
+        closed
     }
 }

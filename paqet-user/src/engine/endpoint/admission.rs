@@ -178,7 +178,7 @@ const SEEN_FOR: Duration = Duration::from_millis(2 * HANDSHAKE_MAX_SKEW_MS);
 
 /// Server: everything that decides whether a handshake gets Noise work and an answer,
 /// before any connection is touched.
-pub(in crate::engine) struct Admission {
+pub(super) struct Admission {
     /// Handshakes already answered, by ephemeral key.
     seen: HashMap<[u8; 32], Instant>,
     /// Handshakes per source, before any Diffie-Hellman.

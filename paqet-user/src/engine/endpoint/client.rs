@@ -58,7 +58,7 @@ struct PendingHandshake {
 
 /// Client: what it keeps about its handshakes with the server.
 #[derive(Default)]
-pub(in crate::engine) struct ClientState {
+pub(super) struct ClientState {
     /// At most one handshake waiting for an answer per path.
     pending: Vec<PendingHandshake>,
     /// How the server has been answering.
@@ -104,7 +104,7 @@ impl Engine {
 
     /// Client: the server answers under our current session: whatever made us
     /// handshake again has passed, and no handshake is needed after all.
-    pub(in crate::engine) fn server_answers(&mut self) {
+    pub(super) fn server_answers(&mut self) {
         if self.client.reach.unanswered_since.is_none() {
             return;
         }
@@ -193,7 +193,7 @@ impl Engine {
     /// pending handshake. Only one from the server's address, on a path with a handshake
     /// pending, is tried; one that does not authenticate leaves the handshake pending, so
     /// a forged reply can neither end it nor push the client to a worse path.
-    pub(in crate::engine) fn handle_handshake_response(
+    pub(super) fn handle_handshake_response(
         &mut self,
         now: Now,
         path: PathId,
@@ -263,7 +263,7 @@ impl Engine {
     }
 
     /// Client: the connection to the server, made on first use.
-    pub(in crate::engine) fn connection_to_server(&mut self, path: PathId, now: Instant) -> Option<&mut Connection> {
+    pub(super) fn connection_to_server(&mut self, path: PathId, now: Instant) -> Option<&mut Connection> {
         let Role::Client { server } = self.config.role else {
             return None;
         };
@@ -278,7 +278,7 @@ impl Engine {
     /// Client: renews unanswered handshakes, widens the paths tried, declares the
     /// server unreachable, notices a silent one, and tries the best path again while a
     /// worse one carries the session.
-    pub(in crate::engine) fn tick_client_handshake(&mut self, now: Now) {
+    pub(super) fn tick_client_handshake(&mut self, now: Now) {
         if let Some(since) = self.client.reach.unanswered_since {
             self.tick_unanswered(now, now.instant.saturating_duration_since(since));
             return;

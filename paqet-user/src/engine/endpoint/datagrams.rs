@@ -90,7 +90,7 @@ impl Engine {
     }
 
     /// An authentic datagram message from `peer`.
-    pub(in crate::engine) fn handle_datagram_frame(&mut self, now: Instant, peer: PeerId, frame: DatagramFrame<'_>) {
+    pub(super) fn handle_datagram_frame(&mut self, now: Instant, peer: PeerId, frame: DatagramFrame<'_>) {
         match frame {
             DatagramFrame::Close { flow } => {
                 if matches!(self.config.role, Role::Server) {
@@ -129,7 +129,7 @@ impl Engine {
     }
 
     /// Drops incomplete datagrams past their time (from the engine's timer).
-    pub(in crate::engine) fn expire_datagrams(&mut self, now: Instant) {
+    pub(super) fn expire_datagrams(&mut self, now: Instant) {
         self.datagrams.reassembler.expire(now);
     }
 

@@ -17,14 +17,14 @@ use super::admission;
 impl Engine {
     /// Appends up to `max` random padding bytes to the scratch buffer, so handshake
     /// sizes do not identify paqet.
-    pub(in crate::engine) fn pad(&mut self, max: usize) {
+    pub(super) fn pad(&mut self, max: usize) {
         let len = self.rng.random_range(0..=max);
         for _ in 0..len {
             self.scratch.push(self.rng.random());
         }
     }
 
-    pub(in crate::engine) fn fresh_index(&mut self) -> u32 {
+    pub(super) fn fresh_index(&mut self) -> u32 {
         loop {
             let idx = self.rng.next_u32();
             if idx != 0 && !self.index.contains_key(&idx) {
@@ -33,7 +33,7 @@ impl Engine {
         }
     }
 
-    pub(in crate::engine) fn handle_handshake_init(
+    pub(super) fn handle_handshake_init(
         &mut self,
         now: Now,
         path: PathId,
@@ -122,7 +122,7 @@ impl Engine {
     }
 
     /// A handshake completed: `session` becomes the peer's current one.
-    pub(in crate::engine) fn install_session(
+    pub(super) fn install_session(
         &mut self,
         peer_id: PeerId,
         addr: SocketAddr,

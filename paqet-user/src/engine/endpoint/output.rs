@@ -19,7 +19,7 @@ pub(in crate::engine) const ACK_DELAY: Duration = Duration::from_millis(1);
 
 impl Engine {
     /// Holds back a flush that would only send a few ACKs; true if it did.
-    pub(in crate::engine) fn delay_acks(&mut self, id: StreamId) -> bool {
+    pub(super) fn delay_acks(&mut self, id: StreamId) -> bool {
         let owed = self.stream_mut(id).and_then(|s| s.kcp.only_acks_owed());
         if !owed.is_some_and(|n| n > 0 && n < ACKS_PER_DATAGRAM) {
             return false;
@@ -41,7 +41,7 @@ impl Engine {
         self.ack_deadline.is_some()
     }
 
-    pub(in crate::engine) fn flush_delayed_acks(&mut self) {
+    pub(super) fn flush_delayed_acks(&mut self) {
         self.ack_deadline = None;
         for id in std::mem::take(&mut self.delayed_acks) {
             self.flush_stream(id);
@@ -49,7 +49,7 @@ impl Engine {
     }
 
     /// Sends whatever KCP of this stream has ready, sealed for its peer.
-    pub(in crate::engine) fn flush_stream(&mut self, id: StreamId) {
+    pub(super) fn flush_stream(&mut self, id: StreamId) {
         if let Some(connection) = self.peers.get_mut(&id.peer) {
             connection.flush_stream(id.conv, self.clock, &mut self.out);
         }
@@ -87,7 +87,7 @@ impl Engine {
     /// Seals `inner` under the peer's current session (see [`Connection::seal`]).
     ///
     /// [`Connection::seal`]: crate::engine::connection::Connection::seal
-    pub(in crate::engine) fn seal_to(&mut self, peer_id: PeerId, inner: &Inner<'_>) {
+    pub(super) fn seal_to(&mut self, peer_id: PeerId, inner: &Inner<'_>) {
         if let Some(connection) = self.peers.get_mut(&peer_id) {
             connection.seal(inner, self.clock, &mut self.out);
         }

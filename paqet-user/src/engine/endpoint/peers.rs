@@ -15,7 +15,7 @@ const RECENT: Duration = Duration::from_secs(1);
 const SIGNIFICANT_PERCENT: u64 = 5;
 
 impl Engine {
-    pub(in crate::engine) fn send_keepalive(&mut self, peer_id: PeerId) {
+    pub(super) fn send_keepalive(&mut self, peer_id: PeerId) {
         if let Some(connection) = self.peers.get_mut(&peer_id) {
             connection.send_keepalive(&mut self.rng, self.clock, &mut self.out);
         }
@@ -23,7 +23,7 @@ impl Engine {
 
     /// A peer silent past the timeout loses its streams (a server forgets it too); one
     /// that stopped overflowing gets its windows back; a client keeps its session warm.
-    pub(in crate::engine) fn tick_peer(&mut self, now: Now, peer_id: PeerId) {
+    pub(super) fn tick_peer(&mut self, now: Now, peer_id: PeerId) {
         let server = matches!(self.config.role, Role::Server);
         let window = self.window_share();
         let Some(connection) = self.peers.get_mut(&peer_id) else {
@@ -69,7 +69,7 @@ impl Engine {
     }
 
     /// The peer's receive buffer overflowed with what we sent: halve our send windows.
-    pub(in crate::engine) fn on_peer_overflow(&mut self, peer_id: PeerId, now: Instant) {
+    pub(super) fn on_peer_overflow(&mut self, peer_id: PeerId, now: Instant) {
         let window = self.window_share();
         let Some(connection) = self.peers.get_mut(&peer_id) else {
             return;

@@ -40,7 +40,7 @@ impl Engine {
         Ok(id)
     }
 
-    pub(in crate::engine) fn new_stream(&self, conv: u32, phase: Phase, now: Instant) -> Stream {
+    pub(super) fn new_stream(&self, conv: u32, phase: Phase, now: Instant) -> Stream {
         let window = mux::window_for(
             self.live_streams + 1,
             self.config.window_budget,
@@ -53,7 +53,7 @@ impl Engine {
     }
 
     /// Gives every stream its share of the window budget, after the count changed.
-    pub(in crate::engine) fn rebalance_windows(&mut self) {
+    pub(super) fn rebalance_windows(&mut self) {
         let window = mux::window_for(
             self.live_streams,
             self.config.window_budget,
@@ -74,12 +74,12 @@ impl Engine {
     }
 
     /// Every stream's share of the window budget (before a peer's backoff cuts it).
-    pub(in crate::engine) fn window_share(&self) -> u16 {
+    pub(super) fn window_share(&self) -> u16 {
         self.stream_window.unwrap_or(self.config.max_window)
     }
 
     /// A new stream joins its peer's connection and the global count.
-    pub(in crate::engine) fn add_stream(&mut self, id: StreamId, stream: Stream) {
+    pub(super) fn add_stream(&mut self, id: StreamId, stream: Stream) {
         let window = self.window_share();
         let Some(connection) = self.peers.get_mut(&id.peer) else {
             return;
@@ -164,7 +164,7 @@ impl Engine {
     /// Only when the write would take something: a writer woken while the streams'
     /// shared budget is spent takes nothing and blocks again, and with this called
     /// after every write it would spin (the next tick recounts the budget).
-    pub(in crate::engine) fn wake_writer_if_room(&mut self, id: StreamId) {
+    pub(super) fn wake_writer_if_room(&mut self, id: StreamId) {
         let budget_left = self.queued_segments < self.send_budget_segments();
         if let Some(stream) = self.stream_mut(id)
             && budget_left
@@ -240,7 +240,7 @@ impl Engine {
     }
 
     /// Moves a stream whose both directions are done to lingering, and reports it closed.
-    pub(in crate::engine) fn close_if_done(&mut self, id: StreamId, now: Option<Instant>) {
+    pub(super) fn close_if_done(&mut self, id: StreamId, now: Option<Instant>) {
         let Some(stream) = self.stream_mut(id) else { return };
         if matches!(stream.phase, Phase::Lingering { .. }) || !stream.fully_closed() {
             return;
