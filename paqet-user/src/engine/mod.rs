@@ -11,39 +11,36 @@
 //! new peer. Sessions carry the keys; each side names its session by a random index that
 //! the other side puts in front of every data packet.
 //!
-//! This file holds the engine's state and its small accessors; what the engine does
-//! lives next to it, by concern: `sessions` (handshakes, peers, keepalives), `streams`
-//! (the stream calls of the edge), `input` (datagrams in), `output` (sealed datagrams
-//! out, and delayed ACKs) and `timers` (ticks, timeouts, reaping).
+//! The layout follows quinn-proto's split. The *endpoint* ([`Engine`], in
+//! `endpoint/`) is what spans peers: it routes each datagram to its connection by the
+//! session index it names, admits and answers handshakes (`admission`, `handshakes`;
+//! the client's side in `client`), holds the global limits (peers, the window budget
+//! all streams share, queued segments) and schedules output. A *connection*
+//! (`connection/`, one per peer) holds that peer's current and previous sessions, its
+//! resumption secrets, its streams and their tombstones, its send-window backoff and
+//! its stream cap, and opens and seals with its own session. Both write what they send
+//! to the `outbox` (datagrams, events, reused buffers), a field apart, so a
+//! connection can send while the endpoint holds its other state. This file holds the
+//! public types; `frame`, `crypto`, `arq`, `kcp`, `mux` and `datagrams` are the pure
+//! layers both use.
 
-mod admission;
 pub mod arq;
-mod backoff;
+mod connection;
 pub mod crypto;
 pub mod datagrams;
+mod endpoint;
 pub mod frame;
 pub mod kcp;
 pub mod mux;
+mod outbox;
 
-mod input;
-mod output;
-mod sessions;
-mod streams;
-mod timers;
-
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use rand::rngs::StdRng;
-use rand::{Rng, RngCore, SeedableRng};
-
-use crypto::{IndexMask, Initiator, Psk, SEAL_OVERHEAD, SessionCrypto};
+use crypto::Psk;
+pub use endpoint::{Engine, PATH_FALLBACK_AFTER, SERVER_UNANSWERED_AFTER};
 use frame::{OpenError, TargetAddr};
-use kcp::{KcpProfile, OutputPackets};
-use mux::Stream;
-use sessions::Reach;
-pub use sessions::{PATH_FALLBACK_AFTER, SERVER_UNANSWERED_AFTER};
+use kcp::KcpProfile;
 
 /// For the maps looked up once per datagram (see Cargo.toml).
 pub type FastMap<K, V> = foldhash::HashMap<K, V>;
@@ -236,262 +233,6 @@ pub struct Counters {
 pub struct PathLoad {
     pub sessions: usize,
     pub streams: usize,
-}
-
-struct Session {
-    local_index: u32,
-    remote_index: u32,
-    crypto: SessionCrypto,
-    /// An authentic packet under it arrived: the peer has it.
-    confirmed: bool,
-}
-
-/// Resumption secrets a server keeps per client: its sessions of the last half minute
-/// or so (one handshake a second while answers are lost), so a client whose answers
-/// went missing still proves itself with the session it last had.
-const RESUME_SECRETS_KEPT: usize = 32;
-
-struct Peer {
-    addr: SocketAddr,
-    path: PathId,
-    /// How far our send windows to this peer are cut after it reported overflows.
-    backoff: backoff::SendBackoff,
-    session: Option<Session>,
-    /// The session before the last re-handshake: packets already in flight under it
-    /// still open until the peer switches over.
-    previous: Option<Session>,
-    /// Server: the resumption secrets of this client's latest sessions, newest last.
-    resume_secrets: std::collections::VecDeque<zeroize::Zeroizing<[u8; 32]>>,
-    /// Server: an authentic packet of this client arrived under some session.
-    confirmed: bool,
-    streams: FastMap<u32, Stream>,
-    tombstones: HashMap<u32, Instant>,
-    last_rx: Instant,
-    last_tx: Instant,
-}
-
-impl Peer {
-    fn new(addr: SocketAddr, path: PathId, now: Instant) -> Peer {
-        Peer {
-            addr,
-            path,
-            backoff: backoff::SendBackoff::default(),
-            session: None,
-            previous: None,
-            resume_secrets: std::collections::VecDeque::new(),
-            confirmed: false,
-            streams: FastMap::default(),
-            tombstones: HashMap::new(),
-            last_rx: now,
-            last_tx: now,
-        }
-    }
-}
-
-struct PendingHandshake {
-    path: PathId,
-    initiator: Initiator,
-    local_index: u32,
-    sent_at: Instant,
-    /// What the server's cookie reply to this handshake is bound to.
-    cookie_binding: [u8; crypto::TAG_LEN],
-}
-
-pub struct Engine {
-    config: EngineConfig,
-    rng: StdRng,
-    epoch: Instant,
-    /// Our own instance id (client) — the server's peer key for us.
-    instance: PeerId,
-    peers: FastMap<PeerId, Peer>,
-    /// Local session index → peer, for both current and previous sessions.
-    index: FastMap<u32, PeerId>,
-    /// Unmasks the index a data packet names (it is masked under the PSK).
-    index_mask: IndexMask,
-    /// Client: at most one handshake waiting for an answer per path.
-    pending: Vec<PendingHandshake>,
-    /// Client: how the server has been answering (see `sessions`).
-    reach: Reach,
-    /// Client: the resumption secret of the latest session, proven in the next
-    /// handshake so the server moves our streams to it (and nobody else's).
-    resume: Option<zeroize::Zeroizing<[u8; 32]>>,
-    /// Server: handshakes already answered, by ephemeral key, until they are too old to
-    /// pass the clock check anyway.
-    seen_handshakes: HashMap<[u8; 32], Instant>,
-    /// Server: handshakes per source, before any Noise work.
-    handshake_limiter: admission::HandshakeLimiter,
-    /// Server: when handshakes must bring a cookie, and the cookies' secrets.
-    cookie_gate: admission::CookieGate,
-    /// Seals (server) and opens (client) cookie replies.
-    cookie_sealer: crypto::cookie::CookieSealer,
-    /// Client: the server's latest cookie, and when it came.
-    cookie: Option<(crypto::cookie::Cookie, Instant)>,
-    output: OutputPackets,
-    transmits: Vec<Transmit>,
-    events: Vec<Event>,
-    next_conv: u32,
-    last_tick: Instant,
-    scratch: Vec<u8>,
-    /// Buffers of sent datagrams, reused for the next ones (no allocation per datagram).
-    spare: Vec<Vec<u8>>,
-    /// A stream's first (control) message is read here.
-    control_buf: Vec<u8>,
-    /// Streams that took input since the last drain and owe the peer an acknowledgement.
-    unflushed: Vec<StreamId>,
-    /// Streams whose few ACKs wait for more, or for `ack_deadline`.
-    delayed_acks: Vec<StreamId>,
-    ack_deadline: Option<Instant>,
-    /// Set when `ack_deadline` is armed: the edge's timer must look again.
-    timer_moved: bool,
-    counters: Counters,
-    live_streams: usize,
-    /// Segments queued or in flight in all streams' send sides: exact after each tick,
-    /// and only ever over-estimated between ticks (writes add, acknowledgements are
-    /// counted at the next tick). Writers wait while it exceeds the send half of the
-    /// window budget, so streams that opened with a large window (before the others
-    /// came) cannot together queue more than the budget.
-    queued_segments: usize,
-    /// The window `rebalance_windows` last gave every stream.
-    stream_window: Option<u16>,
-    /// The latest time the edge told us; for the calls that need no fresh reading.
-    clock: Instant,
-    /// Relayed UDP: reassembly and what arrived (`datagrams`).
-    datagrams: datagrams::Datagrams,
-}
-
-impl Engine {
-    pub fn new(config: EngineConfig, now: Instant) -> Engine {
-        let index_mask = IndexMask::new(&config.psk);
-        let cookie_sealer = crypto::cookie::CookieSealer::new(&config.psk);
-        let mut rng = StdRng::from_seed(config.seed);
-        let instance = rng.next_u64();
-        let next_conv = rng.random_range(1..1 << 24);
-        let mut engine = Engine {
-            config,
-            rng,
-            epoch: now,
-            instance,
-            peers: FastMap::default(),
-            index: FastMap::default(),
-            index_mask,
-            pending: Vec::new(),
-            reach: Reach::default(),
-            resume: None,
-            seen_handshakes: HashMap::new(),
-            handshake_limiter: admission::HandshakeLimiter::default(),
-            cookie_gate: admission::CookieGate::default(),
-            cookie_sealer,
-            cookie: None,
-            output: OutputPackets::default(),
-            transmits: Vec::new(),
-            events: Vec::new(),
-            next_conv,
-            last_tick: now,
-            scratch: Vec::with_capacity(64 * 1024),
-            spare: Vec::new(),
-            control_buf: Vec::new(),
-            unflushed: Vec::new(),
-            delayed_acks: Vec::new(),
-            ack_deadline: None,
-            timer_moved: false,
-            counters: Counters::default(),
-            live_streams: 0,
-            queued_segments: 0,
-            stream_window: None,
-            clock: now,
-            datagrams: datagrams::Datagrams::default(),
-        };
-        engine.control_buf = vec![0u8; engine.read_buffer_len()];
-        engine
-    }
-
-    pub fn counters(&self) -> Counters {
-        self.counters
-    }
-
-    pub fn live_streams(&self) -> usize {
-        self.live_streams
-    }
-
-    pub fn peer_count(&self) -> usize {
-        self.peers.values().filter(|p| p.session.is_some()).count()
-    }
-
-    /// Sessions answered, and their streams, on each of `paths` paths (index = `PathId`).
-    pub fn load_per_path(&self, paths: usize) -> Vec<PathLoad> {
-        let mut counts = vec![PathLoad::default(); paths];
-        for peer in self.peers.values().filter(|p| p.session.is_some()) {
-            if let Some(n) = counts.get_mut(peer.path.0 as usize) {
-                n.sessions += 1;
-                n.streams += peer.streams.len();
-            }
-        }
-        counts
-    }
-
-    /// Client: the server's address.
-    pub fn server_addr(&self) -> Option<SocketAddr> {
-        match self.config.role {
-            Role::Client { server } => Some(server),
-            Role::Server => None,
-        }
-    }
-
-    /// Client: whether a session with the server is established.
-    pub fn is_connected(&self) -> bool {
-        self.peers.get(&self.instance).is_some_and(|p| p.session.is_some())
-    }
-
-    fn kcp_mtu(&self) -> usize {
-        self.config.max_datagram - SEAL_OVERHEAD - 1
-    }
-
-    pub fn mss(&self) -> usize {
-        self.kcp_mtu() - KCP_HEADER_LEN
-    }
-
-    /// A buffer size that holds any message `stream_read` can return.
-    pub fn read_buffer_len(&self) -> usize {
-        mux::read_buffer_len(self.mss())
-    }
-
-    /// The send half of the window budget, in segments (`mux::window_for` splits the
-    /// same budget between both directions).
-    fn send_budget_segments(&self) -> usize {
-        self.config.window_budget / (2 * self.mss())
-    }
-
-    pub fn max_write_chunk(&self) -> usize {
-        mux::max_data_per_message(self.mss())
-    }
-
-    fn ms(&self, now: Instant) -> u32 {
-        now.saturating_duration_since(self.epoch).as_millis() as u32
-    }
-
-    /// Takes every queued datagram at once, for a batched send.
-    pub fn drain_transmits(&mut self, into: &mut Vec<Transmit>) {
-        for id in std::mem::take(&mut self.unflushed) {
-            if !self.delay_acks(id) {
-                self.flush_stream(id);
-            }
-            self.wake_writer_if_room(id);
-        }
-        into.append(&mut self.transmits);
-    }
-
-    pub fn drain_events(&mut self, into: &mut Vec<Event>) {
-        // A run of datagrams for one stream wakes its reader once, not once each (a
-        // wake-up left over from an interleaved run is harmless: one Notify permit).
-        self.events.dedup();
-        into.append(&mut self.events);
-    }
-
-    /// True once after a call made [`poll_timeout`](Self::poll_timeout) earlier than the
-    /// edge's timer may be set for.
-    pub fn take_timer_moved(&mut self) -> bool {
-        std::mem::take(&mut self.timer_moved)
-    }
 }
 
 #[cfg(test)]

@@ -11,6 +11,9 @@ use super::kcp::Conversation;
 /// Segments a stream may hold queued but unsent. Refilled from TCP whenever a flush
 /// takes some, so it only has to cover one turn of the writer.
 pub const MAX_UNSENT_SEGMENTS: usize = 512;
+/// The smallest window a stream gets, however many share the budget or however far a
+/// peer's backoff cuts it.
+pub const MIN_WINDOW: u16 = 32;
 
 /// Largest stream message payload: exactly eight full KCP segments with its type byte.
 pub fn max_data_per_message(mss: usize) -> usize {

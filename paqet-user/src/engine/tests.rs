@@ -1,11 +1,11 @@
 //! The engine end to end over an in-memory link that drops, duplicates, reorders and
 //! corrupts datagrams, on a virtual clock: delivery must still be exact and in order.
 
+use super::endpoint::{ACK_DELAY, LINGER, admission};
 use super::mux::{ReadOutcome, StreamError};
-use super::output::ACK_DELAY;
-use super::streams::LINGER;
 use super::*;
 use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 
 const CLIENT: &str = "198.18.0.1:40000";
 const SERVER: &str = "198.18.0.2:4000";
@@ -160,7 +160,7 @@ impl Sim {
 
     /// Runs until nothing is on the link and the client holds back no ACKs.
     fn settle(&mut self) {
-        let settled = self.run_until(10_000, |sim| sim.link.is_empty() && sim.client.ack_deadline.is_none());
+        let settled = self.run_until(10_000, |sim| sim.link.is_empty() && !sim.client.acks_delayed());
         assert!(settled);
     }
 

@@ -16,11 +16,10 @@
 use std::net::SocketAddr;
 use std::ops::RangeInclusive;
 
-use blake2::Blake2sMac256;
-use blake2::digest::{KeyInit, Mac};
 use ring::aead::{Aad, CHACHA20_POLY1305, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 use zeroize::Zeroizing;
 
+use super::mac::keyed_blake2s;
 use super::{CryptoError, Psk, TAG_LEN};
 
 pub const COOKIE_LEN: usize = 16;
@@ -34,18 +33,6 @@ pub fn reply_len(max_padding: usize) -> RangeInclusive<usize> {
 
 pub type Cookie = [u8; COOKIE_LEN];
 
-/// A keyed BLAKE2s over `parts`, truncated to 16 bytes. Keys up to 32 bytes.
-fn keyed_mac(key: &[u8], parts: &[&[u8]]) -> [u8; 16] {
-    let mut mac = <Blake2sMac256 as KeyInit>::new_from_slice(key).expect("BLAKE2s takes keys of 1 to 32 bytes");
-    for part in parts {
-        mac.update(part);
-    }
-    let full = mac.finalize().into_bytes();
-    let mut out = [0u8; 16];
-    out.copy_from_slice(&full[..16]);
-    out
-}
-
 fn address_bytes(addr: SocketAddr) -> Vec<u8> {
     let mut bytes = match addr.ip() {
         std::net::IpAddr::V4(ip) => ip.octets().to_vec(),
@@ -57,12 +44,12 @@ fn address_bytes(addr: SocketAddr) -> Vec<u8> {
 
 /// The cookie a server hands `addr` under `secret`.
 pub fn cookie_for(secret: &[u8; 32], addr: SocketAddr) -> Cookie {
-    keyed_mac(secret, &[b"paqet cookie", &address_bytes(addr)])
+    keyed_blake2s(secret, &[b"paqet cookie", &address_bytes(addr)])
 }
 
 /// The `mac2` of a first handshake message (the Noise message, without the field).
 pub fn mac2(cookie: &Cookie, noise_message: &[u8]) -> [u8; MAC2_LEN] {
-    keyed_mac(cookie, &[noise_message])
+    keyed_blake2s(cookie, &[noise_message])
 }
 
 /// Splits a first handshake message into the Noise message and its `mac2` field.

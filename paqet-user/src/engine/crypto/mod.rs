@@ -9,6 +9,7 @@
 pub mod cookie;
 mod epoch_keys;
 mod handshake;
+pub mod mac;
 mod replay;
 
 use aes::Aes256;

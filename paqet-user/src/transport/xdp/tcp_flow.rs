@@ -41,13 +41,12 @@ use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use blake2::Blake2sMac256;
-use blake2::digest::{KeyInit, Mac};
 use paqet_common::wire::{TcpOptionBytes, TcpOptions, tcpopt};
 use rand::rngs::StdRng;
 use rand::{RngCore, SeedableRng};
 
 use crate::engine::FastMap;
+use crate::engine::crypto::mac::keyed_blake2s;
 
 pub const FIN: u8 = 0x01;
 pub const SYN: u8 = 0x02;
@@ -339,12 +338,10 @@ impl SynKey {
     }
 
     fn tag(&self, label: &[u8], port: u16, value: u32) -> u32 {
-        let mut mac = <Blake2sMac256 as KeyInit>::new_from_slice(&self.0[..]).expect("BLAKE2s takes a 32-byte key");
-        mac.update(label);
-        mac.update(&port.to_be_bytes());
-        mac.update(&value.to_be_bytes());
-        let out = mac.finalize().into_bytes();
-        u32::from_be_bytes([out[0], out[1], out[2], out[3]])
+        u32::from_be_bytes(keyed_blake2s(
+            &self.0,
+            &[label, &port.to_be_bytes(), &value.to_be_bytes()],
+        ))
     }
 
     /// What a SYN to `port` sent at `unix_ms` carries: (ISN, TSval). For tools and

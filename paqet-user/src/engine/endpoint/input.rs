@@ -3,13 +3,10 @@
 
 use std::net::SocketAddr;
 
-use super::crypto::{CryptoError, Opened};
-use super::frame::Inner;
-use super::mux::{Control, Phase};
-use super::{DropReason, Engine, Event, KCP_HEADER_LEN, Now, PathId, PeerId, Role, StreamId, arq};
-
-/// Closed or refused conversations remembered per peer (each for 30 s).
-const MAX_TOMBSTONES: usize = 4096;
+use crate::engine::crypto::CryptoError;
+use crate::engine::frame::Inner;
+use crate::engine::mux::{Control, Phase};
+use crate::engine::{DropReason, Engine, Event, KCP_HEADER_LEN, Now, PathId, PeerId, Role, StreamId, arq};
 
 impl Engine {
     /// Handles one datagram from the wire. Anything that does not authenticate is
@@ -56,46 +53,38 @@ impl Engine {
         }
     }
 
+    /// A data packet under one of `peer_id`'s sessions (`index`): open it under that
+    /// session, note the peer alive, and act on what it carries.
     fn handle_data(
         &mut self,
         now: Now,
-        (path, from): (PathId, SocketAddr),
+        source: (PathId, SocketAddr),
         peer_id: PeerId,
         index: u32,
         data: &mut [u8],
     ) -> Result<(), DropReason> {
-        match self.open_with(peer_id, index, data) {
-            Ok(opened) => {
-                self.note_peer_alive(peer_id, path, from, index, opened.newest, now.instant);
-                self.handle_inner(now, peer_id, opened.plaintext)
-            }
-            Err(CryptoError::Replayed(_)) => Err(DropReason::Replayed),
-            Err(_) => Err(DropReason::Unauthentic),
+        let server = matches!(self.config.role, Role::Server);
+        let connection = self.peers.get_mut(&peer_id).ok_or(DropReason::Unauthentic)?;
+        let opened = match connection.open(index, data) {
+            Ok(opened) => opened,
+            Err(CryptoError::Replayed(_)) => return Err(DropReason::Replayed),
+            Err(_) => return Err(DropReason::Unauthentic),
+        };
+        let current = connection.note_alive(source, index, opened.newest, server, now.instant);
+        if !server && current {
+            self.server_answers();
         }
-    }
-
-    fn open_with<'d>(&mut self, peer_id: PeerId, index: u32, data: &'d mut [u8]) -> Result<Opened<'d>, CryptoError> {
-        let peer = self.peers.get_mut(&peer_id).ok_or(CryptoError::Unauthentic)?;
-        let session = [peer.session.as_mut(), peer.previous.as_mut()]
-            .into_iter()
-            .flatten()
-            .find(|s| s.local_index == index)
-            .ok_or(CryptoError::Unauthentic)?;
-        session.crypto.open_in_place(data)
+        self.handle_inner(now, peer_id, opened.plaintext)
     }
 
     fn handle_inner(&mut self, now: Now, peer_id: PeerId, plain: &[u8]) -> Result<(), DropReason> {
         match Inner::parse(plain).map_err(|_| DropReason::Malformed)? {
             Inner::Kcp(segments) => self.handle_kcp(now, peer_id, segments),
             Inner::Reset { conv } => {
-                let id = StreamId { peer: peer_id, conv };
-                if let Some(peer) = self.peers.get_mut(&peer_id)
-                    && peer.streams.remove(&conv).is_some()
+                if let Some(connection) = self.peers.get_mut(&peer_id)
+                    && connection.on_peer_reset(conv, now.instant, &mut self.out)
                 {
-                    peer.tombstones.insert(conv, now.instant);
                     self.live_streams -= 1;
-                    self.events.push(Event::StreamClosed(id));
-                    tracing::debug!(stream = %id, "peer reset stream");
                 }
                 Ok(())
             }
@@ -123,7 +112,7 @@ impl Engine {
         }
         let conv = arq::get_conv(segments);
         let id = StreamId { peer: peer_id, conv };
-        let known = self.peers.get(&peer_id).is_some_and(|p| p.streams.contains_key(&conv));
+        let known = self.peers.get(&peer_id).is_some_and(|c| c.has_stream(conv));
         if !known && !self.adopt_conversation(now, id, segments) {
             return Ok(());
         }
@@ -142,37 +131,24 @@ impl Engine {
     /// peer to drop it at once, rather than adopt a stream that will never see its Open
     /// and stall until TIMEOUT.
     fn adopt_conversation(&mut self, now: Now, id: StreamId, segments: &[u8]) -> bool {
-        let Some(peer) = self.peers.get(&id.peer) else {
+        let Some(connection) = self.peers.get(&id.peer) else {
             return false;
         };
-        if peer.tombstones.contains_key(&id.conv) {
+        if connection.is_tombstoned(id.conv) {
             return false;
         }
-        let opens = arq::opens_conversation(segments);
-        let room = peer.streams.len() < self.config.max_streams_per_peer;
-        if matches!(self.config.role, Role::Server) && opens && id.conv != 0 && !room {
+        let opens = matches!(self.config.role, Role::Server) && arq::opens_conversation(segments) && id.conv != 0;
+        if opens && connection.has_room_for_stream() {
+            let stream = self.new_stream(id.conv, Phase::AwaitingOpen, now.instant);
+            self.add_stream(id, stream);
+            return true;
+        }
+        if opens {
             self.counters.refused_streams += 1;
             tracing::debug!(stream = %id, "refused: the client has the most streams a session may have");
         }
-        if matches!(self.config.role, Role::Server) && opens && id.conv != 0 && room {
-            let stream = self.new_stream(id.conv, Phase::AwaitingOpen, now.instant);
-            if let Some(peer) = self.peers.get_mut(&id.peer) {
-                peer.streams.insert(id.conv, stream);
-                self.live_streams += 1;
-                self.rebalance_windows();
-                self.fit_new_stream(id.peer);
-                return true;
-            }
-            return false;
-        }
-        // Each answer costs a tombstone for 30 s: past the cap a flood of made-up
-        // conversations gets no answer and takes no memory.
-        if peer.tombstones.len() >= MAX_TOMBSTONES {
-            return false;
-        }
-        self.seal_to(id.peer, &Inner::Reset { conv: id.conv });
-        if let Some(peer) = self.peers.get_mut(&id.peer) {
-            peer.tombstones.insert(id.conv, now.instant);
+        if let Some(connection) = self.peers.get_mut(&id.peer) {
+            connection.refuse_unknown(id.conv, now.instant, &mut self.out);
         }
         false
     }
@@ -195,7 +171,7 @@ impl Engine {
                 if let Some(s) = self.stream_mut(id) {
                     s.phase = Phase::Dialing;
                 }
-                self.events.push(Event::StreamOpened { id, target });
+                self.out.events.push(Event::StreamOpened { id, target });
             }
             Ok(Some(Control::Reply(result))) => {
                 if let Some(s) = self.stream_mut(id) {
@@ -205,7 +181,7 @@ impl Engine {
                         s.recv_fin = true;
                     }
                 }
-                self.events.push(Event::StreamReplied { id, result });
+                self.out.events.push(Event::StreamReplied { id, result });
             }
             Ok(None) => {}
             Err(_) => {
@@ -215,7 +191,7 @@ impl Engine {
         }
         let Some(stream) = self.stream_mut(id) else { return };
         if stream.phase == Phase::Open && stream.has_message() {
-            self.events.push(Event::Readable(id));
+            self.out.events.push(Event::Readable(id));
         }
         // Writers are woken in `drain_transmits`, once the flush has taken what the
         // acknowledgements made room for.

@@ -14,9 +14,10 @@ use std::net::SocketAddr;
 
 use zeroize::Zeroizing;
 
-use super::crypto::TAG_LEN;
-use super::crypto::cookie::{self, Cookie, MAC2_LEN};
-use super::frame::{INIT_PAYLOAD_LEN, RESPONSE_PAYLOAD_LEN};
+use crate::engine::HANDSHAKE_MAX_SKEW_MS;
+use crate::engine::crypto::TAG_LEN;
+use crate::engine::crypto::cookie::{self, Cookie, MAC2_LEN};
+use crate::engine::frame::{INIT_PAYLOAD_LEN, RESPONSE_PAYLOAD_LEN};
 
 /// Random bytes after a handshake payload (both directions), so sizes vary.
 pub const MAX_PADDING: usize = 16;
@@ -171,6 +172,70 @@ impl CookieGate {
     }
 }
 
+/// Server: how long an answered handshake is remembered, so a replay of it gets no
+/// reply: until it is too old to pass the clock check anyway.
+const SEEN_FOR: Duration = Duration::from_millis(2 * HANDSHAKE_MAX_SKEW_MS);
+
+/// Server: everything that decides whether a handshake gets Noise work and an answer,
+/// before any connection is touched.
+pub(super) struct Admission {
+    /// Handshakes already answered, by ephemeral key.
+    seen: HashMap<[u8; 32], Instant>,
+    /// Handshakes per source, before any Diffie-Hellman.
+    limiter: HandshakeLimiter,
+    /// When handshakes must bring a cookie, and the cookies' secrets.
+    cookie_gate: CookieGate,
+    /// `EngineConfig::handshakes_before_cookies`.
+    handshakes_before_cookies: u32,
+}
+
+impl Admission {
+    pub fn new(handshakes_before_cookies: u32) -> Admission {
+        Admission {
+            seen: HashMap::new(),
+            limiter: HandshakeLimiter::default(),
+            cookie_gate: CookieGate::default(),
+            handshakes_before_cookies,
+        }
+    }
+
+    pub fn already_seen(&self, fingerprint: &[u8; 32]) -> bool {
+        self.seen.contains_key(fingerprint)
+    }
+
+    pub fn remember(&mut self, fingerprint: [u8; 32], now: Instant) {
+        self.seen.insert(fingerprint, now);
+    }
+
+    /// Whether the server is under load and this handshake brings no valid cookie
+    /// for its source: it gets a cookie instead of a session.
+    pub fn wants_cookie(&mut self, from: SocketAddr, noise: &[u8], mac2: &[u8; MAC2_LEN], now: Instant) -> bool {
+        self.cookie_gate.under_load(now, self.handshakes_before_cookies)
+            && !self.cookie_gate.valid_mac2(from, noise, mac2, now)
+    }
+
+    /// Whether `source` may have one more handshake answered now.
+    pub fn admit(&mut self, source: IpAddr, now: Instant) -> bool {
+        self.limiter.admit(source, now)
+    }
+
+    /// A handshake was answered with a Diffie-Hellman.
+    pub fn note_answered(&mut self, now: Instant) {
+        self.cookie_gate.note_answered(now);
+    }
+
+    /// The cookie `from` gets now.
+    pub fn cookie_for(&mut self, from: SocketAddr, now: Instant) -> Cookie {
+        self.cookie_gate.cookie_for(from, now)
+    }
+
+    /// Forgets quiet sources and handshakes too old to replay.
+    pub fn forget_old(&mut self, now: Instant) {
+        self.limiter.forget_quiet(now);
+        self.seen.retain(|_, at| now.saturating_duration_since(*at) < SEEN_FOR);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -241,19 +306,19 @@ mod tests {
 
     #[test]
     fn message_lengths_match_what_the_handshake_sends() {
-        let psk = super::super::crypto::Psk([9; 32]);
+        let psk = crate::engine::crypto::Psk([9; 32]);
         for padding in [0, MAX_PADDING] {
             let payload = vec![0u8; INIT_PAYLOAD_LEN + padding];
-            let (_, msg) = super::super::crypto::Initiator::start(&psk, &payload).unwrap();
+            let (_, msg) = crate::engine::crypto::Initiator::start(&psk, &payload).unwrap();
             assert!(
                 INIT_MESSAGE_LEN.contains(&(msg.len() + MAC2_LEN)),
                 "{} bytes",
                 msg.len()
             );
-            let responder = super::super::crypto::Responder::read(&psk, &msg).unwrap();
+            let responder = crate::engine::crypto::Responder::read(&psk, &msg).unwrap();
             let (_, answer) = responder.respond(&vec![0u8; RESPONSE_PAYLOAD_LEN + padding]).unwrap();
             assert!(RESPONSE_MESSAGE_LEN.contains(&answer.len()), "{} bytes", answer.len());
-            let reply = super::super::crypto::cookie::CookieSealer::new(&psk).seal(&[0; 16], &[0; 16], [0; 12]);
+            let reply = crate::engine::crypto::cookie::CookieSealer::new(&psk).seal(&[0; 16], &[0; 16], [0; 12]);
             assert!(
                 cookie_reply_len().contains(&(reply.len() + padding)),
                 "{} bytes",

@@ -2,27 +2,26 @@
 
 use std::time::{Duration, Instant};
 
-use super::frame::{Inner, OpenError, StreamMsg, TargetAddr};
-use super::kcp;
-use super::mux::{self, Phase, ReadOutcome, Stream, StreamError};
-use super::{Engine, Event, Now, Peer, PeerId, Role, StreamId};
+use crate::engine::frame::{OpenError, StreamMsg, TargetAddr};
+use crate::engine::kcp;
+use crate::engine::mux::{self, MIN_WINDOW, Phase, ReadOutcome, Stream, StreamError};
+use crate::engine::{Engine, Event, Now, Role, StreamId};
 
 /// After both FINs, acknowledge the peer's retransmissions this long before forgetting.
-pub(super) const LINGER: Duration = Duration::from_secs(2);
-pub(super) const MIN_WINDOW: u16 = 32;
+pub(in crate::engine) const LINGER: Duration = Duration::from_secs(2);
 
 impl Engine {
     /// Client: opens a stream to `target`. Data may be written once `StreamReplied`
     /// says the server connected it.
     pub fn open_stream(&mut self, now: Now, target: &TargetAddr) -> Result<StreamId, StreamError> {
         self.clock = self.clock.max(now.instant);
-        let Role::Client { server } = self.config.role else {
+        if !matches!(self.config.role, Role::Client { .. }) {
             return Err(StreamError::Closed);
-        };
+        }
         if self.server_unanswered() {
             return Err(StreamError::ServerUnanswered);
         }
-        if self.pending.is_empty() && !self.is_connected() {
+        if !self.client.handshake_pending() && !self.is_connected() {
             self.connect(now);
         }
         let conv = self.next_conv;
@@ -34,15 +33,9 @@ impl Engine {
         self.scratch = scratch;
         sent?;
         let best_path = self.config.paths.first().copied().unwrap_or_default();
-        let peer = self
-            .peers
-            .entry(peer_id)
-            .or_insert_with(|| Peer::new(server, best_path, now.instant));
-        peer.streams.insert(conv, stream);
-        self.live_streams += 1;
-        self.rebalance_windows();
-        self.fit_new_stream(peer_id);
+        self.connection_to_server(best_path, now.instant);
         let id = StreamId { peer: peer_id, conv };
+        self.add_stream(id, stream);
         self.flush_stream(id);
         Ok(id)
     }
@@ -75,20 +68,25 @@ impl Engine {
             return;
         }
         self.stream_window = Some(window);
-        for peer in self.peers.values_mut() {
-            let send = peer.backoff.window(window);
-            for stream in peer.streams.values_mut() {
-                stream.kcp.set_wndsize(send, window);
-            }
+        for connection in self.peers.values_mut() {
+            connection.set_windows(window);
         }
     }
 
-    /// A stream just joined `peer_id`: it was made with the full send window, which a
-    /// peer that reported overflows must not get.
-    pub(super) fn fit_new_stream(&mut self, peer_id: PeerId) {
-        if self.peers.get(&peer_id).is_some_and(|p| p.backoff.shift > 0) {
-            self.apply_send_backoff(peer_id);
-        }
+    /// Every stream's share of the window budget (before a peer's backoff cuts it).
+    pub(super) fn window_share(&self) -> u16 {
+        self.stream_window.unwrap_or(self.config.max_window)
+    }
+
+    /// A new stream joins its peer's connection and the global count.
+    pub(super) fn add_stream(&mut self, id: StreamId, stream: Stream) {
+        let window = self.window_share();
+        let Some(connection) = self.peers.get_mut(&id.peer) else {
+            return;
+        };
+        connection.insert_stream(id.conv, stream, window);
+        self.live_streams += 1;
+        self.rebalance_windows();
     }
 
     /// Server: the target is connected; data may flow.
@@ -122,8 +120,8 @@ impl Engine {
         Ok(())
     }
 
-    pub(super) fn stream_mut(&mut self, id: StreamId) -> Option<&mut Stream> {
-        self.peers.get_mut(&id.peer)?.streams.get_mut(&id.conv)
+    pub(in crate::engine) fn stream_mut(&mut self, id: StreamId) -> Option<&mut Stream> {
+        self.peers.get_mut(&id.peer)?.stream_mut(id.conv)
     }
 
     /// Queues stream bytes; returns how many were taken (0: wait for `Writable`).
@@ -174,7 +172,7 @@ impl Engine {
             && stream.writable()
         {
             stream.write_blocked = false;
-            self.events.push(Event::Writable(id));
+            self.out.events.push(Event::Writable(id));
         }
     }
 
@@ -233,20 +231,11 @@ impl Engine {
 
     /// Drops the stream at once and tells the peer to drop it too.
     pub fn reset_stream(&mut self, id: StreamId) {
-        let Some(peer) = self.peers.get_mut(&id.peer) else {
+        let Some(connection) = self.peers.get_mut(&id.peer) else {
             return;
         };
-        if peer.streams.remove(&id.conv).is_none() {
-            return;
-        }
-        self.live_streams -= 1;
-        self.events.push(Event::StreamClosed(id));
-        // Anything KCP of this stream had queued is moot now.
-        self.output.clear();
-        self.seal_to(id.peer, &Inner::Reset { conv: id.conv });
-        let now = self.clock;
-        if let Some(peer) = self.peers.get_mut(&id.peer) {
-            peer.tombstones.insert(id.conv, now);
+        if connection.reset_stream(id.conv, self.clock, &mut self.out) {
+            self.live_streams -= 1;
         }
     }
 
@@ -258,6 +247,6 @@ impl Engine {
         }
         let base = now.unwrap_or(stream.last_activity);
         stream.phase = Phase::Lingering { until: base + LINGER };
-        self.events.push(Event::StreamClosed(id));
+        self.out.events.push(Event::StreamClosed(id));
     }
 }
