@@ -501,7 +501,7 @@ fn check_server_answers(r: &mut Report, config: &Config) {
         }
         for path in paths {
             let name = path.name();
-            match probe_path(&config, server, path).await {
+            match probe_path(config, server, path).await {
                 Some(rtt) => r.line(
                     true,
                     &format!("server over {name}"),

@@ -115,9 +115,12 @@ pub fn resume_proof(resume: &[u8; 32], ephemeral: &[u8]) -> [u8; 16] {
     proof
 }
 
-/// The two directions' secrets from the finished handshake, as (sending, receiving),
-/// and the session's resumption secret (the same on both sides).
-pub(super) fn split(mut state: HandshakeState) -> Result<([u8; 32], [u8; 32], [u8; 32]), CryptoError> {
+/// (sending, receiving, resumption): the two directions' secrets and the session's
+/// resumption secret (the same on both sides).
+pub(super) type SessionSecrets = ([u8; 32], [u8; 32], [u8; 32]);
+
+/// The secrets of a finished handshake.
+pub(super) fn split(mut state: HandshakeState) -> Result<SessionSecrets, CryptoError> {
     if !state.is_handshake_finished() {
         return Err(CryptoError::Handshake(snow::Error::State(
             snow::error::StateProblem::HandshakeNotFinished,
