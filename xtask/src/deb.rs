@@ -128,8 +128,46 @@ fn stage(tree: &Path, binary: &Path) -> Result<()> {
         )?;
     }
     put(tree, "DEBIAN/conffiles", format!("{CONFIG}\n").as_bytes(), 0o644)?;
-    put(tree, "DEBIAN/control", control(tree)?.as_bytes(), 0o644)?;
+    put(tree, "DEBIAN/control", control(tree, binary)?.as_bytes(), 0o644)?;
+    directories_0755(tree)
+}
+
+/// Directories are made with the builder's umask (027 would give dpkg-deb a DEBIAN/ it
+/// refuses, and the package directories other users cannot enter): set them as Debian
+/// ships them.
+fn directories_0755(dir: &Path) -> Result<()> {
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
+        .with_context(|| format!("chmod {}", dir.display()))?;
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let entry = entry?;
+        if entry.file_type()?.is_dir() {
+            directories_0755(&entry.path())?;
+        }
+    }
     Ok(())
+}
+
+/// The newest glibc symbol version the binary links against: the libc6 it needs (what
+/// dpkg-shlibdeps would find, without a debian/ source tree).
+fn glibc_floor(binary: &Path) -> Result<String> {
+    let out = Command::new("objdump")
+        .arg("-T")
+        .arg(binary)
+        .output()
+        .context("running objdump -T (binutils)")?;
+    if !out.status.success() {
+        bail!("objdump -T {} failed ({})", binary.display(), out.status);
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split(|c: char| c.is_whitespace() || c == '(' || c == ')')
+        .filter_map(|word| word.strip_prefix("GLIBC_"))
+        .filter_map(|v| {
+            let parts: Option<Vec<u32>> = v.split('.').map(|p| p.parse().ok()).collect();
+            parts.map(|p| (p, v.to_owned()))
+        })
+        .max_by(|a, b| a.0.cmp(&b.0))
+        .map(|(_, v)| v)
+        .with_context(|| format!("{} names no GLIBC_ symbol version", binary.display()))
 }
 
 /// The man page and the completions, printed by the binary itself from its clap
@@ -197,14 +235,15 @@ fn installed_kib(dir: &Path) -> Result<u64> {
     Ok(total)
 }
 
-fn control(tree: &Path) -> Result<String> {
+fn control(tree: &Path, binary: &Path) -> Result<String> {
+    let glibc = glibc_floor(binary)?;
     Ok(format!(
         "Package: paqet\n\
          Version: {}\n\
          Architecture: {}\n\
          Maintainer: flowless <paqet@example.invalid>\n\
          Installed-Size: {}\n\
-         Depends: libc6 (>= 2.34), libgcc-s1, passwd\n\
+         Depends: libc6 (>= {glibc}), libgcc-s1, passwd\n\
          Section: net\n\
          Priority: optional\n\
          Homepage: {}\n\
@@ -218,4 +257,37 @@ fn control(tree: &Path) -> Result<String> {
         installed_kib(tree)?,
         env!("CARGO_PKG_REPOSITORY"),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+
+    use super::*;
+
+    #[test]
+    fn staged_directories_get_0755_whatever_the_umask() {
+        let root = std::env::temp_dir().join(format!("paqet-deb-dirs-{}", std::process::id()));
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(root.join("DEBIAN/x"))
+            .unwrap();
+        std::fs::write(root.join("DEBIAN/control"), "x").unwrap();
+        std::fs::set_permissions(root.join("DEBIAN/control"), std::fs::Permissions::from_mode(0o600)).unwrap();
+        let result = directories_0755(&root);
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        let modes = (mode(&root), mode(&root.join("DEBIAN")), mode(&root.join("DEBIAN/x")), mode(&root.join("DEBIAN/control")));
+        std::fs::remove_dir_all(&root).unwrap();
+        result.unwrap();
+        assert_eq!(modes, (0o755, 0o755, 0o755, 0o600), "directories 0755, files untouched");
+    }
+
+    #[test]
+    fn the_libc_dependency_is_the_newest_glibc_symbol_version_linked() {
+        let this_test = std::env::current_exe().unwrap();
+        let v = glibc_floor(&this_test).unwrap();
+        let parts: Vec<u32> = v.split('.').map(|p| p.parse().unwrap()).collect();
+        assert!(parts[0] == 2 && parts.len() >= 2, "{v}");
+    }
 }
