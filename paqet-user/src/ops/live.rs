@@ -36,7 +36,7 @@ pub struct Snapshot {
     pub keepalives: u64,
     pub dropped_unauthentic: u64,
     pub dropped_replayed: u64,
-    /// Server: streams and UDP flows refused by the target policy.
+    /// Server: streams, and relayed UDP datagrams (each one), refused by the target policy.
     pub dropped_policy: u64,
     /// Datagrams the kernel dropped for a full receive ring or socket buffer.
     pub receive_overflows: u64,

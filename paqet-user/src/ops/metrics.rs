@@ -236,7 +236,7 @@ pub fn render(role: &'static str, transport: &str, s: &Snapshot) -> Result<Strin
     }
     r.register(
         "paqet_dropped",
-        "Datagrams dropped as unauthentic or replayed, streams and flows refused by the target policy, \
+        "Datagrams dropped as unauthentic or replayed, streams and relayed UDP datagrams refused by the target policy, \
          datagrams the kernel dropped for a full receive ring or buffer",
         dropped,
     );
