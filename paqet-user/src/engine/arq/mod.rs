@@ -154,7 +154,7 @@ impl Arq {
             acks: Vec::new(),
             pool,
             mtu: MTU_DEFAULT,
-            packet: Vec::new(),
+            packet: Vec::with_capacity(MTU_DEFAULT),
         }
     }
 
