@@ -23,7 +23,7 @@ static CACHE: Mutex<Option<Cache>> = Mutex::new(None);
 /// readable: the caller must then refuse, since it cannot tell the host from a target.
 /// When a re-read fails, the last list stands (and the failure is logged).
 pub fn addresses() -> Option<Arc<Vec<IpAddr>>> {
-    let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
+    let mut cache = crate::sync::lock(&CACHE);
     if let Some(c) = cache.as_ref()
         && c.read_at.elapsed() < MAX_AGE
     {

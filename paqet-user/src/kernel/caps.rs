@@ -22,10 +22,14 @@ pub const XDP_CAPS: [(&str, u32, &str); 5] = [
 /// sockets and their memory).
 const ATTACH_CAPS: [&str; 3] = ["CAP_BPF", "CAP_NET_ADMIN", "CAP_PERFMON"];
 
-fn effective() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?.trim();
+/// One capability set (`key`: "CapEff:", "CapPrm:", ...) of a /proc/.../status text.
+pub fn status_set(status: &str, key: &str) -> Option<u64> {
+    let hex = status.lines().find_map(|l| l.strip_prefix(key))?.trim();
     u64::from_str_radix(hex, 16).ok()
+}
+
+fn effective() -> Option<u64> {
+    status_set(&std::fs::read_to_string("/proc/self/status").ok()?, "CapEff:")
 }
 
 fn has(set: u64, cap: u32) -> bool {

@@ -117,10 +117,7 @@ struct Sets {
 }
 
 fn parse_sets(status: &str) -> Option<Sets> {
-    let field = |key: &str| {
-        let hex = status.lines().find_map(|l| l.strip_prefix(key))?.trim();
-        u64::from_str_radix(hex, 16).ok()
-    };
+    let field = |key: &str| crate::kernel::caps::status_set(status, key);
     Some(Sets {
         inheritable: field("CapInh:")?,
         permitted: field("CapPrm:")?,

@@ -89,7 +89,7 @@ impl FailureThrottle {
     /// Records a failure from `ip` at `now`; returns how long to wait before replying.
     pub fn failed(&self, ip: IpAddr, now: Instant) -> Duration {
         let key = source_of(ip);
-        let mut sources = self.sources.lock().unwrap_or_else(|p| p.into_inner());
+        let mut sources = crate::sync::lock(&self.sources);
         if !sources.contains_key(&key) && sources.len() >= MAX_TRACKED_SOURCES {
             sources.retain(|_, f| now.saturating_duration_since(f.last) < FORGET_AFTER);
             if sources.len() >= MAX_TRACKED_SOURCES {
@@ -110,12 +110,12 @@ impl FailureThrottle {
 
     /// A success from `ip`: its failures are forgotten.
     pub fn succeeded(&self, ip: IpAddr) {
-        let mut sources = self.sources.lock().unwrap_or_else(|p| p.into_inner());
+        let mut sources = crate::sync::lock(&self.sources);
         sources.remove(&source_of(ip));
     }
 
     pub fn tracked(&self) -> usize {
-        self.sources.lock().unwrap_or_else(|p| p.into_inner()).len()
+        crate::sync::lock(&self.sources).len()
     }
 }
 
