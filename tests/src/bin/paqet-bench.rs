@@ -115,7 +115,7 @@ fn udp_wire(mut opts: RelayOptions) -> RelayOptions {
     opts
 }
 
-/// Session upkeep so far, summed over the running paqet instances (one bed at a time).
+/// Session upkeep so far, summed over the instances of the bed's paqet processes.
 struct UpkeepReading {
     /// The client's completed handshakes (each is a message each way).
     handshakes: u64,
@@ -126,7 +126,7 @@ struct UpkeepReading {
 impl UpkeepReading {
     /// `paqet status` reads what each instance published, once a second: a reading is
     /// taken only after a fresh one, so a row's counts are its own.
-    fn now() -> Result<UpkeepReading> {
+    fn now(procs: &[Proc]) -> Result<UpkeepReading> {
         std::thread::sleep(Duration::from_millis(1_200));
         let out = std::process::Command::new(paqet_tests::paqet_bin())
             .args(["status", "--json"])
@@ -140,7 +140,17 @@ impl UpkeepReading {
             keepalives: 0,
             datagrams: 0,
         };
-        for i in instances {
+        let ours = |i: &&serde_json::Value| {
+            let pid = i["live"]["pid"].as_u64();
+            procs.iter().any(|p| Some(u64::from(p.pid)) == pid)
+        };
+        let mine: Vec<&serde_json::Value> = instances.iter().filter(ours).collect();
+        anyhow::ensure!(
+            !mine.is_empty(),
+            "paqet status --json lists no instance of the bed's processes {:?}",
+            procs.iter().map(|p| p.pid).collect::<Vec<_>>()
+        );
+        for i in mine {
             let live = &i["live"];
             let n = |key: &str| live[key].as_u64().with_context(|| format!("no live.{key} in {i}"));
             if i["role"] == "client" {
@@ -192,12 +202,12 @@ impl Bench {
         cap: Duration,
         procs: &[Proc],
     ) -> Result<()> {
-        let upkeep0 = (kind == Kind::Paqet).then(UpkeepReading::now).transpose()?;
+        let upkeep0 = (kind == Kind::Paqet).then(|| UpkeepReading::now(procs)).transpose()?;
         let c0 = bench::total_cpu(procs);
         let t = ns.run(|| bench::download_many(access, streams, len_each, cap))?;
         let cpu = bench::total_cpu(procs) - c0;
         if let Some(before) = upkeep0 {
-            let d = UpkeepReading::now()?.since(&before);
+            let d = UpkeepReading::now(procs)?.since(&before);
             self.r.upkeep.push(Upkeep {
                 system: sys.into(),
                 test,
