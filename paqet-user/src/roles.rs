@@ -240,11 +240,10 @@ fn open_xdp(config: &Config, side: &Side) -> Result<Vec<(AnyTransport, String)>>
 /// only the TCP-shaped frames, so the kernel's UDP socket on the same port still gets
 /// the UDP ones. An explicit value is kept as given.
 fn open_paths(config: &Config, side: &Side) -> Result<(Vec<AnyTransport>, String)> {
-    let role = role_name(side);
     match config.transport {
         TransportKind::Udp => {
             let udp = open_udp(config, side)?;
-            Ok((vec![udp], format!("{role}-udp-{}", udp_port(side))))
+            Ok((vec![udp], udp_instance(config, side)))
         }
         TransportKind::Xdp => {
             if config.wire == WireChoice::Auto {
@@ -264,7 +263,7 @@ fn open_paths(config: &Config, side: &Side) -> Result<(Vec<AnyTransport>, String
         }
         TransportKind::Auto => {
             let mut paths = Vec::new();
-            let mut instance = format!("{role}-udp-{}", udp_port(side));
+            let mut instance = udp_instance(config, side);
             match open_xdp(config, side) {
                 Ok(opened) => {
                     instance = opened[0].1.clone();
@@ -308,6 +307,15 @@ pub(crate) fn client_xdp_instance(config: &Config, server: SocketAddr) -> Option
     let side = Side::Client { server };
     let site = xdp_sites(config, &side).ok()?.into_iter().next()?;
     Some(format!("{}-{}", role_name(&side), site.interface))
+}
+
+/// The name a udp-only relay publishes its status under: its port, which no other
+/// relay on the host holds (a client's UDP socket has an ephemeral one: its SOCKS port).
+fn udp_instance(config: &Config, side: &Side) -> String {
+    match *side {
+        Side::Client { .. } => format!("client-udp-{}", config.socks_addr.port()),
+        Side::Server { listen } => format!("server-udp-{}", listen.port()),
+    }
 }
 
 fn udp_port(side: &Side) -> u16 {
