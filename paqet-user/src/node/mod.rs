@@ -415,10 +415,10 @@ impl<T: Transport> Node<T> {
                 if authentic {
                     authentic_bytes += slot.len;
                 }
-                let path = (slot.peer, slot.link_src);
+                let path = (slot.peer, slot.via);
                 // Before the replies go out: they may need the path just proven.
-                if authentic && slot.link_src.is_some() && confirmed != Some(path) {
-                    transport.peer_authenticated(slot.peer, slot.link_src);
+                if authentic && slot.via.is_some() && confirmed != Some(path) {
+                    transport.peer_authenticated(slot.peer, slot.via);
                     confirmed = Some(path);
                 }
             }

@@ -21,8 +21,9 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use netlink_packet_core::{
-    NLM_F_ACK, NLM_F_CREATE, NLM_F_REPLACE, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
+    NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_REPLACE, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
 };
+use netlink_packet_route::address::{AddressAttribute, AddressMessage, AddressScope};
 use netlink_packet_route::link::{LinkAttribute, LinkMessage, LinkXdp, XdpAttached};
 use netlink_packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
@@ -318,6 +319,89 @@ fn xdp_from(msg: &LinkMessage) -> Vec<(XdpMode, u32)> {
     }
 }
 
+/// RTM_GETADDR: the addresses interface `ifindex` holds that a peer can send to, both
+/// families, in the kernel's order. Link- and host-scoped ones (fe80::/10, 169.254/16
+/// when so marked) are left out: frames paqet builds carry no scope.
+pub fn addresses(ifindex: u32) -> io::Result<Vec<IpAddr>> {
+    let replies = request(RouteNetlinkMessage::GetAddress(AddressMessage::default()), NLM_F_DUMP)?;
+    Ok(replies
+        .iter()
+        .filter_map(|m| match m {
+            RouteNetlinkMessage::NewAddress(a) if a.header.index == ifindex => address_from(a),
+            _ => None,
+        })
+        .collect())
+}
+
+fn address_from(msg: &AddressMessage) -> Option<IpAddr> {
+    if matches!(msg.header.scope, AddressScope::Link | AddressScope::Host) {
+        return None;
+    }
+    // IFA_LOCAL is this host's end; IFA_ADDRESS is the peer's on a point-to-point link,
+    // and the only one an IPv6 address carries.
+    let find = |local: bool| {
+        msg.attributes.iter().find_map(|a| match a {
+            AddressAttribute::Local(ip) if local => Some(*ip),
+            AddressAttribute::Address(ip) if !local => Some(*ip),
+            _ => None,
+        })
+    };
+    find(true).or_else(|| find(false))
+}
+
+/// A socket subscribed to the kernel's address notifications (RTNLGRP_IPV4_IFADDR and
+/// RTNLGRP_IPV6_IFADDR) of the calling thread's network namespace.
+pub struct AddressEvents {
+    socket: Socket,
+}
+
+impl AddressEvents {
+    /// Subscribes; [`AddressEvents::wait`] then returns at most `poll` apart.
+    pub fn subscribe(poll: Duration) -> io::Result<AddressEvents> {
+        let mut socket = Socket::new(NETLINK_ROUTE)?;
+        socket.bind_auto()?;
+        socket.add_membership(libc::RTNLGRP_IPV4_IFADDR)?;
+        socket.add_membership(libc::RTNLGRP_IPV6_IFADDR)?;
+        set_recv_timeout(&socket, poll)?;
+        Ok(AddressEvents { socket })
+    }
+
+    /// Waits for notifications: true when an address of any interface was added or
+    /// removed, false when `poll` passed without one. Err(ENOBUFS) means the kernel
+    /// dropped notifications: the caller must re-read what it follows.
+    pub fn wait(&mut self) -> io::Result<bool> {
+        let data = match self.socket.recv_from_full() {
+            Ok((data, _)) => data,
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        Ok(names_an_address_change(&data))
+    }
+}
+
+/// Whether a datagram of notifications adds or removes an address. One that does not
+/// parse counts as a change: the caller then re-reads the state, which is always safe.
+fn names_an_address_change(data: &[u8]) -> bool {
+    let mut offset = 0;
+    while let Some(rest) = data.get(offset..).filter(|r| !r.is_empty()) {
+        let Ok(msg) = NetlinkMessage::<RouteNetlinkMessage>::deserialize(rest) else {
+            return true;
+        };
+        if matches!(
+            msg.payload,
+            NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewAddress(_) | RouteNetlinkMessage::DelAddress(_))
+        ) {
+            return true;
+        }
+        let len = msg.header.length as usize;
+        if len == 0 {
+            break;
+        }
+        offset += (len + 3) & !3;
+    }
+    false
+}
+
 /// Sends one request on a fresh NETLINK_ROUTE socket and collects the kernel's answer:
 /// every message of a dump, the one reply of a get, or the ACK of an `NLM_F_ACK`
 /// request. An error reply becomes the errno it carries.
@@ -337,7 +421,7 @@ fn request(payload: RouteNetlinkMessage, flags: u16) -> io::Result<Vec<RouteNetl
     req.serialize(&mut buf);
     socket.send(&buf, 0)?;
 
-    let dump = flags & netlink_packet_core::NLM_F_DUMP == netlink_packet_core::NLM_F_DUMP;
+    let dump = flags & NLM_F_DUMP == NLM_F_DUMP;
     let wants_ack = flags & NLM_F_ACK != 0;
     let mut replies = Vec::new();
     loop {
