@@ -49,9 +49,10 @@ impl Locals {
     /// `base` without addresses (protocol, port, peer, redirect); `addrs` in preference
     /// order: the first of a family is the source towards a peer not yet heard.
     pub fn new(base: FilterConfig, addrs: Vec<IpAddr>) -> Locals {
+        // Set even for an empty set: without FLAG_LOCAL any destination would match.
         let mut locals = Locals {
             addrs: Vec::new(),
-            filter: base,
+            filter: base.with_locals(&[]),
         };
         locals.replace(addrs);
         locals
