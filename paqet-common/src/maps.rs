@@ -140,7 +140,7 @@ impl FilterConfig {
         if self.peer_port != 0 && f.src_port != self.peer_port {
             return false;
         }
-        if self.flags & Self::FLAG_LOCAL != 0 && !self.to_local(&f.dst) {
+        if self.flags & Self::FLAG_LOCAL != 0 && !self.steers_to(&f.dst) {
             return false;
         }
         if self.peer_family != 0 {
@@ -161,7 +161,7 @@ impl FilterConfig {
 
 impl FilterConfig {
     #[inline(always)]
-    fn to_local(&self, dst: &Addr) -> bool {
+    fn steers_to(&self, dst: &Addr) -> bool {
         let to = words(&dst.octets);
         self.local_families
             .iter()
