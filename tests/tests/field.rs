@@ -417,13 +417,9 @@ fn a_wildcard_server_steers_the_addresses_its_interface_holds_now() {
         .server
         .exec(&["ip", "addr", "add", &added_cidr, "dev", &server_if])
         .unwrap();
-    // The client was told the new address before the server had it.
-    scenarios::curl_download_is_exact(&bed, 5 * MIB);
-
-    // From here on only the probes reach the server's port: no client, and the
-    // neighbours pinned so that no ARP is needed.
-    let placeholder = ChildGuard::spawn(&mut std::process::Command::new("true")).unwrap();
-    drop(std::mem::replace(&mut bed.client, placeholder));
+    // Neighbours pinned, so that no ARP is needed: the client, its capabilities
+    // dropped, can no longer ask its kernel to resolve an address that did not answer
+    // at its start, and the probes below must reach both addresses.
     bed.hosts.pin_neighbours().unwrap();
     let server_mac = paqet_tests::fmt_mac(bed.hosts.server.mac(&server_if).unwrap());
     let client_if = bed.hosts.client_if.clone();
@@ -431,6 +427,12 @@ fn a_wildcard_server_steers_the_addresses_its_interface_holds_now() {
         .client
         .exec(&["ip", "neigh", "replace", ADDED, "lladdr", &server_mac, "dev", &client_if, "nud", "permanent"])
         .unwrap();
+    // The client was told the new address before the server had it.
+    scenarios::curl_download_is_exact(&bed, 5 * MIB);
+
+    // From here on only the probes reach the server's port.
+    let placeholder = ChildGuard::spawn(&mut std::process::Command::new("true")).unwrap();
+    drop(std::mem::replace(&mut bed.client, placeholder));
     let old = TwoHosts::SERVER_IP.to_string();
     assert_eq!(
         steered_by_probes(&bed, &old, PROBES, ADDED, PROBES as u64 + 1),

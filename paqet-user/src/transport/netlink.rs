@@ -367,12 +367,20 @@ impl AddressEvents {
     }
 
     /// Waits for notifications: true when an address of any interface was added or
-    /// removed, false when `poll` passed without one. Err(ENOBUFS) means the kernel
+    /// removed, false when `poll` passed (or a signal came) without one. Err(ENOBUFS) means the kernel
     /// dropped notifications: the caller must re-read what it follows.
     pub fn wait(&mut self) -> io::Result<bool> {
         let data = match self.socket.recv_from_full() {
             Ok((data, _)) => data,
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => return Ok(false),
+            // A signal (the privilege drop signals every thread) ends a receive that has
+            // a timeout even under SA_RESTART: as good as a timeout.
+            Err(e) if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
+            ) =>
+            {
+                return Ok(false);
+            }
             Err(e) => return Err(e),
         };
         Ok(names_an_address_change(&data))
@@ -612,6 +620,50 @@ mod tests {
         let none = link_with(vec![LinkXdp::Attached(XdpAttached::None)]);
         assert!(xdp_from(&none).is_empty());
         assert!(xdp_from(&LinkMessage::default()).is_empty());
+    }
+
+    fn address_msg(ip: &str, scope: AddressScope) -> AddressMessage {
+        let ip: IpAddr = ip.parse().unwrap();
+        let mut m = AddressMessage::default();
+        m.header.family = family(ip);
+        m.header.index = 7;
+        m.header.scope = scope;
+        m.attributes.push(AddressAttribute::Address(ip));
+        if ip.is_ipv4() {
+            m.attributes.push(AddressAttribute::Local(ip));
+        }
+        m
+    }
+
+    /// One netlink datagram holding `msgs`, as a notification socket receives it.
+    fn datagram(msgs: Vec<RouteNetlinkMessage>) -> Vec<u8> {
+        let mut out = Vec::new();
+        for m in msgs {
+            let mut msg = NetlinkMessage::new(NetlinkHeader::default(), NetlinkPayload::from(m));
+            msg.finalize();
+            let mut buf = vec![0u8; msg.buffer_len()];
+            msg.serialize(&mut buf);
+            out.extend_from_slice(&buf);
+        }
+        out
+    }
+
+    #[test]
+    fn address_notifications_and_scopes() {
+        let added = RouteNetlinkMessage::NewAddress(address_msg("198.18.0.20", AddressScope::Universe));
+        let removed = RouteNetlinkMessage::DelAddress(address_msg("2001:2::2", AddressScope::Universe));
+        let link = RouteNetlinkMessage::NewLink(LinkMessage::default());
+        assert!(names_an_address_change(&datagram(vec![link.clone(), added])));
+        assert!(names_an_address_change(&datagram(vec![removed])));
+        assert!(!names_an_address_change(&datagram(vec![link])), "a link change only");
+        assert!(names_an_address_change(&[0xff; 7]), "unparsable: re-read to be safe");
+
+        let v4 = address_msg("198.18.0.20", AddressScope::Universe);
+        assert_eq!(address_from(&v4), Some("198.18.0.20".parse().unwrap()));
+        let v6 = address_msg("2001:2::2", AddressScope::Universe);
+        assert_eq!(address_from(&v6), Some("2001:2::2".parse().unwrap()));
+        assert_eq!(address_from(&address_msg("fe80::1", AddressScope::Link)), None);
+        assert_eq!(address_from(&address_msg("127.0.0.1", AddressScope::Host)), None);
     }
 
     /// Against the running kernel, in this test's network namespace: loopback always
