@@ -394,23 +394,20 @@ fn steered_by_probes(bed: &RelayBed, to: &str, probes: usize, marker: &str, expe
     matched - before
 }
 
-#[test]
-fn a_wildcard_server_steers_the_addresses_its_interface_holds_now() {
-    if !require_root("a_wildcard_server_steers_the_addresses_its_interface_holds_now") {
-        return;
-    }
-    // Its own /32, so removing the /24 later leaves it (a secondary of the /24 would go
-    // with it).
-    const ADDED: &str = "198.18.0.20";
-    const PROBES: usize = 5;
+/// A second address the tests add to a running server: its own /32, so removing the
+/// /24 later leaves it (a secondary of the /24 would go with it).
+const ADDED: &str = "198.18.0.20";
+
+/// A server on `0.0.0.0` over xdp with `wire`, and a client told to reach it at
+/// [`ADDED`], which the server's interface gains only once both run. Relays 5 MiB
+/// through that address (hash checked) before returning.
+fn relay_through_an_added_address(tag: &str, wire: &str) -> RelayBed {
     let mut opts = RelayOptions::new("xdp").unwrap();
-    // The UDP-shaped wire: a frame to the port is then exactly a probe or the relay's
-    // own, with no kernel RST to count (the kernel answers stray UDP with ICMP).
     opts.as_written = Some((
-        format!("LISTEN_ADDR=0.0.0.0:{SERVER_PORT}\nTRANSPORT=xdp\nWIRE=udp"),
-        format!("SOCKS_ADDR=127.0.0.1:1080\nREMOTE_ADDR={ADDED}:{SERVER_PORT}\nTRANSPORT=xdp\nWIRE=udp"),
+        format!("LISTEN_ADDR=0.0.0.0:{SERVER_PORT}\nTRANSPORT=xdp\nWIRE={wire}"),
+        format!("SOCKS_ADDR=127.0.0.1:1080\nREMOTE_ADDR={ADDED}:{SERVER_PORT}\nTRANSPORT=xdp\nWIRE={wire}"),
     ));
-    let mut bed = RelayBed::start("fa", &opts).unwrap();
+    let bed = RelayBed::start(tag, &opts).unwrap();
     let server_if = bed.hosts.server_if.clone();
     let added_cidr = format!("{ADDED}/32");
     bed.hosts
@@ -419,7 +416,7 @@ fn a_wildcard_server_steers_the_addresses_its_interface_holds_now() {
         .unwrap();
     // Neighbours pinned, so that no ARP is needed: the client, its capabilities
     // dropped, can no longer ask its kernel to resolve an address that did not answer
-    // at its start, and the probes below must reach both addresses.
+    // at its start, and probes must reach both addresses.
     bed.hosts.pin_neighbours().unwrap();
     let server_mac = paqet_tests::fmt_mac(bed.hosts.server.mac(&server_if).unwrap());
     let client_if = bed.hosts.client_if.clone();
@@ -427,8 +424,31 @@ fn a_wildcard_server_steers_the_addresses_its_interface_holds_now() {
         .client
         .exec(&["ip", "neigh", "replace", ADDED, "lladdr", &server_mac, "dev", &client_if, "nud", "permanent"])
         .unwrap();
-    // The client was told the new address before the server had it.
     scenarios::curl_download_is_exact(&bed, 5 * MIB);
+    bed
+}
+
+/// On the TCP-shaped wire the client takes only frames from the address it named, so
+/// the server's SYN-ACK and data must leave from the added address, not its first.
+#[test]
+fn a_wildcard_server_answers_from_the_address_a_client_reached() {
+    if !require_root("a_wildcard_server_answers_from_the_address_a_client_reached") {
+        return;
+    }
+    let bed = relay_through_an_added_address("fb", "tcp");
+    assert_eq!(session_path(&bed).as_deref(), Some("xdp/tcp"), "{}", bed.logs());
+}
+
+#[test]
+fn a_wildcard_server_steers_the_addresses_its_interface_holds_now() {
+    if !require_root("a_wildcard_server_steers_the_addresses_its_interface_holds_now") {
+        return;
+    }
+    const PROBES: usize = 5;
+    // The UDP-shaped wire: a frame to the port is then exactly a probe or the relay's
+    // own, with no kernel RST to count (the kernel answers stray UDP with ICMP).
+    let mut bed = relay_through_an_added_address("fa", "udp");
+    let server_if = bed.hosts.server_if.clone();
 
     // From here on only the probes reach the server's port.
     let placeholder = ChildGuard::spawn(&mut std::process::Command::new("true")).unwrap();
