@@ -37,11 +37,15 @@ impl Protocol {
     }
 }
 
+/// Most destination addresses one filter steers: a server on a wildcard address steers
+/// every address its interface holds, and an interface may hold several of each family.
+pub const MAX_LOCALS: usize = 8;
+
 /// Which frames `paqet_steer` takes for paqet; everything else goes to the kernel.
 ///
 /// A frame matches when its IP protocol is [`protocol`](Self::protocol), its destination
-/// port is [`local_port`](Self::local_port), when set its destination address is
-/// [`local_addr`](Self::local_addr) (so frames to the port on the host's other
+/// port is [`local_port`](Self::local_port), with [`FLAG_LOCAL`](Self::FLAG_LOCAL) its
+/// destination address is one of the locals (so frames to the port on the host's other
 /// addresses, or forwarded through it, stay the kernel's), and, when set, its source
 /// address and port are the peer's. An all-zero value (the map's initial state)
 /// matches nothing.
@@ -59,23 +63,22 @@ pub struct FilterConfig {
     pub local_port: u16,
     /// Source port of inbound frames in host byte order; 0 means any.
     pub peer_port: u16,
-    /// 0: any destination address; 4 or 6: only frames to [`local_addr`](Self::local_addr)
-    /// (or to [`local2_addr`](Self::local2_addr) when that is set).
-    pub local_family: u8,
-    /// 0, or the family of a second local address (a server on `[::]` steers both
-    /// families on one interface).
-    pub local2_family: u8,
+    pub _pad: [u8; 2],
+    /// Per slot of [`local_addrs`](Self::local_addrs): 0 (unused), 4 or 6.
+    pub local_families: [u8; MAX_LOCALS],
     /// IPv4 in the first 4 bytes (rest zero) or IPv6, as in [`Addr`].
     pub peer_addr: [u8; 16],
-    /// As `peer_addr`.
-    pub local_addr: [u8; 16],
-    pub local2_addr: [u8; 16],
+    /// As `peer_addr`; slots whose family is 0 are unused.
+    pub local_addrs: [[u8; 16]; MAX_LOCALS],
 }
 
 impl FilterConfig {
     /// Redirect matched frames into the AF_XDP socket registered for the frame's RX
     /// queue. Without it (or with no socket on that queue) matched frames are passed.
     pub const FLAG_REDIRECT: u32 = 1;
+    /// Only frames to one of the local addresses; with none set, no frame matches (an
+    /// interface that lost its last address steers nothing).
+    pub const FLAG_LOCAL: u32 = 2;
 
     /// Match `protocol` frames to `local_port` from any peer; no redirect yet.
     pub const fn new(protocol: Protocol, local_port: u16) -> Self {
@@ -85,25 +88,23 @@ impl FilterConfig {
             peer_family: 0,
             local_port,
             peer_port: 0,
-            local_family: 0,
-            local2_family: 0,
+            _pad: [0; 2],
+            local_families: [0; MAX_LOCALS],
             peer_addr: [0; 16],
-            local_addr: [0; 16],
-            local2_addr: [0; 16],
+            local_addrs: [[0; 16]; MAX_LOCALS],
         }
     }
 
-    /// Only frames to this local address.
-    pub const fn with_local(mut self, addr: Addr) -> Self {
-        self.local_family = addr.family;
-        self.local_addr = addr.octets;
-        self
-    }
-
-    /// Also frames to this second local address (with [`with_local`](Self::with_local)).
-    pub const fn with_second_local(mut self, addr: Addr) -> Self {
-        self.local2_family = addr.family;
-        self.local2_addr = addr.octets;
+    /// Only frames to these local addresses (the first [`MAX_LOCALS`] of them), in
+    /// place of any set before.
+    pub fn with_locals(mut self, addrs: &[Addr]) -> Self {
+        self.flags |= Self::FLAG_LOCAL;
+        self.local_families = [0; MAX_LOCALS];
+        self.local_addrs = [[0; 16]; MAX_LOCALS];
+        for (slot, a) in addrs.iter().take(MAX_LOCALS).enumerate() {
+            self.local_families[slot] = a.family;
+            self.local_addrs[slot] = a.octets;
+        }
         self
     }
 
@@ -139,14 +140,8 @@ impl FilterConfig {
         if self.peer_port != 0 && f.src_port != self.peer_port {
             return false;
         }
-        if self.local_family != 0 {
-            let to = words(&f.dst.octets);
-            let first = f.dst.family == self.local_family && words(&self.local_addr) == to;
-            let second =
-                self.local2_family != 0 && f.dst.family == self.local2_family && words(&self.local2_addr) == to;
-            if !first && !second {
-                return false;
-            }
+        if self.flags & Self::FLAG_LOCAL != 0 && !self.steers_to(&f.dst) {
+            return false;
         }
         if self.peer_family != 0 {
             if f.src.family != self.peer_family {
@@ -161,6 +156,17 @@ impl FilterConfig {
             }
         }
         true
+    }
+}
+
+impl FilterConfig {
+    #[inline(always)]
+    fn steers_to(&self, dst: &Addr) -> bool {
+        let to = words(&dst.octets);
+        self.local_families
+            .iter()
+            .zip(self.local_addrs.iter())
+            .any(|(family, addr)| *family != 0 && *family == dst.family && words(addr) == to)
     }
 }
 
@@ -224,7 +230,10 @@ mod tests {
 
     #[test]
     fn layouts_have_no_hidden_padding() {
-        assert_eq!(size_of::<FilterConfig>(), 4 + 1 + 1 + 2 + 2 + 1 + 1 + 16 + 16 + 16);
+        assert_eq!(
+            size_of::<FilterConfig>(),
+            4 + 1 + 1 + 2 + 2 + 2 + MAX_LOCALS + 16 + 16 * MAX_LOCALS
+        );
         assert_eq!(size_of::<Stats>(), 6 * 8);
     }
 
@@ -263,7 +272,7 @@ mod tests {
             ..summary(17, peer, 5000, 4000)
         };
         let ours = Addr::v4([198, 18, 0, 2]);
-        let f = FilterConfig::new(Protocol::Udp, 4000).with_local(ours);
+        let f = FilterConfig::new(Protocol::Udp, 4000).with_locals(&[ours]);
         assert!(f.matches(&to(ours)));
         assert!(
             !f.matches(&to(Addr::v4([198, 18, 0, 7]))),
@@ -275,12 +284,31 @@ mod tests {
             FilterConfig::new(Protocol::Udp, 4000).matches(&to(v6)),
             "unset: any destination"
         );
-        let both = f.with_second_local(v6);
+        let both = f.with_locals(&[ours, v6]);
         assert!(both.matches(&to(ours)) && both.matches(&to(v6)));
         assert!(
             !both.matches(&to(Addr::v4([198, 18, 0, 7]))),
             "forwarded traffic stays the kernel's"
         );
+        let replaced = both.with_locals(&[v6]);
+        assert!(!replaced.matches(&to(ours)), "a removed address is no longer steered");
+        assert!(
+            !f.with_locals(&[]).matches(&to(ours)),
+            "no local address: nothing matches"
+        );
+    }
+
+    #[test]
+    fn filter_holds_up_to_max_locals() {
+        let peer = Addr::v4([198, 18, 0, 1]);
+        let addrs: Vec<Addr> = (0..=MAX_LOCALS as u8).map(|i| Addr::v4([198, 18, 1, i])).collect();
+        let f = FilterConfig::new(Protocol::Udp, 4000).with_locals(&addrs);
+        let to = |dst: Addr| FrameSummary {
+            dst,
+            ..summary(17, peer, 5000, 4000)
+        };
+        assert!(addrs[..MAX_LOCALS].iter().all(|a| f.matches(&to(*a))));
+        assert!(!f.matches(&to(addrs[MAX_LOCALS])), "beyond the slots");
     }
 
     #[test]

@@ -21,7 +21,7 @@ use crate::transport::Transport;
 use crate::transport::any::AnyTransport;
 use crate::transport::local;
 use crate::transport::udp::UdpTransport;
-use crate::transport::xdp::{XdpOptions, XdpTransport};
+use crate::transport::xdp::{Follow, XdpOptions, XdpTransport};
 
 /// Socket buffer asked for when `UDP_BUFFER` is unset. KCP sends a whole window at
 /// once; with the usual 208 KiB default most of a burst is dropped at the receiver
@@ -205,6 +205,17 @@ fn open_udp(config: &Config, side: &Side) -> Result<AnyTransport> {
     Ok(AnyTransport::Udp(transport))
 }
 
+/// A client sends from whatever address its route to the server picks; a server on an
+/// unspecified LISTEN_ADDR serves every address its interfaces hold, as a socket bound
+/// there would; a specific LISTEN_ADDR is kept as the user gave it.
+fn follow(side: &Side) -> Follow {
+    match *side {
+        Side::Client { server } => Follow::RouteTo(server),
+        Side::Server { listen } if listen.ip().is_unspecified() => Follow::Interface { v6: listen.is_ipv6() },
+        Side::Server { .. } => Follow::Fixed,
+    }
+}
+
 /// One xdp path per site, each its own instance (pins, live status).
 fn open_xdp(config: &Config, side: &Side) -> Result<Vec<(AnyTransport, String)>> {
     let (port, peer) = match *side {
@@ -218,6 +229,7 @@ fn open_xdp(config: &Config, side: &Side) -> Result<Vec<(AnyTransport, String)>>
             interface: site.interface,
             local: SocketAddr::new(site.ip, port),
             local_other_family: site.other_family,
+            follow: follow(side),
             peer,
             wire: config.wire.xdp_shape(),
             mode: attach_mode(config),

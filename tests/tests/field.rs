@@ -360,3 +360,121 @@ fn a_server_on_the_ipv6_wildcard_serves_an_ipv4_client_over_xdp() {
     scenarios::curl_download_is_exact(&bed, 10 * MIB);
     assert_eq!(session_path(&bed).as_deref(), Some("xdp/tcp"), "{}", bed.logs());
 }
+
+/// `paqet_steer`'s counters of the server's instance on the client's link.
+fn server_steering(bed: &RelayBed) -> paqet_common::Stats {
+    let instance = format!("server-{}", bed.hosts.server_if);
+    paqet::kernel::read_pinned_stats(&instance).unwrap_or_else(|e| panic!("{instance}: {e}\n{}", bed.logs()))
+}
+
+/// Sends `probes` UDP datagrams to `to` and then one to `marker` from the client's
+/// namespace, and waits until `paqet_steer` has matched `expect` more frames than
+/// before: the matched count it reached, or what it stood at when the wait gave up.
+fn steered_by_probes(bed: &RelayBed, to: &str, probes: usize, marker: &str, expect: u64) -> u64 {
+    let before = server_steering(bed).matched;
+    let target = |ip: &str| -> std::net::SocketAddr { format!("{ip}:{SERVER_PORT}").parse().unwrap() };
+    bed.hosts
+        .client
+        .run(|| {
+            let sock = std::net::UdpSocket::bind("198.18.0.1:0").unwrap();
+            for _ in 0..probes {
+                sock.send_to(b"probe", target(to)).unwrap();
+            }
+            sock.send_to(b"marker", target(marker)).unwrap();
+        })
+        .unwrap();
+    let mut matched = before;
+    wait_for(
+        || {
+            matched = server_steering(bed).matched;
+            matched >= before + expect
+        },
+        Duration::from_secs(10),
+    );
+    matched - before
+}
+
+/// A second address the tests add to a running server: its own /32, so removing the
+/// /24 later leaves it (a secondary of the /24 would go with it).
+const ADDED: &str = "198.18.0.20";
+
+/// A server on `0.0.0.0` over xdp with `wire`, and a client told to reach it at
+/// [`ADDED`], which the server's interface gains only once both run. Relays 5 MiB
+/// through that address (hash checked) before returning.
+fn relay_through_an_added_address(tag: &str, wire: &str) -> RelayBed {
+    let mut opts = RelayOptions::new("xdp").unwrap();
+    opts.as_written = Some((
+        format!("LISTEN_ADDR=0.0.0.0:{SERVER_PORT}\nTRANSPORT=xdp\nWIRE={wire}"),
+        format!("SOCKS_ADDR=127.0.0.1:1080\nREMOTE_ADDR={ADDED}:{SERVER_PORT}\nTRANSPORT=xdp\nWIRE={wire}"),
+    ));
+    let bed = RelayBed::start(tag, &opts).unwrap();
+    let server_if = bed.hosts.server_if.clone();
+    let added_cidr = format!("{ADDED}/32");
+    bed.hosts
+        .server
+        .exec(&["ip", "addr", "add", &added_cidr, "dev", &server_if])
+        .unwrap();
+    // Neighbours pinned, so that no ARP is needed: the client, its capabilities
+    // dropped, can no longer ask its kernel to resolve an address that did not answer
+    // at its start, and probes must reach both addresses.
+    bed.hosts.pin_neighbours().unwrap();
+    let server_mac = paqet_tests::fmt_mac(bed.hosts.server.mac(&server_if).unwrap());
+    let client_if = bed.hosts.client_if.clone();
+    bed.hosts
+        .client
+        .exec(&["ip", "neigh", "replace", ADDED, "lladdr", &server_mac, "dev", &client_if, "nud", "permanent"])
+        .unwrap();
+    scenarios::curl_download_is_exact(&bed, 5 * MIB);
+    bed
+}
+
+/// On the TCP-shaped wire the client takes only frames from the address it named, so
+/// the server's SYN-ACK and data must leave from the added address, not its first.
+#[test]
+fn a_wildcard_server_answers_from_the_address_a_client_reached() {
+    if !require_root("a_wildcard_server_answers_from_the_address_a_client_reached") {
+        return;
+    }
+    let bed = relay_through_an_added_address("fb", "tcp");
+    assert_eq!(session_path(&bed).as_deref(), Some("xdp/tcp"), "{}", bed.logs());
+}
+
+#[test]
+fn a_wildcard_server_steers_the_addresses_its_interface_holds_now() {
+    if !require_root("a_wildcard_server_steers_the_addresses_its_interface_holds_now") {
+        return;
+    }
+    const PROBES: usize = 5;
+    // The UDP-shaped wire: a frame to the port is then exactly a probe or the relay's
+    // own, with no kernel RST to count (the kernel answers stray UDP with ICMP).
+    let mut bed = relay_through_an_added_address("fa", "udp");
+    let server_if = bed.hosts.server_if.clone();
+
+    // From here on only the probes reach the server's port.
+    let placeholder = ChildGuard::spawn(&mut std::process::Command::new("true")).unwrap();
+    drop(std::mem::replace(&mut bed.client, placeholder));
+    let old = TwoHosts::SERVER_IP.to_string();
+    assert_eq!(
+        steered_by_probes(&bed, &old, PROBES, ADDED, PROBES as u64 + 1),
+        PROBES as u64 + 1,
+        "frames to both addresses are steered while the interface holds both\n{}",
+        bed.logs()
+    );
+
+    let old_cidr = format!("{old}/24");
+    bed.hosts
+        .server
+        .exec(&["ip", "addr", "del", &old_cidr, "dev", &server_if])
+        .unwrap();
+    let followed = wait_for(
+        || bed.log_of("server").contains(&format!("addresses=[{ADDED}]")),
+        Duration::from_secs(10),
+    );
+    assert!(followed, "the server should say it steers {ADDED} alone\n{}", bed.logs());
+    assert_eq!(
+        steered_by_probes(&bed, &old, PROBES, ADDED, 1),
+        1,
+        "only the marker to {ADDED} is steered; frames to the removed {old} reach the kernel\n{}",
+        bed.logs()
+    );
+}

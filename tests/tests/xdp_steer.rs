@@ -166,7 +166,7 @@ fn counts_matched_and_passed_frames_exactly() {
     // it) stay the kernel's: nothing matches a filter for one local address.
     let elsewhere = Addr::v4([198, 18, 0, 77]);
     steering
-        .set_filter(&FilterConfig::new(Protocol::Udp, PORT).with_local(elsewhere))
+        .set_filter(&FilterConfig::new(Protocol::Udp, PORT).with_locals(&[elsewhere]))
         .unwrap();
     send(&hosts, &[(PORT, 2)], &[]);
     want.seen += 2;
@@ -174,7 +174,7 @@ fn counts_matched_and_passed_frames_exactly() {
     expect_stats(&steering, want);
     let here = Addr::v4(TwoHosts::SERVER_IP.octets());
     steering
-        .set_filter(&FilterConfig::new(Protocol::Udp, PORT).with_local(here))
+        .set_filter(&FilterConfig::new(Protocol::Udp, PORT).with_locals(&[here]))
         .unwrap();
     send(&hosts, &[(PORT, 2)], &[]);
     want.seen += 2;

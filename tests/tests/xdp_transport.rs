@@ -30,8 +30,8 @@ use std::sync::{Barrier, Mutex, Once};
 use std::time::{Duration, Instant};
 
 use paqet::engine::Transmit;
-use paqet::transport::xdp::{AttachMode, WireShape, XdpCountersSnapshot, XdpOptions, XdpTransport};
-use paqet::transport::{RecvBatch, Transport};
+use paqet::transport::xdp::{AttachMode, Follow, WireShape, XdpCountersSnapshot, XdpOptions, XdpTransport};
+use paqet::transport::{RecvBatch, Transport, Via};
 use paqet_tests::{TwoHosts, require_root};
 
 const SERVER_PORT: u16 = 4000;
@@ -238,10 +238,10 @@ impl Side<'_> {
             Err(_) => false,
             Ok(r) => {
                 r.expect("recv_batch");
-                let items: Vec<(SocketAddr, Vec<u8>, Option<[u8; 6]>)> = batch
+                let items: Vec<(SocketAddr, Vec<u8>, Option<Via>)> = batch
                     .filled()
                     .iter()
-                    .map(|s| (s.peer, s.payload().to_vec(), s.link_src))
+                    .map(|s| (s.peer, s.payload().to_vec(), s.via))
                     .collect();
                 let mut new_data = false;
                 for (from, bytes, link) in items {
@@ -453,6 +453,7 @@ fn run_case(wire: WireShape, tag: &str, ipv6: bool) {
         instance: format!("test-{tag}-server-{pid}"),
         local: server_addr,
         local_other_family: None,
+        follow: Follow::Fixed,
         peer: None,
         wire,
         mode: AttachMode::Auto,
@@ -464,6 +465,7 @@ fn run_case(wire: WireShape, tag: &str, ipv6: bool) {
         instance: format!("test-{tag}-client-{pid}"),
         local: SocketAddr::new(client_ip, 0),
         local_other_family: None,
+        follow: Follow::Fixed,
         peer: Some(server_addr),
         wire,
         mode: AttachMode::Auto,

@@ -31,13 +31,13 @@ mod pins;
 pub use error::{KernelError, SETCAP_HINT};
 pub use pins::{BPFFS, PIN_ROOT, is_bpffs, pin_dir, programs_using, read_pinned_stats};
 
-use aya::maps::{Array, MapData, PerCpuArray, XskMap};
+use aya::maps::{Array, Map, MapData, PerCpuArray, XskMap};
 use aya::programs::{Xdp, XdpMode, xdp::XdpLinkId};
 use aya::{Ebpf, EbpfLoader};
 use paqet_common::Stats;
 use paqet_common::maps::{FILTER_MAP, FilterConfig, PIN_FILTER, PIN_STATS, PIN_XSKS, PROGRAM_NAME, STATS_MAP, XSK_MAP};
 use std::ffi::CString;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
 
 /// The object `cargo xtask build` made, embedded by build.rs (aligned: aya parses the
@@ -120,7 +120,7 @@ impl Steering {
         pins::ensure_bpffs()?;
         // One XDP program per interface: a second one would replace or be refused by
         // the first, and the first's frames would go astray.
-        if let Some((instance, programs)) = pins::live_instance_on(&opts.interface, &opts.instance) {
+        if let Some((instance, programs)) = pins::live_instance_on(&opts.interface, &opts.instance)? {
             return Err(KernelError::InterfaceTaken {
                 interface: opts.interface.clone(),
                 instance,
@@ -287,16 +287,27 @@ impl Steering {
             what: "map",
             name: FILTER_MAP,
         })?;
-        let mut array = Array::<&mut MapData, FilterConfig>::try_from(map).map_err(|source| KernelError::Map {
-            map: FILTER_MAP,
-            op: "opening",
+        write_filter(&mut Array::try_from(map).map_err(filter_error("opening"))?, filter)
+    }
+
+    /// A handle on the filter map with its own descriptor, for a thread that keeps the
+    /// filter current while this `Steering` stays with its owner. A write after the
+    /// detach reaches a map no program reads any more: harmless.
+    pub fn filter_writer(&self) -> Result<FilterWriter, KernelError> {
+        let missing = KernelError::Missing {
+            what: "map",
+            name: FILTER_MAP,
+        };
+        let Some(Map::Array(data)) = self.ebpf().map(FILTER_MAP) else {
+            return Err(missing);
+        };
+        let fd = data.fd().as_fd().try_clone_to_owned().map_err(|source| KernelError::Io {
+            what: "duplicating the filter map's descriptor for",
+            path: self.pin_dir.join(PIN_FILTER),
             source,
         })?;
-        array.set(0, *filter, 0).map_err(|source| KernelError::Map {
-            map: FILTER_MAP,
-            op: "writing the filter",
-            source,
-        })
+        let data = MapData::from_fd(fd).map_err(filter_error("duplicating"))?;
+        Ok(FilterWriter(Array::try_from(Map::Array(data)).map_err(filter_error("opening"))?))
     }
 
     /// Registers the AF_XDP socket bound to RX queue `queue`: matched frames arriving
@@ -383,6 +394,31 @@ impl std::fmt::Debug for Steering {
             .field("mode", &self.mode)
             .field("pin_dir", &self.pin_dir)
             .finish()
+    }
+}
+
+/// See [`Steering::filter_writer`].
+pub struct FilterWriter(Array<MapData, FilterConfig>);
+
+impl FilterWriter {
+    /// Replaces the filter; the program sees it from its next frame on.
+    pub fn set(&mut self, filter: &FilterConfig) -> Result<(), KernelError> {
+        write_filter(&mut self.0, filter)
+    }
+}
+
+fn write_filter<T: std::borrow::BorrowMut<MapData>>(
+    array: &mut Array<T, FilterConfig>,
+    filter: &FilterConfig,
+) -> Result<(), KernelError> {
+    array.set(0, *filter, 0).map_err(filter_error("writing the filter"))
+}
+
+fn filter_error(op: &'static str) -> impl Fn(aya::maps::MapError) -> KernelError {
+    move |source| KernelError::Map {
+        map: FILTER_MAP,
+        op,
+        source,
     }
 }
 

@@ -5,8 +5,15 @@
 //! usually comes within it. A bulk flow gains nothing from that (its next datagram is
 //! already on the way) and the polling would take CPU from the peer process and the
 //! kernel, so polling stops while the relay moves more than [`BULK_BYTES_PER_WINDOW`].
+//!
+//! Each path judges its own traffic ([`PathPolls`]): with xdp and udp side by side, a
+//! flow on one must not keep the other's receiver spinning on an empty socket.
 
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+use crate::engine::PathId;
+use crate::sync::lock;
 
 /// How long after the last datagram in or out the receiver keeps polling.
 pub const POLL_FOR: Duration = Duration::from_micros(200);
@@ -54,6 +61,30 @@ impl BusyPoll {
     }
 }
 
+/// One [`BusyPoll`] per path, indexed by [`PathId`].
+#[derive(Debug)]
+pub struct PathPolls(Vec<Mutex<BusyPoll>>);
+
+impl PathPolls {
+    pub fn new(paths: usize, now: Instant) -> PathPolls {
+        PathPolls((0..paths).map(|_| Mutex::new(BusyPoll::new(now))).collect())
+    }
+
+    /// Datagrams carrying `bytes` went out or came in on `path`.
+    pub fn record(&self, path: PathId, now: Instant, bytes: usize) {
+        if let Some(p) = self.0.get(usize::from(path.0)) {
+            lock(p).record(now, bytes);
+        }
+    }
+
+    /// Whether `path`'s receiver should poll rather than sleep.
+    pub fn should_poll(&self, path: PathId, now: Instant) -> bool {
+        self.0
+            .get(usize::from(path.0))
+            .is_some_and(|p| lock(p).should_poll(now))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -90,5 +121,22 @@ mod tests {
         let later = t0 + 50 * MS;
         p.record(later, 64);
         assert!(p.should_poll(later));
+    }
+
+    #[test]
+    fn a_path_polls_after_its_own_traffic_only() {
+        let t0 = Instant::now();
+        let paths = PathPolls::new(2, t0);
+        paths.record(PathId(0), t0, 100);
+        assert!(paths.should_poll(PathId(0), t0));
+        assert!(!paths.should_poll(PathId(1), t0), "the idle path's receiver must sleep");
+        // A bulk flow on one path does not stop the other's polling either.
+        paths.record(PathId(1), t0, 64);
+        paths.record(PathId(0), t0, BULK_BYTES_PER_WINDOW as usize);
+        paths.record(PathId(0), t0 + MS, 1400);
+        paths.record(PathId(1), t0 + MS, 64);
+        assert!(!paths.should_poll(PathId(0), t0 + MS));
+        assert!(paths.should_poll(PathId(1), t0 + MS));
+        assert!(!paths.should_poll(PathId(2), t0), "no such path");
     }
 }

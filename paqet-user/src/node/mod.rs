@@ -13,10 +13,10 @@ mod relay;
 pub use relay::relay_stream;
 
 use crate::sync::lock;
-use busy_poll::BusyPoll;
+use busy_poll::PathPolls;
 
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -95,10 +95,13 @@ pub struct Node<T: Transport> {
     timer: Notify,
     /// Datagrams already sent, whose buffers the next engine call recycles.
     spent: Mutex<Vec<Transmit>>,
-    busy_poll: Mutex<BusyPoll>,
+    /// Per path: whether its receiver polls.
+    busy_poll: PathPolls,
     /// Per path: wakes its sleeping receiver when a datagram goes out there, so it
     /// polls for the answer.
     sent: Vec<Notify>,
+    /// Per path: datagrams received, against which its receive overflows are judged.
+    received: Vec<AtomicU64>,
     /// Relayed UDP datagrams, to the flows that own them.
     pub datagrams: datagram::DatagramRouter,
 }
@@ -128,6 +131,8 @@ impl<T: Transport> Node<T> {
             (None, None)
         };
         let sent = paths.iter().map(|_| Notify::new()).collect();
+        let received = paths.iter().map(|_| AtomicU64::new(0)).collect();
+        let busy_poll = PathPolls::new(paths.len(), Instant::now());
         let node = Node {
             engine: Mutex::new(engine),
             paths,
@@ -135,8 +140,9 @@ impl<T: Transport> Node<T> {
             opened: tx,
             timer: Notify::new(),
             spent: Mutex::new(Vec::new()),
-            busy_poll: Mutex::new(BusyPoll::new(Instant::now())),
+            busy_poll,
             sent,
+            received,
             datagrams: datagram::DatagramRouter::new(server),
         };
         (Arc::new(node), rx)
@@ -196,7 +202,6 @@ impl<T: Transport> Node<T> {
         };
         if !transmits.is_empty() {
             self.send_by_path(&transmits);
-            self.record_activity(transmits.iter().map(|t| t.payload.len()).sum());
         }
         for event in events {
             self.dispatch(event);
@@ -225,6 +230,7 @@ impl<T: Transport> Node<T> {
             if let Err(e) = transport.send_batch(run) {
                 tracing::warn!("send failed on {}: {e}", transport.name());
             }
+            self.record_activity(path, run.iter().map(|t| t.payload.len()).sum());
             self.sent[path.0 as usize].notify_one();
         }
     }
@@ -348,12 +354,12 @@ impl<T: Transport> Node<T> {
         self.with_engine(|e, _| e.reset_stream(id));
     }
 
-    fn record_activity(&self, bytes: usize) {
-        lock(&self.busy_poll).record(Instant::now(), bytes);
+    fn record_activity(&self, path: PathId, bytes: usize) {
+        self.busy_poll.record(path, Instant::now(), bytes);
     }
 
-    fn should_poll(&self) -> bool {
-        lock(&self.busy_poll).should_poll(Instant::now())
+    fn should_poll(&self, path: PathId) -> bool {
+        self.busy_poll.should_poll(path, Instant::now())
     }
 
     /// Runs one receiver per path until one of them fails.
@@ -385,7 +391,7 @@ impl<T: Transport> Node<T> {
                 tokio::task::consume_budget().await;
                 continue;
             }
-            if self.should_poll() {
+            if self.should_poll(path) {
                 // Yielding also polls the runtime's sockets without blocking; the
                 // thread yield lets a thread waiting for this CPU (the peer process,
                 // the application) run first.
@@ -405,6 +411,7 @@ impl<T: Transport> Node<T> {
 
     fn handle_batch(&self, path: PathId, batch: &mut RecvBatch) {
         let transport = &self.paths[path.0 as usize];
+        self.received[path.0 as usize].fetch_add(batch.filled().len() as u64, Ordering::Relaxed);
         let mut authentic_bytes = 0;
         self.with_engine(|engine, now| {
             // A batch mostly comes from one peer over one path: tell the transport
@@ -415,17 +422,17 @@ impl<T: Transport> Node<T> {
                 if authentic {
                     authentic_bytes += slot.len;
                 }
-                let path = (slot.peer, slot.link_src);
+                let path = (slot.peer, slot.via);
                 // Before the replies go out: they may need the path just proven.
-                if authentic && slot.link_src.is_some() && confirmed != Some(path) {
-                    transport.peer_authenticated(slot.peer, slot.link_src);
+                if authentic && slot.via.is_some() && confirmed != Some(path) {
+                    transport.peer_authenticated(slot.peer, slot.via);
                     confirmed = Some(path);
                 }
             }
         });
         // Garbage must not keep the receiver polling: only authentic traffic counts.
         if authentic_bytes > 0 {
-            self.record_activity(authentic_bytes);
+            self.record_activity(path, authentic_bytes);
         }
     }
 
@@ -433,7 +440,11 @@ impl<T: Transport> Node<T> {
     pub async fn run_timers(self: Arc<Self>) {
         let mut last_report = Instant::now();
         let mut reported = Counters::default();
-        let mut overflows = OverflowWatch::new(self.receive_overflows(), 0);
+        let mut overflows: Vec<OverflowWatch> = self
+            .paths
+            .iter()
+            .map(|p| OverflowWatch::new(p.receive_overflows(), 0))
+            .collect();
         loop {
             let deadline = lock(&self.engine).poll_timeout();
             tokio::select! {
@@ -445,14 +456,24 @@ impl<T: Transport> Node<T> {
                     engine.handle_timeout(now);
                 }
             });
-            if let Some((dropped, received)) =
-                overflows.since_last(self.receive_overflows(), self.counters().datagrams_in)
-            {
-                self.with_engine(|engine, _| engine.receive_overflowed(dropped, received));
-            }
+            self.report_overflows(&mut overflows);
             if last_report.elapsed() >= DROP_REPORT_EVERY {
                 reported = self.report_drops(reported);
                 last_report = Instant::now();
+            }
+        }
+    }
+
+    /// Judges each path's receive overflows against that path's own arrivals, so a busy
+    /// path's traffic does not hide another's overflowing ring.
+    fn report_overflows(&self, watches: &mut [OverflowWatch]) {
+        for ((transport, received), watch) in self.paths.iter().zip(&self.received).zip(watches) {
+            if let Some((dropped, received)) =
+                watch.since_last(transport.receive_overflows(), received.load(Ordering::Relaxed))
+            {
+                // The engine tells every peer heard recently, on any path: it has no
+                // way yet to be told which path overflowed.
+                self.with_engine(|engine, _| engine.receive_overflowed(dropped, received));
             }
         }
     }

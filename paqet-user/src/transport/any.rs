@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 
 use super::udp::UdpTransport;
 use super::xdp::{WireShape, XdpTransport};
-use super::{RecvBatch, Transport};
+use super::{RecvBatch, Transport, Via};
 use crate::engine::Transmit;
 
 pub enum AnyTransport {
@@ -72,10 +72,10 @@ impl Transport for AnyTransport {
         }
     }
 
-    fn peer_authenticated(&self, peer: SocketAddr, link_src: Option<[u8; 6]>) {
+    fn peer_authenticated(&self, peer: SocketAddr, via: Option<Via>) {
         match self {
-            AnyTransport::Udp(t) => t.peer_authenticated(peer, link_src),
-            AnyTransport::Xdp(t) => t.peer_authenticated(peer, link_src),
+            AnyTransport::Udp(t) => t.peer_authenticated(peer, via),
+            AnyTransport::Xdp(t) => t.peer_authenticated(peer, via),
         }
     }
 }

@@ -21,9 +21,18 @@ pub struct RecvSlot {
     pub buf: Vec<u8>,
     pub len: usize,
     pub peer: SocketAddr,
-    /// The link-layer source, where the transport sees one (xdp): what the peer is
-    /// reached through, once the engine has authenticated the payload.
-    pub link_src: Option<[u8; 6]>,
+    /// How the datagram arrived, where the transport sees frames (xdp): the way back to
+    /// the peer, once the engine has authenticated the payload.
+    pub via: Option<Via>,
+}
+
+/// The link-layer source of a received frame and the address of ours it was sent to:
+/// replies go to that next hop and leave from that address (a peer that reached one of
+/// several addresses expects its answers from it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Via {
+    pub mac: [u8; 6],
+    pub local: std::net::IpAddr,
 }
 
 impl RecvSlot {
@@ -52,7 +61,7 @@ impl RecvBatch {
                 buf: vec![0u8; max_datagram],
                 len: 0,
                 peer: unspecified,
-                link_src: None,
+                via: None,
             })
             .collect();
         RecvBatch { slots, filled: 0 }
@@ -124,7 +133,7 @@ pub trait Transport: Send + Sync + 'static {
         None
     }
 
-    /// The engine authenticated a datagram from `peer` that arrived from `link_src`:
-    /// the transport may now trust that path (e.g. the next-hop MAC for replies).
-    fn peer_authenticated(&self, _peer: SocketAddr, _link_src: Option<[u8; 6]>) {}
+    /// The engine authenticated a datagram from `peer` that arrived `via` that path:
+    /// the transport may now trust it for replies.
+    fn peer_authenticated(&self, _peer: SocketAddr, _via: Option<Via>) {}
 }

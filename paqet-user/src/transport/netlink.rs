@@ -21,8 +21,9 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use netlink_packet_core::{
-    NLM_F_ACK, NLM_F_CREATE, NLM_F_REPLACE, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
+    NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_REPLACE, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
 };
+use netlink_packet_route::address::{AddressAttribute, AddressMessage, AddressScope};
 use netlink_packet_route::link::{LinkAttribute, LinkMessage, LinkXdp, XdpAttached};
 use netlink_packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
@@ -318,6 +319,97 @@ fn xdp_from(msg: &LinkMessage) -> Vec<(XdpMode, u32)> {
     }
 }
 
+/// RTM_GETADDR: the addresses interface `ifindex` holds that a peer can send to, both
+/// families, in the kernel's order. Link- and host-scoped ones (fe80::/10, 169.254/16
+/// when so marked) are left out: frames paqet builds carry no scope.
+pub fn addresses(ifindex: u32) -> io::Result<Vec<IpAddr>> {
+    let replies = request(RouteNetlinkMessage::GetAddress(AddressMessage::default()), NLM_F_DUMP)?;
+    Ok(replies
+        .iter()
+        .filter_map(|m| match m {
+            RouteNetlinkMessage::NewAddress(a) if a.header.index == ifindex => address_from(a),
+            _ => None,
+        })
+        .collect())
+}
+
+fn address_from(msg: &AddressMessage) -> Option<IpAddr> {
+    if matches!(msg.header.scope, AddressScope::Link | AddressScope::Host) {
+        return None;
+    }
+    // IFA_LOCAL is this host's end; IFA_ADDRESS is the peer's on a point-to-point link,
+    // and the only one an IPv6 address carries.
+    let find = |local: bool| {
+        msg.attributes.iter().find_map(|a| match a {
+            AddressAttribute::Local(ip) if local => Some(*ip),
+            AddressAttribute::Address(ip) if !local => Some(*ip),
+            _ => None,
+        })
+    };
+    find(true).or_else(|| find(false))
+}
+
+/// A socket subscribed to the kernel's address notifications (RTNLGRP_IPV4_IFADDR and
+/// RTNLGRP_IPV6_IFADDR) of the calling thread's network namespace.
+pub struct AddressEvents {
+    socket: Socket,
+}
+
+impl AddressEvents {
+    /// Subscribes; [`AddressEvents::wait`] then returns at most `poll` apart.
+    pub fn subscribe(poll: Duration) -> io::Result<AddressEvents> {
+        let mut socket = Socket::new(NETLINK_ROUTE)?;
+        socket.bind_auto()?;
+        socket.add_membership(libc::RTNLGRP_IPV4_IFADDR)?;
+        socket.add_membership(libc::RTNLGRP_IPV6_IFADDR)?;
+        set_recv_timeout(&socket, poll)?;
+        Ok(AddressEvents { socket })
+    }
+
+    /// Waits for notifications: true when an address of any interface was added or
+    /// removed, false when `poll` passed (or a signal came) without one. Err(ENOBUFS) means the kernel
+    /// dropped notifications: the caller must re-read what it follows.
+    pub fn wait(&mut self) -> io::Result<bool> {
+        let data = match self.socket.recv_from_full() {
+            Ok((data, _)) => data,
+            // A signal (the privilege drop signals every thread) ends a receive that has
+            // a timeout even under SA_RESTART: as good as a timeout.
+            Err(e) if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
+            ) =>
+            {
+                return Ok(false);
+            }
+            Err(e) => return Err(e),
+        };
+        Ok(names_an_address_change(&data))
+    }
+}
+
+/// Whether a datagram of notifications adds or removes an address. One that does not
+/// parse counts as a change: the caller then re-reads the state, which is always safe.
+fn names_an_address_change(data: &[u8]) -> bool {
+    let mut offset = 0;
+    while let Some(rest) = data.get(offset..).filter(|r| !r.is_empty()) {
+        let Ok(msg) = NetlinkMessage::<RouteNetlinkMessage>::deserialize(rest) else {
+            return true;
+        };
+        if matches!(
+            msg.payload,
+            NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewAddress(_) | RouteNetlinkMessage::DelAddress(_))
+        ) {
+            return true;
+        }
+        let len = msg.header.length as usize;
+        if len == 0 {
+            break;
+        }
+        offset += (len + 3) & !3;
+    }
+    false
+}
+
 /// Sends one request on a fresh NETLINK_ROUTE socket and collects the kernel's answer:
 /// every message of a dump, the one reply of a get, or the ACK of an `NLM_F_ACK`
 /// request. An error reply becomes the errno it carries.
@@ -337,7 +429,7 @@ fn request(payload: RouteNetlinkMessage, flags: u16) -> io::Result<Vec<RouteNetl
     req.serialize(&mut buf);
     socket.send(&buf, 0)?;
 
-    let dump = flags & netlink_packet_core::NLM_F_DUMP == netlink_packet_core::NLM_F_DUMP;
+    let dump = flags & NLM_F_DUMP == NLM_F_DUMP;
     let wants_ack = flags & NLM_F_ACK != 0;
     let mut replies = Vec::new();
     loop {
@@ -528,6 +620,50 @@ mod tests {
         let none = link_with(vec![LinkXdp::Attached(XdpAttached::None)]);
         assert!(xdp_from(&none).is_empty());
         assert!(xdp_from(&LinkMessage::default()).is_empty());
+    }
+
+    fn address_msg(ip: &str, scope: AddressScope) -> AddressMessage {
+        let ip: IpAddr = ip.parse().unwrap();
+        let mut m = AddressMessage::default();
+        m.header.family = family(ip);
+        m.header.index = 7;
+        m.header.scope = scope;
+        m.attributes.push(AddressAttribute::Address(ip));
+        if ip.is_ipv4() {
+            m.attributes.push(AddressAttribute::Local(ip));
+        }
+        m
+    }
+
+    /// One netlink datagram holding `msgs`, as a notification socket receives it.
+    fn datagram(msgs: Vec<RouteNetlinkMessage>) -> Vec<u8> {
+        let mut out = Vec::new();
+        for m in msgs {
+            let mut msg = NetlinkMessage::new(NetlinkHeader::default(), NetlinkPayload::from(m));
+            msg.finalize();
+            let mut buf = vec![0u8; msg.buffer_len()];
+            msg.serialize(&mut buf);
+            out.extend_from_slice(&buf);
+        }
+        out
+    }
+
+    #[test]
+    fn address_notifications_and_scopes() {
+        let added = RouteNetlinkMessage::NewAddress(address_msg("198.18.0.20", AddressScope::Universe));
+        let removed = RouteNetlinkMessage::DelAddress(address_msg("2001:2::2", AddressScope::Universe));
+        let link = RouteNetlinkMessage::NewLink(LinkMessage::default());
+        assert!(names_an_address_change(&datagram(vec![link.clone(), added])));
+        assert!(names_an_address_change(&datagram(vec![removed])));
+        assert!(!names_an_address_change(&datagram(vec![link])), "a link change only");
+        assert!(names_an_address_change(&[0xff; 7]), "unparsable: re-read to be safe");
+
+        let v4 = address_msg("198.18.0.20", AddressScope::Universe);
+        assert_eq!(address_from(&v4), Some("198.18.0.20".parse().unwrap()));
+        let v6 = address_msg("2001:2::2", AddressScope::Universe);
+        assert_eq!(address_from(&v6), Some("2001:2::2".parse().unwrap()));
+        assert_eq!(address_from(&address_msg("fe80::1", AddressScope::Link)), None);
+        assert_eq!(address_from(&address_msg("127.0.0.1", AddressScope::Host)), None);
     }
 
     /// Against the running kernel, in this test's network namespace: loopback always

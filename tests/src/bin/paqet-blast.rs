@@ -153,12 +153,13 @@ fn udp_recv(bind: SocketAddr, secs: f64) {
 }
 
 fn xdp_opts(iface: &str, local: SocketAddr, peer: Option<SocketAddr>, role: &str) -> paqet::transport::xdp::XdpOptions {
-    use paqet::transport::xdp::{AttachMode, WireShape, XdpOptions};
+    use paqet::transport::xdp::{AttachMode, Follow, WireShape, XdpOptions};
     XdpOptions {
         interface: iface.to_string(),
         instance: format!("bench-blast-{role}-{}", std::process::id()),
         local,
         local_other_family: None,
+        follow: Follow::Fixed,
         peer,
         wire: WireShape::Udp,
         mode: AttachMode::Auto,

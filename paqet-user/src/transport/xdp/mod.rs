@@ -20,6 +20,7 @@
 
 mod emit;
 mod iface;
+mod locals;
 mod neigh;
 mod peers;
 pub mod tcp_flow;
@@ -27,6 +28,7 @@ mod tx_kicker;
 mod xsk;
 
 pub use emit::EmitError;
+pub use locals::Follow;
 pub use neigh::NeighError;
 pub use xsk::{FRAME_SIZE, UMEM_FRAMES, XskError};
 
@@ -48,7 +50,7 @@ use paqet_common::wire::{Addr, parse_frame, parse_tcp_options};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
-use super::{RecvBatch, Transport};
+use super::{RecvBatch, Transport, Via};
 use crate::engine::Transmit;
 use crate::kernel::{AttachOptions, AttachedMode, KernelError, Steering};
 use peers::Peers;
@@ -68,6 +70,9 @@ pub struct XdpOptions {
     /// A server on `[::]`: its address of the other family on this interface, so one
     /// program serves both families.
     pub local_other_family: Option<IpAddr>,
+    /// Whether `local` (and `local_other_family`) stay as given or follow the
+    /// interface's addresses while the transport runs.
+    pub follow: Follow,
     /// Client: the server (only its frames are taken). Server: `None` (any peer).
     pub peer: Option<SocketAddr>,
     pub wire: WireShape,
@@ -102,6 +107,12 @@ pub enum XdpError {
     Reactor(#[source] io::Error),
     #[error("starting the next-hop resolver thread")]
     Resolver(#[source] io::Error),
+    #[error("following the addresses of interface {interface}")]
+    Addresses {
+        interface: String,
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// Counters for `paqet status`: free-running, read with `Relaxed` loads.
@@ -176,19 +187,17 @@ struct Queue {
 }
 
 pub struct XdpTransport {
-    // Drop order: the resolver thread first, then the sockets (after `Drop::drop`
-    // unregistered them), then the steering handle, which detaches and unpins.
+    // Drop order: the threads first, then the sockets (after `Drop::drop` unregistered
+    // them), then the steering handle, which detaches and unpins.
+    _addresses: Option<locals::Watcher>,
     resolver: neigh::Resolver,
     queues: Vec<Queue>,
     steering: Steering,
     peers: Arc<Mutex<Peers>>,
     counters: XdpCounters,
     local: SocketAddr,
-    /// A server on `[::]`: our address of the other family.
-    local_other: Option<SocketAddr>,
     src_mac: [u8; 6],
     wire: WireShape,
-    filter: FilterConfig,
     learn_macs: bool,
     max_payload: usize,
     ip_id: std::sync::atomic::AtomicU16,
@@ -228,32 +237,31 @@ impl XdpTransport {
         };
         let local_other = opts
             .local_other_family
-            .filter(|ip| ip.is_ipv4() != local.is_ipv4())
-            .map(|ip| SocketAddr::new(ip, local.port()));
-        let mut filter = FilterConfig::new(protocol, local.port())
-            .with_local(Addr::from(local.ip()))
-            .with_redirect(true);
-        if let Some(other) = local_other {
-            filter = filter.with_second_local(Addr::from(other.ip()));
-        }
+            .filter(|ip| ip.is_ipv4() != local.is_ipv4());
+        let mut filter = FilterConfig::new(protocol, local.port()).with_redirect(true);
         if let Some(peer) = opts.peer {
             filter = filter.with_peer(Addr::from(peer.ip()), peer.port());
         }
+        let locals = locals::Locals::new(filter, [Some(local.ip()), local_other].into_iter().flatten().collect());
+        // Sizes for IPv6's larger header wherever an IPv6 address may be steered, now
+        // or once the interface gains one.
+        let ipv6 = local.is_ipv6() || local_other.is_some() || opts.follow == Follow::Interface { v6: true };
         let mut steering = Steering::attach(AttachOptions {
             interface: opts.interface.clone(),
             instance: opts.instance.clone(),
             mode: opts.mode,
-            filter,
+            filter: *locals.filter(),
         })?;
         let queues = open_queues(&mut steering, &info)?;
 
         let mut peers = Peers::default();
+        peers.locals = locals;
         if opts.wire == WireShape::Tcp {
             let side = match opts.peer {
                 Some(_) => tcp_flow::Side::Client,
                 None => tcp_flow::Side::Server { port: local.port() },
             };
-            let mss = mss(info.mtu, local.is_ipv6() || local_other.is_some());
+            let mss = mss(info.mtu, ipv6);
             peers.tcp = Some(Flows::new(
                 side,
                 SynKey::new(opts.syn_key),
@@ -266,12 +274,23 @@ impl XdpTransport {
         }
         let peers = Arc::new(Mutex::new(peers));
         let resolver = neigh::Resolver::spawn(opts.interface.clone(), peers.clone()).map_err(XdpError::Resolver)?;
+        let addresses = locals::Watcher::spawn(
+            opts.follow,
+            &opts.interface,
+            steering.ifindex(),
+            peers.clone(),
+            steering.filter_writer()?,
+        )
+        .map_err(|source| XdpError::Addresses {
+            interface: opts.interface.clone(),
+            source,
+        })?;
         if let Some(peer) = opts.peer {
             resolve_at_open(&peers, peer.ip(), &opts.interface);
         }
 
         // Both families share the datagram size: the IPv6 header's, the larger.
-        let max_payload = max_payload(info.mtu, local.is_ipv6() || local_other.is_some(), opts.wire);
+        let max_payload = max_payload(info.mtu, ipv6, opts.wire);
         tracing::info!(
             interface = %opts.interface,
             %local,
@@ -284,16 +303,15 @@ impl XdpTransport {
             "xdp transport open"
         );
         Ok(XdpTransport {
+            _addresses: addresses,
             resolver,
             queues,
             steering,
             peers,
             counters: XdpCounters::default(),
             local,
-            local_other,
             src_mac: info.mac,
             wire: opts.wire,
-            filter,
             learn_macs: opts.peer.is_none(),
             max_payload,
             ip_id: std::sync::atomic::AtomicU16::new(rand::random()),
@@ -302,17 +320,17 @@ impl XdpTransport {
         })
     }
 
-    /// The address paqet uses (with the picked port when opened with port 0).
+    /// The address paqet was opened on (with the picked port when opened with port 0);
+    /// the addresses it steers may have followed the interface since.
     pub fn local_addr(&self) -> SocketAddr {
         self.local
     }
 
-    /// Our address of `peer`'s family, if we have one.
-    fn source_for(&self, peer: &SocketAddr) -> Option<SocketAddr> {
-        [Some(self.local), self.local_other]
-            .into_iter()
-            .flatten()
-            .find(|a| a.is_ipv4() == peer.is_ipv4())
+    /// The address our frames to `peer` leave from, if we have one of its family.
+    fn source_for(&self, peers: &Peers, peer: &SocketAddr) -> Option<SocketAddr> {
+        peers
+            .source_for(peer.ip())
+            .map(|ip| SocketAddr::new(ip, self.local.port()))
     }
 
     pub fn counters(&self) -> &XdpCounters {
@@ -375,7 +393,10 @@ impl XdpTransport {
         let mut dropped_flow = 0usize;
         let (queued, processed) = q.xsk.send(&mut tx, chunk.len(), |i, frame| {
             let t = &chunk[i];
-            let Some(src) = self.source_for(&t.peer).filter(|_| t.payload.len() <= self.max_payload) else {
+            let Some(src) = self
+                .source_for(&peers, &t.peer)
+                .filter(|_| t.payload.len() <= self.max_payload)
+            else {
                 skipped_invalid += 1;
                 return None;
             };
@@ -452,7 +473,7 @@ impl XdpTransport {
         let mut data = 0usize;
         let (queued, processed) = q.xsk.send(&mut tx, controls.len(), |i, frame| {
             let Control { peer, seg, payload } = &controls[i];
-            let (Some(src), Some(dst_mac)) = (self.source_for(peer), peers.mac(peer.ip(), now)) else {
+            let (Some(src), Some(dst_mac)) = (self.source_for(peers, peer), peers.mac(peer.ip(), now)) else {
                 failed += 1;
                 return None;
             };
@@ -497,10 +518,10 @@ impl XdpTransport {
                     .ok_or(Rejected::Malformed)
                     .and_then(|f| self.accept(f, &mut peers, now, unix_ms, &mut slot.buf));
                 match accepted {
-                    Ok((peer, len, src_mac)) => {
+                    Ok((peer, len, via)) => {
                         slot.peer = peer;
                         slot.len = len;
-                        slot.link_src = Some(src_mac);
+                        slot.via = Some(via);
                         filled += 1;
                     }
                     Err(Rejected::Malformed) => malformed += 1,
@@ -533,13 +554,16 @@ impl XdpTransport {
         now: Instant,
         unix_ms: u64,
         buf: &mut [u8],
-    ) -> Result<(SocketAddr, usize, [u8; 6]), Rejected> {
+    ) -> Result<(SocketAddr, usize, Via), Rejected> {
         let s = parse_frame(frame).map_err(|_| Rejected::Malformed)?;
-        let dst = s.dst.to_ip().ok_or(Rejected::Malformed)?;
-        let ours = dst == self.local.ip() || self.local_other.is_some_and(|o| o.ip() == dst);
-        if !self.filter.matches(&s) || !ours {
+        // The program may still have steered it by the previous set of addresses.
+        if !peers.locals.filter().matches(&s) {
             return Err(Rejected::Malformed);
         }
+        let via = Via {
+            mac: s.src_mac,
+            local: s.dst.to_ip().ok_or(Rejected::Malformed)?,
+        };
         let peer = SocketAddr::new(s.src.to_ip().ok_or(Rejected::Malformed)?, s.src_port);
         let payload = frame
             .get(s.payload_offset as usize..)
@@ -566,7 +590,7 @@ impl XdpTransport {
                     // its source MAC is as trustworthy as an authenticated payload's:
                     // the SYN-ACK goes back the way the SYN came.
                     if self.learn_macs && rx.flags & tcp_flow::SYN != 0 {
-                        peers.learn(peer.ip(), s.src_mac, now);
+                        peers.learn(peer.ip(), via, now);
                     }
                     return Err(Rejected::Control);
                 }
@@ -580,9 +604,9 @@ impl XdpTransport {
             return Err(Rejected::Malformed);
         }
         buf[..payload.len()].copy_from_slice(payload);
-        // The source MAC is only learned once the engine has authenticated the payload
+        // The way back is only learned once the engine has authenticated the payload
         // (`peer_authenticated`): any host on the link can forge a frame's source.
-        Ok((peer, payload.len(), s.src_mac))
+        Ok((peer, payload.len(), via))
     }
 
     /// Resolves once any queue's socket is readable and its RX ring really has frames.
@@ -759,9 +783,9 @@ impl Transport for XdpTransport {
             .ok()
     }
 
-    fn peer_authenticated(&self, peer: SocketAddr, link_src: Option<[u8; 6]>) {
-        if let (true, Some(mac)) = (self.learn_macs, link_src) {
-            self.peers().learn(peer.ip(), mac, Instant::now());
+    fn peer_authenticated(&self, peer: SocketAddr, via: Option<Via>) {
+        if let (true, Some(via)) = (self.learn_macs, via) {
+            self.peers().learn(peer.ip(), via, Instant::now());
         }
     }
 

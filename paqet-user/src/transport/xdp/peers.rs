@@ -1,5 +1,6 @@
-//! What the transport remembers per peer: the MAC to put in frames for it, and on the
-//! TCP-shaped wire its flow ([`super::tcp_flow`]).
+//! What the transport remembers per peer: the MAC to put in frames for it, the address
+//! of ours it reached, and on the TCP-shaped wire its flow ([`super::tcp_flow`]); and
+//! our own current addresses ([`Locals`]).
 //!
 //! Held behind one mutex that the TX path takes once per batch and the RX path once
 //! per drained batch.
@@ -8,8 +9,10 @@ use std::collections::HashSet;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
+use super::locals::Locals;
 use super::tcp_flow::Flows;
 use crate::engine::FastMap;
+use crate::transport::Via;
 
 /// Where a MAC came from. Learned (the source MAC of a frame the peer sent) wins over
 /// the kernel's tables: it is the hop that actually carried the peer's traffic.
@@ -23,6 +26,8 @@ pub enum MacOrigin {
 struct MacEntry {
     mac: [u8; 6],
     origin: MacOrigin,
+    /// Learned entries: our address the peer's frames were sent to.
+    local: Option<IpAddr>,
     used: Instant,
 }
 
@@ -35,6 +40,8 @@ pub struct Peers {
     pub tcp: Option<Flows>,
     /// Addresses a resolution was asked for and has not finished.
     pending: HashSet<IpAddr>,
+    /// Here because every TX and RX pass takes this lock already.
+    pub locals: Locals,
 }
 
 impl Peers {
@@ -44,20 +51,28 @@ impl Peers {
         Some(e.mac)
     }
 
-    pub fn learn(&mut self, ip: IpAddr, mac: [u8; 6], now: Instant) {
-        let e = self.macs.entry(ip).or_insert(MacEntry {
-            mac,
+    pub fn learn(&mut self, ip: IpAddr, via: Via, now: Instant) {
+        let learned = MacEntry {
+            mac: via.mac,
             origin: MacOrigin::Learned,
-            used: now,
-        });
-        if e.mac != mac || e.origin != MacOrigin::Learned {
-            tracing::debug!(%ip, mac = %super::iface::fmt_mac(mac), "learned next hop from a received frame");
-        }
-        *e = MacEntry {
-            mac,
-            origin: MacOrigin::Learned,
+            local: Some(via.local),
             used: now,
         };
+        let e = self.macs.entry(ip).or_insert(learned);
+        if e.mac != via.mac || e.origin != MacOrigin::Learned {
+            tracing::debug!(%ip, mac = %super::iface::fmt_mac(via.mac), "learned next hop from a received frame");
+        }
+        *e = learned;
+    }
+
+    /// The address our frames to `ip` leave from: the one of ours it reached while we
+    /// still hold it, else our first of its family.
+    pub fn source_for(&self, ip: IpAddr) -> Option<IpAddr> {
+        self.macs
+            .get(&ip)
+            .and_then(|e| e.local)
+            .filter(|l| self.locals.contains(*l))
+            .or_else(|| self.locals.first_for(ip))
     }
 
     /// A MAC from the kernel's neighbour table; never overrides a learned one.
@@ -71,6 +86,7 @@ impl Peers {
                     MacEntry {
                         mac,
                         origin: MacOrigin::Kernel,
+                        local: None,
                         used: now,
                     },
                 );
@@ -110,6 +126,13 @@ impl Peers {
 mod tests {
     use super::*;
 
+    fn via(mac: u8, local: &str) -> Via {
+        Via {
+            mac: [mac; 6],
+            local: local.parse().unwrap(),
+        }
+    }
+
     #[test]
     fn learned_macs_win_over_the_kernel() {
         let mut p = Peers::default();
@@ -117,11 +140,33 @@ mod tests {
         let ip: IpAddr = "198.18.0.1".parse().unwrap();
         p.set_from_kernel(ip, [1; 6], now);
         assert_eq!(p.mac(ip, now), Some([1; 6]));
-        p.learn(ip, [2; 6], now);
+        p.learn(ip, via(2, "198.18.0.2"), now);
         p.set_from_kernel(ip, [3; 6], now);
         assert_eq!(p.mac(ip, now), Some([2; 6]));
         assert!(p.kernel_resolved().is_empty());
         p.prune(now + Duration::from_secs(10), Duration::from_secs(5));
         assert_eq!(p.mac(ip, now), None);
+    }
+
+    #[test]
+    fn replies_leave_from_the_address_the_peer_reached() {
+        use paqet_common::maps::{FilterConfig, Protocol};
+        let ours = |s: &[&str]| s.iter().map(|a| a.parse().unwrap()).collect::<Vec<IpAddr>>();
+        let mut p = Peers {
+            locals: Locals::new(FilterConfig::new(Protocol::Tcp, 4000), ours(&["198.18.0.2", "198.18.0.20"])),
+            ..Peers::default()
+        };
+        let now = Instant::now();
+        let (a, b): (IpAddr, IpAddr) = ("198.18.0.1".parse().unwrap(), "198.18.0.3".parse().unwrap());
+        assert_eq!(p.source_for(a), Some("198.18.0.2".parse().unwrap()), "not heard yet: the first");
+        p.learn(a, via(2, "198.18.0.20"), now);
+        assert_eq!(p.source_for(a), Some("198.18.0.20".parse().unwrap()));
+        assert_eq!(p.source_for(b), Some("198.18.0.2".parse().unwrap()), "another peer");
+        p.locals.replace(ours(&["198.18.0.2"]));
+        assert_eq!(
+            p.source_for(a),
+            Some("198.18.0.2".parse().unwrap()),
+            "the address it reached is gone"
+        );
     }
 }
