@@ -973,12 +973,17 @@ fn a_receiver_whose_buffer_overflows_slows_its_peer_down_until_it_stops() {
     sim.settle();
     let full = sim.server.stream_mut(sid).unwrap().kcp.snd_wnd();
     // A little overflow (the xdp ring's usual ~0.5 %) is left to KCP.
-    sim.client.receive_overflowed(1, 1000);
+    sim.client.receive_overflowed(PathId(0), 1, 1000);
+    sim.collect();
+    sim.settle();
+    assert_eq!(sim.server.stream_mut(sid).unwrap().kcp.snd_wnd(), full);
+    // Overflow on a path the server does not use is not the server's doing.
+    sim.client.receive_overflowed(PathId(1), 900, 100);
     sim.collect();
     sim.settle();
     assert_eq!(sim.server.stream_mut(sid).unwrap().kcp.snd_wnd(), full);
     // Most of a burst lost to the client's full socket: the server halves its window.
-    sim.client.receive_overflowed(900, 100);
+    sim.client.receive_overflowed(PathId(0), 900, 100);
     sim.collect();
     sim.settle();
     assert_eq!(sim.server.stream_mut(sid).unwrap().kcp.snd_wnd(), full / 2);

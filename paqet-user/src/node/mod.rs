@@ -467,13 +467,13 @@ impl<T: Transport> Node<T> {
     /// Judges each path's receive overflows against that path's own arrivals, so a busy
     /// path's traffic does not hide another's overflowing ring.
     fn report_overflows(&self, watches: &mut [OverflowWatch]) {
-        for ((transport, received), watch) in self.paths.iter().zip(&self.received).zip(watches) {
+        let paths = self.paths.iter().zip(&self.received).zip(watches);
+        for (i, ((transport, received), watch)) in paths.enumerate() {
             if let Some((dropped, received)) =
                 watch.since_last(transport.receive_overflows(), received.load(Ordering::Relaxed))
             {
-                // The engine tells every peer heard recently, on any path: it has no
-                // way yet to be told which path overflowed.
-                self.with_engine(|engine, _| engine.receive_overflowed(dropped, received));
+                let path = crate::engine::PathId(i as u8);
+                self.with_engine(|engine, _| engine.receive_overflowed(path, dropped, received));
             }
         }
     }

@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use crate::engine::frame::Inner;
-use crate::engine::{Engine, Now, PeerId, Role};
+use crate::engine::{Engine, Now, PathId, PeerId, Role};
 
 /// Peers heard from this recently sent what overflowed (a server tells those).
 const RECENT: Duration = Duration::from_secs(1);
@@ -52,9 +52,10 @@ impl Engine {
         }
     }
 
-    /// The edge saw `dropped` datagrams lost to a full receive buffer while `received`
-    /// arrived: if that is significant, tell the peers that sent them to slow down.
-    pub fn receive_overflowed(&mut self, dropped: u64, received: u64) {
+    /// The edge saw `dropped` datagrams lost to `path`'s full receive buffer while
+    /// `received` arrived there: if that is significant, tell the peers on that path
+    /// that sent them to slow down (a peer on another path did not fill it).
+    pub fn receive_overflowed(&mut self, path: PathId, dropped: u64, received: u64) {
         if dropped == 0 || dropped * 100 < received * SIGNIFICANT_PERCENT {
             return;
         }
@@ -63,7 +64,7 @@ impl Engine {
         let recent = self
             .peers
             .values_mut()
-            .filter(|c| c.has_session() && c.silent_for(now) < RECENT);
+            .filter(|c| c.path == path && c.has_session() && c.silent_for(now) < RECENT);
         for connection in recent {
             connection.seal(&Inner::Overflow { dropped }, now, &mut self.out);
         }
