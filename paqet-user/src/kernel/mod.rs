@@ -120,7 +120,7 @@ impl Steering {
         pins::ensure_bpffs()?;
         // One XDP program per interface: a second one would replace or be refused by
         // the first, and the first's frames would go astray.
-        if let Some((instance, programs)) = pins::live_instance_on(&opts.interface, &opts.instance)? {
+        if let Some((instance, programs)) = pins::live_instance_on(&opts.interface, &opts.instance) {
             return Err(KernelError::InterfaceTaken {
                 interface: opts.interface.clone(),
                 instance,
