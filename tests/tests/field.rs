@@ -422,7 +422,18 @@ fn relay_through_an_added_address(tag: &str, wire: &str) -> RelayBed {
     let client_if = bed.hosts.client_if.clone();
     bed.hosts
         .client
-        .exec(&["ip", "neigh", "replace", ADDED, "lladdr", &server_mac, "dev", &client_if, "nud", "permanent"])
+        .exec(&[
+            "ip",
+            "neigh",
+            "replace",
+            ADDED,
+            "lladdr",
+            &server_mac,
+            "dev",
+            &client_if,
+            "nud",
+            "permanent",
+        ])
         .unwrap();
     scenarios::curl_download_is_exact(&bed, 5 * MIB);
     bed
@@ -470,7 +481,11 @@ fn a_wildcard_server_steers_the_addresses_its_interface_holds_now() {
         || bed.log_of("server").contains(&format!("addresses=[{ADDED}]")),
         Duration::from_secs(10),
     );
-    assert!(followed, "the server should say it steers {ADDED} alone\n{}", bed.logs());
+    assert!(
+        followed,
+        "the server should say it steers {ADDED} alone\n{}",
+        bed.logs()
+    );
     assert_eq!(
         steered_by_probes(&bed, &old, PROBES, ADDED, 1),
         1,

@@ -329,7 +329,9 @@ fn silent_connections_from_one_address_leave_the_scraper_room() {
             scraper.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
             write!(scraper, "GET /metrics HTTP/1.1\r\nHost: {METRICS}\r\n\r\n").unwrap();
             let mut raw = Vec::new();
-            let answer = scraper.read_to_end(&mut raw).map(|_| String::from_utf8_lossy(&raw).into_owned());
+            let answer = scraper
+                .read_to_end(&mut raw)
+                .map(|_| String::from_utf8_lossy(&raw).into_owned());
             drop(silent);
             answer
         })

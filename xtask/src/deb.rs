@@ -277,7 +277,12 @@ mod tests {
         std::fs::set_permissions(root.join("DEBIAN/control"), std::fs::Permissions::from_mode(0o600)).unwrap();
         let result = directories_0755(&root);
         let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
-        let modes = (mode(&root), mode(&root.join("DEBIAN")), mode(&root.join("DEBIAN/x")), mode(&root.join("DEBIAN/control")));
+        let modes = (
+            mode(&root),
+            mode(&root.join("DEBIAN")),
+            mode(&root.join("DEBIAN/x")),
+            mode(&root.join("DEBIAN/control")),
+        );
         std::fs::remove_dir_all(&root).unwrap();
         result.unwrap();
         assert_eq!(modes, (0o755, 0o755, 0o755, 0o600), "directories 0755, files untouched");

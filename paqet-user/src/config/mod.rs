@@ -150,7 +150,10 @@ fn ignored_keys(s: &Settings, role: Role) -> Vec<String> {
     };
     others
         .into_iter()
-        .filter_map(|key| s.get(key).map(|(_, at)| format!("{at}: {key} is a {other_role} setting; a {role} ignores it")))
+        .filter_map(|key| {
+            s.get(key)
+                .map(|(_, at)| format!("{at}: {key} is a {other_role} setting; a {role} ignores it"))
+        })
         .collect()
 }
 

@@ -464,10 +464,19 @@ fn key_file_is_read_checked_and_relative_to_the_config() {
 
 #[test]
 fn keys_of_the_other_role_are_named_as_ignored() {
-    let c = config(&format!("REMOTE_ADDR=198.18.0.2:4000\nKEY={KEY_B64}\nUDP_TIMEOUT=5\nDENY=198.18.0.0/15\n")).unwrap();
+    let c = config(&format!(
+        "REMOTE_ADDR=198.18.0.2:4000\nKEY={KEY_B64}\nUDP_TIMEOUT=5\nDENY=198.18.0.0/15\n"
+    ))
+    .unwrap();
     assert_eq!(c.role, Role::Client);
     assert_eq!(c.ignored.len(), 2, "{:?}", c.ignored);
-    assert!(c.ignored.iter().any(|l| l.contains("UDP_TIMEOUT is a server setting; a client ignores it")), "{:?}", c.ignored);
+    assert!(
+        c.ignored
+            .iter()
+            .any(|l| l.contains("UDP_TIMEOUT is a server setting; a client ignores it")),
+        "{:?}",
+        c.ignored
+    );
     assert!(server("SOCKS_USER=u\nSOCKS_PASS=p\n").ignored.len() == 2);
     assert!(server("").ignored.is_empty());
 }

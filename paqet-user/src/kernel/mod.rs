@@ -301,13 +301,19 @@ impl Steering {
         let Some(Map::Array(data)) = self.ebpf().map(FILTER_MAP) else {
             return Err(missing);
         };
-        let fd = data.fd().as_fd().try_clone_to_owned().map_err(|source| KernelError::Io {
-            what: "duplicating the filter map's descriptor for",
-            path: self.pin_dir.join(PIN_FILTER),
-            source,
-        })?;
+        let fd = data
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|source| KernelError::Io {
+                what: "duplicating the filter map's descriptor for",
+                path: self.pin_dir.join(PIN_FILTER),
+                source,
+            })?;
         let data = MapData::from_fd(fd).map_err(filter_error("duplicating"))?;
-        Ok(FilterWriter(Array::try_from(Map::Array(data)).map_err(filter_error("opening"))?))
+        Ok(FilterWriter(
+            Array::try_from(Map::Array(data)).map_err(filter_error("opening"))?,
+        ))
     }
 
     /// Registers the AF_XDP socket bound to RX queue `queue`: matched frames arriving

@@ -224,7 +224,12 @@ pub fn render(role: &'static str, transport: &str, s: &Snapshot) -> Result<Strin
     counter(&mut r, "paqet_packets_in", "Tunnel datagrams received", s.datagrams_in);
     counter(&mut r, "paqet_packets_out", "Tunnel datagrams sent", s.datagrams_out);
     counter(&mut r, "paqet_handshakes", "Handshakes completed", s.handshakes);
-    counter(&mut r, "paqet_keepalives", "Keepalives sent (an idle client's upkeep)", s.keepalives);
+    counter(
+        &mut r,
+        "paqet_keepalives",
+        "Keepalives sent (an idle client's upkeep)",
+        s.keepalives,
+    );
     let dropped = Family::<Labels, Counter>::default();
     for (reason, n) in [
         ("authentication", s.dropped_unauthentic),

@@ -374,10 +374,11 @@ impl AddressEvents {
             Ok((data, _)) => data,
             // A signal (the privilege drop signals every thread) ends a receive that has
             // a timeout even under SA_RESTART: as good as a timeout.
-            Err(e) if matches!(
-                e.kind(),
-                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
-            ) =>
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
+                ) =>
             {
                 return Ok(false);
             }

@@ -237,11 +237,7 @@ impl Results {
                     t.value
                 ));
             }
-            out.push((
-                format!("rr p50, {tr} ≤ 2× the two-forwarder floor"),
-                verdict(ok),
-                d,
-            ));
+            out.push((format!("rr p50, {tr} ≤ 2× the two-forwarder floor"), verdict(ok), d));
             let ok = rr.zip(kcp_socks_p50).map(|(a, b)| a.value <= 0.5 * b.value);
             let d = rr.zip(kcp_socks_p50).map_or(String::new(), |(a, b)| {
                 format!(
@@ -327,7 +323,9 @@ impl Results {
                 .udp
                 .iter()
                 .find(|d| d.system == UDP_DIRECT && d.offered_mbit == r.offered_mbit);
-            let ratio = direct.map_or("–".to_string(), |d| format!("{:.2}×", r.goodput_mbit / d.goodput_mbit));
+            let ratio = direct.map_or("–".to_string(), |d| {
+                format!("{:.2}×", r.goodput_mbit / d.goodput_mbit)
+            });
             let _ = writeln!(
                 t,
                 "| {} | {:.0} | {:.1} | {:.2} | {ratio} |",

@@ -132,7 +132,11 @@ impl UpkeepReading {
             .args(["status", "--json"])
             .output()
             .context("running paqet status --json")?;
-        anyhow::ensure!(out.status.success(), "paqet status: {}", String::from_utf8_lossy(&out.stderr));
+        anyhow::ensure!(
+            out.status.success(),
+            "paqet status: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let all: serde_json::Value = serde_json::from_slice(&out.stdout).context("paqet status --json")?;
         let instances = all.as_array().context("paqet status --json: not a list")?;
         let mut r = UpkeepReading {
@@ -395,7 +399,17 @@ impl Bench {
             target: origin(),
         };
         let s = self.s;
-        let res = self.transfer(XDP_UDP_WIRE, Kind::Paqet, CLEAN1, &bed.hosts.client, &o, 1, s.clean, s.clean_cap, &procs);
+        let res = self.transfer(
+            XDP_UDP_WIRE,
+            Kind::Paqet,
+            CLEAN1,
+            &bed.hosts.client,
+            &o,
+            1,
+            s.clean,
+            s.clean_cap,
+            &procs,
+        );
         if res.is_err() {
             eprintln!("{}", bed.logs());
         }
@@ -609,7 +623,12 @@ impl Bench {
             }
             let _iperf = iperf3_server(&bed.origin_host.ns, ORIGIN_IP)?;
             for &rate in self.s.udp_rates {
-                let res = self.iperf3_udp(&format!("paqet {transport}"), &bed.hosts.client, Ipv4Addr::LOCALHOST, rate);
+                let res = self.iperf3_udp(
+                    &format!("paqet {transport}"),
+                    &bed.hosts.client,
+                    Ipv4Addr::LOCALHOST,
+                    rate,
+                );
                 if res.is_err() {
                     eprintln!("{}", bed.logs());
                 }
@@ -622,8 +641,24 @@ impl Bench {
     fn iperf3_udp(&mut self, sys: &str, ns: &Netns, to: Ipv4Addr, rate_mbit: u32) -> Result<()> {
         let out = ns
             .command("iperf3")
-            .args(["-c", &to.to_string(), "-p", &IPERF3_PORT.to_string(), "-J", "--connect-timeout", "5000"])
-            .args(["-u", "-l", "1200", "-b", &format!("{rate_mbit}M"), "-t", &self.s.udp_secs.to_string()])
+            .args([
+                "-c",
+                &to.to_string(),
+                "-p",
+                &IPERF3_PORT.to_string(),
+                "-J",
+                "--connect-timeout",
+                "5000",
+            ])
+            .args([
+                "-u",
+                "-l",
+                "1200",
+                "-b",
+                &format!("{rate_mbit}M"),
+                "-t",
+                &self.s.udp_secs.to_string(),
+            ])
             .stdin(Stdio::null())
             .output()
             .context("running iperf3")?;
@@ -632,7 +667,11 @@ impl Bench {
         let report: serde_json::Value = serde_json::from_str(&text).context("iperf3's JSON report")?;
         // What the receiver (the iperf3 server) counted, as the client reports at the end.
         let received = &report["end"]["sum_received"];
-        let n = |key: &str| received[key].as_f64().with_context(|| format!("no end.sum_received.{key}: {text}"));
+        let n = |key: &str| {
+            received[key]
+                .as_f64()
+                .with_context(|| format!("no end.sum_received.{key}: {text}"))
+        };
         let row = UdpRow {
             system: sys.into(),
             offered_mbit: rate_mbit.into(),

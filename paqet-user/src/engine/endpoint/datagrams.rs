@@ -94,7 +94,10 @@ impl Engine {
             if now.saturating_duration_since(w.since) > WAIT_FOR_SESSION {
                 self.datagrams.reassembler.counters.expired_waiting += 1;
             } else if let Err(e) = self.send_message(peer, w.flow, &w.message) {
-                tracing::debug!(flow = w.flow, "a datagram that waited for the session was not sent: {e}");
+                tracing::debug!(
+                    flow = w.flow,
+                    "a datagram that waited for the session was not sent: {e}"
+                );
             }
         }
     }

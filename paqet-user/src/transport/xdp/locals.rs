@@ -187,7 +187,9 @@ impl Follower {
             return;
         };
         match self.writer.set(&filter) {
-            Ok(()) => tracing::info!(interface = %self.interface, addresses = ?addrs, "steering the interface's current addresses"),
+            Ok(()) => {
+                tracing::info!(interface = %self.interface, addresses = ?addrs, "steering the interface's current addresses")
+            }
             Err(e) => tracing::error!(
                 interface = %self.interface,
                 "cannot update paqet_steer's filter; frames to new addresses reach the kernel: {}",
@@ -264,7 +266,10 @@ mod tests {
     #[test]
     fn reads_the_kernel() {
         let lo = netlink::ifindex("lo").unwrap();
-        assert_eq!(current(Follow::Interface { v6: true }, lo).unwrap(), Vec::<IpAddr>::new());
+        assert_eq!(
+            current(Follow::Interface { v6: true }, lo).unwrap(),
+            Vec::<IpAddr>::new()
+        );
         assert_eq!(
             current(Follow::RouteTo("127.0.0.1:9".parse().unwrap()), lo).unwrap(),
             vec![ip("127.0.0.1")]

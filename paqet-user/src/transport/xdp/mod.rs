@@ -235,9 +235,7 @@ impl XdpTransport {
             WireShape::Tcp => Protocol::Tcp,
             WireShape::Udp => Protocol::Udp,
         };
-        let local_other = opts
-            .local_other_family
-            .filter(|ip| ip.is_ipv4() != local.is_ipv4());
+        let local_other = opts.local_other_family.filter(|ip| ip.is_ipv4() != local.is_ipv4());
         let mut filter = FilterConfig::new(protocol, local.port()).with_redirect(true);
         if let Some(peer) = opts.peer {
             filter = filter.with_peer(Addr::from(peer.ip()), peer.port());

@@ -153,12 +153,19 @@ mod tests {
         use paqet_common::maps::{FilterConfig, Protocol};
         let ours = |s: &[&str]| s.iter().map(|a| a.parse().unwrap()).collect::<Vec<IpAddr>>();
         let mut p = Peers {
-            locals: Locals::new(FilterConfig::new(Protocol::Tcp, 4000), ours(&["198.18.0.2", "198.18.0.20"])),
+            locals: Locals::new(
+                FilterConfig::new(Protocol::Tcp, 4000),
+                ours(&["198.18.0.2", "198.18.0.20"]),
+            ),
             ..Peers::default()
         };
         let now = Instant::now();
         let (a, b): (IpAddr, IpAddr) = ("198.18.0.1".parse().unwrap(), "198.18.0.3".parse().unwrap());
-        assert_eq!(p.source_for(a), Some("198.18.0.2".parse().unwrap()), "not heard yet: the first");
+        assert_eq!(
+            p.source_for(a),
+            Some("198.18.0.2".parse().unwrap()),
+            "not heard yet: the first"
+        );
         p.learn(a, via(2, "198.18.0.20"), now);
         assert_eq!(p.source_for(a), Some("198.18.0.20".parse().unwrap()));
         assert_eq!(p.source_for(b), Some("198.18.0.2".parse().unwrap()), "another peer");
