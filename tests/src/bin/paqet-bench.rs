@@ -392,24 +392,26 @@ impl Bench {
     /// what the TCP wire's opening and upkeep cost.
     fn paqet_xdp_udp_wire(&mut self) -> Result<()> {
         let bed = RelayBed::start("bw", &udp_wire(relay_options("xdp")?))?;
+        let s = self.s;
+        self.paqet_one_stream(XDP_UDP_WIRE, &bed, CLEAN1, s.clean, s.clean_cap)
+    }
+
+    /// One download of `len` through `bed`, as row `test` of `sys`.
+    fn paqet_one_stream(
+        &mut self,
+        sys: &str,
+        bed: &RelayBed,
+        test: &'static str,
+        len: u64,
+        cap: Duration,
+    ) -> Result<()> {
         let _servers = Servers::start(&bed.hosts.server)?;
-        let procs = paqet_procs(&bed);
+        let procs = paqet_procs(bed);
         let o = Access::Socks {
             proxy: bed.socks_addr(),
             target: origin(),
         };
-        let s = self.s;
-        let res = self.transfer(
-            XDP_UDP_WIRE,
-            Kind::Paqet,
-            CLEAN1,
-            &bed.hosts.client,
-            &o,
-            1,
-            s.clean,
-            s.clean_cap,
-            &procs,
-        );
+        let res = self.transfer(sys, Kind::Paqet, test, &bed.hosts.client, &o, 1, len, cap, &procs);
         if res.is_err() {
             eprintln!("{}", bed.logs());
         }
@@ -454,24 +456,8 @@ impl Bench {
 
     fn paqet_lossy_as(&mut self, sys: &str, tag: &str, opts: RelayOptions) -> Result<()> {
         let bed = RelayBed::start_through(tag, &opts, LOSSY_LINK)?;
-        let _servers = Servers::start(&bed.hosts.server)?;
-        let procs = paqet_procs(&bed);
-        let o = Access::Socks {
-            proxy: bed.socks_addr(),
-            target: origin(),
-        };
         let s = self.s;
-        self.transfer(
-            sys,
-            Kind::Paqet,
-            LOSSY,
-            &bed.hosts.client,
-            &o,
-            1,
-            s.lossy,
-            s.lossy_cap,
-            &procs,
-        )
+        self.paqet_one_stream(sys, &bed, LOSSY, s.lossy, s.lossy_cap)
     }
 
     /// The kcptun sweep (port-forward), then the best encrypted configuration's full
