@@ -266,6 +266,45 @@ fn kill_9_then_start_again_replaces_stale_pins_and_relays() {
     );
 }
 
+/// The service cannot list loaded programs (that needs CAP_SYS_ADMIN), so a second
+/// copy must learn from the interface that the first still runs, and leave its pins.
+#[test]
+fn a_second_copy_beside_the_running_service_leaves_its_pins_and_its_relay_alone() {
+    if !require_root("a_second_copy_beside_the_running_service_leaves_its_pins_and_its_relay_alone") {
+        return;
+    }
+    let mut bed = ServiceBed::start("svd").unwrap();
+    let before = bed.xdp_prog_id("server").unwrap().expect("attached");
+    let caps = bed.caps.clone();
+    let (code, log) = server_with(&bed, &caps, &[]);
+    assert!(
+        code.is_some_and(|c| c != 0),
+        "a second server came up beside the running one (exit {code:?}):\n{log}"
+    );
+    assert!(
+        log.contains(&format!("another paqet server-{} is running", bed.interface("server"))),
+        "the second copy did not say which instance runs:\n{log}"
+    );
+    assert!(!log.contains("replacing stale pins"), "live pins taken for stale:\n{log}");
+    assert!(bed.pin_dir("server").join("stats").exists(), "the running server lost its pins");
+    assert_eq!(bed.xdp_prog_id("server").unwrap(), Some(before), "the running server lost its program");
+    // `paqet status` as the service user, with no capability, tells the same way.
+    let out = service::as_service(&bed.sns, &[], &[], &bed.bin)
+        .args(["status", "--json"])
+        .output()
+        .unwrap();
+    let status = String::from_utf8_lossy(&out.stdout);
+    let instance = format!("server-{}", bed.interface("server"));
+    let described: serde_json::Value = serde_json::from_str(&status).unwrap_or_default();
+    let server = described
+        .as_array()
+        .and_then(|all| all.iter().find(|v| v["instance"] == instance.as_str()))
+        .unwrap_or_else(|| panic!("{instance} not in status:\n{status}"));
+    assert_eq!(server["running"], true, "{server}");
+    let len = 4 * MIB;
+    assert_eq!(bed.curl_sha256(len).unwrap(), pattern::sha256_hex(len, len), "{}", bed.logs());
+}
+
 #[test]
 fn check_names_the_port_holder_and_the_missing_capabilities() {
     if !require_root("check_names_the_port_holder_and_the_missing_capabilities") {

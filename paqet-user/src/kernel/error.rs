@@ -93,6 +93,18 @@ pub enum KernelError {
         programs: Vec<u32>,
     },
 
+    #[error(
+        "cannot tell whether the paqet that made the pins at {path} still runs, so they are left alone; if no \
+         paqet {instance} runs (see `paqet status` and `bpftool prog show name paqet_steer`), remove them by hand \
+         with `rm -r {path}` and start again"
+    )]
+    PinOwnerUnknown {
+        instance: String,
+        path: PathBuf,
+        #[source]
+        source: Box<KernelError>,
+    },
+
     #[error("no pinned paqet maps for instance {instance:?} at {path} (is paqet running?)")]
     NotPinned { instance: String, path: PathBuf },
 

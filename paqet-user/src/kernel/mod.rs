@@ -29,7 +29,7 @@ mod logs;
 mod pins;
 
 pub use error::{KernelError, SETCAP_HINT};
-pub use pins::{BPFFS, PIN_ROOT, is_bpffs, pin_dir, programs_using, read_pinned_stats};
+pub use pins::{BPFFS, PIN_ROOT, instance_owners, is_bpffs, pin_dir, read_pinned_stats};
 
 use aya::maps::{Array, Map, MapData, PerCpuArray, XskMap};
 use aya::programs::{Xdp, XdpMode, xdp::XdpLinkId};
@@ -120,7 +120,7 @@ impl Steering {
         pins::ensure_bpffs()?;
         // One XDP program per interface: a second one would replace or be refused by
         // the first, and the first's frames would go astray.
-        if let Some((instance, programs)) = pins::live_instance_on(&opts.interface, &opts.instance) {
+        if let Some((instance, programs)) = pins::live_instance_on(&opts.interface, &opts.instance)? {
             return Err(KernelError::InterfaceTaken {
                 interface: opts.interface.clone(),
                 instance,
@@ -142,7 +142,7 @@ impl Steering {
             source,
         })?;
 
-        let pin_dir = pins::fresh_pin_dir(&opts.instance)?;
+        let pin_dir = pins::fresh_pin_dir(&opts.instance, &opts.interface)?;
         let mut steering = Steering {
             ebpf: Some(ebpf),
             link: None,

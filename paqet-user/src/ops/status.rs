@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use super::live;
 
 use crate::cli::StatusArgs;
-use crate::kernel::{PIN_ROOT, programs_using, read_pinned_stats};
+use crate::kernel::{PIN_ROOT, instance_owners, read_pinned_stats};
 
 fn instances(only: Option<&str>) -> Result<Vec<String>> {
     if let Some(name) = only {
@@ -46,14 +46,20 @@ fn describe(name: &str) -> Result<Value> {
     let stats = read_pinned_stats(name).with_context(|| format!("instance {name}"))?;
     let pin_dir = std::path::Path::new(PIN_ROOT).join(name);
     let (role, interface) = name.split_once('-').unwrap_or(("", name));
-    let programs = programs_using(&pin_dir).unwrap_or_default();
+    // Without CAP_SYS_ADMIN, and outside the instance's network namespace, its
+    // liveness cannot be told: say so rather than call it stale.
+    let (running, programs, unknown) = match instance_owners(name, interface) {
+        Ok(programs) => (json!(!programs.is_empty()), programs, Value::Null),
+        Err(e) => (Value::Null, Vec::new(), json!(format!("{:#}", anyhow::Error::from(e)))),
+    };
     let attachment = xdp_attachment(interface).filter(|(_, id)| programs.contains(id));
     Ok(json!({
         "instance": name,
         "role": role,
         "interface": interface,
         "pins": pin_dir.display().to_string(),
-        "running": !programs.is_empty(),
+        "running": running,
+        "running_unknown": unknown,
         "program_ids": programs,
         "mode": attachment.as_ref().map(|(m, _)| m.clone()),
         "seen": stats.seen,
@@ -124,6 +130,8 @@ pub fn run(args: &StatusArgs) -> Result<()> {
                     .as_str()
                     .unwrap_or("mode not visible from this network namespace")
             )
+        } else if v["running"].is_null() {
+            format!("running or not, cannot tell from here: {}", v["running_unknown"].as_str().unwrap_or(""))
         } else {
             "STALE: no loaded program uses these pins (the process was killed; the next start replaces them)"
                 .to_string()
