@@ -326,8 +326,7 @@ fn auto_finds_the_open_wire(tag: &str, ipv6: bool, block_udp: bool) {
     let chosen = if block_udp { "xdp/tcp" } else { "udp" };
     assert!(
         log.lines()
-            .filter(|l| l.contains("session established"))
-            .next_back()
+            .rfind(|l| l.contains("session established"))
             .is_some_and(|l| l.contains(&format!("path={chosen}"))),
         "the client did not settle on {chosen}\n{}",
         bed.logs()

@@ -273,7 +273,7 @@ fn a_second_copy_beside_the_running_service_leaves_its_pins_and_its_relay_alone(
     if !require_root("a_second_copy_beside_the_running_service_leaves_its_pins_and_its_relay_alone") {
         return;
     }
-    let mut bed = ServiceBed::start("svd").unwrap();
+    let bed = ServiceBed::start("svd").unwrap();
     let before = bed.xdp_prog_id("server").unwrap().expect("attached");
     let caps = bed.caps.clone();
     let (code, log) = server_with(&bed, &caps, &[]);
@@ -285,9 +285,19 @@ fn a_second_copy_beside_the_running_service_leaves_its_pins_and_its_relay_alone(
         log.contains(&format!("another paqet server-{} is running", bed.interface("server"))),
         "the second copy did not say which instance runs:\n{log}"
     );
-    assert!(!log.contains("replacing stale pins"), "live pins taken for stale:\n{log}");
-    assert!(bed.pin_dir("server").join("stats").exists(), "the running server lost its pins");
-    assert_eq!(bed.xdp_prog_id("server").unwrap(), Some(before), "the running server lost its program");
+    assert!(
+        !log.contains("replacing stale pins"),
+        "live pins taken for stale:\n{log}"
+    );
+    assert!(
+        bed.pin_dir("server").join("stats").exists(),
+        "the running server lost its pins"
+    );
+    assert_eq!(
+        bed.xdp_prog_id("server").unwrap(),
+        Some(before),
+        "the running server lost its program"
+    );
     // `paqet status` as the service user, with no capability, tells the same way.
     let out = service::as_service(&bed.sns, &[], &[], &bed.bin)
         .args(["status", "--json"])
@@ -302,7 +312,12 @@ fn a_second_copy_beside_the_running_service_leaves_its_pins_and_its_relay_alone(
         .unwrap_or_else(|| panic!("{instance} not in status:\n{status}"));
     assert_eq!(server["running"], true, "{server}");
     let len = 4 * MIB;
-    assert_eq!(bed.curl_sha256(len).unwrap(), pattern::sha256_hex(len, len), "{}", bed.logs());
+    assert_eq!(
+        bed.curl_sha256(len).unwrap(),
+        pattern::sha256_hex(len, len),
+        "{}",
+        bed.logs()
+    );
 }
 
 #[test]

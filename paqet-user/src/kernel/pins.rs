@@ -274,10 +274,7 @@ mod tests {
         let dir = scratch.0.join("server-eth9");
         // Opening a plain file as a map fails, as a failed query of the kernel would.
         let fresh = fresh_dir("server-eth9", &dir, "eth9");
-        assert!(
-            matches!(fresh, Err(KernelError::PinOwnerUnknown { .. })),
-            "{fresh:?}"
-        );
+        assert!(matches!(fresh, Err(KernelError::PinOwnerUnknown { .. })), "{fresh:?}");
         assert!(dir.join(PIN_STATS).exists(), "pins that may be live were removed");
         let message = fresh.unwrap_err().to_string();
         assert!(
@@ -285,10 +282,7 @@ mod tests {
             "{message}"
         );
         let taken = live_instance_in(&scratch.0, "eth9", "client-eth9");
-        assert!(
-            matches!(taken, Err(KernelError::PinOwnerUnknown { .. })),
-            "{taken:?}"
-        );
+        assert!(matches!(taken, Err(KernelError::PinOwnerUnknown { .. })), "{taken:?}");
     }
 
     #[test]

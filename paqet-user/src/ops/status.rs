@@ -131,7 +131,10 @@ pub fn run(args: &StatusArgs) -> Result<()> {
                     .unwrap_or("mode not visible from this network namespace")
             )
         } else if v["running"].is_null() {
-            format!("running or not, cannot tell from here: {}", v["running_unknown"].as_str().unwrap_or(""))
+            format!(
+                "running or not, cannot tell from here: {}",
+                v["running_unknown"].as_str().unwrap_or("")
+            )
         } else {
             "STALE: no loaded program uses these pins (the process was killed; the next start replaces them)"
                 .to_string()

@@ -2,7 +2,6 @@
 //! `TRANSPORT=auto` serves the TCP-shaped wire through AF_XDP and UDP through the
 //! kernel's socket on the same port; a client keeps udp beside xdp to fall back to).
 
-use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 
@@ -35,12 +34,10 @@ impl Transport for AnyTransport {
         }
     }
 
-    fn recv_batch<'a>(&'a self, batch: &'a mut RecvBatch) -> impl Future<Output = io::Result<()>> + Send + 'a {
-        async move {
-            match self {
-                AnyTransport::Udp(t) => t.recv_batch(batch).await,
-                AnyTransport::Xdp(t) => t.recv_batch(batch).await,
-            }
+    async fn recv_batch(&self, batch: &mut RecvBatch) -> io::Result<()> {
+        match self {
+            AnyTransport::Udp(t) => t.recv_batch(batch).await,
+            AnyTransport::Xdp(t) => t.recv_batch(batch).await,
         }
     }
 
