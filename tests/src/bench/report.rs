@@ -95,6 +95,31 @@ impl Results {
         self.rows.push(row);
     }
 
+    /// Replaces the rows of `system`'s `test` by their median (by value), noting every
+    /// value: one short row on a lossy link varies by ±40 % from run to run, so a
+    /// comparison between two such rows needs several of each.
+    pub fn keep_median(&mut self, system: &str, test: &str) {
+        let (mut same, rest): (Vec<Row>, Vec<Row>) = std::mem::take(&mut self.rows)
+            .into_iter()
+            .partition(|r| r.system == system && r.test == test);
+        self.rows = rest;
+        if same.len() > 1 {
+            let values = same
+                .iter()
+                .map(|r| format!("{:.1}", r.value))
+                .collect::<Vec<_>>()
+                .join(", ");
+            same.sort_by(|a, b| a.value.total_cmp(&b.value));
+            let n = same.len();
+            let mut median = same.swap_remove(n / 2);
+            median.note = format!("median of {n}: {values}");
+            eprintln!("bench: {system} {test}: {}", median.note);
+            self.rows.push(median);
+        } else {
+            self.rows.extend(same);
+        }
+    }
+
     pub fn get(&self, system: &str, test: &str) -> Option<&Row> {
         self.rows.iter().find(|r| r.system == system && r.test == test)
     }
@@ -382,5 +407,52 @@ impl Results {
             let _ = writeln!(t, "{s}\trss:{p}\t{k}\t\t\tKiB");
         }
         t
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(system: &str, test: &'static str, value: f64) -> Row {
+        Row {
+            system: system.into(),
+            kind: Kind::Paqet,
+            test,
+            value,
+            value2: 0.0,
+            cpu_per_gib: None,
+            note: String::new(),
+        }
+    }
+
+    #[test]
+    fn keep_median_leaves_one_row_with_the_middle_value_and_every_value_noted() {
+        let mut r = Results::default();
+        for v in [90.0, 140.0, 60.0] {
+            r.rows.push(row("paqet xdp", LOSSY, v));
+        }
+        r.rows.push(row("paqet xdp", CLEAN1, 400.0));
+        r.rows.push(row("paqet udp", LOSSY, 150.0));
+        r.keep_median("paqet xdp", LOSSY);
+        let lossy: Vec<&Row> = r
+            .rows
+            .iter()
+            .filter(|x| x.system == "paqet xdp" && x.test == LOSSY)
+            .collect();
+        assert_eq!(lossy.len(), 1);
+        assert_eq!(lossy[0].value, 90.0);
+        assert_eq!(lossy[0].note, "median of 3: 90.0, 140.0, 60.0");
+        assert_eq!(r.get("paqet xdp", CLEAN1).map(|x| x.value), Some(400.0));
+        assert_eq!(r.get("paqet udp", LOSSY).map(|x| x.value), Some(150.0));
+    }
+
+    #[test]
+    fn keep_median_of_one_row_changes_nothing() {
+        let mut r = Results::default();
+        r.rows.push(row("paqet xdp", LOSSY, 70.0));
+        r.keep_median("paqet xdp", LOSSY);
+        assert_eq!(r.rows.len(), 1);
+        assert_eq!(r.rows[0].note, "");
     }
 }
