@@ -157,3 +157,37 @@ fn a_closed_flow_is_reported_to_the_server() {
         [DatagramEvent::FlowClosed { flow: 9, .. }]
     ));
 }
+
+#[test]
+fn a_client_that_only_sends_keeps_hearing_the_server_and_keeps_its_session() {
+    let mut sim = connected(Impairment::default(), 37);
+    let target = TargetAddr::Ip("198.18.1.2:9".parse().unwrap());
+    let start = sim.now;
+    let handshakes = sim.client.counters().handshakes;
+    let server_sent = sim.datagrams_sent[1];
+    let mut received = 0usize;
+    // Eight seconds of an upload the server never answers by itself: twice the time
+    // after which a client that hears nothing takes the server for gone.
+    for i in 0..800u64 {
+        let due = start + Duration::from_millis(10 * i);
+        assert!(sim.run_until(10_000, |s| s.now >= due));
+        sim.now = sim.now.max(due);
+        sim.client.send_datagram(None, 1, &target, &[7; 100]).unwrap();
+        sim.collect();
+        sim.step();
+        received += arrived(&mut sim.server).len();
+    }
+    assert!(sim.run_until(10_000, |s| s.link.is_empty()));
+    received += arrived(&mut sim.server).len();
+    assert_eq!(received, 800, "every datagram of the upload arrived");
+    assert_eq!(
+        sim.client.counters().handshakes,
+        handshakes,
+        "the client took the server for gone and handshook again"
+    );
+    assert!(
+        sim.datagrams_sent[1] > server_sent,
+        "the server said nothing during the upload"
+    );
+    assert!(sim.client.counters().keepalives >= 6);
+}

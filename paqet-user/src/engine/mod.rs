@@ -222,7 +222,8 @@ pub struct Counters {
     /// Streams a client opened beyond `max_streams_per_peer`, reset at once.
     pub refused_streams: u64,
     pub handshakes: u64,
-    /// Sealed keepalives sent (only by an idle client: see `sessions`).
+    /// Sealed keepalives sent: by a client that sent or heard nothing for a second, and
+    /// by the server in answer.
     pub keepalives: u64,
     /// Server: handshakes answered with a cookie instead of a session, under load.
     pub cookies_sent: u64,

@@ -26,7 +26,10 @@ use backoff::SendBackoff;
 /// or so (one handshake a second while answers are lost), so a client whose answers
 /// went missing still proves itself with the session it last had.
 const RESUME_SECRETS_KEPT: usize = 32;
-/// Nothing sent for this long: send a keepalive so the peer knows we are alive.
+/// Nothing sent, or nothing heard, for this long: send a keepalive (at most one per
+/// interval), which the server answers. The second half matters to a client that only
+/// sends (an upload of datagrams): the server has nothing of its own to say, and without
+/// its answers the client would take it for gone after a few seconds.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
 
 pub(super) struct Session {
@@ -57,6 +60,7 @@ pub(super) struct Connection {
     max_streams: usize,
     pub last_rx: Instant,
     pub last_tx: Instant,
+    last_keepalive: Instant,
 }
 
 impl Connection {
@@ -75,6 +79,7 @@ impl Connection {
             max_streams,
             last_rx: now,
             last_tx: now,
+            last_keepalive: now,
         }
     }
 
@@ -215,10 +220,12 @@ impl Connection {
     }
 
     pub fn keepalive_due(&self, now: Instant) -> bool {
-        self.has_session() && now.saturating_duration_since(self.last_tx) >= KEEPALIVE_INTERVAL
+        let quiet = |since: Instant| now.saturating_duration_since(since) >= KEEPALIVE_INTERVAL;
+        self.has_session() && quiet(self.last_keepalive) && (quiet(self.last_tx) || quiet(self.last_rx))
     }
 
     pub fn send_keepalive(&mut self, rng: &mut StdRng, now: Instant, out: &mut Outbox) {
+        self.last_keepalive = now;
         let len = rng.random_range(0..32);
         let padding: Vec<u8> = (0..len).map(|_| rng.random()).collect();
         self.seal(&Inner::Keepalive { padding: &padding }, now, out);

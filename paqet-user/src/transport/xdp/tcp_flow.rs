@@ -86,6 +86,15 @@ const SYN_REFRESH: Duration = Duration::from_secs(2);
 /// this long; the engine's own re-handshake comes after 4 s, so the flow is open again
 /// by then.
 pub const REOPEN_AFTER: Duration = Duration::from_secs(3);
+/// A receiver that got this many bytes since it last sent a segment sends a bare ACK:
+/// a flow whose traffic goes one way (an upload of datagrams the other side never
+/// answers) would otherwise close the sender's window after 32 MiB, and a conntrack
+/// that tracks windows calls what follows invalid. Real TCP ACKs every other segment;
+/// one ACK per MiB keeps well inside the window at a few dozen segments a second.
+const ACK_EVERY_BYTES: u32 = 1 << 20;
+/// ...or after this long, so a slow one-way flow is acknowledged too, and the client's
+/// [`REOPEN_AFTER`] never mistakes an upload for a dead path.
+const ACK_EVERY: Duration = Duration::from_millis(200);
 /// Server: at most this many flows. Only SYNs that prove the key make one, so only a
 /// key holder could make more; a SYN beyond it is refused (unless it starts an
 /// existing flow over) until idle flows are pruned.
@@ -252,6 +261,11 @@ struct Flow {
     peer_scale: u8,
     /// What we acknowledge: the end of the newest data the peer sent.
     rcv_nxt: u32,
+    /// `rcv_nxt` as the last segment we sent carried it.
+    rcv_acked: u32,
+    /// We sent a segment after our SYN (or SYN-ACK): the peer knows our scaled window,
+    /// not only the SYN's 64240 bytes.
+    window_announced: bool,
     /// The peer's newest TSval, echoed as TSecr.
     ts_recent: u32,
     /// Our TSval is the flow clock (ms) plus this.
@@ -275,6 +289,8 @@ impl Flow {
             snd_wnd: 0,
             peer_scale: 0,
             rcv_nxt: 0,
+            rcv_acked: 0,
+            window_announced: false,
             ts_recent: 0,
             ts_offset: 0,
             last_rx: now,
@@ -295,12 +311,12 @@ impl Flow {
 
     /// Sends held datagrams, in order, while the peer's window takes them.
     fn flush_held(&mut self, peer: SocketAddr, control: &mut Vec<Control>, clock_ms: u32, now: Instant) {
-        while let Some(payload) = self.held.front() {
-            if !self.fits(payload.len()) {
+        while let Some(len) = self.held.front().map(Vec::len) {
+            if !self.fits(len) {
                 break;
             }
             let seg = self.data_segment(clock_ms);
-            self.snd_nxt = self.snd_nxt.wrapping_add(payload.len() as u32);
+            self.snd_nxt = self.snd_nxt.wrapping_add(len as u32);
             self.last_tx = now;
             if let Some(payload) = self.held.pop_front() {
                 control.push(Control { peer, seg, payload });
@@ -308,7 +324,11 @@ impl Flow {
         }
     }
 
-    fn data_segment(&self, clock_ms: u32) -> Segment {
+    /// The header of our next segment after the handshake (data, or a bare ACK with
+    /// its flags changed): it acknowledges all the peer sent and announces our window.
+    fn data_segment(&mut self, clock_ms: u32) -> Segment {
+        self.rcv_acked = self.rcv_nxt;
+        self.window_announced = true;
         Segment {
             seq: self.snd_nxt,
             ack: self.rcv_nxt,
@@ -319,6 +339,29 @@ impl Flow {
                 tsecr: self.ts_recent,
             },
         }
+    }
+}
+
+impl Flow {
+    /// Whether data received since our last segment must be acknowledged now, by a bare
+    /// ACK, because nothing of ours is going that way to carry it.
+    fn owes_bare_ack(&self, now: Instant) -> bool {
+        let owed = self.rcv_nxt.wrapping_sub(self.rcv_acked);
+        owed > 0
+            && (!self.window_announced
+                || owed >= ACK_EVERY_BYTES
+                || now.saturating_duration_since(self.last_tx) >= ACK_EVERY)
+    }
+
+    fn bare_ack(&mut self, peer: SocketAddr, control: &mut Vec<Control>, clock_ms: u32, now: Instant) {
+        let mut seg = self.data_segment(clock_ms);
+        seg.flags = ACK;
+        self.last_tx = now;
+        control.push(Control {
+            peer,
+            seg,
+            payload: Vec::new(),
+        });
     }
 }
 
@@ -376,6 +419,8 @@ pub struct FlowCounters {
     pub syns_answered: u64,
     pub syns_refused: u64,
     pub dropped_window: u64,
+    /// ACKs without data, for traffic that went one way.
+    pub bare_acks: u64,
 }
 
 /// All flows of one transport.
@@ -626,6 +671,10 @@ impl Flows {
             flow.ts_recent = tsval;
         }
         flow.flush_held(peer, &mut self.control, clock, now);
+        if flow.owes_bare_ack(now) {
+            flow.bare_ack(peer, &mut self.control, clock, now);
+            self.counters.bare_acks += 1;
+        }
         if rx.payload_len > 0 {
             RxVerdict::Deliver
         } else {
@@ -720,6 +769,7 @@ impl Flows {
                 snd_wnd: u32::from(rx.window),
                 peer_scale: rx.options.window_scale.unwrap_or(0).min(14),
                 rcv_nxt: rx.seq.wrapping_add(1),
+                rcv_acked: rx.seq.wrapping_add(1),
                 ts_recent: tsval,
                 ts_offset,
                 ..Flow::new(State::SynReceived { irs: rx.seq, synack }, iss, now)
@@ -761,6 +811,7 @@ impl Flows {
         }
         flow.state = State::Established;
         flow.rcv_nxt = rx.seq.wrapping_add(1);
+        flow.rcv_acked = flow.rcv_nxt;
         flow.snd_una = rx.ack;
         flow.snd_wnd = u32::from(rx.window);
         flow.peer_scale = rx.options.window_scale.unwrap_or(0).min(14);

@@ -286,8 +286,17 @@ fn a_strict_conntrack_accepts_a_lossy_exchange_both_ways() {
 
 #[test]
 fn a_one_way_burst_waits_at_the_peers_window_instead_of_leaving_it() {
-    let mut p = Pair::established();
-    // The server has sent nothing since its SYN-ACK: its window is the SYN's, unscaled.
+    let mut p = Pair::new();
+    assert_eq!(p.send(0, 200, false), TxVerdict::Held);
+    for (dir, lose) in [(0, false), (1, false), (0, false), (1, true)] {
+        let side = if dir == 0 { &mut p.client } else { &mut p.server };
+        for c in side.take_control() {
+            p.carry(dir, c.seg, c.payload.len(), lose);
+        }
+    }
+    // The server's bare ACK for the first data was lost, so the client knows only its
+    // SYN-ACK's window, unscaled.
+    assert_eq!(p.server.counters.bare_acks, 1);
     let mut sent = 0usize;
     let mut held = 0usize;
     for _ in 0..(HELD_MAX + 100) {
@@ -640,5 +649,63 @@ fn a_fresh_syn_is_after_the_last_one_so_a_middlebox_in_syn_sent_takes_it() {
         assert_ne!(syn.seq, last.seq, "round {i}: the same SYN");
         assert!(after(syn.seq, last.seq), "round {i}: a fresh SYN before the last");
         last = syn;
+    }
+}
+
+#[test]
+fn a_one_way_upload_past_the_window_is_acknowledged_and_never_held() {
+    let mut p = Pair::established();
+    // 64 MiB from the client, twice the window its SYN-ACK scale allows without an ACK,
+    // while the server sends nothing of its own: only its bare ACKs come back.
+    let len = 1400;
+    let total = (64 << 20) / len;
+    for i in 0..total {
+        if i % 1000 == 0 {
+            p.now += Duration::from_millis(1);
+        }
+        assert!(
+            matches!(p.send(0, len, false), TxVerdict::Send(_)),
+            "datagram {i} was not sent at once"
+        );
+        p.pump();
+    }
+    assert_eq!(p.got[1].len(), total + 1);
+    let acks = p.server.counters.bare_acks;
+    assert!(
+        (64..=200).contains(&acks),
+        "{acks} bare ACKs for 64 MiB: about one per MiB expected"
+    );
+    // A slow trickle is acknowledged by time: the client hears something before
+    // REOPEN_AFTER however little it sends.
+    let before = p.server.counters.bare_acks;
+    for _ in 0..10 {
+        p.now += Duration::from_millis(300);
+        assert!(matches!(p.send(0, 100, false), TxVerdict::Send(_)));
+        p.pump();
+    }
+    assert_eq!(p.server.counters.bare_acks - before, 10);
+    assert_eq!(p.client.counters.reopened, 0);
+    // Traffic both ways needs none: each side's data carries its ACK.
+    let before = p.server.counters.bare_acks + p.client.counters.bare_acks;
+    for _ in 0..2000 {
+        p.send(0, len, false);
+        p.send(1, len, false);
+        p.pump();
+    }
+    assert_eq!(p.server.counters.bare_acks + p.client.counters.bare_acks, before);
+}
+
+#[test]
+fn the_server_announces_its_scaled_window_at_the_first_data() {
+    let mut p = Pair::new();
+    assert_eq!(p.send(0, 200, false), TxVerdict::Held);
+    p.pump();
+    assert_eq!(p.server.counters.bare_acks, 1, "the first data after the handshake");
+    // So the client is not held to the SYN-ACK's 64240 bytes while the server is silent.
+    for i in 0..100 {
+        assert!(
+            matches!(p.send(0, 1400, false), TxVerdict::Send(_)),
+            "datagram {i} waited for a window"
+        );
     }
 }
