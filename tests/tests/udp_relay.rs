@@ -2,7 +2,8 @@
 //! ASSOCIATE checked byte for byte over IPv4, IPv6 and a name only the server resolves
 //! (1 byte to the largest datagram a UDP socket carries), the target policy per
 //! datagram, `FORWARD=udp/...` with `dig` against a dnsmasq behind the server, and
-//! iperf3 through a TCP forward and then a UDP forward at 50 Mbit/s.
+//! iperf3 through a TCP forward and then a UDP forward at 50 Mbit/s, over udp and over
+//! the xdp transport's TCP-shaped wire (an upload past that wire's window).
 //!
 //! Every test needs root (namespaces) and says so loudly without it.
 
@@ -441,12 +442,30 @@ fn iperf3_through_a_tcp_forward_then_a_udp_forward_at_50_mbit_loses_under_one_pe
     if !require_root("iperf3_through_a_tcp_forward_then_a_udp_forward_at_50_mbit_loses_under_one_percent") {
         return;
     }
-    let mut opts = RelayOptions::new("udp").unwrap();
+    iperf3_through_forwards("d5", "udp", 5);
+}
+
+/// Over the xdp transport's TCP-shaped wire, for longer than the 32 MiB the wire's
+/// window allows without an ACK and than the 4 s after which a client that hears
+/// nothing takes the server for gone: an upload the server never answers must keep
+/// flowing (it once stopped dead at 32 MiB, and the client handshook again at 4 s).
+#[test]
+fn iperf3_udp_upload_over_the_xdp_tcp_wire_keeps_flowing_past_its_window_and_4_seconds() {
+    if !require_root("iperf3_udp_upload_over_the_xdp_tcp_wire_keeps_flowing_past_its_window_and_4_seconds") {
+        return;
+    }
+    iperf3_through_forwards("d9", "xdp", 8);
+}
+
+/// iperf3 through a TCP forward for 3 s, then through a UDP forward at 50 Mbit/s for
+/// `udp_secs`: the receiver must count under 1 % lost.
+fn iperf3_through_forwards(tag: &str, transport: &'static str, udp_secs: u32) {
+    let mut opts = RelayOptions::new(transport).unwrap();
     // iperf3 keeps its control connection on TCP and sends UDP tests to the same port.
     opts.client_extra.push(format!(
         "FORWARD=tcp/127.0.0.1:5201={ORIGIN_IP}:5201,udp/127.0.0.1:5201={ORIGIN_IP}:5201"
     ));
-    let bed = RelayBed::start("d5", &opts).unwrap();
+    let bed = RelayBed::start(tag, &opts).unwrap();
     let _server = ChildGuard::spawn(
         bed.origin_host
             .ns
@@ -472,14 +491,15 @@ fn iperf3_through_a_tcp_forward_then_a_udp_forward_at_50_mbit_loses_under_one_pe
     assert!(tcp_bps > 0.0, "{tcp}");
     eprintln!("iperf3 TCP through the tcp forward: {:.1} Mbit/s", tcp_bps / 1e6);
 
-    let udp = iperf3_json(&bed, &["-u", "-b", "50M", "-l", "1200", "-t", "5"]);
+    let secs = udp_secs.to_string();
+    let udp = iperf3_json(&bed, &["-u", "-b", "50M", "-l", "1200", "-t", &secs]);
     // The receiver's (iperf3 server's) count, which the client reports at the end.
     let lost = json_number(&udp, "sum_received", "lost_percent");
     let packets = json_number(&udp, "sum_received", "packets");
     let sent = json_number(&udp, "sum_sent", "packets");
     let mbps = json_number(&udp, "sum_received", "bits_per_second") / 1e6;
     eprintln!(
-        "iperf3 UDP through the udp forward at 50 Mbit/s: {mbps:.1} Mbit/s, {sent} datagrams sent, {packets} counted by the receiver, {lost:.3} % lost"
+        "iperf3 UDP through the udp forward over {transport} at 50 Mbit/s for {udp_secs} s: {mbps:.1} Mbit/s, {sent} datagrams sent, {packets} counted by the receiver, {lost:.3} % lost"
     );
     assert!(sent > 1000.0 && packets > 0.0, "{udp}");
     assert!(lost < 1.0, "{lost} % lost\n{udp}\n{}", bed.logs());
