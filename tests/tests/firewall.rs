@@ -14,7 +14,9 @@
 //!   the server's data afterwards (keepalives keep the router's state), and what an
 //!   idle client costs in packets per second is printed;
 //! - `TRANSPORT=auto` (and the default `WIRE=auto`) relays through a router that drops
-//!   all UDP (on the TCP-shaped wire) and through one that drops the TCP wire (on UDP).
+//!   all UDP (on the TCP-shaped wire) and through one that drops the TCP wire (on UDP);
+//! - datagrams that go one way only (an upload through a UDP forward) stay in the
+//!   router's window and keep the flow alive past 32 MiB and 4 s.
 
 use std::io::{Read, Write};
 use std::time::Duration;
@@ -27,16 +29,18 @@ const MIB: u64 = 1 << 20;
 
 /// A relay whose client sits behind the router; `transport`/`wire` as the configs say.
 fn relay_behind_router(tag: &str, ipv6: bool, transport: &'static str, wire: Option<&str>) -> (RelayBed, Router) {
-    let (bed, router, _key) = keyed_relay_behind_router(tag, ipv6, transport, wire);
+    let (bed, router, _key) = keyed_relay_behind_router(tag, ipv6, transport, wire, "");
     (bed, router)
 }
 
-/// [`relay_behind_router`], and the key both ends use.
+/// [`relay_behind_router`] with `client_extra` (config lines) in the client's config,
+/// and the key both ends use.
 fn keyed_relay_behind_router(
     tag: &str,
     ipv6: bool,
     transport: &'static str,
     wire: Option<&str>,
+    client_extra: &str,
 ) -> (RelayBed, Router, String) {
     router::tools_present().expect("firewall tools");
     let (hosts, router) = router::behind_router(tag, ipv6).expect("client, router and server namespaces");
@@ -47,7 +51,7 @@ fn keyed_relay_behind_router(
     let mut opts = RelayOptions::new(transport).expect("relay options");
     opts.as_written = Some((
         format!("LISTEN_ADDR={listen}\n{common}"),
-        format!("SOCKS_ADDR=127.0.0.1:{SOCKS_PORT}\nREMOTE_ADDR={listen}\nKCP_MODE=fast3\n{common}"),
+        format!("SOCKS_ADDR=127.0.0.1:{SOCKS_PORT}\nREMOTE_ADDR={listen}\nKCP_MODE=fast3\n{common}{client_extra}"),
     ));
     let bed = RelayBed::start_on_hosts(hosts, tag, &opts).expect("relay behind the router");
     (bed, router, opts.client_key)
@@ -369,6 +373,110 @@ fn auto_falls_back_to_udp_where_the_tcp_wire_is_blocked_ipv6() {
 }
 
 /// The server namespace's count of RSTs its kernel sent.
+/// The port of the UDP sink behind the server, reached through the client's forward.
+const SINK_PORT: u16 = 5301;
+
+/// Datagrams one way only, client to a sink behind the server, over the TCP-shaped
+/// wire through the strict router: 48 MB at about 50 Mbit/s, more than the 32 MiB the
+/// wire's window allows without an ACK and longer than the 4 s after which a client
+/// that hears nothing takes the server for gone. The server has nothing of its own to
+/// send, so only its bare ACKs and keepalive answers keep the window open, the router's
+/// conntrack in window, and the client's flow alive.
+fn one_way_udp_upload(tag: &str, ipv6: bool) {
+    let forward = format!(
+        "FORWARD=udp/127.0.0.1:{SINK_PORT}={}:{SINK_PORT}\n",
+        paqet_tests::relay::ORIGIN_IP
+    );
+    let (bed, router, _key) = keyed_relay_behind_router(tag, ipv6, "xdp", Some("tcp"), &forward);
+    // The session and the flow first.
+    assert_exact(&bed, curl(&bed, 1000), 1000);
+    let invalid_before = router.invalid_drops().expect("invalid counter");
+    const COUNT: u64 = 40_000;
+    const PER_SECOND: f64 = 5_000.0;
+    let payload = vec![0x5a_u8; 1200];
+    let (sent, got) = std::thread::scope(|s| {
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let sink = s.spawn(|| {
+            bed.origin_host.ns.run(move || -> std::io::Result<u64> {
+                let sock = std::net::UdpSocket::bind((paqet_tests::relay::ORIGIN_IP, SINK_PORT))?;
+                sock.set_read_timeout(Some(Duration::from_secs(3)))?;
+                let _ = ready_tx.send(());
+                let mut buf = [0u8; 2048];
+                let mut got = 0u64;
+                // Ends with the upload, or 3 s after the last datagram if it stalls.
+                while got < COUNT {
+                    match sock.recv(&mut buf) {
+                        Ok(1200) if buf[..1200].iter().all(|&b| b == 0x5a) => got += 1,
+                        Ok(n) => return Err(std::io::Error::other(format!("a {n}-byte datagram differs"))),
+                        Err(_) => break,
+                    }
+                }
+                Ok(got)
+            })
+        });
+        ready_rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the sink did not start");
+        let sent = bed
+            .hosts
+            .client
+            .run(|| -> std::io::Result<u64> {
+                let sock = std::net::UdpSocket::bind("127.0.0.1:0")?;
+                let start = std::time::Instant::now();
+                for i in 0..COUNT {
+                    let due = start + Duration::from_secs_f64(i as f64 / PER_SECOND);
+                    if let Some(wait) = due.checked_duration_since(std::time::Instant::now()) {
+                        std::thread::sleep(wait);
+                    }
+                    sock.send_to(&payload, ("127.0.0.1", SINK_PORT))?;
+                }
+                Ok(COUNT)
+            })
+            .expect("entering the client namespace")
+            .expect("sending the upload");
+        let got = sink
+            .join()
+            .expect("sink thread")
+            .expect("entering the origin namespace")
+            .expect("the sink");
+        (sent, got)
+    });
+    let invalid = router.invalid_drops().expect("invalid counter") - invalid_before;
+    eprintln!("firewall {tag}: one-way upload: {got} of {sent} datagrams arrived, {invalid} invalid drops");
+    assert!(
+        got * 100 >= sent * 99,
+        "only {got} of {sent} datagrams arrived\n{}",
+        bed.logs()
+    );
+    assert_eq!(
+        invalid,
+        0,
+        "the router dropped relay segments as invalid\n{}",
+        bed.logs()
+    );
+    assert!(
+        !bed.logs().contains("handshaking again"),
+        "the client took the server for gone during the upload\n{}",
+        bed.logs()
+    );
+}
+
+#[test]
+fn a_one_way_udp_upload_keeps_the_tcp_wire_in_window_ipv4() {
+    if !require_root("a_one_way_udp_upload_keeps_the_tcp_wire_in_window_ipv4") {
+        return;
+    }
+    one_way_udp_upload("o4", false);
+}
+
+#[test]
+fn a_one_way_udp_upload_keeps_the_tcp_wire_in_window_ipv6() {
+    if !require_root("a_one_way_udp_upload_keeps_the_tcp_wire_in_window_ipv6") {
+        return;
+    }
+    one_way_udp_upload("o6", true);
+}
+
 fn kernel_rsts(ns: &paqet_tests::Netns) -> u64 {
     let out = ns.exec(&["cat", "/proc/net/snmp"]).expect("reading /proc/net/snmp");
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -390,7 +498,7 @@ fn a_replayed_syn_and_a_keyless_syn_get_no_answer() {
     use paqet_tests::capture::{Capture, inject};
     // The router is where an on-path observer sits: it sees the SYN leave (after NAT)
     // and can send it again. (On the paqet hosts XDP takes the frames before tcpdump.)
-    let (mut bed, router, key) = keyed_relay_behind_router("k1", false, "xdp", Some("tcp"));
+    let (mut bed, router, key) = keyed_relay_behind_router("k1", false, "xdp", Some("tcp"), "");
     let syns = format!("tcp dst port {SERVER_PORT} and tcp[tcpflags] & tcp-syn != 0");
     let capture = Capture::start(&router.ns, &router.wan_if, &syns).expect("capture");
     // A fresh client opens a fresh flow while the capture runs.
