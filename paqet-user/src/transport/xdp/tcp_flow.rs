@@ -92,8 +92,9 @@ pub const REOPEN_AFTER: Duration = Duration::from_secs(3);
 /// that tracks windows calls what follows invalid. Real TCP ACKs every other segment;
 /// one ACK per MiB keeps well inside the window at a few dozen segments a second.
 const ACK_EVERY_BYTES: u32 = 1 << 20;
-/// ...or after this long, so a slow one-way flow is acknowledged too, and the client's
-/// [`REOPEN_AFTER`] never mistakes an upload for a dead path.
+/// ...or when data that arrived this long ago is still unacknowledged as more arrives,
+/// so a slow one-way flow is acknowledged too. (Decided as data arrives, not by a
+/// timer: what the engine answers at once, a keepalive, costs no bare ACK.)
 const ACK_EVERY: Duration = Duration::from_millis(200);
 /// Server: at most this many flows. Only SYNs that prove the key make one, so only a
 /// key holder could make more; a SYN beyond it is refused (unless it starts an
@@ -263,6 +264,8 @@ struct Flow {
     rcv_nxt: u32,
     /// `rcv_nxt` as the last segment we sent carried it.
     rcv_acked: u32,
+    /// Since when data beyond `rcv_acked` has waited for our next segment.
+    owed_since: Option<Instant>,
     /// We sent a segment after our SYN (or SYN-ACK): the peer knows our scaled window,
     /// not only the SYN's 64240 bytes.
     window_announced: bool,
@@ -290,6 +293,7 @@ impl Flow {
             peer_scale: 0,
             rcv_nxt: 0,
             rcv_acked: 0,
+            owed_since: None,
             window_announced: false,
             ts_recent: 0,
             ts_offset: 0,
@@ -328,6 +332,7 @@ impl Flow {
     /// its flags changed): it acknowledges all the peer sent and announces our window.
     fn data_segment(&mut self, clock_ms: u32) -> Segment {
         self.rcv_acked = self.rcv_nxt;
+        self.owed_since = None;
         self.window_announced = true;
         Segment {
             seq: self.snd_nxt,
@@ -340,17 +345,17 @@ impl Flow {
             },
         }
     }
-}
 
-impl Flow {
     /// Whether data received since our last segment must be acknowledged now, by a bare
-    /// ACK, because nothing of ours is going that way to carry it.
-    fn owes_bare_ack(&self, now: Instant) -> bool {
+    /// ACK, because nothing of ours is going that way to carry it: at once while the
+    /// peer knows only our SYN's window, then per [`ACK_EVERY_BYTES`] or [`ACK_EVERY`].
+    fn owes_bare_ack(&mut self, now: Instant) -> bool {
         let owed = self.rcv_nxt.wrapping_sub(self.rcv_acked);
-        owed > 0
-            && (!self.window_announced
-                || owed >= ACK_EVERY_BYTES
-                || now.saturating_duration_since(self.last_tx) >= ACK_EVERY)
+        if owed == 0 {
+            return false;
+        }
+        let since = *self.owed_since.get_or_insert(now);
+        !self.window_announced || owed >= ACK_EVERY_BYTES || now.saturating_duration_since(since) >= ACK_EVERY
     }
 
     fn bare_ack(&mut self, peer: SocketAddr, control: &mut Vec<Control>, clock_ms: u32, now: Instant) {
