@@ -269,6 +269,7 @@ impl Bench {
             value2: 0.0,
             cpu_per_gib,
             note,
+            rounds: Vec::new(),
         });
         Ok(())
     }
@@ -284,6 +285,7 @@ impl Bench {
             value2: p99,
             cpu_per_gib: None,
             note: String::new(),
+            rounds: Vec::new(),
         });
         Ok(())
     }
@@ -399,6 +401,7 @@ impl Bench {
                 value2: pps,
                 cpu_per_gib: None,
                 note: format!("{:.0} kpps, {:.0} MB/s payload", pps / 1e3, pps * 1400.0 / 1e6),
+                rounds: Vec::new(),
             });
         }
         Ok(())
