@@ -50,6 +50,22 @@ pub struct UdpRow {
     pub loss_percent: f64,
 }
 
+/// A real client's downloads: curl through the SOCKS port, from nginx behind the server.
+#[derive(Clone, Debug)]
+pub struct RealRow {
+    pub system: String,
+    /// MB/s of each run, as curl measured it.
+    pub runs: Vec<f64>,
+    /// Frames the client's receive ring or socket dropped during the runs.
+    pub receive_overflows: u64,
+}
+
+impl RealRow {
+    pub fn best(&self) -> f64 {
+        self.runs.iter().copied().fold(0.0, f64::max)
+    }
+}
+
 /// What a paqet row cost in session upkeep: handshakes both ends completed and
 /// keepalives both ends sent while the row was measured.
 #[derive(Clone, Debug)]
@@ -91,6 +107,7 @@ pub struct Results {
     /// (system, process, peak RSS KiB)
     pub rss: Vec<(String, String, u64)>,
     pub udp: Vec<UdpRow>,
+    pub real: Vec<RealRow>,
     pub upkeep: Vec<Upkeep>,
     pub notes: Vec<String>,
 }
@@ -390,6 +407,28 @@ impl Results {
         t
     }
 
+    /// Real clients' downloads, best run first, beside paqet udp's.
+    pub fn real_table(&self) -> String {
+        let mut t = String::from(
+            "| system | best MB/s | runs MB/s | vs paqet udp | client receive overflows |\n|---|---:|---:|---:|---:|\n",
+        );
+        let udp = self.real.iter().find(|r| r.system == "paqet udp").map(RealRow::best);
+        for r in &self.real {
+            let runs = r.runs.iter().map(|v| format!("{v:.1}")).collect::<Vec<_>>().join(", ");
+            let ratio = udp
+                .filter(|u| *u > 0.0)
+                .map_or("–".to_string(), |u| format!("{:.2}×", r.best() / u));
+            let _ = writeln!(
+                t,
+                "| {} | {:.1} | {runs} | {ratio} | {} |",
+                r.system,
+                r.best(),
+                r.receive_overflows
+            );
+        }
+        t
+    }
+
     /// Handshakes and keepalives during each paqet row.
     pub fn upkeep_table(&self) -> String {
         let mut t = String::from(
@@ -483,6 +522,27 @@ mod tests {
         );
         assert_eq!(r.get("paqet xdp", CLEAN1).map(|x| x.value), Some(400.0));
         assert_eq!(r.get("paqet udp", LOSSY).map(|x| x.value), Some(150.0));
+    }
+
+    #[test]
+    fn the_real_client_table_compares_best_runs_with_paqet_udp() {
+        let mut r = Results::default();
+        for (system, runs, overflows) in [
+            ("paqet xdp", vec![300.0, 324.0], 21_401),
+            ("paqet udp", vec![580.0, 540.0], 0),
+        ] {
+            r.real.push(RealRow {
+                system: system.into(),
+                runs,
+                receive_overflows: overflows,
+            });
+        }
+        let t = r.real_table();
+        assert!(
+            t.contains("| paqet xdp | 324.0 | 300.0, 324.0 | 0.56× | 21401 |"),
+            "{t}"
+        );
+        assert!(t.contains("| paqet udp | 580.0 | 580.0, 540.0 | 1.00× | 0 |"), "{t}");
     }
 
     #[test]

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use paqet_tests::bench::peers::{self, KcpConfig};
 use paqet_tests::bench::report::{
-    CEILING, CLEAN1, CLEAN8, Kind, LOSSY, RR, Results, Row, STREAMS, UDP_DIRECT, UdpRow, Upkeep, XDP_UDP_WIRE,
+    CEILING, CLEAN1, CLEAN8, Kind, LOSSY, RR, RealRow, Results, Row, STREAMS, UDP_DIRECT, UdpRow, Upkeep, XDP_UDP_WIRE,
 };
 use paqet_tests::bench::{
     self, Access, BENCH_ORIGIN_PORT, ECHO_PORT, FORWARD_PORT, GIB, MIB, Proc, SERVER_IP, Servers,
@@ -50,6 +50,9 @@ struct Sizes {
     streams_cap: Duration,
     rr: usize,
     ceiling_secs: f64,
+    /// The real client's download (curl from nginx), and how many runs.
+    real_len: u64,
+    real_runs: usize,
     /// iperf3 -u offered rates, Mbit/s, and how long each runs.
     udp_rates: &'static [u32],
     udp_secs: u32,
@@ -69,6 +72,8 @@ const FULL: Sizes = Sizes {
     streams_cap: Duration::from_secs(180),
     rr: 2000,
     ceiling_secs: 5.0,
+    real_len: 1 << 30,
+    real_runs: 2,
     udp_rates: &[100, 400],
     udp_secs: 5,
 };
@@ -87,6 +92,8 @@ const QUICK: Sizes = Sizes {
     streams_cap: Duration::from_secs(60),
     rr: 300,
     ceiling_secs: 2.0,
+    real_len: 64 * MIB,
+    real_runs: 1,
     udp_rates: &[100],
     udp_secs: 2,
 };
@@ -721,6 +728,64 @@ impl Bench {
         Ok(())
     }
 
+    /// The figure a user sees: real curl through the SOCKS port, fetching a file from
+    /// nginx on the host behind the server, over each transport.
+    fn real_clients(&mut self) -> Result<()> {
+        let s = self.s;
+        let www = RealSite::create(s.real_len)?;
+        for transport in ["xdp", "udp"] {
+            let bed = RelayBed::start(
+                if transport == "xdp" { "brx" } else { "bru" },
+                &relay_options(transport)?,
+            )?;
+            if transport == "udp" {
+                peers::set_offloads(&bed.hosts, true)?;
+            }
+            let _nginx = www.serve(&bed.origin_host.ns)?;
+            let res = self.real_client_runs(&format!("paqet {transport}"), &bed, &www);
+            if res.is_err() {
+                eprintln!("{}", bed.logs());
+            }
+            res?;
+        }
+        Ok(())
+    }
+
+    fn real_client_runs(&mut self, sys: &str, bed: &RelayBed, www: &RealSite) -> Result<()> {
+        let s = self.s;
+        // Warm: the session is up before the first timed run.
+        curl_download(bed, RealSite::SMALL, RealSite::SMALL_LEN)?;
+        let client = paqet_procs(bed)
+            .into_iter()
+            .filter(|p| p.label == "client")
+            .collect::<Vec<_>>();
+        let overflows_before = client_receive_overflows(&client)?;
+        let mut runs = Vec::new();
+        for _ in 0..s.real_runs {
+            runs.push(curl_download(bed, RealSite::BODY, www.len)? / 1e6);
+        }
+        let receive_overflows = client_receive_overflows(&client)?.saturating_sub(overflows_before);
+        let row = RealRow {
+            system: sys.into(),
+            runs,
+            receive_overflows,
+        };
+        let runs = row
+            .runs
+            .iter()
+            .map(|v| format!("{v:.1}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        eprintln!(
+            "bench: {:<32} real     {:>10.1} MB/s (runs {runs}), {} receive overflows",
+            row.system,
+            row.best(),
+            row.receive_overflows
+        );
+        self.r.real.push(row);
+        Ok(())
+    }
+
     fn lossy_peers(&mut self) -> Result<()> {
         let (hosts, _link) = hosts_through_emulator("bl", LOSSY_LINK)?;
         let _servers = Servers::start(&hosts.server)?;
@@ -847,6 +912,132 @@ impl Bench {
 
 const IPERF3_PORT: u16 = 5201;
 
+/// nginx's document root for the real-client row, in a scratch directory removed on drop.
+struct RealSite {
+    dir: PathBuf,
+    len: u64,
+}
+
+impl RealSite {
+    const PORT: u16 = 8090;
+    const BODY: &str = "body";
+    const SMALL: &str = "small";
+    const SMALL_LEN: u64 = 64 << 10;
+
+    /// A body of `len` bytes (sparse: nginx sends it with sendfile; paqet encrypts, so
+    /// its content costs nothing special) and a small one for the warm-up.
+    fn create(len: u64) -> Result<RealSite> {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("paqet-bench-real-{}", std::process::id()));
+        let site = RealSite { dir, len };
+        let www = site.dir.join("www");
+        std::fs::create_dir_all(&www)?;
+        for (name, len) in [(Self::BODY, len), (Self::SMALL, Self::SMALL_LEN)] {
+            std::fs::File::create(www.join(name))?.set_len(len)?;
+        }
+        // nginx's workers run as nobody: everything readable.
+        for p in [
+            site.dir.clone(),
+            www.clone(),
+            www.join(Self::BODY),
+            www.join(Self::SMALL),
+        ] {
+            let mode = if p.is_dir() { 0o755 } else { 0o644 };
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode))?;
+        }
+        Ok(site)
+    }
+
+    /// nginx on the origin address in `ns`, once it accepts connections.
+    fn serve(&self, ns: &Netns) -> Result<ChildGuard> {
+        let conf = self.dir.join("nginx.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "daemon off;\nworker_processes 1;\npid {dir}/nginx.pid;\nerror_log stderr;\n\
+                 events {{ worker_connections 64; }}\n\
+                 http {{ access_log off; sendfile on; server {{ listen {ORIGIN_IP}:{port}; root {dir}/www; }} }}\n",
+                dir = self.dir.display(),
+                port = Self::PORT
+            ),
+        )?;
+        let nginx = ChildGuard::spawn(
+            ns.command("nginx")
+                .args(["-e", "stderr", "-p"])
+                .arg(&self.dir)
+                .arg("-c")
+                .arg(&conf)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null()),
+        )?;
+        let addr: SocketAddr = (ORIGIN_IP, Self::PORT).into();
+        let up =
+            ns.run(|| paqet_tests::wait_for(|| std::net::TcpStream::connect(addr).is_ok(), Duration::from_secs(10)))?;
+        anyhow::ensure!(up, "nginx did not start listening on {addr}");
+        Ok(nginx)
+    }
+}
+
+impl Drop for RealSite {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// curl through the bed's SOCKS port, `name` from nginx to /dev/null: bytes per second
+/// as curl measured them, after checking the length.
+fn curl_download(bed: &RelayBed, name: &str, len: u64) -> Result<f64> {
+    let url = format!("http://{ORIGIN_IP}:{}/{name}", RealSite::PORT);
+    let out = bed
+        .hosts
+        .client
+        .command("curl")
+        .args([
+            "-sS",
+            "-o",
+            "/dev/null",
+            "--max-time",
+            "120",
+            "-w",
+            "%{speed_download} %{size_download}",
+        ])
+        .arg("--socks5-hostname")
+        .arg(bed.socks_addr().to_string())
+        .arg(&url)
+        .stdin(Stdio::null())
+        .output()
+        .context("running curl")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    anyhow::ensure!(
+        out.status.success(),
+        "curl {url}: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    let mut fields = text.split_whitespace().map(str::parse::<f64>);
+    let (Some(Ok(speed)), Some(Ok(size))) = (fields.next(), fields.next()) else {
+        bail!("curl {url}: unexpected -w output {text:?}");
+    };
+    anyhow::ensure!(size as u64 == len, "curl {url}: {size} bytes, not {len}");
+    Ok(speed)
+}
+
+/// The receive overflows the client in `procs` has published (after a fresh reading).
+fn client_receive_overflows(procs: &[Proc]) -> Result<u64> {
+    std::thread::sleep(Duration::from_millis(1_200));
+    let out = std::process::Command::new(paqet_tests::paqet_bin())
+        .args(["status", "--json"])
+        .output()
+        .context("running paqet status --json")?;
+    let all: serde_json::Value = serde_json::from_slice(&out.stdout).context("paqet status --json")?;
+    let pid = procs.first().map(|p| u64::from(p.pid)).context("no client process")?;
+    all.as_array()
+        .into_iter()
+        .flatten()
+        .find(|i| i["live"]["pid"].as_u64() == Some(pid))
+        .and_then(|i| i["live"]["receive_overflows"].as_u64())
+        .with_context(|| format!("paqet status --json has no receive_overflows of pid {pid}"))
+}
+
 /// `iperf3 -s` on `ip` in `ns`, once it accepts connections.
 fn iperf3_server(ns: &Netns, ip: Ipv4Addr) -> Result<ChildGuard> {
     let server = ChildGuard::spawn(
@@ -926,8 +1117,17 @@ fn machine() -> String {
 
 const USAGE: &str = "usage: paqet-bench [--quick] [--out DIR] [--only SECTIONS]
        paqet-bench [--quick] --profile xdp|udp --out DIR
-SECTIONS: comma-separated of ceilings, paqet-xdp, paqet-udp, kcptun, tcp, lossy, udp";
-const SECTIONS: [&str; 7] = ["ceilings", "paqet-xdp", "paqet-udp", "kcptun", "tcp", "lossy", "udp"];
+SECTIONS: comma-separated of ceilings, paqet-xdp, paqet-udp, kcptun, tcp, lossy, udp, real";
+const SECTIONS: [&str; 8] = [
+    "ceilings",
+    "paqet-xdp",
+    "paqet-udp",
+    "kcptun",
+    "tcp",
+    "lossy",
+    "udp",
+    "real",
+];
 
 struct Args {
     quick: bool,
@@ -1046,6 +1246,7 @@ fn main() {
         r1.and(r2).and(r3)
     });
     section(&mut b, "udp", &|b| b.udp_datagrams());
+    section(&mut b, "real", &|b| b.real_clients());
 
     let s = b.s;
     let sizes = format!(
@@ -1080,6 +1281,14 @@ fn main() {
             "\nRelayed UDP (iperf3 -u, 1200-byte datagrams, {} s per rate, through a UDP forward; as the receiver counted):\n\n{}",
             s.udp_secs,
             b.r.udp_table()
+        ));
+    }
+    if !b.r.real.is_empty() {
+        md.push_str(&format!(
+            "\nReal clients (curl through the SOCKS port, {} from nginx behind the server to /dev/null, best of {}):\n\n{}",
+            mib(s.real_len),
+            s.real_runs,
+            b.r.real_table()
         ));
     }
     if !b.r.notes.is_empty() {
