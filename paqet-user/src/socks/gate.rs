@@ -14,9 +14,11 @@
 //!   their handshakes take milliseconds, and closing the oldest of them, which only
 //!   waits for its turn on a busy CPU, reset hundreds of real connections; a burst
 //!   younger than the grace is bounded by the descriptor watermark below instead;
-//! - above [`FD_WATERMARK_PERCENT`] of the soft open-file limit, new connections are
-//!   closed at once (counted as shed), so the accept loop never meets EMFILE and the
-//!   streams already relaying keep their descriptors.
+//! - above [`FD_WATERMARK_PERCENT`] of the soft open-file limit, the oldest handshake
+//!   gives way to a newcomer whatever its age (there is no room to wait); only when no
+//!   connection is in its handshake are new ones closed at once (counted as shed), so
+//!   the accept loop never meets EMFILE and the streams already relaying keep their
+//!   descriptors.
 //!
 //! None of this logs per connection: one WARN summary at most every [`WARN_EVERY`].
 
@@ -110,6 +112,18 @@ struct Pending {
 }
 
 impl Pending {
+    /// Closes the oldest handshake still running; false when there is none. (An entry
+    /// whose receiver is gone finished its handshake a moment ago: it is dropped and the
+    /// next one tried.)
+    fn evict_oldest(&mut self) -> bool {
+        while let Some((_, (_, oldest))) = self.by_age.pop_first() {
+            if oldest.send(()).is_ok() {
+                return true;
+            }
+        }
+        false
+    }
+
     /// Whether the oldest handshake may be closed to make room for a newcomer.
     fn full(&self, limits: &Limits, now: Instant) -> bool {
         self.by_age.len() >= limits.max_unauthenticated.max(1)
@@ -168,21 +182,23 @@ impl Gate {
 
     /// Admits a connection just accepted, or `None`: close it at once (shed).
     pub fn admit(self: &Arc<Self>) -> Option<Conn> {
-        if self.live.load(Ordering::Relaxed) >= self.limits.max_live() {
-            self.shed.fetch_add(1, Ordering::Relaxed);
-            self.maybe_warn();
-            return None;
-        }
         let (tx, rx) = oneshot::channel();
         let now = Instant::now();
         let evicted = {
             let mut pending = lock(&self.pending);
             let mut evicted = 0;
+            if self.live.load(Ordering::Relaxed) >= self.limits.max_live() {
+                if !pending.evict_oldest() {
+                    drop(pending);
+                    self.shed.fetch_add(1, Ordering::Relaxed);
+                    self.maybe_warn();
+                    return None;
+                }
+                evicted += 1;
+            }
             while pending.full(&self.limits, now) {
-                match pending.by_age.pop_first() {
-                    // The receiver may already be gone (its handshake just ended).
-                    Some((_, (_, oldest))) => evicted += u64::from(oldest.send(()).is_ok()),
-                    None => break,
+                if pending.evict_oldest() {
+                    evicted += 1;
                 }
             }
             let id = pending.next_id;
@@ -376,8 +392,8 @@ mod tests {
         assert_eq!(gate.stats().unauthenticated, 0);
     }
 
-    #[test]
-    fn above_the_descriptor_watermark_new_connections_are_shed() {
+    #[tokio::test]
+    async fn above_the_descriptor_watermark_new_connections_are_shed() {
         // 90 % of 100 is 90; 80 descriptors are the process's own: 10 connections fit.
         let gate = Gate::new(Limits {
             handshake_timeout: HANDSHAKE_TIMEOUT,
@@ -386,7 +402,11 @@ mod tests {
             fd_limit: 100,
             fd_baseline: 80,
         });
-        let held: Vec<Conn> = (0..10).map(|_| gate.admit().expect("below the watermark")).collect();
+        let mut held: Vec<Conn> = (0..10).map(|_| gate.admit().expect("below the watermark")).collect();
+        // All relaying: no handshake left to give way.
+        for c in &mut held {
+            c.handshake(async { Ok::<_, ()>(()) }).await.unwrap();
+        }
         assert!(gate.admit().is_none());
         assert!(gate.admit().is_none());
         assert_eq!(gate.stats().shed, 2);
@@ -417,6 +437,25 @@ mod tests {
         let _newcomer = gate.admit().unwrap();
         let s = gate.stats();
         assert_eq!((s.evicted, s.unauthenticated), (1, 3));
+    }
+
+    #[tokio::test]
+    async fn at_the_descriptor_watermark_a_young_handshake_gives_way_before_a_newcomer_is_shed() {
+        let gate = Gate::new(Limits {
+            handshake_timeout: HANDSHAKE_TIMEOUT,
+            max_unauthenticated: 1000,
+            eviction_grace: EVICTION_GRACE,
+            fd_limit: 100,
+            fd_baseline: 80,
+        });
+        // Ten idle strangers, all younger than the grace, hold every descriptor left.
+        let mut idle: Vec<Conn> = (0..10).map(|_| gate.admit().unwrap()).collect();
+        let newcomer = gate.admit();
+        assert!(newcomer.is_some(), "the real client was shed");
+        let s = gate.stats();
+        assert_eq!((s.evicted, s.shed), (1, 0));
+        let r = idle[0].handshake(std::future::pending::<Result<(), ()>>()).await;
+        assert!(matches!(r, Err(HandshakeError::Evicted)), "{r:?}");
     }
 
     #[test]
