@@ -4,18 +4,11 @@
 //! - a connection must finish greeting, authentication and request within
 //!   [`HANDSHAKE_TIMEOUT`], or it is closed;
 //! - at most [`MAX_UNAUTHENTICATED`] connections may be in that handshake at once; one
-//!   more arriving closes the *oldest* of them (counted as evicted), if that one has
-//!   been at it for [`EVICTION_GRACE`]. Refusing the newcomer instead would let an
-//!   attacker who holds the slots, and reopens each one as its deadline expires (26
-//!   connections a second), lock real clients out for as long as he likes; evicting the
-//!   oldest means he must open `MAX_UNAUTHENTICATED` connections within one real
-//!   client's handshake (a few round trips) to refuse it anything. The grace is for a
-//!   burst of real clients (a browser, or the bench's 1,000 streams opened at once):
-//!   their handshakes take milliseconds, and closing the oldest of them, which only
-//!   waits for its turn on a busy CPU, reset hundreds of real connections. But
-//!   the grace holds only while descriptors are plentiful (below half the watermark
-//!   below): strangers who open many connections within a second then still meet the
-//!   cap long before the watermark;
+//!   more arriving closes the *oldest* of them (counted as evicted). Refusing the newcomer
+//!   instead would let an attacker who holds the slots, and reopens each one as its
+//!   deadline expires (26 connections a second), lock real clients out for as long as
+//!   he likes; evicting the oldest means he must open `MAX_UNAUTHENTICATED` connections
+//!   within one real client's handshake (a few round trips) to refuse it anything;
 //! - above [`FD_WATERMARK_PERCENT`] of the soft open-file limit, new connections are
 //!   closed at once (counted as shed), so the accept loop never meets EMFILE and the
 //!   streams already relaying keep their descriptors.
@@ -35,9 +28,6 @@ use tokio::sync::oneshot;
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections allowed in their handshake at once (the oldest is closed beyond it).
 pub const MAX_UNAUTHENTICATED: usize = 256;
-/// A handshake younger than this is not closed to make room: a real client's takes a
-/// few round trips, an idle stranger's lasts until [`HANDSHAKE_TIMEOUT`].
-pub const EVICTION_GRACE: Duration = Duration::from_secs(1);
 /// New connections are shed while the open descriptors are above this share of the
 /// soft RLIMIT_NOFILE.
 pub const FD_WATERMARK_PERCENT: u64 = 90;
@@ -48,7 +38,6 @@ pub const WARN_EVERY: Duration = Duration::from_secs(10);
 pub struct Limits {
     pub handshake_timeout: Duration,
     pub max_unauthenticated: usize,
-    pub eviction_grace: Duration,
     /// The soft RLIMIT_NOFILE when serving began.
     pub fd_limit: u64,
     /// Descriptors open when serving began (everything that is not a SOCKS connection:
@@ -63,7 +52,6 @@ impl Limits {
         Limits {
             handshake_timeout: HANDSHAKE_TIMEOUT,
             max_unauthenticated: MAX_UNAUTHENTICATED,
-            eviction_grace: EVICTION_GRACE,
             fd_limit: crate::ops::limits::open_files_soft_limit().unwrap_or(1024),
             fd_baseline: crate::ops::limits::open_descriptors().unwrap_or(64),
         }
@@ -107,34 +95,7 @@ pub struct Gate {
 #[derive(Default)]
 struct Pending {
     next_id: u64,
-    /// Admitted when, and the sender that evicts it.
-    by_age: BTreeMap<u64, (Instant, oneshot::Sender<()>)>,
-}
-
-impl Pending {
-    /// Closes the oldest handshake still running; false when there is none. (An entry
-    /// whose receiver is gone finished its handshake a moment ago: it is dropped and the
-    /// next one tried.)
-    fn evict_oldest(&mut self) -> bool {
-        while let Some((_, (_, oldest))) = self.by_age.pop_first() {
-            if oldest.send(()).is_ok() {
-                return true;
-            }
-        }
-        false
-    }
-
-    /// Whether the oldest handshake may be closed to make room for a newcomer, with
-    /// `live` connections open.
-    fn full(&self, limits: &Limits, now: Instant, live: u64) -> bool {
-        let plentiful = live < limits.max_live() / 2;
-        self.by_age.len() >= limits.max_unauthenticated.max(1)
-            && (!plentiful
-                || self
-                    .by_age
-                    .first_key_value()
-                    .is_some_and(|(_, (since, _))| now.saturating_duration_since(*since) >= limits.eviction_grace))
-    }
+    by_age: BTreeMap<u64, oneshot::Sender<()>>,
 }
 
 /// What the last WARN summary reported, so the next one says what happened since.
@@ -185,25 +146,25 @@ impl Gate {
 
     /// Admits a connection just accepted, or `None`: close it at once (shed).
     pub fn admit(self: &Arc<Self>) -> Option<Conn> {
-        let live = self.live.load(Ordering::Relaxed);
-        if live >= self.limits.max_live() {
+        if self.live.load(Ordering::Relaxed) >= self.limits.max_live() {
             self.shed.fetch_add(1, Ordering::Relaxed);
             self.maybe_warn();
             return None;
         }
         let (tx, rx) = oneshot::channel();
-        let now = Instant::now();
         let evicted = {
             let mut pending = lock(&self.pending);
             let mut evicted = 0;
-            while pending.full(&self.limits, now, live) {
-                if pending.evict_oldest() {
-                    evicted += 1;
+            while pending.by_age.len() >= self.limits.max_unauthenticated.max(1) {
+                match pending.by_age.pop_first() {
+                    // The receiver may already be gone (its handshake just ended).
+                    Some((_, oldest)) => evicted += u64::from(oldest.send(()).is_ok()),
+                    None => break,
                 }
             }
             let id = pending.next_id;
             pending.next_id += 1;
-            pending.by_age.insert(id, (now, tx));
+            pending.by_age.insert(id, tx);
             self.live.fetch_add(1, Ordering::Relaxed);
             (evicted, id)
         };
@@ -327,7 +288,6 @@ mod tests {
         Limits {
             handshake_timeout: SHORT,
             max_unauthenticated,
-            eviction_grace: Duration::ZERO,
             fd_limit: 1 << 20,
             fd_baseline: 10,
         }
@@ -398,7 +358,6 @@ mod tests {
         let gate = Gate::new(Limits {
             handshake_timeout: HANDSHAKE_TIMEOUT,
             max_unauthenticated: 1000,
-            eviction_grace: EVICTION_GRACE,
             fd_limit: 100,
             fd_baseline: 80,
         });
@@ -413,47 +372,6 @@ mod tests {
         );
         drop(held);
         assert!(gate.admit().is_some(), "admits again once connections close");
-    }
-
-    #[test]
-    fn a_burst_younger_than_the_grace_is_not_evicted_but_older_handshakes_are() {
-        let gate = Gate::new(Limits {
-            handshake_timeout: Duration::from_secs(30),
-            eviction_grace: SHORT,
-            ..limits(3)
-        });
-        // 1,000 real clients at once: nobody is closed to make room.
-        let burst: Vec<Conn> = (0..1000).map(|_| gate.admit().unwrap()).collect();
-        let s = gate.stats();
-        assert_eq!((s.evicted, s.unauthenticated), (0, 1000));
-        drop(burst);
-        // Idle strangers older than the grace make room for newcomers, oldest first.
-        let _idle: Vec<Conn> = (0..3).map(|_| gate.admit().unwrap()).collect();
-        std::thread::sleep(SHORT + Duration::from_millis(50));
-        let _newcomer = gate.admit().unwrap();
-        let s = gate.stats();
-        assert_eq!((s.evicted, s.unauthenticated), (1, 3));
-    }
-
-    #[test]
-    fn when_descriptors_run_short_the_grace_no_longer_holds() {
-        // 10 connections fit below the watermark; the grace holds below 5 of them.
-        let gate = Gate::new(Limits {
-            handshake_timeout: HANDSHAKE_TIMEOUT,
-            max_unauthenticated: 3,
-            eviction_grace: Duration::from_secs(30),
-            fd_limit: 100,
-            fd_baseline: 80,
-        });
-        let _young: Vec<Conn> = (0..5).map(|_| gate.admit().unwrap()).collect();
-        assert_eq!(
-            gate.stats().evicted,
-            0,
-            "young handshakes while descriptors are plentiful"
-        );
-        let _newcomer = gate.admit().unwrap();
-        let s = gate.stats();
-        assert_eq!((s.evicted, s.unauthenticated, s.shed), (3, 3, 0));
     }
 
     #[test]

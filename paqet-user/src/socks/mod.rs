@@ -270,7 +270,6 @@ mod tests {
         Limits {
             handshake_timeout,
             max_unauthenticated,
-            eviction_grace: Duration::ZERO,
             fd_limit: 1 << 20,
             fd_baseline: 16,
         }
