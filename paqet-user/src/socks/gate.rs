@@ -3,8 +3,14 @@
 //!
 //! - a connection must finish greeting, authentication and request within
 //!   [`HANDSHAKE_TIMEOUT`], or it is closed;
-//! - at most [`MAX_UNAUTHENTICATED`] connections may be in that handshake at once; one
-//!   more arriving closes the *oldest* of them (counted as evicted). Refusing the newcomer
+//! - at most `handshake_cap` connections may be in that handshake at once (a quarter of
+//!   the descriptors below the watermark, between [`MIN_UNAUTHENTICATED`] and
+//!   [`MAX_UNAUTHENTICATED`]); one more arriving closes the *oldest* of them (counted as
+//!   evicted). The cap follows the descriptors because a burst of real clients (a
+//!   browser, a download manager, the bench's 1,000 streams) also waits in its handshake
+//!   on a busy machine: 256 slots evicted real clients that had sent their greeting but
+//!   not yet been read, while 4,096 idle sockets cost little where descriptors are
+//!   plentiful. Refusing the newcomer
 //!   instead would let an attacker who holds the slots, and reopens each one as its
 //!   deadline expires (26 connections a second), lock real clients out for as long as
 //!   he likes; evicting the oldest means he must open `MAX_UNAUTHENTICATED` connections
@@ -26,8 +32,10 @@ use tokio::sync::oneshot;
 
 /// Greeting, authentication and request must all arrive within this time.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Connections allowed in their handshake at once (the oldest is closed beyond it).
-pub const MAX_UNAUTHENTICATED: usize = 256;
+/// The most connections ever allowed in their handshake at once.
+pub const MAX_UNAUTHENTICATED: usize = 4096;
+/// The fewest, however tight the open-file limit.
+pub const MIN_UNAUTHENTICATED: usize = 16;
 /// New connections are shed while the open descriptors are above this share of the
 /// soft RLIMIT_NOFILE.
 pub const FD_WATERMARK_PERCENT: u64 = 90;
@@ -49,18 +57,39 @@ pub struct Limits {
 impl Limits {
     /// The defaults above, with this process's open-file limit and descriptors.
     pub fn for_this_process() -> Limits {
+        Limits::for_limit(
+            crate::ops::limits::open_files_soft_limit().unwrap_or(1024),
+            crate::ops::limits::open_descriptors().unwrap_or(64),
+        )
+    }
+
+    /// The defaults for a soft open-file limit and the descriptors already open.
+    pub fn for_limit(fd_limit: u64, fd_baseline: u64) -> Limits {
         Limits {
             handshake_timeout: HANDSHAKE_TIMEOUT,
-            max_unauthenticated: MAX_UNAUTHENTICATED,
-            fd_limit: crate::ops::limits::open_files_soft_limit().unwrap_or(1024),
-            fd_baseline: crate::ops::limits::open_descriptors().unwrap_or(64),
+            max_unauthenticated: handshake_cap(max_live(fd_limit, fd_baseline)),
+            fd_limit,
+            fd_baseline,
         }
     }
 
     /// Live SOCKS connections allowed before new ones are shed.
     fn max_live(&self) -> u64 {
-        (self.fd_limit * FD_WATERMARK_PERCENT / 100).saturating_sub(self.fd_baseline)
+        max_live(self.fd_limit, self.fd_baseline)
     }
+}
+
+fn max_live(fd_limit: u64, fd_baseline: u64) -> u64 {
+    (fd_limit.saturating_mul(FD_WATERMARK_PERCENT) / 100).saturating_sub(fd_baseline)
+}
+
+/// Handshake slots for `max_live` SOCKS connections: a quarter of them, so that
+/// strangers in their handshake can never hold the descriptors of the clients already
+/// relaying, within [`MIN_UNAUTHENTICATED`]..=[`MAX_UNAUTHENTICATED`].
+fn handshake_cap(max_live: u64) -> usize {
+    usize::try_from(max_live / 4)
+        .unwrap_or(usize::MAX)
+        .clamp(MIN_UNAUTHENTICATED, MAX_UNAUTHENTICATED)
 }
 
 /// Counters since the process started.
@@ -243,26 +272,30 @@ impl Conn {
     /// drops the socket it owns: a timed-out or evicted connection is closed.
     pub async fn handshake<R, E>(&mut self, work: impl Future<Output = Result<R, E>>) -> Result<R, HandshakeError<E>> {
         let timeout = self.gate.limits.handshake_timeout;
-        let outcome = match self.evict.take() {
-            Some(evict) => tokio::select! {
-                r = tokio::time::timeout(timeout, work) => r,
-                // Only a send (not a dropped sender) means eviction.
-                Ok(()) = evict => {
-                    self.leave_pending();
-                    return Err(HandshakeError::Evicted);
-                }
-            },
-            None => tokio::time::timeout(timeout, work).await,
+        // Held here, not inside a `timeout()`, so that the socket it owns is closed only
+        // after the summary is logged: whoever sees the close can already read the log.
+        let mut work = std::pin::pin!(work);
+        let evict = self.evict.take();
+        let evicted = async move {
+            // Only a send (not a dropped sender) means eviction.
+            if let Some(evict) = evict
+                && evict.await.is_ok()
+            {
+                return;
+            }
+            std::future::pending().await
         };
-        self.leave_pending();
-        match outcome {
-            Ok(Ok(r)) => Ok(r),
-            Ok(Err(e)) => Err(HandshakeError::Failed(e)),
-            Err(_) => {
+        let outcome = tokio::select! {
+            r = &mut work => r.map_err(HandshakeError::Failed),
+            () = evicted => Err(HandshakeError::Evicted),
+            () = tokio::time::sleep(timeout) => {
                 self.gate.timed_out.fetch_add(1, Ordering::Relaxed);
+                self.gate.maybe_warn();
                 Err(HandshakeError::TimedOut(timeout))
             }
-        }
+        };
+        self.leave_pending();
+        outcome
     }
 
     fn leave_pending(&mut self) {
@@ -372,6 +405,38 @@ mod tests {
         );
         drop(held);
         assert!(gate.admit().is_some(), "admits again once connections close");
+    }
+
+    #[test]
+    fn the_handshake_cap_follows_the_descriptors() {
+        // systemd's default soft limit: about 225 slots, as tight as before.
+        let tight = Limits::for_limit(1024, 20);
+        assert_eq!(tight.max_unauthenticated, (921 - 20) / 4);
+        // The unit's LimitNOFILE=65536: a burst of 1,000 clients fits with room to spare.
+        assert_eq!(Limits::for_limit(65536, 20).max_unauthenticated, MAX_UNAUTHENTICATED);
+        // Bounded both ways, whatever the limit.
+        assert_eq!(Limits::for_limit(u64::MAX, 20).max_unauthenticated, MAX_UNAUTHENTICATED);
+        assert_eq!(Limits::for_limit(40, 30).max_unauthenticated, MIN_UNAUTHENTICATED);
+    }
+
+    #[test]
+    fn a_burst_of_a_thousand_clients_evicts_none_where_descriptors_are_plentiful() {
+        let gate = Gate::new(Limits::for_limit(65536, 20));
+        let burst: Vec<Conn> = (0..1000).map(|_| gate.admit().expect("admitted")).collect();
+        let s = gate.stats();
+        assert_eq!((s.unauthenticated, s.evicted, s.shed), (1000, 0, 0));
+        drop(burst);
+    }
+
+    #[tokio::test]
+    async fn a_timed_out_handshake_is_summarised_like_an_eviction() {
+        let gate = Gate::new(limits(4));
+        let mut conn = gate.admit().unwrap();
+        let r = conn.handshake(std::future::pending::<Result<(), ()>>()).await;
+        assert!(matches!(r, Err(HandshakeError::TimedOut(_))), "{r:?}");
+        let warned = lock(&gate.warned);
+        assert_eq!((warned.timed_out, warned.evicted), (1, 0));
+        assert!(warned.at.is_some());
     }
 
     #[test]

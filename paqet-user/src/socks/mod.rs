@@ -3,7 +3,8 @@
 //! server's answer becomes the SOCKS reply code.
 //!
 //! Hardened against strangers on the port (see `gate` and `auth`): a handshake must
-//! finish within 10 s, at most 256 may be pending at once (the oldest is closed beyond),
+//! finish within 10 s, at most a quarter of the descriptors below the watermark (16 to
+//! 4,096) may be pending at once (the oldest is closed beyond),
 //! new connections are shed above 90 % of the open-file limit, credentials are compared
 //! as fixed-size digests, and repeated failures from one source wait longer for their
 //! answer.
