@@ -271,6 +271,60 @@ impl RelayBed {
         self.wait_ready()
     }
 
+    /// `n` more clients beside the bed's own, each with the same config on its own SOCKS
+    /// port (1081, 1082, …), ready to serve; with their SOCKS addresses. Each is a
+    /// session of its own at the server: what a server does with several clients.
+    /// Only for the udp transport: xdp clients in one namespace would share an interface.
+    pub fn start_more_clients(&self, n: u16) -> Result<Vec<(ChildGuard, SocketAddr)>> {
+        if self.transport != "udp" {
+            bail!(
+                "more clients in one namespace need the udp transport, not {}",
+                self.transport
+            );
+        }
+        let conf = std::fs::read_to_string(self.scratch.dir.join("client.conf"))?;
+        let mut clients = Vec::new();
+        for i in 1..=n {
+            let socks = SocketAddr::from(([127, 0, 0, 1], SOCKS_PORT + i));
+            let own: String = conf
+                .lines()
+                .map(|l| {
+                    if l.starts_with("SOCKS_ADDR=") {
+                        format!("SOCKS_ADDR={socks}\n")
+                    } else {
+                        format!("{l}\n")
+                    }
+                })
+                .collect();
+            let path = self.scratch.dir.join(format!("client-{i}.conf"));
+            write_conf(&path, &own, &[])?;
+            chown_for(&self.client_prefix, &path)?;
+            let child = spawn_paqet(
+                &self.hosts.client,
+                self.transport,
+                &self.client_prefix,
+                "client",
+                &path,
+                &self.scratch.dir.join(format!("client-{i}.log")),
+            )?;
+            clients.push((child, socks));
+        }
+        for (i, (_, socks)) in (1..).zip(&clients) {
+            let socks = *socks;
+            let up = self
+                .hosts
+                .client
+                .run(|| wait_for(|| std::net::TcpStream::connect(socks).is_ok(), Duration::from_secs(20)))?;
+            if !up {
+                bail!(
+                    "the client on {socks} did not come up:\n{}",
+                    self.log_of(&format!("client-{i}"))
+                );
+            }
+        }
+        Ok(clients)
+    }
+
     pub fn socks_addr(&self) -> SocketAddr {
         ([127, 0, 0, 1], SOCKS_PORT).into()
     }

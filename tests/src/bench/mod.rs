@@ -392,13 +392,28 @@ pub fn download_one(access: &Access, len: u64, deadline: Instant) -> Result<(u64
 /// `streams` downloads of `len_each` at once (one thread each); the time is from the
 /// common start to the last stream's end (or the deadline).
 pub fn download_many(access: &Access, streams: usize, len_each: u64, cap: Duration) -> Transfer {
+    download_spread(std::slice::from_ref(access), streams, len_each, cap)
+}
+
+/// [`download_many`] with stream `i` through `accesses[i % accesses.len()]` (several
+/// clients at once).
+pub fn download_spread(accesses: &[Access], streams: usize, len_each: u64, cap: Duration) -> Transfer {
+    if accesses.is_empty() {
+        return Transfer {
+            bytes: 0,
+            secs: 0.0,
+            complete: 0,
+            streams,
+        };
+    }
     let started = Instant::now();
     let deadline = started + cap;
     let barrier = std::sync::Barrier::new(streams);
     let results: Vec<(u64, bool, Instant)> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..streams)
-            .map(|_| {
+            .map(|i| {
                 let barrier = &barrier;
+                let access = &accesses[i % accesses.len()];
                 std::thread::Builder::new()
                     .stack_size(256 << 10)
                     .spawn_scoped(s, move || {

@@ -157,3 +157,13 @@ pub fn set_offloads(hosts: &TwoHosts, on: bool) -> Result<()> {
     }
     Ok(())
 }
+
+/// With offloads on, UDP datagrams are still segmented in software before they reach
+/// the veth (its `tx-udp-segmentation` off), as a NIC without UDP segmentation offload
+/// has it; the receiving side keeps GRO.
+pub fn segment_udp_before_the_wire(hosts: &TwoHosts) -> Result<()> {
+    for (ns, ifname) in [(&hosts.client, &hosts.client_if), (&hosts.server, &hosts.server_if)] {
+        ns.exec(&["ethtool", "-K", ifname, "tx-udp-segmentation", "off"])?;
+    }
+    Ok(())
+}

@@ -23,7 +23,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use paqet_tests::bench::peers::{self, KcpConfig};
 use paqet_tests::bench::report::{
-    CEILING, CLEAN1, CLEAN8, Kind, LOSSY, RR, RealRow, Results, Row, STREAMS, UDP_DIRECT, UdpRow, Upkeep, XDP_UDP_WIRE,
+    CEILING, CLEAN1, CLEAN8, Kind, LOSSY, RR, RealRow, Results, Row, STREAMS, UDP_CLIENTS, UDP_DIRECT, UDP_SEGMENTED,
+    UdpRow, Upkeep, XDP_UDP_WIRE,
 };
 use paqet_tests::bench::{
     self, Access, BENCH_ORIGIN_PORT, ECHO_PORT, FORWARD_PORT, GIB, MIB, Proc, SERVER_IP, Servers,
@@ -241,9 +242,30 @@ impl Bench {
         cap: Duration,
         procs: &[Proc],
     ) -> Result<()> {
-        let upkeep0 = (kind == Kind::Paqet).then(|| UpkeepReading::now(procs)).transpose()?;
+        let access = std::slice::from_ref(access);
+        self.transfer_spread(sys, kind, test, ns, access, streams, len_each, cap, procs)
+    }
+
+    /// [`Self::transfer`] with the streams spread over several clients' access paths.
+    /// Session upkeep is counted for one client only: several clients in one namespace
+    /// publish to one status file, so their counts would not add up.
+    #[allow(clippy::too_many_arguments)]
+    fn transfer_spread(
+        &mut self,
+        sys: &str,
+        kind: Kind,
+        test: &'static str,
+        ns: &Netns,
+        accesses: &[Access],
+        streams: usize,
+        len_each: u64,
+        cap: Duration,
+        procs: &[Proc],
+    ) -> Result<()> {
+        let count_upkeep = kind == Kind::Paqet && accesses.len() == 1;
+        let upkeep0 = count_upkeep.then(|| UpkeepReading::now(procs)).transpose()?;
         let c0 = bench::total_cpu(procs);
-        let t = ns.run(|| bench::download_many(access, streams, len_each, cap))?;
+        let t = ns.run(|| bench::download_spread(accesses, streams, len_each, cap))?;
         let cpu = bench::total_cpu(procs) - c0;
         if let Some(before) = upkeep0 {
             let d = UpkeepReading::now(procs)?.since(&before);
@@ -418,12 +440,67 @@ impl Bench {
         let sys = format!("paqet {transport}");
         let tag = if transport == "xdp" { "bx" } else { "bu" };
         let bed = RelayBed::start(tag, &relay_options(transport)?)?;
-        let res = self.paqet_clean(&sys, &bed, transport == "udp");
-        if res.is_ok() && transport == "xdp" {
+        self.paqet_clean(&sys, &bed, transport == "udp")?;
+        if transport == "xdp" {
             drop(bed);
             return self.paqet_xdp_udp_wire();
         }
-        res
+        self.paqet_udp_clients(&bed)?;
+        self.paqet_udp_segmented(&bed)
+    }
+
+    /// Eight clients of one stream each through the one server (the udp transport: xdp
+    /// clients in one namespace would share its interface), beside one client's eight
+    /// streams: whether a server uses more than one core.
+    fn paqet_udp_clients(&mut self, bed: &RelayBed) -> Result<()> {
+        let _servers = Servers::start(&bed.hosts.server)?;
+        let more = bed.start_more_clients(7)?;
+        let mut procs = paqet_procs(bed);
+        procs.extend(more.iter().map(|(child, _)| Proc {
+            label: "client".into(),
+            pid: bench::find_comm(child.id(), "paqet"),
+        }));
+        let accesses: Vec<Access> = std::iter::once(bed.socks_addr())
+            .chain(more.iter().map(|(_, socks)| *socks))
+            .map(|proxy| Access::Socks {
+                proxy,
+                target: origin(),
+            })
+            .collect();
+        for access in &accesses {
+            let t = bed
+                .hosts
+                .client
+                .run(|| bench::download_many(access, 1, 64 << 10, Duration::from_secs(20)))?;
+            if !t.all_complete() {
+                bail!(
+                    "a warm-up download through one of 8 clients did not complete:\n{}",
+                    bed.logs()
+                );
+            }
+        }
+        let s = self.s;
+        let n = accesses.len();
+        self.transfer_spread(
+            UDP_CLIENTS,
+            Kind::Paqet,
+            CLEAN8,
+            &bed.hosts.client,
+            &accesses,
+            n,
+            s.multi_each,
+            s.clean_cap,
+            &procs,
+        )
+    }
+
+    /// One stream over udp with every datagram segmented before the wire, as a NIC
+    /// without UDP segmentation offload would have it: the suite's veth carries paqet's
+    /// 64 KiB UDP-GSO datagrams whole, which no real wire does.
+    fn paqet_udp_segmented(&mut self, bed: &RelayBed) -> Result<()> {
+        peers::segment_udp_before_the_wire(&bed.hosts)?;
+        let s = self.s;
+        self.paqet_one_stream(UDP_SEGMENTED, bed, CLEAN1, s.clean, s.clean_cap)
     }
 
     /// One stream over xdp with the UDP wire, beside the default TCP-shaped wire's row
@@ -1219,7 +1296,10 @@ fn main() {
     );
     let mut b = Bench {
         s: if quick { QUICK } else { FULL },
-        r: Results::default(),
+        r: Results {
+            cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            ..Results::default()
+        },
     };
 
     let section = |b: &mut Bench, name: &str, f: &dyn Fn(&mut Bench) -> Result<()>| {
