@@ -480,8 +480,8 @@ fn clk_tck() -> f64 {
     if t > 0 { t as f64 } else { 100.0 }
 }
 
-/// utime + stime of `pid`, in seconds.
-pub fn cpu_secs(pid: u32) -> Option<f64> {
+/// utime + stime of `pid` (or `pid/task/tid`), in seconds.
+pub fn cpu_secs(pid: impl std::fmt::Display) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let after = &stat[stat.rfind(')')? + 2..];
     let f: Vec<&str> = after.split_whitespace().collect();
@@ -489,6 +489,19 @@ pub fn cpu_secs(pid: u32) -> Option<f64> {
     let ut: u64 = f.get(11)?.parse().ok()?;
     let st: u64 = f.get(12)?.parse().ok()?;
     Some((ut + st) as f64 / clk_tck())
+}
+
+/// utime + stime of each thread of `pid`, in seconds, by thread id.
+pub fn thread_cpu_secs(pid: u32) -> std::collections::BTreeMap<u32, f64> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Default::default();
+    };
+    tasks
+        .filter_map(|e| {
+            let tid: u32 = e.ok()?.file_name().to_str()?.parse().ok()?;
+            Some((tid, cpu_secs(&format!("{pid}/task/{tid}"))?))
+        })
+        .collect()
 }
 
 /// VmHWM (peak RSS) of `pid`, in KiB.

@@ -481,6 +481,8 @@ impl Bench {
         }
         let s = self.s;
         let n = accesses.len();
+        let server = bench::find_comm(bed.server.id(), "paqet");
+        let (threads0, started) = (bench::thread_cpu_secs(server), Instant::now());
         self.transfer_spread(
             UDP_CLIENTS,
             Kind::Paqet,
@@ -491,7 +493,26 @@ impl Bench {
             s.multi_each,
             s.clean_cap,
             &procs,
-        )
+        )?;
+        // How much of the server's work one thread did: the 2-core machines cannot show
+        // scaling, but they can show what stops it.
+        let secs = started.elapsed().as_secs_f64();
+        let busy: Vec<f64> = bench::thread_cpu_secs(server)
+            .iter()
+            .map(|(tid, c)| c - threads0.get(tid).copied().unwrap_or(0.0))
+            .collect();
+        let (busiest, all) = (busy.iter().copied().fold(0.0, f64::max), busy.iter().sum::<f64>());
+        if let Some(row) = self.r.rows.last_mut()
+            && all > 0.0
+        {
+            row.note = format!(
+                "server: busiest thread {:.0} % of a core, {:.0} % of the server's CPU",
+                100.0 * busiest / secs,
+                100.0 * busiest / all
+            );
+            eprintln!("bench: {} {}: {}", row.system, row.test, row.note);
+        }
+        Ok(())
     }
 
     /// One stream over udp with every datagram segmented before the wire, as a NIC
