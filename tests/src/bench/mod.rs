@@ -499,7 +499,7 @@ pub fn thread_cpu_secs(pid: u32) -> std::collections::BTreeMap<u32, f64> {
     tasks
         .filter_map(|e| {
             let tid: u32 = e.ok()?.file_name().to_str()?.parse().ok()?;
-            Some((tid, cpu_secs(&format!("{pid}/task/{tid}"))?))
+            Some((tid, cpu_secs(format!("{pid}/task/{tid}"))?))
         })
         .collect()
 }
