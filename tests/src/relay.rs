@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 
@@ -350,30 +350,36 @@ impl RelayBed {
     }
 
     /// Downloads `len` bytes with real curl through the SOCKS port (by name, so the
-    /// server resolves it); returns the body's sha256 (hex), its length and the time.
+    /// server resolves it); returns the body's sha256 (hex), the bytes curl received and
+    /// curl's own transfer time. The body goes to a file and is hashed afterwards: hashed
+    /// through a pipe, sha256sum held curl back and the time measured the hash, not paqet.
     pub fn curl_bytes(&self, len: u64) -> Result<(String, u64, Duration)> {
         let url = format!("http://{ORIGIN_NAME}:{ORIGIN_PORT}/bytes/{len}");
         let socks = self.socks_addr().to_string();
-        let started = Instant::now();
+        let body = self.scratch.dir.join("curl-body");
         let out = self
             .hosts
             .client
-            .command("bash")
-            .args([
-                "-o",
-                "pipefail",
-                "-c",
-                &format!("curl -sS --fail --max-time 300 --socks5-hostname {socks} {url} | sha256sum"),
-            ])
+            .command("curl")
+            .args(["-sS", "--fail", "--max-time", "300", "--socks5-hostname", &socks, "-o"])
+            .arg(&body)
+            .args(["-w", "%{size_download} %{time_total}", &url])
             .output()
             .context("running curl")?;
-        let elapsed = started.elapsed();
-        let text = String::from_utf8_lossy(&out.stdout);
-        let hash = text.split_whitespace().next().unwrap_or_default().to_string();
+        let hashed = sha256_of_file(&body);
+        let _ = std::fs::remove_file(&body);
         if !out.status.success() || !String::from_utf8_lossy(&out.stderr).trim().is_empty() {
             bail!("curl failed: {}\n{}", String::from_utf8_lossy(&out.stderr), self.logs());
         }
-        Ok((hash, len, elapsed))
+        let written = String::from_utf8_lossy(&out.stdout);
+        let mut fields = written.split_whitespace();
+        let (Some(size), Some(secs)) = (
+            fields.next().and_then(|v| v.parse::<u64>().ok()),
+            fields.next().and_then(|v| v.parse::<f64>().ok()),
+        ) else {
+            bail!("curl's -w output is not \"size time\": {written:?}");
+        };
+        Ok((hashed?, size, Duration::from_secs_f64(secs)))
     }
 
     /// Connections the origin has open right now (asked directly from the server
@@ -475,4 +481,13 @@ pub fn both_logs(server: &str, client: &str, lines: usize) -> String {
         tail(server),
         tail(client)
     )
+}
+
+/// The sha256 (hex) of a file's bytes.
+fn sha256_of_file(path: &std::path::Path) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    let mut file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut hasher = Sha256::new();
+    std::io::copy(&mut file, &mut hasher).with_context(|| format!("reading {}", path.display()))?;
+    Ok(crate::pattern::hex(&hasher.finalize()))
 }
