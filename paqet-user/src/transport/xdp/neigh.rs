@@ -47,6 +47,12 @@ pub enum NeighError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "cannot ask the kernel to resolve next hop {next_hop} on {dev}: that needs CAP_NET_ADMIN, \
+         which paqet gives up after start; its neighbour table is still read (the host's own \
+         traffic keeps it current; `ip neigh show dev {dev}` shows it)"
+    )]
+    TriggerNotPermitted { next_hop: IpAddr, dev: String },
     #[error("no neighbour entry for next hop {next_hop} (to reach {peer}) on {dev} after {waited:?}")]
     Unresolved {
         peer: IpAddr,
@@ -99,9 +105,18 @@ pub fn neigh_show(next_hop: IpAddr, dev: &str) -> Result<Option<[u8; 6]>, NeighE
 /// Asks the kernel to resolve (or re-confirm) `next_hop` now.
 pub fn trigger(next_hop: IpAddr, dev: &str) -> Result<(), NeighError> {
     let index = ifindex(dev)?;
-    netlink::neigh_use(next_hop, index).map_err(|source| NeighError::Netlink {
-        what: format!("neighbour use {next_hop} dev {dev} (NTF_USE)"),
-        source,
+    netlink::neigh_use(next_hop, index).map_err(|source| {
+        if source.raw_os_error() == Some(libc::EPERM) {
+            NeighError::TriggerNotPermitted {
+                next_hop,
+                dev: dev.to_string(),
+            }
+        } else {
+            NeighError::Netlink {
+                what: format!("neighbour use {next_hop} dev {dev} (NTF_USE)"),
+                source,
+            }
+        }
     })
 }
 
@@ -115,7 +130,13 @@ pub fn resolve(peer: IpAddr, interface: &str, wait: Duration) -> Result<[u8; 6],
     if let Some(mac) = neigh_show(route.next_hop, interface)? {
         return Ok(mac);
     }
-    trigger(route.next_hop, interface)?;
+    // Without the right to ask, the wait still serves: the host's own traffic may make
+    // the kernel resolve it meanwhile; failing, the refusal says why.
+    let refused = match trigger(route.next_hop, interface) {
+        Ok(()) => None,
+        Err(e @ NeighError::TriggerNotPermitted { .. }) => Some(e),
+        Err(e) => return Err(e),
+    };
     let deadline = Instant::now() + wait;
     loop {
         std::thread::sleep(POLL_EVERY);
@@ -124,12 +145,12 @@ pub fn resolve(peer: IpAddr, interface: &str, wait: Duration) -> Result<[u8; 6],
             return Ok(mac);
         }
         if Instant::now() >= deadline {
-            return Err(NeighError::Unresolved {
+            return Err(refused.unwrap_or(NeighError::Unresolved {
                 peer,
                 next_hop: route.next_hop,
                 dev: interface.to_string(),
                 waited: wait,
-            });
+            }));
         }
     }
 }
@@ -176,33 +197,66 @@ impl Drop for Resolver {
 
 fn run(interface: &str, peers: &Mutex<Peers>, requests: &Receiver<IpAddr>) {
     let mut next_refresh = Instant::now() + REFRESH_EVERY;
+    let mut warnings = Warnings::default();
     loop {
         let timeout = next_refresh.saturating_duration_since(Instant::now());
         match requests.recv_timeout(timeout) {
-            Ok(ip) => resolve_into(ip, interface, peers),
+            Ok(ip) => resolve_into(ip, interface, peers, &mut warnings),
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => return,
         }
         if Instant::now() >= next_refresh {
-            refresh(interface, peers);
+            refresh(interface, peers, &mut warnings);
             next_refresh = Instant::now() + REFRESH_EVERY;
         }
     }
 }
 
-fn resolve_into(ip: IpAddr, interface: &str, peers: &Mutex<Peers>) {
+/// What the resolver thread has said, so that a failure repeated by every send (the TX
+/// path asks again each time it finds no MAC) is one WARN per peer per
+/// [`REFRESH_EVERY`], and a refusal that cannot change is said once.
+#[derive(Default)]
+struct Warnings {
+    last: std::collections::HashMap<IpAddr, Instant>,
+    told_refresh_unprivileged: bool,
+}
+
+impl Warnings {
+    fn due(&mut self, ip: IpAddr, now: Instant) -> bool {
+        if self
+            .last
+            .get(&ip)
+            .is_some_and(|at| now.duration_since(*at) < REFRESH_EVERY)
+        {
+            return false;
+        }
+        // Bounded by the peers the TX path asks about; forget the old ones.
+        self.last.retain(|_, at| now.duration_since(*at) < REFRESH_EVERY);
+        self.last.insert(ip, now);
+        true
+    }
+}
+
+fn resolve_into(ip: IpAddr, interface: &str, peers: &Mutex<Peers>, warnings: &mut Warnings) {
     let result = resolve(ip, interface, RESOLVE_WAIT);
     let mut p = lock(peers);
     p.done_resolving(ip);
     match result {
         Ok(mac) => p.set_from_kernel(ip, mac, Instant::now()),
-        Err(e) => tracing::warn!(peer = %ip, "cannot resolve the next hop: {}", crate::kernel::error_chain(&e)),
+        Err(e) if warnings.due(ip, Instant::now()) => tracing::warn!(
+            peer = %ip,
+            "cannot resolve the next hop (sends to it are dropped meanwhile): {}",
+            crate::kernel::error_chain(&e)
+        ),
+        Err(e) => tracing::debug!(peer = %ip, "cannot resolve the next hop: {}", crate::kernel::error_chain(&e)),
     }
 }
 
 /// Re-confirms kernel-resolved next hops (the `use` trigger also makes the kernel
-/// re-probe a STALE entry, which our own frames, bypassing it, never refresh).
-fn refresh(interface: &str, peers: &Mutex<Peers>) {
+/// re-probe a STALE entry, which our own frames, bypassing it, never refresh). Once
+/// paqet has given up CAP_NET_ADMIN the kernel refuses the trigger; the table is then
+/// only read, which still follows any change the kernel learns by itself.
+fn refresh(interface: &str, peers: &Mutex<Peers>, warnings: &mut Warnings) {
     let ips: VecDeque<IpAddr> = {
         let mut p = lock(peers);
         p.prune(Instant::now(), IDLE_PEER);
@@ -210,13 +264,90 @@ fn refresh(interface: &str, peers: &Mutex<Peers>) {
     };
     for ip in ips {
         let fresh = route_get(ip).and_then(|r| {
-            trigger(r.next_hop, interface)?;
+            match trigger(r.next_hop, interface) {
+                Ok(()) => {}
+                Err(e @ NeighError::TriggerNotPermitted { .. }) => {
+                    if !std::mem::replace(&mut warnings.told_refresh_unprivileged, true) {
+                        tracing::info!(peer = %ip, "{e}");
+                    }
+                }
+                Err(e) => return Err(e),
+            }
             neigh_show(r.next_hop, interface)
         });
         match fresh {
             Ok(Some(mac)) => lock(peers).set_from_kernel(ip, mac, Instant::now()),
             Ok(None) => tracing::debug!(peer = %ip, "next hop being re-resolved; keeping the old MAC meanwhile"),
-            Err(e) => tracing::warn!(peer = %ip, "refreshing the next hop failed: {}", crate::kernel::error_chain(&e)),
+            Err(e) if warnings.due(ip, Instant::now()) => {
+                tracing::warn!(peer = %ip, "refreshing the next hop failed: {}", crate::kernel::error_chain(&e))
+            }
+            Err(e) => tracing::debug!(peer = %ip, "refreshing the next hop failed: {}", crate::kernel::error_chain(&e)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[repr(C)]
+    struct CapHeader {
+        version: u32,
+        pid: libc::c_int,
+    }
+
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct CapData {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+
+    const CAP_NET_ADMIN: u32 = 12;
+
+    /// Clears CAP_NET_ADMIN from the calling thread's effective set (only this thread:
+    /// capset is per thread), as paqet's drop after start leaves it.
+    fn drop_net_admin_in_this_thread() {
+        let mut header = CapHeader {
+            version: 0x2008_0522,
+            pid: 0,
+        };
+        let mut data = [CapData::default(); 2];
+        // SAFETY: a version-3 header and the two data structs that version takes.
+        let got = unsafe { libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()) };
+        assert_eq!(got, 0, "capget: {}", std::io::Error::last_os_error());
+        data[0].effective &= !(1 << CAP_NET_ADMIN);
+        // SAFETY: as above.
+        let set = unsafe { libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) };
+        assert_eq!(set, 0, "capset: {}", std::io::Error::last_os_error());
+    }
+
+    #[test]
+    fn without_cap_net_admin_the_trigger_is_refused_with_a_reason_not_a_netlink_failure() {
+        let refused = std::thread::spawn(|| {
+            drop_net_admin_in_this_thread();
+            trigger(IpAddr::from([127, 0, 0, 1]), "lo")
+        })
+        .join()
+        .expect("the test thread");
+        let e = refused.expect_err("the kernel asks for CAP_NET_ADMIN to resolve a neighbour");
+        assert!(matches!(e, NeighError::TriggerNotPermitted { .. }), "{e:?}");
+        let text = e.to_string();
+        assert!(
+            text.contains("CAP_NET_ADMIN") && text.contains("ip neigh show dev lo"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_repeated_failure_warns_once_per_refresh_interval_and_peer() {
+        let mut w = Warnings::default();
+        let (a, b) = (IpAddr::from([198, 18, 0, 2]), IpAddr::from([198, 18, 0, 3]));
+        let t0 = Instant::now();
+        assert!(w.due(a, t0));
+        assert!(!w.due(a, t0 + Duration::from_secs(1)), "every send asks again");
+        assert!(w.due(b, t0 + Duration::from_secs(1)), "another peer has its own");
+        assert!(w.due(a, t0 + REFRESH_EVERY), "said again after the interval");
     }
 }
