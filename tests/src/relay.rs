@@ -356,7 +356,9 @@ impl RelayBed {
     pub fn curl_bytes(&self, len: u64) -> Result<(String, u64, Duration)> {
         let url = format!("http://{ORIGIN_NAME}:{ORIGIN_PORT}/bytes/{len}");
         let socks = self.socks_addr().to_string();
-        let body = self.scratch.dir.join("curl-body");
+        static DOWNLOADS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = DOWNLOADS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let body = self.scratch.dir.join(format!("curl-body-{n}"));
         let out = self
             .hosts
             .client

@@ -10,16 +10,18 @@
 //!   browser, a download manager, the bench's 1,000 streams) also waits in its handshake
 //!   on a busy machine: 256 slots evicted real clients that had sent their greeting but
 //!   not yet been read, while 4,096 idle sockets cost little where descriptors are
-//!   plentiful. Refusing the newcomer
-//!   instead would let an attacker who holds the slots, and reopens each one as its
-//!   deadline expires (26 connections a second), lock real clients out for as long as
-//!   he likes; evicting the oldest means he must open `MAX_UNAUTHENTICATED` connections
-//!   within one real client's handshake (a few round trips) to refuse it anything;
+//!   plentiful. Refusing the newcomer instead would let an attacker who holds the
+//!   slots, and reopens each one as its deadline expires (a tenth of the cap a second),
+//!   lock real clients out for as long as he likes; evicting the oldest means he must
+//!   open `handshake_cap` connections within one real client's handshake (a few round
+//!   trips) to refuse it anything;
 //! - above [`FD_WATERMARK_PERCENT`] of the soft open-file limit, new connections are
 //!   closed at once (counted as shed), so the accept loop never meets EMFILE and the
 //!   streams already relaying keep their descriptors.
 //!
-//! None of this logs per connection: one WARN summary at most every [`WARN_EVERY`].
+//! None of this logs per connection: one WARN summary at most every [`WARN_EVERY`],
+//! and handshake timeouts alone only once [`TIMEOUTS_WORTH_A_WARNING`] have gathered
+//! (one idle connection, a port probe or a browser's preconnect, is no pressure).
 
 use crate::sync::lock;
 use std::collections::BTreeMap;
@@ -41,6 +43,8 @@ pub const MIN_UNAUTHENTICATED: usize = 16;
 pub const FD_WATERMARK_PERCENT: u64 = 90;
 /// The least time between two WARN summaries.
 pub const WARN_EVERY: Duration = Duration::from_secs(10);
+/// Handshake timeouts since the last summary that make one by themselves.
+pub const TIMEOUTS_WORTH_A_WARNING: u64 = 32;
 
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -227,6 +231,14 @@ impl Gate {
         }
     }
 
+    /// A summary once enough handshakes have timed out since the last one.
+    fn maybe_warn_of_timeouts(&self) {
+        let since = self.timed_out.load(Ordering::Relaxed) - lock(&self.warned).timed_out;
+        if since >= TIMEOUTS_WORTH_A_WARNING {
+            self.maybe_warn();
+        }
+    }
+
     /// One WARN with what happened since the last one, at most every WARN_EVERY.
     fn maybe_warn(&self) {
         let now = Instant::now();
@@ -286,11 +298,14 @@ impl Conn {
             std::future::pending().await
         };
         let outcome = tokio::select! {
+            // A handshake that finished as its deadline or eviction came counts as
+            // finished: the work is polled first.
+            biased;
             r = &mut work => r.map_err(HandshakeError::Failed),
             () = evicted => Err(HandshakeError::Evicted),
             () = tokio::time::sleep(timeout) => {
                 self.gate.timed_out.fetch_add(1, Ordering::Relaxed);
-                self.gate.maybe_warn();
+                self.gate.maybe_warn_of_timeouts();
                 Err(HandshakeError::TimedOut(timeout))
             }
         };
@@ -429,13 +444,25 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_timed_out_handshake_is_summarised_like_an_eviction() {
-        let gate = Gate::new(limits(4));
-        let mut conn = gate.admit().unwrap();
-        let r = conn.handshake(std::future::pending::<Result<(), ()>>()).await;
-        assert!(matches!(r, Err(HandshakeError::TimedOut(_))), "{r:?}");
+    async fn timed_out_handshakes_are_summarised_once_enough_have_gathered() {
+        let n = TIMEOUTS_WORTH_A_WARNING as usize;
+        let gate = Gate::new(limits(2 * n));
+        let idle = || std::future::pending::<Result<(), ()>>();
+        let time_out =
+            |mut conn: Conn| async move { matches!(conn.handshake(idle()).await, Err(HandshakeError::TimedOut(_))) };
+        // One idle connection (a probe) is no pressure: nothing is said.
+        assert!(time_out(gate.admit().unwrap()).await);
+        assert!(lock(&gate.warned).at.is_none(), "one timeout made a WARN");
+        // The rest time out together: one summary, counting them all.
+        let mut rest = tokio::task::JoinSet::new();
+        for _ in 1..n {
+            rest.spawn(time_out(gate.admit().unwrap()));
+        }
+        while let Some(timed_out) = rest.join_next().await {
+            assert!(timed_out.unwrap(), "a handshake ended otherwise");
+        }
         let warned = lock(&gate.warned);
-        assert_eq!((warned.timed_out, warned.evicted), (1, 0));
+        assert_eq!((warned.timed_out, warned.evicted), (TIMEOUTS_WORTH_A_WARNING, 0));
         assert!(warned.at.is_some());
     }
 

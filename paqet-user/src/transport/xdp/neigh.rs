@@ -264,20 +264,24 @@ fn refresh(interface: &str, peers: &Mutex<Peers>, warnings: &mut Warnings) {
     };
     for ip in ips {
         let fresh = route_get(ip).and_then(|r| {
-            match trigger(r.next_hop, interface) {
-                Ok(()) => {}
-                Err(e @ NeighError::TriggerNotPermitted { .. }) => {
-                    if !std::mem::replace(&mut warnings.told_refresh_unprivileged, true) {
+            // Refused once, refused for good: the capability does not come back.
+            if !warnings.told_refresh_unprivileged {
+                match trigger(r.next_hop, interface) {
+                    Ok(()) => {}
+                    Err(e @ NeighError::TriggerNotPermitted { .. }) => {
+                        warnings.told_refresh_unprivileged = true;
                         tracing::info!(peer = %ip, "{e}");
                     }
+                    Err(e) => return Err(e),
                 }
-                Err(e) => return Err(e),
             }
             neigh_show(r.next_hop, interface)
         });
         match fresh {
             Ok(Some(mac)) => lock(peers).set_from_kernel(ip, mac, Instant::now()),
-            Ok(None) => tracing::debug!(peer = %ip, "next hop being re-resolved; keeping the old MAC meanwhile"),
+            Ok(None) => {
+                tracing::debug!(peer = %ip, "the kernel has no usable entry for the next hop now; keeping the old MAC")
+            }
             Err(e) if warnings.due(ip, Instant::now()) => {
                 tracing::warn!(peer = %ip, "refreshing the next hop failed: {}", crate::kernel::error_chain(&e))
             }
