@@ -1,7 +1,7 @@
 //! `cargo xtask test`: what CI runs. Setup, build, then the whole workspace's tests in
 //! release mode, against the binary just built (PAQET_BIN) and its Debian package
-//! (PAQET_DEB), and the library's unit
-//! tests once more with overflow checks.
+//! (PAQET_DEB), the library's unit tests once more with overflow checks, and the
+//! bench report's unit tests.
 
 use crate::util::{self, step};
 use anyhow::Result;
@@ -51,6 +51,21 @@ pub fn run(args: &Args) -> Result<()> {
             .current_dir(util::root())
             .args(["test", "-p", "paqet-user", "--lib"]);
         util::run(&mut debug)?;
+        // The bench's own logic (targets, medians, tables) sits behind the tests crate's
+        // `bench` feature, which the workspace run leaves off so that it never builds the
+        // bench binaries; its unit tests run here, the library alone.
+        step("unit tests of the bench's report (paqet-tests, feature bench, library only)");
+        let mut bench = util::cargo_cmd();
+        bench.current_dir(util::root()).args([
+            "test",
+            "--release",
+            "-p",
+            "paqet-tests",
+            "--features",
+            "bench",
+            "--lib",
+        ]);
+        util::run(&mut bench)?;
     }
     step("all tests passed");
     Ok(())
