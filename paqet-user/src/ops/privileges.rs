@@ -84,7 +84,7 @@ const NAMES: [&str; 41] = [
 
 const CAP_DAC_OVERRIDE: u32 = 1;
 const CAP_SETPCAP: u32 = 8;
-const CAP_NET_ADMIN: u32 = 12;
+pub(crate) const CAP_NET_ADMIN: u32 = 12;
 const CAP_BPF: u32 = 39;
 
 const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
@@ -263,6 +263,27 @@ fn lower_this_thread() -> Result<(), i32> {
     // SAFETY: a version-3 header and the two data structs that version takes.
     if unsafe { libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) } != 0 {
         return Err(errno());
+    }
+    Ok(())
+}
+
+/// Clears `bit` from the calling thread's effective set only (capset is per thread):
+/// for tests of what the relay meets once its capabilities are gone.
+#[cfg(test)]
+pub(crate) fn clear_effective_in_this_thread(bit: u32) -> std::io::Result<()> {
+    let mut header = CapHeader {
+        version: LINUX_CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let mut data = [CapData::default(); 2];
+    // SAFETY: a version-3 header and the two data structs that version takes.
+    if unsafe { libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    data[(bit / 32) as usize].effective &= !(1 << (bit % 32));
+    // SAFETY: as above.
+    if unsafe { libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) } != 0 {
+        return Err(std::io::Error::last_os_error());
     }
     Ok(())
 }

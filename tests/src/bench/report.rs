@@ -94,6 +94,15 @@ fn within_rounds(a: &Row, b: &Row) -> bool {
         .is_some_and(|lo| a.value >= lo)
 }
 
+/// A target's result: met, missed, or without the rows to tell.
+fn verdict(ok: Option<bool>) -> &'static str {
+    match ok {
+        Some(true) => "PASS",
+        Some(false) => "MISS",
+        None => "NOT MEASURED",
+    }
+}
+
 /// The direct UDP rows' system (iperf3 from the client namespace to the server's).
 pub const UDP_DIRECT: &str = "UDP direct";
 
@@ -236,11 +245,6 @@ impl Results {
     /// Each target, with PASS / MISS / NOT MEASURED and the numbers behind it.
     pub fn targets(&self) -> Vec<(String, &'static str, String)> {
         let mut out = Vec::new();
-        let verdict = |ok: Option<bool>| match ok {
-            Some(true) => "PASS",
-            Some(false) => "MISS",
-            None => "NOT MEASURED",
-        };
         let enc_kcp = |k: Kind| matches!(k, Kind::Kcptun { encrypted: true, .. });
         let any_kcp = |k: Kind| matches!(k, Kind::Kcptun { .. });
         let best_kcp_enc = self.best(CLEAN1, enc_kcp, true);
@@ -420,11 +424,6 @@ impl Results {
     /// (≥ 3×), and one client's 8 streams against its one (≥ 2×). Both need ≥ 8 cores
     /// to show; on fewer the verdict is given with the machine's core count beside it.
     fn scaling_targets(&self) -> Vec<(String, &'static str, String)> {
-        let verdict = |ok: Option<bool>| match ok {
-            Some(true) => "PASS",
-            Some(false) => "MISS",
-            None => "NOT MEASURED",
-        };
         let cores = if self.cores >= 8 {
             String::new()
         } else {

@@ -163,18 +163,7 @@ impl UpkeepReading {
     /// `paqet status` reads what each instance published, once a second: a reading is
     /// taken only after a fresh one, so a row's counts are its own.
     fn now(procs: &[Proc]) -> Result<UpkeepReading> {
-        std::thread::sleep(Duration::from_millis(1_200));
-        let out = std::process::Command::new(paqet_tests::paqet_bin())
-            .args(["status", "--json"])
-            .output()
-            .context("running paqet status --json")?;
-        anyhow::ensure!(
-            out.status.success(),
-            "paqet status: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let all: serde_json::Value = serde_json::from_slice(&out.stdout).context("paqet status --json")?;
-        let instances = all.as_array().context("paqet status --json: not a list")?;
+        let instances = fresh_status()?;
         let mut r = UpkeepReading {
             handshakes: 0,
             keepalives: 0,
@@ -1119,18 +1108,30 @@ fn curl_download(bed: &RelayBed, name: &str, len: u64) -> Result<f64> {
     Ok(speed)
 }
 
-/// The receive overflows the client in `procs` has published (after a fresh reading).
-fn client_receive_overflows(procs: &[Proc]) -> Result<u64> {
+/// Every instance `paqet status --json` lists. Instances publish once a second, so this
+/// waits for a fresh publication first: a reading after a row is the row's own.
+fn fresh_status() -> Result<Vec<serde_json::Value>> {
     std::thread::sleep(Duration::from_millis(1_200));
     let out = std::process::Command::new(paqet_tests::paqet_bin())
         .args(["status", "--json"])
         .output()
         .context("running paqet status --json")?;
-    let all: serde_json::Value = serde_json::from_slice(&out.stdout).context("paqet status --json")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "paqet status: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    match serde_json::from_slice(&out.stdout).context("paqet status --json")? {
+        serde_json::Value::Array(instances) => Ok(instances),
+        other => bail!("paqet status --json: not a list: {other}"),
+    }
+}
+
+/// The receive overflows the client in `procs` has published (after a fresh reading).
+fn client_receive_overflows(procs: &[Proc]) -> Result<u64> {
     let pid = procs.first().map(|p| u64::from(p.pid)).context("no client process")?;
-    all.as_array()
-        .into_iter()
-        .flatten()
+    fresh_status()?
+        .iter()
         .find(|i| i["live"]["pid"].as_u64() == Some(pid))
         .and_then(|i| i["live"]["receive_overflows"].as_u64())
         .with_context(|| format!("paqet status --json has no receive_overflows of pid {pid}"))

@@ -294,43 +294,12 @@ fn refresh(interface: &str, peers: &Mutex<Peers>, warnings: &mut Warnings) {
 mod tests {
     use super::*;
 
-    #[repr(C)]
-    struct CapHeader {
-        version: u32,
-        pid: libc::c_int,
-    }
-
-    #[repr(C)]
-    #[derive(Clone, Copy, Default)]
-    struct CapData {
-        effective: u32,
-        permitted: u32,
-        inheritable: u32,
-    }
-
-    const CAP_NET_ADMIN: u32 = 12;
-
-    /// Clears CAP_NET_ADMIN from the calling thread's effective set (only this thread:
-    /// capset is per thread), as paqet's drop after start leaves it.
-    fn drop_net_admin_in_this_thread() {
-        let mut header = CapHeader {
-            version: 0x2008_0522,
-            pid: 0,
-        };
-        let mut data = [CapData::default(); 2];
-        // SAFETY: a version-3 header and the two data structs that version takes.
-        let got = unsafe { libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()) };
-        assert_eq!(got, 0, "capget: {}", std::io::Error::last_os_error());
-        data[0].effective &= !(1 << CAP_NET_ADMIN);
-        // SAFETY: as above.
-        let set = unsafe { libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) };
-        assert_eq!(set, 0, "capset: {}", std::io::Error::last_os_error());
-    }
-
     #[test]
     fn without_cap_net_admin_the_trigger_is_refused_with_a_reason_not_a_netlink_failure() {
         let refused = std::thread::spawn(|| {
-            drop_net_admin_in_this_thread();
+            // As paqet's drop after start leaves it, in this thread only.
+            crate::ops::privileges::clear_effective_in_this_thread(crate::ops::privileges::CAP_NET_ADMIN)
+                .expect("capset");
             trigger(IpAddr::from([127, 0, 0, 1]), "lo")
         })
         .join()
