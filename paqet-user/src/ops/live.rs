@@ -151,8 +151,11 @@ fn render(role: &str, transport: &str, now: &Snapshot, before: &Snapshot, secs: 
     })
 }
 
+/// The temporary file is this process's own: two relays that share an instance name
+/// (one port in two network namespaces) each renaming one shared `.tmp` made the slower
+/// one's rename fail, and it stopped publishing.
 fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
-    let tmp = path.with_extension("json.tmp");
+    let tmp = path.with_extension(format!("json.{}.tmp", std::process::id()));
     std::fs::write(&tmp, text)?;
     std::fs::rename(&tmp, path)
 }
