@@ -33,6 +33,7 @@ pub mod frame;
 pub mod kcp;
 pub mod mux;
 mod outbox;
+pub mod shards;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -120,6 +121,9 @@ pub struct EngineConfig {
     /// which a handshake must bring a cookie proving its source address, as WireGuard
     /// asks under load. 0 asks every handshake.
     pub handshakes_before_cookies: u32,
+    /// Server: which of the engines that share its port this one is (see `shards`);
+    /// `None` for the only one.
+    pub shard: Option<shards::Shard>,
 }
 
 impl EngineConfig {
@@ -138,6 +142,7 @@ impl EngineConfig {
             max_streams_per_peer: 4096,
             max_peers: 4096,
             handshakes_before_cookies: 256,
+            shard: None,
         }
     }
 }
@@ -227,6 +232,9 @@ pub struct Counters {
     pub keepalives: u64,
     /// Server: handshakes answered with a cookie instead of a session, under load.
     pub cookies_sent: u64,
+    /// Sharded server: datagrams that reached this shard but belong to another's
+    /// client (whose address changed), handed over to it.
+    pub handed_off: u64,
 }
 
 /// What one path carries: see [`Engine::load_per_path`].

@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 
 use super::kcp::OutputPackets;
+use super::shards::Handoff;
 use super::{Event, PathId, Transmit};
 
 /// Sent datagrams' buffers kept for reuse (at most this many, ~1.4 KiB each).
@@ -14,6 +15,8 @@ const MAX_SPARE_BUFFERS: usize = 1024;
 pub(super) struct Outbox {
     pub transmits: Vec<Transmit>,
     pub events: Vec<Event>,
+    /// Datagrams for the shards that own them.
+    pub handoffs: Vec<Handoff>,
     /// Where KCP writes a flush's packets before they are sealed.
     pub kcp_packets: OutputPackets,
     /// Buffers of sent datagrams, reused for the next ones (no allocation per datagram).

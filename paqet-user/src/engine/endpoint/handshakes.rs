@@ -13,6 +13,7 @@ use crate::engine::frame::{InitPayload, ResponsePayload};
 use crate::engine::{DropReason, Engine, HANDSHAKE_MAX_SKEW_MS, Now, PROTOCOL_VERSION, PathId, PeerId};
 
 use super::admission;
+use super::input::Dispatched;
 
 impl Engine {
     /// Appends up to `max` random padding bytes to the scratch buffer, so handshake
@@ -24,10 +25,15 @@ impl Engine {
         }
     }
 
+    /// A session index no session of this engine (or, sharded, of any shard) holds;
+    /// a shard claims it at once, so two shards cannot pick the same one.
     pub(super) fn fresh_index(&mut self) -> u32 {
         loop {
             let idx = self.rng.next_u32();
-            if idx != 0 && !self.index.contains_key(&idx) {
+            if idx == 0 || self.index.contains_key(&idx) {
+                continue;
+            }
+            if self.config.shard.as_ref().is_none_or(|s| s.claim_session(idx)) {
                 return idx;
             }
         }
@@ -39,7 +45,7 @@ impl Engine {
         path: PathId,
         from: SocketAddr,
         data: &[u8],
-    ) -> Result<(), DropReason> {
+    ) -> Result<Dispatched, DropReason> {
         // Cheap checks first: no Noise work for what cannot be a fresh handshake.
         if !admission::INIT_MESSAGE_LEN.contains(&data.len()) {
             return Err(DropReason::Unauthentic);
@@ -62,13 +68,19 @@ impl Engine {
         if now.unix_ms.abs_diff(init.unix_ms) > HANDSHAKE_MAX_SKEW_MS || from_before_start {
             return Err(DropReason::StaleHandshake);
         }
+        // A client that holds a session on another shard is resuming there: its new
+        // address hashed here. That shard judges it (cookies, replays, its proof).
+        if let Some(owner) = self.config.shard.as_ref().and_then(|s| s.foreign_instance(init.instance)) {
+            self.hand_off(owner, path, from, data);
+            return Ok(Dispatched::HandedOff);
+        }
         // After the replay and clock checks, so a replayed handshake gets no reply of
         // any kind; and the message is remembered, so a replay of this one gets none
         // either (the client answers a cookie with a new handshake).
         if self.admission.wants_cookie(from, noise, mac2, now.instant) {
             self.admission.remember(fingerprint, now.instant);
             self.send_cookie_reply(from, path, noise, now.instant);
-            return Ok(());
+            return Ok(Dispatched::Here);
         }
         let new_client = !self.peers.contains_key(&init.instance);
         if !self.admission.admit(from.ip(), now.instant) || (new_client && self.peers.len() >= self.config.max_peers) {
@@ -92,7 +104,15 @@ impl Engine {
         }
         .emit(&mut self.scratch);
         self.pad(admission::MAX_PADDING);
-        let (crypto, msg) = responder.respond(&self.scratch).map_err(|_| DropReason::Unauthentic)?;
+        let (crypto, msg) = match responder.respond(&self.scratch) {
+            Ok(answer) => answer,
+            Err(_) => {
+                if let Some(shard) = &self.config.shard {
+                    shard.release(None, &[local_index]);
+                }
+                return Err(DropReason::Unauthentic);
+            }
+        };
         let session = Session {
             local_index,
             remote_index: init.client_index,
@@ -103,7 +123,7 @@ impl Engine {
         self.admission.note_answered(now.instant);
         self.out.push_transmit(from, path, msg);
         tracing::info!(client = %from, "client authenticated, session established");
-        Ok(())
+        Ok(Dispatched::Here)
     }
 
     /// Server, under load: answers a handshake with a cookie for its source address
@@ -132,6 +152,9 @@ impl Engine {
     ) {
         self.counters.handshakes += 1;
         self.index.insert(session.local_index, peer_id);
+        if let Some(shard) = &self.config.shard {
+            shard.claim_instance(peer_id);
+        }
         let max_streams = self.config.max_streams_per_peer;
         let connection = self
             .peers
@@ -139,6 +162,9 @@ impl Engine {
             .or_insert_with(|| Connection::new(peer_id, addr, path, max_streams, now));
         if let Some(retired) = connection.install(session, addr, path, now) {
             self.index.remove(&retired);
+            if let Some(shard) = &self.config.shard {
+                shard.release(None, &[retired]);
+            }
         }
     }
 }

@@ -6,12 +6,15 @@ use std::net::SocketAddr;
 use crate::engine::crypto::CryptoError;
 use crate::engine::frame::Inner;
 use crate::engine::mux::{Control, Phase};
+use crate::engine::shards::Handoff;
 use crate::engine::{DropReason, Engine, Event, KCP_HEADER_LEN, Now, PathId, PeerId, Role, StreamId, arq};
 
 impl Engine {
     /// Handles one datagram from the wire. Anything that does not authenticate is
     /// dropped silently (and counted): to a scanner the port looks filtered. A data
-    /// packet is decrypted where it lies, so `data` is spent afterwards.
+    /// packet is decrypted where it lies, so `data` is spent afterwards. On a sharded
+    /// server, a datagram of another shard's client is handed to it instead
+    /// ([`Engine::drain_handoffs`]) and counted there.
     pub fn handle_datagram(
         &mut self,
         now: Now,
@@ -20,9 +23,13 @@ impl Engine {
         data: &mut [u8],
     ) -> Result<(), DropReason> {
         self.clock = self.clock.max(now.instant);
+        let result = self.dispatch_datagram(now, path, from, data);
+        if result == Ok(Dispatched::HandedOff) {
+            self.counters.handed_off += 1;
+            return Ok(());
+        }
         self.counters.datagrams_in += 1;
         self.counters.bytes_in += data.len() as u64;
-        let result = self.dispatch_datagram(now, path, from, data);
         if let Err(reason) = result {
             match reason {
                 DropReason::Unauthentic => self.counters.dropped_unauthentic += 1,
@@ -32,7 +39,7 @@ impl Engine {
                 DropReason::RateLimited => self.counters.dropped_rate_limited += 1,
             }
         }
-        result
+        result.map(|_| ())
     }
 
     fn dispatch_datagram(
@@ -41,16 +48,29 @@ impl Engine {
         path: PathId,
         from: SocketAddr,
         data: &mut [u8],
-    ) -> Result<(), DropReason> {
-        if let Some(index) = self.index_mask.unmask(data)
-            && let Some(&peer_id) = self.index.get(&index)
-        {
-            return self.handle_data(now, (path, from), peer_id, index, data);
+    ) -> Result<Dispatched, DropReason> {
+        if let Some(index) = self.index_mask.unmask(data) {
+            if let Some(&peer_id) = self.index.get(&index) {
+                return self.handle_data(now, (path, from), peer_id, index, data).map(|()| Dispatched::Here);
+            }
+            if let Some(owner) = self.config.shard.as_ref().and_then(|s| s.foreign_session(index)) {
+                self.hand_off(owner, path, from, data);
+                return Ok(Dispatched::HandedOff);
+            }
         }
         match self.config.role {
             Role::Server => self.handle_handshake_init(now, path, from, data),
-            Role::Client { .. } => self.handle_handshake_response(now, path, from, data),
+            Role::Client { .. } => self.handle_handshake_response(now, path, from, data).map(|()| Dispatched::Here),
         }
+    }
+
+    pub(super) fn hand_off(&mut self, shard: u8, path: PathId, from: SocketAddr, data: &[u8]) {
+        self.out.handoffs.push(Handoff {
+            shard,
+            path,
+            from,
+            datagram: data.to_vec(),
+        });
     }
 
     /// A data packet under one of `peer_id`'s sessions (`index`): open it under that
@@ -197,4 +217,12 @@ impl Engine {
         // acknowledgements made room for.
         self.close_if_done(id, Some(now.instant));
     }
+}
+
+/// Where a datagram went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Dispatched {
+    Here,
+    /// To the shard that holds its client.
+    HandedOff,
 }

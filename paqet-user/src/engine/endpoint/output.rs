@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use crate::engine::frame::Inner;
+use crate::engine::shards::Handoff;
 use crate::engine::{Engine, Event, PeerId, StreamId, Transmit};
 
 /// A receiver that owes only ACKs sends them once this many are due, or after
@@ -64,6 +65,11 @@ impl Engine {
             self.wake_writer_if_room(id);
         }
         into.append(&mut self.out.transmits);
+    }
+
+    /// Sharded server: the datagrams that belong to other shards' clients.
+    pub fn drain_handoffs(&mut self, into: &mut Vec<Handoff>) {
+        into.append(&mut self.out.handoffs);
     }
 
     pub fn drain_events(&mut self, into: &mut Vec<Event>) {

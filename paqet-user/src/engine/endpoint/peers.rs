@@ -45,8 +45,12 @@ impl Engine {
 
     fn forget_peer(&mut self, peer_id: PeerId) {
         if let Some(connection) = self.peers.remove(&peer_id) {
-            for index in connection.session_indices() {
-                self.index.remove(&index);
+            let indices: Vec<u32> = connection.session_indices().collect();
+            for index in &indices {
+                self.index.remove(index);
+            }
+            if let Some(shard) = &self.config.shard {
+                shard.release(Some(peer_id), &indices);
             }
             tracing::info!(client = %connection.addr, "client silent too long; session forgotten");
         }
