@@ -1128,3 +1128,85 @@ fn below_the_load_threshold_no_cookie_is_asked() {
 
 #[path = "datagram_tests.rs"]
 mod datagram_tests;
+
+/// A sim whose server is shard 0 of two, and shard 1 beside it.
+fn sharded_sim(seed: u8) -> (Sim, Engine) {
+    let mut sim = Sim::new(Impairment::default(), seed);
+    let mut shards = shards::Shard::split(2).into_iter();
+    let config = |shard| EngineConfig::new(Role::Server, psk(), [seed.wrapping_add(1); 32]).for_shard(shard);
+    sim.server = Engine::new(config(shards.next().unwrap()), sim.t0);
+    let other = Engine::new(config(shards.next().unwrap()), sim.t0);
+    (sim, other)
+}
+
+/// Hands `datagram` to `shard` as a datagram from `from`, and returns what it handed on.
+fn reaches_wrong_shard(shard: &mut Engine, now: Now, from: SocketAddr, datagram: &[u8]) -> shards::Handoff {
+    assert_eq!(shard.handle_datagram(now, PathId(0), from, &mut datagram.to_vec()), Ok(()));
+    let mut handoffs = Vec::new();
+    shard.drain_handoffs(&mut handoffs);
+    let mut sent = Vec::new();
+    shard.drain_transmits(&mut sent);
+    assert!(sent.is_empty(), "a shard answered for a client it does not hold");
+    assert_eq!(handoffs.len(), 1);
+    handoffs.pop().unwrap()
+}
+
+#[test]
+fn a_client_whose_address_moved_to_another_shard_is_handed_back_to_its_own() {
+    let (mut sim, mut other) = sharded_sim(50);
+    let (cid, sid) = sim.open("shards.test");
+    sim.settle();
+    let moved: SocketAddr = "198.18.0.3:41000".parse().unwrap();
+    let now = sim.clock();
+    sim.client.stream_write(now, cid, b"from a new port").unwrap();
+    let mut out = Vec::new();
+    sim.client.drain_transmits(&mut out);
+    let datagram = out.pop().expect("the client sent nothing").payload;
+
+    let mut handoff = reaches_wrong_shard(&mut other, now, moved, &datagram);
+    assert_eq!((handoff.shard, handoff.from), (0, moved));
+    assert_eq!(other.counters().handed_off, 1);
+    assert_eq!(other.counters().datagrams_in, 0, "counted where it is handled, not twice");
+    sim.server
+        .handle_datagram(now, handoff.path, handoff.from, &mut handoff.datagram)
+        .unwrap();
+    let mut buf = vec![0u8; sim.server.read_buffer_len()];
+    let got = sim.server.stream_read(sid, &mut buf);
+    assert!(
+        matches!(&got, Ok(ReadOutcome::Data(range)) if &buf[range.clone()] == b"from a new port"),
+        "{got:?}"
+    );
+    assert_eq!(server_sends_to(&mut sim, sid), moved, "the owner follows the client");
+}
+
+#[test]
+fn a_client_resuming_from_another_shard_is_judged_by_its_own() {
+    let (mut sim, mut other) = sharded_sim(51);
+    sim.open("shards.test");
+    sim.settle();
+    let moved: SocketAddr = "198.18.0.3:41000".parse().unwrap();
+    sim.now += Duration::from_millis(1100);
+    let now = sim.clock();
+    let hello = client_handshake(&mut sim);
+    let mut handoff = reaches_wrong_shard(&mut other, now, moved, &hello);
+    assert_eq!(handoff.shard, 0);
+    assert_eq!(other.peer_count(), 0, "the wrong shard took the client");
+    let handshakes = sim.server.counters().handshakes;
+    sim.server
+        .handle_datagram(now, handoff.path, handoff.from, &mut handoff.datagram)
+        .unwrap();
+    assert_eq!(sim.server.counters().handshakes, handshakes + 1);
+}
+
+#[test]
+fn a_new_client_is_served_by_the_shard_it_reached() {
+    let (mut sim, mut other) = sharded_sim(52);
+    let now = sim.clock();
+    let from: SocketAddr = CLIENT.parse().unwrap();
+    let mut hello = client_handshake(&mut sim);
+    assert_eq!(other.handle_datagram(now, PathId(0), from, &mut hello), Ok(()));
+    let mut answer = Vec::new();
+    other.drain_transmits(&mut answer);
+    assert_eq!(answer.len(), 1);
+    assert_eq!((other.counters().handshakes, other.counters().handed_off), (1, 0));
+}
