@@ -111,6 +111,10 @@ pub struct RunArgs {
     #[arg(long, value_name = "SECONDS")]
     pub udp_timeout: Option<String>,
 
+    /// THREADS: engines a TRANSPORT=udp server runs, one per thread: auto (one per core, at most 8) or a number [default: auto]
+    #[arg(long, value_name = "N")]
+    pub threads: Option<String>,
+
     /// KEY: pre-shared key, base64 of 32 bytes (visible to other users in `ps`; prefer --key-file)
     #[arg(long, value_name = "BASE64")]
     pub key: Option<String>,
@@ -158,6 +162,7 @@ impl RunArgs {
             ("UDP_BUFFER", &self.udp_buffer),
             ("TIMEOUT", &self.timeout),
             ("UDP_TIMEOUT", &self.udp_timeout),
+            ("THREADS", &self.threads),
             ("KEY", &self.key),
             ("KEY_FILE", &self.key_file),
             ("ALLOW", &self.allow),

@@ -18,6 +18,7 @@ pub const KEYS: &[&str] = &[
     "UDP_BUFFER",
     "TIMEOUT",
     "UDP_TIMEOUT",
+    "THREADS",
     "KEY",
     "KEY_FILE",
     "ALLOW",

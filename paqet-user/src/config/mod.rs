@@ -22,7 +22,7 @@ pub use keys::{KEYS, flag_for_key};
 pub use policy::{IpNet, PortRange, RuleSource, TargetPolicy, TargetRule, Verdict};
 pub use settings::Settings;
 pub use values::{
-    Credentials, HostPort, KcpMode, Key, KeyError, LogLevel, MetricsAddr, Role, TransportKind, WireChoice, WireShape,
+    Credentials, HostPort, KcpMode, Key, KeyError, LogLevel, MetricsAddr, Role, Threads, TransportKind, WireChoice, WireShape,
     XdpMode,
 };
 
@@ -52,6 +52,8 @@ pub struct Config {
     pub timeout: Duration,
     /// How long a server UDP flow lives without a datagram from its client.
     pub udp_timeout: Duration,
+    /// Server with `TRANSPORT=udp`: how many engines share its port.
+    pub threads: Threads,
     pub key: Key,
     pub policy: TargetPolicy,
     /// Client: ports forwarded to fixed targets (`FORWARD`).
@@ -109,6 +111,7 @@ impl Config {
             udp_buffer: value(s, "UDP_BUFFER", values::parse_size)?,
             timeout: value(s, "TIMEOUT", values::parse_timeout)?.unwrap_or(Duration::from_secs(30)),
             udp_timeout: value(s, "UDP_TIMEOUT", values::parse_timeout)?.unwrap_or(crate::dial::udp::FLOW_IDLE),
+            threads: value(s, "THREADS", values::parse_threads)?.unwrap_or(Threads::Auto),
             key: resolve_key(s)?,
             policy: TargetPolicy {
                 allow: rules(s, "ALLOW")?.unwrap_or_default(),
@@ -140,8 +143,8 @@ impl Config {
 /// Keys only a server reads, and keys only a client reads. A config shared by both
 /// roles is fine, so these are no error; but a setting that silently does nothing (a
 /// client's UDP_TIMEOUT) is said at start.
-const SERVER_ONLY: [&str; 3] = ["ALLOW", "DENY", "UDP_TIMEOUT"];
-const CLIENT_ONLY: [&str; 3] = ["SOCKS_ADDR", "SOCKS_USER", "SOCKS_PASS"];
+const SERVER_ONLY: &[&str] = & ["ALLOW", "DENY", "UDP_TIMEOUT", "THREADS"];
+const CLIENT_ONLY: &[&str] = & ["SOCKS_ADDR", "SOCKS_USER", "SOCKS_PASS"];
 
 fn ignored_keys(s: &Settings, role: Role) -> Vec<String> {
     let (others, other_role) = match role {
@@ -149,8 +152,8 @@ fn ignored_keys(s: &Settings, role: Role) -> Vec<String> {
         Role::Server => (CLIENT_ONLY, Role::Client),
     };
     others
-        .into_iter()
-        .filter_map(|key| {
+        .iter()
+        .filter_map(|&key| {
             s.get(key)
                 .map(|(_, at)| format!("{at}: {key} is a {other_role} setting; a {role} ignores it"))
         })

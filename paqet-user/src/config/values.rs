@@ -342,6 +342,42 @@ pub(crate) fn parse_size(s: &str) -> Result<usize, String> {
     }
 }
 
+/// How many engines a `TRANSPORT=udp` server runs, one per thread (`THREADS`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Threads {
+    /// One per core, up to [`AUTO_THREADS_MAX`].
+    Auto,
+    Count(u8),
+}
+
+/// `auto` stops here: past eight engines a server gains little on these workloads
+/// while each one keeps a lone stream's window of memory (see `engine::shards`).
+pub const AUTO_THREADS_MAX: usize = 8;
+const MAX_THREADS: u8 = 64;
+
+impl Threads {
+    /// The number of engines this machine gets.
+    pub fn count(self) -> u8 {
+        match self {
+            Threads::Count(n) => n,
+            Threads::Auto => {
+                let cores = std::thread::available_parallelism().map_or(1, usize::from);
+                u8::try_from(cores.min(AUTO_THREADS_MAX)).unwrap_or(1)
+            }
+        }
+    }
+}
+
+pub(crate) fn parse_threads(s: &str) -> Result<Threads, String> {
+    if s.eq_ignore_ascii_case("auto") {
+        return Ok(Threads::Auto);
+    }
+    match s.parse::<u8>() {
+        Ok(n) if (1..=MAX_THREADS).contains(&n) => Ok(Threads::Count(n)),
+        _ => Err(format!("expected auto (one per core, at most {AUTO_THREADS_MAX}) or a number from 1 to {MAX_THREADS}, e.g. 4")),
+    }
+}
+
 /// Capped at a day: longer is never meant, and a huge value would overflow deadlines.
 pub(crate) fn parse_timeout(s: &str) -> Result<Duration, String> {
     const MAX: u64 = 86_400;

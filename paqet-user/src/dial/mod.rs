@@ -46,7 +46,6 @@ impl Dialer {
         node: Arc<Node<T>>,
         mut opened: mpsc::UnboundedReceiver<(StreamId, TargetAddr)>,
     ) {
-        self.log_policy();
         while let Some((id, target)) = opened.recv().await {
             let Some(permit) = self.limits.admit(id.peer) else {
                 tracing::debug!(stream = %id, %target, "refused: too many dials in progress");
@@ -87,9 +86,9 @@ impl Dialer {
         }
     }
 
-    /// Says at start what the policy opens that the defaults would deny (WARN), and
+    /// Says at start (once per server, however many engines it runs) what the policy opens that the defaults would deny (WARN), and
     /// which ALLOW entries open nothing because a deny rule is more specific (WARN).
-    fn log_policy(&self) {
+    pub fn log_policy(&self) {
         let own = own::addresses().unwrap_or_default();
         let p = &self.policy;
         let list =

@@ -9,8 +9,10 @@ mod busy_poll;
 pub mod datagram;
 pub mod forward;
 mod relay;
+mod shard_links;
 
 pub use relay::relay_stream;
+pub use shard_links::ShardLinks;
 
 use crate::sync::lock;
 use busy_poll::PathPolls;
@@ -24,6 +26,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::engine::frame::{OpenError, TargetAddr};
 use crate::engine::mux::StreamError;
+use crate::engine::shards::Handoff;
 use crate::engine::{Counters, Engine, Event, FastMap, Now, PathId, StreamId, Transmit};
 use crate::transport::{RecvBatch, Transport};
 
@@ -104,6 +107,10 @@ pub struct Node<T: Transport> {
     received: Vec<AtomicU64>,
     /// Relayed UDP datagrams, to the flows that own them.
     pub datagrams: datagram::DatagramRouter,
+    /// Sharded server: the way to the other shards.
+    shard_links: Option<ShardLinks>,
+    /// Sharded server: datagrams for another shard dropped, its inbox full.
+    handoffs_dropped: AtomicU64,
 }
 
 pub fn now() -> Now {
@@ -123,6 +130,24 @@ impl<T: Transport> Node<T> {
         engine: Engine,
         paths: Vec<T>,
         server: bool,
+    ) -> (Arc<Self>, Option<mpsc::UnboundedReceiver<(StreamId, TargetAddr)>>) {
+        Node::build(engine, paths, server, None)
+    }
+
+    /// One shard of a sharded server (see `engine::shards`).
+    pub fn shard(
+        engine: Engine,
+        paths: Vec<T>,
+        links: ShardLinks,
+    ) -> (Arc<Self>, Option<mpsc::UnboundedReceiver<(StreamId, TargetAddr)>>) {
+        Node::build(engine, paths, true, Some(links))
+    }
+
+    fn build(
+        engine: Engine,
+        paths: Vec<T>,
+        server: bool,
+        shard_links: Option<ShardLinks>,
     ) -> (Arc<Self>, Option<mpsc::UnboundedReceiver<(StreamId, TargetAddr)>>) {
         let (tx, rx) = if server {
             let (tx, rx) = mpsc::unbounded_channel();
@@ -144,6 +169,8 @@ impl<T: Transport> Node<T> {
             sent,
             received,
             datagrams: datagram::DatagramRouter::new(server),
+            shard_links,
+            handoffs_dropped: AtomicU64::new(0),
         };
         (Arc::new(node), rx)
     }
@@ -188,6 +215,7 @@ impl<T: Transport> Node<T> {
         let mut transmits: Vec<Transmit> = std::mem::take(&mut *lock(&self.spent));
         let mut events = Vec::new();
         let mut datagrams = Vec::new();
+        let mut handoffs = Vec::new();
         let result = {
             let mut engine = lock(&self.engine);
             engine.recycle(&mut transmits);
@@ -195,6 +223,9 @@ impl<T: Transport> Node<T> {
             engine.drain_transmits(&mut transmits);
             engine.drain_events(&mut events);
             engine.drain_datagrams(&mut datagrams);
+            if self.shard_links.is_some() {
+                engine.drain_handoffs(&mut handoffs);
+            }
             if engine.take_timer_moved() {
                 self.timer.notify_one();
             }
@@ -209,6 +240,7 @@ impl<T: Transport> Node<T> {
         for datagram in datagrams {
             self.datagrams.deliver(datagram);
         }
+        self.hand_off(handoffs);
         if !transmits.is_empty() {
             let mut spent = lock(&self.spent);
             if spent.is_empty() {
@@ -216,6 +248,15 @@ impl<T: Transport> Node<T> {
             }
         }
         result
+    }
+
+    fn hand_off(&self, handoffs: Vec<Handoff>) {
+        let Some(links) = &self.shard_links else { return };
+        for handoff in handoffs {
+            if !links.post(handoff) {
+                self.handoffs_dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
     }
 
     /// Hands each run of datagrams for one path to that path's transport in one batch
@@ -368,6 +409,9 @@ impl<T: Transport> Node<T> {
         for i in 0..self.paths.len() {
             receivers.spawn(self.clone().run_receiver(PathId(i as u8)));
         }
+        if let Some(inbox) = self.shard_links.as_ref().and_then(ShardLinks::take_inbox) {
+            receivers.spawn(self.clone().run_inbox(inbox));
+        }
         match receivers.join_next().await {
             Some(Ok(result)) => result,
             Some(Err(e)) => Err(io::Error::other(e)),
@@ -407,6 +451,20 @@ impl<T: Transport> Node<T> {
                 _ = self.sent[path.0 as usize].notified() => {}
             }
         }
+    }
+
+    /// Sharded server: takes the datagrams other shards received for this one's clients.
+    async fn run_inbox(self: Arc<Self>, mut inbox: mpsc::Receiver<Handoff>) -> io::Result<()> {
+        let mut handoffs = Vec::with_capacity(RECV_BATCH);
+        while inbox.recv_many(&mut handoffs, RECV_BATCH).await > 0 {
+            self.with_engine(|engine, now| {
+                for mut h in handoffs.drain(..) {
+                    let _ = engine.handle_datagram(now, h.path, h.from, &mut h.datagram);
+                }
+            });
+        }
+        // Every shard holds a sender to every inbox, this one's own included.
+        Err(io::Error::other("a shard's inbox closed"))
     }
 
     fn handle_batch(&self, path: PathId, batch: &mut RecvBatch) {
@@ -478,9 +536,11 @@ impl<T: Transport> Node<T> {
         }
     }
 
-    /// Datagrams the kernel dropped for a full receive buffer or ring, on every path.
+    /// Datagrams dropped for a full receive buffer or ring, on every path (and, sharded,
+    /// for another shard's full inbox).
     pub fn receive_overflows(&self) -> u64 {
-        self.paths.iter().map(|p| p.receive_overflows()).sum()
+        let paths: u64 = self.paths.iter().map(|p| p.receive_overflows()).sum();
+        paths + self.handoffs_dropped.load(Ordering::Relaxed)
     }
 
     /// The eBPF steering programs' counters, summed over the paths that attached one.

@@ -41,15 +41,15 @@ pub struct UdpTransport {
     recv: Box<Mutex<RecvState>>,
 }
 
-impl UdpTransport {
-    /// Binds `local` (port 0 for a client). `buffer` asks for socket buffers of that size;
-    /// the kernel may clamp it, so what it granted is logged.
-    pub fn bind(local: SocketAddr, buffer: Option<usize>) -> io::Result<UdpTransport> {
-        UdpTransport::open(local, buffer, true)
-    }
+/// A bound socket not yet tied to a runtime: tokio registers a socket with the
+/// reactor of the runtime it is created in, and only that runtime wakes its readers.
+pub struct BoundUdp {
+    socket: std::net::UdpSocket,
+    gro: bool,
+}
 
-    /// As [`UdpTransport::bind`]; `gro` says whether to ask for receive coalescing.
-    fn open(local: SocketAddr, buffer: Option<usize>, gro: bool) -> io::Result<UdpTransport> {
+impl BoundUdp {
+    fn bind(local: SocketAddr, buffer: Option<usize>, gro: bool, reuse_port: bool) -> io::Result<BoundUdp> {
         let socket = Socket::new(Domain::for_address(local), Type::DGRAM, Some(Protocol::UDP))?;
         if let Some(bytes) = buffer {
             // Past net.core.rmem_max (often 208 KiB or 4 MiB) only with CAP_NET_ADMIN,
@@ -68,18 +68,51 @@ impl UdpTransport {
             );
         }
         socket.set_nonblocking(true)?;
+        if reuse_port {
+            socket.set_reuse_port(true)?;
+        }
         socket.bind(&local.into())?;
         // A kernel without UDP_GRO (before 5.0) delivers datagrams one by one, as asked.
         let gro = gro && sys::set_udp_option(socket.as_raw_fd(), libc::UDP_GRO, 1).is_ok();
         tracing::debug!(gro, "UDP receive offload");
-        let socket = UdpSocket::from_std(socket.into())?;
+        Ok(BoundUdp {
+            socket: socket.into(),
+            gro,
+        })
+    }
+
+    /// Ties the socket to the runtime this runs in.
+    pub fn register(self) -> io::Result<UdpTransport> {
         Ok(UdpTransport {
-            socket,
+            socket: UdpSocket::from_std(self.socket)?,
             send_dropped: AtomicU64::new(0),
             gso: AtomicBool::new(true),
             send: Box::new(Mutex::new(SendState::new())),
-            recv: Box::new(Mutex::new(RecvState::new(gro))),
+            recv: Box::new(Mutex::new(RecvState::new(self.gro))),
         })
+    }
+}
+
+impl UdpTransport {
+    /// Binds `local` (port 0 for a client). `buffer` asks for socket buffers of that size;
+    /// the kernel may clamp it, so what it granted is logged.
+    pub fn bind(local: SocketAddr, buffer: Option<usize>) -> io::Result<UdpTransport> {
+        UdpTransport::open(local, buffer, true)
+    }
+
+    /// As [`UdpTransport::bind`]; `gro` says whether to ask for receive coalescing.
+    fn open(local: SocketAddr, buffer: Option<usize>, gro: bool) -> io::Result<UdpTransport> {
+        BoundUdp::bind(local, buffer, gro, false)?.register()
+    }
+
+    /// `count` sockets on `local` (SO_REUSEPORT), among which the kernel spreads
+    /// datagrams by their addresses: one per engine of a sharded server. Each is
+    /// registered by the thread whose runtime will drive it. Refused, as a plain bind
+    /// would be, when anything already holds the port: a second relay started on it
+    /// would otherwise join the group and take a share of the clients.
+    pub fn bind_shared(local: SocketAddr, buffer: Option<usize>, count: u8) -> io::Result<Vec<BoundUdp>> {
+        drop(BoundUdp::bind(local, None, false, false)?);
+        (0..count).map(|_| BoundUdp::bind(local, buffer, true, true)).collect()
     }
 
     pub fn local_addr(&self) -> io::Result<SocketAddr> {

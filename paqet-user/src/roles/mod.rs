@@ -1,6 +1,8 @@
 //! Starts a role from a validated [`Config`]: pick the transport, build the engine, and
 //! run the edges until a signal says stop.
 
+mod server;
+
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -352,8 +354,7 @@ pub async fn run(config: Config) -> Result<()> {
             // this run is stamped after this, a replay from an earlier run before it.
             let started_unix_ms = crate::node::now().unix_ms;
             let listen = config.listen_addr.context("LISTEN_ADDR is required for a server")?;
-            let (paths, instance) = open_paths(&config, &Side::Server { listen })?;
-            run_server(config, paths, instance, started_unix_ms).await
+            server::run(config, listen, started_unix_ms).await
         }
     }
 }
@@ -409,50 +410,13 @@ async fn run_client(config: Config, server: SocketAddr, paths: Vec<AnyTransport>
     for bound in forwards {
         forwarding.spawn(crate::node::forward::serve(node.clone(), bound, open_timeout));
     }
-    let mut reporting = report(live_source(node.clone(), "client", None), instance, metrics);
-    let outcome = wait_for_stop(&mut signals, receiver).await;
+    let nodes = vec![node];
+    let mut reporting = report(live_source(nodes.clone(), "client", None), instance, metrics);
+    let mut receiver = receiver;
+    let outcome = wait_for_stop(&mut signals, receiver_outcome(&mut receiver)).await;
     accept.abort();
     forwarding.abort_all();
-    drain(&node, &mut signals).await;
-    timers.abort();
-    reporting.abort_all();
-    outcome
-}
-
-async fn run_server(config: Config, paths: Vec<AnyTransport>, instance: String, started_unix_ms: u64) -> Result<()> {
-    let mut signals = StopSignals::install()?;
-    let mut ec = engine_config(&config, engine::Role::Server);
-    ec.started_unix_ms = started_unix_ms;
-    ec.max_datagram = path_datagram_size(&paths, ec.max_datagram);
-    ec.paths = path_ids(&paths)?;
-    let engine = Engine::new(ec, std::time::Instant::now());
-    let (node, opened) = Node::new(engine, paths, true);
-    let metrics = bind_metrics(&config).await?;
-    crate::ops::privileges::drop_after_start()?;
-    let opened = opened.context("server node without an open-stream channel")?;
-    tracing::info!(listen = ?config.listen_addr, paths = %node.path_list(), kcp = ?config.kcp_mode, "paqet server running");
-    let dialer = Arc::new(Dialer::new(config.policy.clone(), config.timeout));
-    let receiver = tokio::spawn(node.clone().run_receivers());
-    let timers = tokio::spawn(node.clone().run_timers());
-    let dialing = tokio::spawn(dialer.clone().serve(node.clone(), opened));
-    let udp_flows = Arc::new(crate::dial::udp::UdpFlows::new(
-        config.policy.clone(),
-        config.udp_timeout,
-    ));
-    let datagrams = node
-        .datagrams
-        .take_server_receiver()
-        .context("server node without a datagram channel")?;
-    let server = ServerCounters {
-        dialer,
-        udp: udp_flows.stats.clone(),
-    };
-    let relaying_udp = tokio::spawn(udp_flows.serve(node.clone(), datagrams));
-    let mut reporting = report(live_source(node.clone(), "server", Some(server)), instance, metrics);
-    let outcome = wait_for_stop(&mut signals, receiver).await;
-    dialing.abort();
-    relaying_udp.abort();
-    drain(&node, &mut signals).await;
+    drain(&nodes, &mut signals).await;
     timers.abort();
     reporting.abort_all();
     outcome
@@ -487,58 +451,75 @@ struct ServerCounters {
     udp: Arc<crate::dial::udp::UdpStats>,
 }
 
-/// The one place the relay's counters are read, for `paqet status` and the metrics.
-fn live_source<T: Transport>(node: Arc<Node<T>>, role: &'static str, server: Option<ServerCounters>) -> live::Source {
-    live::Source::new(role, node.path_list(), move || snapshot(&node, server.as_ref()))
+/// The one place the relay's counters are read, for `paqet status` and the metrics:
+/// summed over the nodes (one, or a sharded server's engines).
+fn live_source<T: Transport>(nodes: Vec<Arc<Node<T>>>, role: &'static str, server: Option<ServerCounters>) -> live::Source {
+    let transport = nodes.first().map(|n| n.path_list()).unwrap_or_default();
+    live::Source::new(role, transport, move || snapshot(&nodes, server.as_ref()))
 }
 
-fn snapshot<T: Transport>(node: &Node<T>, server: Option<&ServerCounters>) -> live::Snapshot {
+fn snapshot<T: Transport>(nodes: &[Arc<Node<T>>], server: Option<&ServerCounters>) -> live::Snapshot {
     use std::sync::atomic::Ordering::Relaxed;
-    let c = node.counters();
+    let counters: Vec<engine::Counters> = nodes.iter().map(|n| n.counters()).collect();
+    let sum = |field: fn(&engine::Counters) -> u64| counters.iter().map(field).sum::<u64>();
+    let path_names: Vec<String> = nodes.first().map_or_else(Vec::new, |n| {
+        (0..n.paths().len()).map(|i| n.path_name(PathId(i as u8))).collect()
+    });
+    let mut loads = vec![engine::PathLoad::default(); path_names.len()];
+    for node in nodes {
+        for (total, load) in loads.iter_mut().zip(node.with_engine(|e, _| e.load_per_path(path_names.len()))) {
+            total.sessions += load.sessions;
+            total.streams += load.streams;
+        }
+    }
     live::Snapshot {
-        udp: udp_json(node, server.map(|s| &*s.udp)),
-        sessions: node.with_engine(|e, _| e.peer_count()),
-        paths: node
-            .with_engine(|e, _| e.load_per_path(node.paths().len()))
-            .into_iter()
-            .enumerate()
-            .map(|(i, load)| (node.path_name(PathId(i as u8)), load))
-            .collect(),
-        streams: node.live_streams(),
-        datagrams_in: c.datagrams_in,
-        datagrams_out: c.datagrams_out,
-        bytes_in: c.bytes_in,
-        bytes_out: c.bytes_out,
-        handshakes: c.handshakes,
-        keepalives: c.keepalives,
-        dropped_unauthentic: c.dropped_unauthentic,
-        dropped_replayed: c.dropped_replayed + c.dropped_stale_handshake,
+        udp: udp_json(nodes, server.map(|s| &*s.udp)),
+        sessions: nodes.iter().map(|n| n.with_engine(|e, _| e.peer_count())).sum(),
+        paths: path_names.into_iter().zip(loads).collect(),
+        streams: nodes.iter().map(|n| n.live_streams()).sum(),
+        datagrams_in: sum(|c| c.datagrams_in),
+        datagrams_out: sum(|c| c.datagrams_out),
+        bytes_in: sum(|c| c.bytes_in),
+        bytes_out: sum(|c| c.bytes_out),
+        handshakes: sum(|c| c.handshakes),
+        keepalives: sum(|c| c.keepalives),
+        dropped_unauthentic: sum(|c| c.dropped_unauthentic),
+        dropped_replayed: sum(|c| c.dropped_replayed + c.dropped_stale_handshake),
         dropped_policy: server.map_or(0, |s| {
             s.dialer.refused_by_policy.load(Relaxed) + s.udp.refused_policy.load(Relaxed)
         }),
-        receive_overflows: node.receive_overflows(),
-        steering: node.steering_counters(),
+        receive_overflows: nodes.iter().map(|n| n.receive_overflows()).sum(),
+        steering: nodes.iter().filter_map(|n| n.steering_counters()).reduce(|mut total, s| {
+            total.accumulate(&s);
+            total
+        }),
         rss_bytes: live::resident_bytes(),
     }
 }
 
 /// The UDP part of the live status: the datagram layer's counters, and the client's
 /// associations and forwards or the server's flows.
-fn udp_json<T: Transport>(node: &Node<T>, server: Option<&crate::dial::udp::UdpStats>) -> serde_json::Value {
+fn udp_json<T: Transport>(nodes: &[Arc<Node<T>>], server: Option<&crate::dial::udp::UdpStats>) -> serde_json::Value {
     use std::sync::atomic::Ordering::Relaxed;
-    let d = node.datagram_counters();
-    let r = &node.datagrams.stats;
+    let layer: Vec<_> = nodes.iter().map(|n| n.datagram_counters()).collect();
+    let sum = |field: fn(&crate::engine::datagrams::DatagramCounters) -> u64| layer.iter().map(field).sum::<u64>();
+    let routed = |field: fn(&crate::node::datagram::RouterStats) -> &std::sync::atomic::AtomicU64| {
+        nodes.iter().map(|n| field(&n.datagrams.stats).load(Relaxed)).sum::<u64>()
+    };
     let mut v = serde_json::json!({
-        "datagrams_sent": d.sent,
-        "datagrams_received": d.received,
-        "reassembly_timed_out": d.timed_out,
-        "reassembly_evicted": d.evicted,
-        "expired_before_session": d.expired_waiting,
-        "dropped_queue_full": r.dropped_full.load(Relaxed),
-        "dropped_no_flow": r.dropped_no_flow.load(Relaxed),
+        "datagrams_sent": sum(|d| d.sent),
+        "datagrams_received": sum(|d| d.received),
+        "reassembly_timed_out": sum(|d| d.timed_out),
+        "reassembly_evicted": sum(|d| d.evicted),
+        "expired_before_session": sum(|d| d.expired_waiting),
+        "dropped_queue_full": routed(|r| &r.dropped_full),
+        "dropped_no_flow": routed(|r| &r.dropped_no_flow),
     });
     match server {
-        None => v["associations"] = serde_json::Value::Array(node.datagrams.registry.to_json()),
+        None => {
+            let associations = nodes.iter().flat_map(|n| n.datagrams.registry.to_json()).collect();
+            v["associations"] = serde_json::Value::Array(associations);
+        }
         Some(s) => {
             v["flows"] = serde_json::json!({
                 "live": s.flows_live.load(Relaxed),
@@ -582,36 +563,40 @@ impl StopSignals {
 }
 
 /// Returns on SIGTERM/SIGINT (Ok) or when the transport fails (Err).
-async fn wait_for_stop(
-    signals: &mut StopSignals,
-    receiver: tokio::task::JoinHandle<std::io::Result<()>>,
-) -> Result<()> {
+async fn wait_for_stop(signals: &mut StopSignals, transport_failed: impl Future<Output = Result<()>>) -> Result<()> {
     tokio::select! {
         name = signals.next() => {
             tracing::info!("{name}: stopping; draining streams for up to {}s", DRAIN_TIMEOUT.as_secs());
             Ok(())
         }
-        r = receiver => match r {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(e).context("the transport failed"),
-            Err(e) => Err(e).context("the receive task died"),
-        },
+        outcome = transport_failed => outcome,
+    }
+}
+
+/// How a node's receivers ended.
+async fn receiver_outcome(receiver: &mut tokio::task::JoinHandle<std::io::Result<()>>) -> Result<()> {
+    match receiver.await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(e).context("the transport failed"),
+        Err(e) => Err(e).context("the receive task died"),
     }
 }
 
 /// Lets open streams finish, for a bounded time; a second signal cuts it short. Either
-/// way the caller then tears down (detach, unpin) by dropping the node.
-async fn drain<T: Transport>(node: &Node<T>, signals: &mut StopSignals) {
+/// way the caller then tears down (detach, unpin) by dropping the nodes.
+async fn drain<T: Transport>(nodes: &[Arc<Node<T>>], signals: &mut StopSignals) {
     let deadline = tokio::time::Instant::now() + DRAIN_TIMEOUT;
+    let live_streams = || nodes.iter().map(|n| n.live_streams()).sum::<usize>();
+    let heard = || nodes.iter().map(|n| n.counters().datagrams_in).sum::<u64>();
     let wait = async {
         // Streams whose peer has gone quiet will not finish: stop waiting for them.
-        let mut heard = node.counters().datagrams_in;
+        let mut last = heard();
         let mut last_heard = tokio::time::Instant::now();
-        while node.live_streams() > 0 && tokio::time::Instant::now() < deadline && last_heard.elapsed() < DRAIN_QUIET {
+        while live_streams() > 0 && tokio::time::Instant::now() < deadline && last_heard.elapsed() < DRAIN_QUIET {
             tokio::time::sleep(Duration::from_millis(50)).await;
-            let now_heard = node.counters().datagrams_in;
-            if now_heard != heard {
-                heard = now_heard;
+            let now_heard = heard();
+            if now_heard != last {
+                last = now_heard;
                 last_heard = tokio::time::Instant::now();
             }
         }
@@ -620,7 +605,7 @@ async fn drain<T: Transport>(node: &Node<T>, signals: &mut StopSignals) {
         _ = wait => {}
         name = signals.next() => tracing::warn!("second signal ({name}): stopping now, without draining"),
     }
-    let left = node.live_streams();
+    let left = live_streams();
     if left > 0 {
         tracing::info!(streams = left, "closing the remaining streams");
     }
