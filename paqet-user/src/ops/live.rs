@@ -42,6 +42,11 @@ pub struct Snapshot {
     pub receive_overflows: u64,
     /// The eBPF steering program's counters, when a path attached it.
     pub steering: Option<Stats>,
+    /// Engines serving (a sharded server runs several, see `engine::shards`).
+    pub engines: usize,
+    /// Sharded server: datagrams that reached another engine than their client's, whose
+    /// address had changed, and were handed to it.
+    pub handed_off: u64,
     /// The process's resident memory.
     pub rss_bytes: u64,
     /// Relayed UDP: counters, and the client's associations and forwards or the
@@ -146,6 +151,8 @@ fn render(role: &str, transport: &str, now: &Snapshot, before: &Snapshot, secs: 
         "dropped_policy": now.dropped_policy,
         "receive_overflows": now.receive_overflows,
         "steering": now.steering.as_ref().map(steering_json),
+        "engines": now.engines,
+        "handed_off": now.handed_off,
         "rss_bytes": now.rss_bytes,
         "udp": now.udp,
     })

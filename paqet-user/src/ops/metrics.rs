@@ -230,6 +230,12 @@ pub fn render(role: &'static str, transport: &str, s: &Snapshot) -> Result<Strin
         "Keepalives sent (an idle client's upkeep)",
         s.keepalives,
     );
+    counter(
+        &mut r,
+        "paqet_handed_off",
+        "Datagrams that reached another engine than their client's (its address changed) and were handed to it",
+        s.handed_off,
+    );
     let dropped = Family::<Labels, Counter>::default();
     for (reason, n) in [
         ("authentication", s.dropped_unauthentic),
@@ -316,6 +322,7 @@ mod tests {
             dropped_replayed: 6,
             dropped_policy: 8,
             receive_overflows: 9,
+            handed_off: 10,
             steering: Some(paqet_common::maps::Stats {
                 seen: 1000,
                 redirected: 900,
@@ -336,6 +343,7 @@ mod tests {
             ("paqet_packets_out_total", "7"),
             ("paqet_handshakes_total", "2"),
             ("paqet_keepalives_total", "4"),
+            ("paqet_handed_off_total", "10"),
             ("paqet_dropped_total{reason=\"authentication\"}", "5"),
             ("paqet_dropped_total{reason=\"replay\"}", "6"),
             ("paqet_dropped_total{reason=\"policy\"}", "8"),

@@ -169,10 +169,12 @@ pub fn run(args: &StatusArgs) -> Result<()> {
                 live["receive_overflows"]
             );
             println!(
-                "  handshakes {}, refused by policy {}, resident memory {:.1} MiB",
+                "  handshakes {}, refused by policy {}, resident memory {:.1} MiB, engines {} (handed over {})",
                 live["handshakes"],
                 live["dropped_policy"],
-                live["rss_bytes"].as_f64().unwrap_or(0.0) / f64::from(1u32 << 20)
+                live["rss_bytes"].as_f64().unwrap_or(0.0) / f64::from(1u32 << 20),
+                live["engines"],
+                live["handed_off"]
             );
             let paths: Vec<String> = live["paths"]
                 .as_array()

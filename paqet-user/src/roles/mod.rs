@@ -493,6 +493,8 @@ fn snapshot<T: Transport>(nodes: &[Arc<Node<T>>], server: Option<&ServerCounters
             total.accumulate(&s);
             total
         }),
+        engines: nodes.len(),
+        handed_off: sum(|c| c.handed_off),
         rss_bytes: live::resident_bytes(),
     }
 }
