@@ -354,8 +354,14 @@ impl RelayBed {
     /// curl's own transfer time. The body goes to a file and is hashed afterwards: hashed
     /// through a pipe, sha256sum held curl back and the time measured the hash, not paqet.
     pub fn curl_bytes(&self, len: u64) -> Result<(String, u64, Duration)> {
+        self.curl_bytes_via(self.socks_addr(), len)
+    }
+
+    /// [`RelayBed::curl_bytes`] through the SOCKS port `socks` (one of
+    /// [`RelayBed::start_more_clients`]'s).
+    pub fn curl_bytes_via(&self, socks: SocketAddr, len: u64) -> Result<(String, u64, Duration)> {
         let url = format!("http://{ORIGIN_NAME}:{ORIGIN_PORT}/bytes/{len}");
-        let socks = self.socks_addr().to_string();
+        let socks = socks.to_string();
         static DOWNLOADS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = DOWNLOADS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let body = self.scratch.dir.join(format!("curl-body-{n}"));

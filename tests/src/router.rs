@@ -256,6 +256,21 @@ table ip {TABLE}_nat {{
         self.forget_flows()
     }
 
+    /// The NAT maps the client to `port` on its public address from now on, and forgets
+    /// every flow: the server sees the client come from a new source port (a NAT
+    /// rebinding).
+    pub fn rebind_to_port(&self, port: u16) -> Result<()> {
+        let chain = ["ip", &format!("{TABLE}_nat"), "postrouting"];
+        let mut flush = self.ns.command("nft");
+        flush.arg("flush").arg("chain").args(chain);
+        run_checked(&mut flush)?;
+        let mut snat = self.ns.command("nft");
+        snat.arg("add").arg("rule").args(chain);
+        snat.args(["oifname", self.wan_if.as_str(), "snat", "to", &format!("{ROUTER_WAN_IP}:{port}")]);
+        run_checked(&mut snat)?;
+        self.forget_flows()
+    }
+
     /// Drops every UDP datagram it would forward (a network that blocks UDP).
     pub fn drop_udp(&self) -> Result<()> {
         self.insert_rule("meta l4proto udp drop")

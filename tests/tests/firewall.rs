@@ -15,6 +15,8 @@
 //!   idle client costs in packets per second is printed;
 //! - `TRANSPORT=auto` (and the default `WIRE=auto`) relays through a router that drops
 //!   all UDP (on the TCP-shaped wire) and through one that drops the TCP wire (on UDP);
+//! - a udp server with several engines (`THREADS`): a client whose NAT port moves until
+//!   its datagrams reach another engine than its session's keeps its stream, exact;
 //! - datagrams that go one way only (an upload through a UDP forward) stay in the
 //!   router's window and keep the flow alive past 32 MiB and 4 s.
 
@@ -29,18 +31,18 @@ const MIB: u64 = 1 << 20;
 
 /// A relay whose client sits behind the router; `transport`/`wire` as the configs say.
 fn relay_behind_router(tag: &str, ipv6: bool, transport: &'static str, wire: Option<&str>) -> (RelayBed, Router) {
-    let (bed, router, _key) = keyed_relay_behind_router(tag, ipv6, transport, wire, "");
+    let (bed, router, _key) = keyed_relay_behind_router(tag, ipv6, transport, wire, ("", ""));
     (bed, router)
 }
 
-/// [`relay_behind_router`] with `client_extra` (config lines) in the client's config,
-/// and the key both ends use.
+/// [`relay_behind_router`] with extra config lines (client's, server's), and the key
+/// both ends use.
 fn keyed_relay_behind_router(
     tag: &str,
     ipv6: bool,
     transport: &'static str,
     wire: Option<&str>,
-    client_extra: &str,
+    (client_extra, server_extra): (&str, &str),
 ) -> (RelayBed, Router, String) {
     router::tools_present().expect("firewall tools");
     let (hosts, router) = router::behind_router(tag, ipv6).expect("client, router and server namespaces");
@@ -50,7 +52,7 @@ fn keyed_relay_behind_router(
     let common = format!("TRANSPORT={transport}\n{wire_line}TIMEOUT=10\nLOG_LEVEL=debug\n");
     let mut opts = RelayOptions::new(transport).expect("relay options");
     opts.as_written = Some((
-        format!("LISTEN_ADDR={listen}\n{common}"),
+        format!("LISTEN_ADDR={listen}\n{common}{server_extra}"),
         format!("SOCKS_ADDR=127.0.0.1:{SOCKS_PORT}\nREMOTE_ADDR={listen}\nKCP_MODE=fast3\n{common}{client_extra}"),
     ));
     let bed = RelayBed::start_on_hosts(hosts, tag, &opts).expect("relay behind the router");
@@ -387,7 +389,7 @@ fn one_way_udp_upload(tag: &str, ipv6: bool) {
         "FORWARD=udp/127.0.0.1:{SINK_PORT}={}:{SINK_PORT}\n",
         paqet_tests::relay::ORIGIN_IP
     );
-    let (bed, router, _key) = keyed_relay_behind_router(tag, ipv6, "xdp", Some("tcp"), &forward);
+    let (bed, router, _key) = keyed_relay_behind_router(tag, ipv6, "xdp", Some("tcp"), (&forward, ""));
     // The session and the flow first.
     assert_exact(&bed, curl(&bed, 1000), 1000);
     let invalid_before = router.invalid_drops().expect("invalid counter");
@@ -498,7 +500,7 @@ fn a_replayed_syn_and_a_keyless_syn_get_no_answer() {
     use paqet_tests::capture::{Capture, inject};
     // The router is where an on-path observer sits: it sees the SYN leave (after NAT)
     // and can send it again. (On the paqet hosts XDP takes the frames before tcpdump.)
-    let (mut bed, router, key) = keyed_relay_behind_router("k1", false, "xdp", Some("tcp"), "");
+    let (mut bed, router, key) = keyed_relay_behind_router("k1", false, "xdp", Some("tcp"), ("", ""));
     let syns = format!("tcp dst port {SERVER_PORT} and tcp[tcpflags] & tcp-syn != 0");
     let capture = Capture::start(&router.ns, &router.wan_if, &syns).expect("capture");
     // A fresh client opens a fresh flow while the capture runs.
@@ -580,4 +582,60 @@ fn a_replayed_syn_and_a_keyless_syn_get_no_answer() {
     );
     // The live flow is untouched by the replays.
     assert_exact(&bed, curl(&bed, MIB), MIB);
+}
+
+/// Engines of the sharded server below, and the NAT ports its client is moved through
+/// until one lands on another engine than its session's (each does with probability
+/// 3/4, so all eight miss with probability 4^-8).
+const ENGINES: u8 = 4;
+const REBIND_PORTS: std::ops::Range<u16> = 40_001..40_009;
+
+/// The server's `handed_off` counter, from `paqet status --json` (found by its pid:
+/// other tests' servers may publish under the same instance name).
+fn server_handed_off(bed: &RelayBed) -> Option<u64> {
+    let out = std::process::Command::new(paqet_tests::paqet_bin())
+        .args(["status", "--json"])
+        .output()
+        .ok()?;
+    let all: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    let pid = u64::from(bed.server.0.id());
+    let live = all.as_array()?.iter().map(|i| &i["live"]).find(|l| l["pid"].as_u64() == Some(pid))?;
+    assert_eq!(live["engines"].as_u64(), Some(u64::from(ENGINES)), "{live}");
+    live["handed_off"].as_u64()
+}
+
+#[test]
+fn a_client_whose_nat_port_moves_to_another_engine_keeps_its_stream() {
+    if !require_root("a_client_whose_nat_port_moves_to_another_engine_keeps_its_stream") {
+        return;
+    }
+    let threads = format!("THREADS={ENGINES}\n");
+    let (bed, router, _key) = keyed_relay_behind_router("t2", false, "udp", None, ("", &threads));
+    let len = 16 * MIB;
+    let mut moves = 0;
+    let mut handed_off = 0;
+    let fetched = fetch_in_two_parts(&bed, len, MIB, || {
+        for port in REBIND_PORTS {
+            router.rebind_to_port(port).expect("a NAT rebinding");
+            moves += 1;
+            // The client's next ACK or keepalive (within a second) comes from the new port.
+            paqet_tests::wait_for(
+                || {
+                    handed_off = server_handed_off(&bed).unwrap_or(0);
+                    handed_off > 0
+                },
+                Duration::from_secs(3),
+            );
+            if handed_off > 0 {
+                break;
+            }
+        }
+    });
+    assert_exact(&bed, fetched, len);
+    assert!(
+        handed_off > 0,
+        "after {moves} NAT rebindings no datagram reached another engine than the client's\n{}",
+        bed.logs()
+    );
+    eprintln!("{moves} rebinding(s); {handed_off} datagrams handed to the client's engine so far");
 }

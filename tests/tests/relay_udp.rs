@@ -214,3 +214,32 @@ fn username_password_auth_and_an_ipv6_target() {
     let (hash, len) = v6.expect("IPv6 origin never answered through the relay").unwrap();
     assert_eq!((hash, len), (pattern::sha256_hex(300_000, 300_000), 300_000));
 }
+
+#[test]
+fn four_clients_through_a_four_engine_server_are_exact() {
+    if !require_root("four_clients_through_a_four_engine_server_are_exact") {
+        return;
+    }
+    let mut opts = RelayOptions::new("udp").unwrap();
+    opts.server_extra.push("THREADS=4".into());
+    let bed = RelayBed::start("u7", &opts).unwrap();
+    let more = bed.start_more_clients(3).unwrap();
+    let proxies: Vec<std::net::SocketAddr> =
+        std::iter::once(bed.socks_addr()).chain(more.iter().map(|(_, socks)| *socks)).collect();
+    let len = 16 * MIB;
+    let fetched: Vec<_> = std::thread::scope(|scope| {
+        let downloads: Vec<_> = proxies
+            .iter()
+            .map(|&socks| scope.spawn(move || bed.curl_bytes_via(socks, len)))
+            .collect();
+        downloads.into_iter().map(|d| d.join().expect("a download thread")).collect()
+    });
+    for (socks, result) in proxies.iter().zip(fetched) {
+        let (hash, got, _) = result.unwrap_or_else(|e| panic!("curl through {socks}: {e:#}"));
+        assert_eq!(got, len, "through {socks}\n{}", bed.logs());
+        assert_eq!(hash, pattern::sha256_hex(len, len), "through {socks}\n{}", bed.logs());
+    }
+    assert!(bed.log_of("server").contains("threads=4"), "{}", bed.logs());
+    let sessions = bed.log_of("server").matches("session established").count();
+    assert!(sessions >= 4, "{sessions} sessions for 4 clients\n{}", bed.logs());
+}
