@@ -256,18 +256,24 @@ table ip {TABLE}_nat {{
         self.forget_flows()
     }
 
-    /// The NAT maps the client to `port` on its public address from now on, and forgets
-    /// every flow: the server sees the client come from a new source port (a NAT
-    /// rebinding).
-    pub fn rebind_to_port(&self, port: u16) -> Result<()> {
+    /// The NAT maps the client's UDP to `port` on its public address from now on (other
+    /// traffic masquerades as before), and forgets every flow: the server sees the
+    /// client come from a new source port (a NAT rebinding).
+    pub fn rebind_udp_to_port(&self, port: u16) -> Result<()> {
         let chain = ["ip", &format!("{TABLE}_nat"), "postrouting"];
         let mut flush = self.ns.command("nft");
         flush.arg("flush").arg("chain").args(chain);
         run_checked(&mut flush)?;
-        let mut snat = self.ns.command("nft");
-        snat.arg("add").arg("rule").args(chain);
-        snat.args(["oifname", self.wan_if.as_str(), "snat", "to", &format!("{ROUTER_WAN_IP}:{port}")]);
-        run_checked(&mut snat)?;
+        let wan = self.wan_if.as_str();
+        let to = format!("{ROUTER_WAN_IP}:{port}");
+        for rule in [
+            &["oifname", wan, "meta", "l4proto", "udp", "snat", "to", &to][..],
+            &["oifname", wan, "masquerade"][..],
+        ] {
+            let mut add = self.ns.command("nft");
+            add.arg("add").arg("rule").args(chain).args(rule);
+            run_checked(&mut add)?;
+        }
         self.forget_flows()
     }
 

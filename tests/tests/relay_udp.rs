@@ -227,6 +227,7 @@ fn four_clients_through_a_four_engine_server_are_exact() {
     let proxies: Vec<std::net::SocketAddr> =
         std::iter::once(bed.socks_addr()).chain(more.iter().map(|(_, socks)| *socks)).collect();
     let len = 16 * MIB;
+    let bed = &bed;
     let fetched: Vec<_> = std::thread::scope(|scope| {
         let downloads: Vec<_> = proxies
             .iter()
