@@ -117,6 +117,9 @@ pub const UDP_SEGMENTED: &str = "paqet udp, segmented";
 /// Eight paqet udp clients of one stream each, through one server (its `clean-8` row).
 pub const UDP_CLIENTS: &str = "paqet udp, 8 clients";
 
+/// The same through a server held to one engine (`THREADS=1`), as before sharding.
+pub const UDP_CLIENTS_ONE_ENGINE: &str = "paqet udp, 8 clients, THREADS=1";
+
 #[derive(Default, Debug)]
 pub struct Results {
     pub rows: Vec<Row>,
@@ -448,6 +451,12 @@ impl Results {
             v,
             d,
         )];
+        let (_, d) = ratio(self.get(UDP_CLIENTS, CLEAN8), self.get(UDP_CLIENTS_ONE_ENGINE, CLEAN8), 1.0);
+        out.push((
+            "information: 8 clients, THREADS=auto against THREADS=1 (udp)".to_string(),
+            "INFO",
+            d,
+        ));
         for tr in ["xdp", "udp"] {
             let sys = format!("paqet {tr}");
             let (v, d) = ratio(self.get(&sys, CLEAN8), self.get(&sys, CLEAN1), 2.0);

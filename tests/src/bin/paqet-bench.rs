@@ -23,7 +23,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use paqet_tests::bench::peers::{self, KcpConfig};
 use paqet_tests::bench::report::{
-    CEILING, CLEAN1, CLEAN8, Kind, LOSSY, RR, RealRow, Results, Row, STREAMS, UDP_CLIENTS, UDP_DIRECT, UDP_SEGMENTED,
+    CEILING, CLEAN1, CLEAN8, Kind, LOSSY, RR, RealRow, Results, Row, STREAMS, UDP_CLIENTS, UDP_CLIENTS_ONE_ENGINE,
+    UDP_DIRECT, UDP_SEGMENTED,
     UdpRow, Upkeep, XDP_UDP_WIRE,
 };
 use paqet_tests::bench::{
@@ -434,14 +435,20 @@ impl Bench {
             drop(bed);
             return self.paqet_xdp_udp_wire();
         }
-        self.paqet_udp_clients(&bed)?;
-        self.paqet_udp_segmented(&bed)
+        self.paqet_udp_clients(&bed, UDP_CLIENTS)?;
+        self.paqet_udp_segmented(&bed)?;
+        drop(bed);
+        let mut one_engine = relay_options(transport)?;
+        one_engine.server_extra.push("THREADS=1".into());
+        let bed = RelayBed::start("b1", &one_engine)?;
+        self.paqet_udp_clients(&bed, UDP_CLIENTS_ONE_ENGINE)
     }
 
     /// Eight clients of one stream each through the one server (the udp transport: xdp
     /// clients in one namespace would share its interface), beside one client's eight
-    /// streams: whether a server uses more than one core.
-    fn paqet_udp_clients(&mut self, bed: &RelayBed) -> Result<()> {
+    /// streams: whether a server uses more than one core. `system` names the rows: the
+    /// server runs its default engines, or one.
+    fn paqet_udp_clients(&mut self, bed: &RelayBed, system: &'static str) -> Result<()> {
         let _servers = Servers::start(&bed.hosts.server)?;
         let more = bed.start_more_clients(7)?;
         let mut procs = paqet_procs(bed);
@@ -473,7 +480,7 @@ impl Bench {
         let server = bench::find_comm(bed.server.id(), "paqet");
         let (threads0, started) = (bench::thread_cpu_secs(server), Instant::now());
         self.transfer_spread(
-            UDP_CLIENTS,
+            system,
             Kind::Paqet,
             CLEAN8,
             &bed.hosts.client,
