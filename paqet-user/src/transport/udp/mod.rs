@@ -205,6 +205,20 @@ mod tests {
         UdpTransport::open("127.0.0.1:0".parse().unwrap(), Some(1 << 22), gro).unwrap()
     }
 
+    #[test]
+    fn a_shared_port_is_refused_when_anything_holds_it_already() {
+        let held = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = held.local_addr().unwrap();
+        let refused = UdpTransport::bind_shared(port, None, 2).map(|_| ());
+        assert_eq!(refused.map_err(|e| e.kind()), Err(io::ErrorKind::AddrInUse));
+        drop(held);
+        let group = UdpTransport::bind_shared(port, None, 3).unwrap();
+        assert_eq!(group.len(), 3);
+        // A second relay on the port must not join the group and take a share of it.
+        let second = UdpTransport::bind_shared(port, None, 2).map(|_| ());
+        assert_eq!(second.map_err(|e| e.kind()), Err(io::ErrorKind::AddrInUse));
+    }
+
     /// A payload naming its datagram, so one cut, merged, reordered or sent to the wrong
     /// peer does not compare equal.
     fn payload(seq: usize, len: usize) -> Vec<u8> {
