@@ -599,7 +599,11 @@ fn server_handed_off(bed: &RelayBed) -> Option<u64> {
         .ok()?;
     let all: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
     let pid = u64::from(bed.server.0.id());
-    let live = all.as_array()?.iter().map(|i| &i["live"]).find(|l| l["pid"].as_u64() == Some(pid))?;
+    let live = all
+        .as_array()?
+        .iter()
+        .map(|i| &i["live"])
+        .find(|l| l["pid"].as_u64() == Some(pid))?;
     assert_eq!(live["engines"].as_u64(), Some(u64::from(ENGINES)), "{live}");
     live["handed_off"].as_u64()
 }

@@ -224,8 +224,9 @@ fn four_clients_through_a_four_engine_server_are_exact() {
     opts.server_extra.push("THREADS=4".into());
     let bed = RelayBed::start("u7", &opts).unwrap();
     let more = bed.start_more_clients(3).unwrap();
-    let proxies: Vec<std::net::SocketAddr> =
-        std::iter::once(bed.socks_addr()).chain(more.iter().map(|(_, socks)| *socks)).collect();
+    let proxies: Vec<std::net::SocketAddr> = std::iter::once(bed.socks_addr())
+        .chain(more.iter().map(|(_, socks)| *socks))
+        .collect();
     let len = 16 * MIB;
     let bed = &bed;
     let fetched: Vec<_> = std::thread::scope(|scope| {
@@ -233,7 +234,10 @@ fn four_clients_through_a_four_engine_server_are_exact() {
             .iter()
             .map(|&socks| scope.spawn(move || bed.curl_bytes_via(socks, len)))
             .collect();
-        downloads.into_iter().map(|d| d.join().expect("a download thread")).collect()
+        downloads
+            .into_iter()
+            .map(|d| d.join().expect("a download thread"))
+            .collect()
     });
     for (socks, result) in proxies.iter().zip(fetched) {
         let (hash, got, _) = result.unwrap_or_else(|e| panic!("curl through {socks}: {e:#}"));

@@ -22,8 +22,8 @@ pub use keys::{KEYS, flag_for_key};
 pub use policy::{IpNet, PortRange, RuleSource, TargetPolicy, TargetRule, Verdict};
 pub use settings::Settings;
 pub use values::{
-    Credentials, HostPort, KcpMode, Key, KeyError, LogLevel, MetricsAddr, Role, Threads, TransportKind, WireChoice, WireShape,
-    XdpMode,
+    Credentials, HostPort, KcpMode, Key, KeyError, LogLevel, MetricsAddr, Role, Threads, TransportKind, WireChoice,
+    WireShape, XdpMode,
 };
 
 use keys::{is_secret, known_key};
@@ -143,8 +143,8 @@ impl Config {
 /// Keys only a server reads, and keys only a client reads. A config shared by both
 /// roles is fine, so these are no error; but a setting that silently does nothing (a
 /// client's UDP_TIMEOUT) is said at start.
-const SERVER_ONLY: &[&str] = & ["ALLOW", "DENY", "UDP_TIMEOUT", "THREADS"];
-const CLIENT_ONLY: &[&str] = & ["SOCKS_ADDR", "SOCKS_USER", "SOCKS_PASS"];
+const SERVER_ONLY: &[&str] = &["ALLOW", "DENY", "UDP_TIMEOUT", "THREADS"];
+const CLIENT_ONLY: &[&str] = &["SOCKS_ADDR", "SOCKS_USER", "SOCKS_PASS"];
 
 fn ignored_keys(s: &Settings, role: Role) -> Vec<String> {
     let (others, other_role) = match role {

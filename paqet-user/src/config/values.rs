@@ -374,7 +374,9 @@ pub(crate) fn parse_threads(s: &str) -> Result<Threads, String> {
     }
     match s.parse::<u8>() {
         Ok(n) if (1..=MAX_THREADS).contains(&n) => Ok(Threads::Count(n)),
-        _ => Err(format!("expected auto (one per core, at most {AUTO_THREADS_MAX}) or a number from 1 to {MAX_THREADS}, e.g. 4")),
+        _ => Err(format!(
+            "expected auto (one per core, at most {AUTO_THREADS_MAX}) or a number from 1 to {MAX_THREADS}, e.g. 4"
+        )),
     }
 }
 

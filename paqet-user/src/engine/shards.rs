@@ -36,12 +36,20 @@ impl Shard {
 
     /// The shard that owns `index`, when another one does.
     pub(super) fn foreign_session(&self, index: u32) -> Option<u8> {
-        lock(&self.directory.0).sessions.get(&index).copied().filter(|&owner| owner != self.id)
+        lock(&self.directory.0)
+            .sessions
+            .get(&index)
+            .copied()
+            .filter(|&owner| owner != self.id)
     }
 
     /// The shard that holds client `instance`, when another one does.
     pub(super) fn foreign_instance(&self, instance: PeerId) -> Option<u8> {
-        lock(&self.directory.0).instances.get(&instance).copied().filter(|&owner| owner != self.id)
+        lock(&self.directory.0)
+            .instances
+            .get(&instance)
+            .copied()
+            .filter(|&owner| owner != self.id)
     }
 
     /// Takes `index` for this shard: false when any shard already holds it.
@@ -150,8 +158,14 @@ mod tests {
         assert_eq!(one.max_peers, base.max_peers);
         let eighth = base.clone().for_shard(Shard::split(8).remove(0));
         assert_eq!(eighth.max_peers, base.max_peers.div_ceil(8));
-        assert_eq!(eighth.handshakes_before_cookies, base.handshakes_before_cookies.div_ceil(8));
-        assert!(base.window_budget / 8 < lone_stream, "the floor is what this test is about");
+        assert_eq!(
+            eighth.handshakes_before_cookies,
+            base.handshakes_before_cookies.div_ceil(8)
+        );
+        assert!(
+            base.window_budget / 8 < lone_stream,
+            "the floor is what this test is about"
+        );
         assert_eq!(eighth.window_budget, lone_stream);
     }
 }

@@ -1141,7 +1141,10 @@ fn sharded_sim(seed: u8) -> (Sim, Engine) {
 
 /// Hands `datagram` to `shard` as a datagram from `from`, and returns what it handed on.
 fn reaches_wrong_shard(shard: &mut Engine, now: Now, from: SocketAddr, datagram: &[u8]) -> shards::Handoff {
-    assert_eq!(shard.handle_datagram(now, PathId(0), from, &mut datagram.to_vec()), Ok(()));
+    assert_eq!(
+        shard.handle_datagram(now, PathId(0), from, &mut datagram.to_vec()),
+        Ok(())
+    );
     let mut handoffs = Vec::new();
     shard.drain_handoffs(&mut handoffs);
     let mut sent = Vec::new();
@@ -1166,7 +1169,11 @@ fn a_client_whose_address_moved_to_another_shard_is_handed_back_to_its_own() {
     let mut handoff = reaches_wrong_shard(&mut other, now, moved, &datagram);
     assert_eq!((handoff.shard, handoff.from), (0, moved));
     assert_eq!(other.counters().handed_off, 1);
-    assert_eq!(other.counters().datagrams_in, 0, "counted where it is handled, not twice");
+    assert_eq!(
+        other.counters().datagrams_in,
+        0,
+        "counted where it is handled, not twice"
+    );
     sim.server
         .handle_datagram(now, handoff.path, handoff.from, &mut handoff.datagram)
         .unwrap();

@@ -453,7 +453,11 @@ struct ServerCounters {
 
 /// The one place the relay's counters are read, for `paqet status` and the metrics:
 /// summed over the nodes (one, or a sharded server's engines).
-fn live_source<T: Transport>(nodes: Vec<Arc<Node<T>>>, role: &'static str, server: Option<ServerCounters>) -> live::Source {
+fn live_source<T: Transport>(
+    nodes: Vec<Arc<Node<T>>>,
+    role: &'static str,
+    server: Option<ServerCounters>,
+) -> live::Source {
     let transport = nodes.first().map(|n| n.path_list()).unwrap_or_default();
     live::Source::new(role, transport, move || snapshot(&nodes, server.as_ref()))
 }
@@ -467,7 +471,10 @@ fn snapshot<T: Transport>(nodes: &[Arc<Node<T>>], server: Option<&ServerCounters
     });
     let mut loads = vec![engine::PathLoad::default(); path_names.len()];
     for node in nodes {
-        for (total, load) in loads.iter_mut().zip(node.with_engine(|e, _| e.load_per_path(path_names.len()))) {
+        for (total, load) in loads
+            .iter_mut()
+            .zip(node.with_engine(|e, _| e.load_per_path(path_names.len())))
+        {
             total.sessions += load.sessions;
             total.streams += load.streams;
         }
@@ -489,10 +496,13 @@ fn snapshot<T: Transport>(nodes: &[Arc<Node<T>>], server: Option<&ServerCounters
             s.dialer.refused_by_policy.load(Relaxed) + s.udp.refused_policy.load(Relaxed)
         }),
         receive_overflows: nodes.iter().map(|n| n.receive_overflows()).sum(),
-        steering: nodes.iter().filter_map(|n| n.steering_counters()).reduce(|mut total, s| {
-            total.accumulate(&s);
-            total
-        }),
+        steering: nodes
+            .iter()
+            .filter_map(|n| n.steering_counters())
+            .reduce(|mut total, s| {
+                total.accumulate(&s);
+                total
+            }),
         engines: nodes.len(),
         handed_off: sum(|c| c.handed_off),
         rss_bytes: live::resident_bytes(),
@@ -506,7 +516,10 @@ fn udp_json<T: Transport>(nodes: &[Arc<Node<T>>], server: Option<&crate::dial::u
     let layer: Vec<_> = nodes.iter().map(|n| n.datagram_counters()).collect();
     let sum = |field: fn(&crate::engine::datagrams::DatagramCounters) -> u64| layer.iter().map(field).sum::<u64>();
     let routed = |field: fn(&crate::node::datagram::RouterStats) -> &std::sync::atomic::AtomicU64| {
-        nodes.iter().map(|n| field(&n.datagrams.stats).load(Relaxed)).sum::<u64>()
+        nodes
+            .iter()
+            .map(|n| field(&n.datagrams.stats).load(Relaxed))
+            .sum::<u64>()
     };
     let mut v = serde_json::json!({
         "datagrams_sent": sum(|d| d.sent),

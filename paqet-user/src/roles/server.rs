@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use super::{
-    StopSignals, Side, bind_metrics, drain, engine_config, live_source, open_paths, path_datagram_size, path_ids,
+    Side, StopSignals, bind_metrics, drain, engine_config, live_source, open_paths, path_datagram_size, path_ids,
     receiver_outcome, report, udp_buffer, udp_instance, wait_for_stop,
 };
 use crate::config::{Config, Threads, TransportKind};
@@ -118,7 +118,10 @@ impl EngineTasks {
 
 async fn run_single(config: Config, paths: Vec<AnyTransport>, instance: String, started_unix_ms: u64) -> Result<()> {
     let mut signals = StopSignals::install()?;
-    let engine = Engine::new(server_engine(&config, started_unix_ms, &paths)?, std::time::Instant::now());
+    let engine = Engine::new(
+        server_engine(&config, started_unix_ms, &paths)?,
+        std::time::Instant::now(),
+    );
     let (node, opened) = Node::new(engine, paths, true);
     let metrics = bind_metrics(&config).await?;
     crate::ops::privileges::drop_after_start()?;
@@ -127,7 +130,11 @@ async fn run_single(config: Config, paths: Vec<AnyTransport>, instance: String, 
     let shared = Shared::new(&config);
     let mut tasks = EngineTasks::spawn(&node, opened, &shared)?;
     let nodes = vec![node];
-    let mut reporting = report(live_source(nodes.clone(), "server", Some(shared.counters())), instance, metrics);
+    let mut reporting = report(
+        live_source(nodes.clone(), "server", Some(shared.counters())),
+        instance,
+        metrics,
+    );
     let outcome = wait_for_stop(&mut signals, receiver_outcome(&mut tasks.receiver)).await;
     tasks.stop_opening();
     drain(&nodes, &mut signals).await;
@@ -169,7 +176,11 @@ async fn run_sharded(config: Config, sockets: Vec<BoundUdp>, instance: String, s
     let mut tasks = EngineTasks::spawn(&node, opened, &shared)?;
     tracing::info!(listen = ?config.listen_addr, paths = %node.path_list(), threads = count, kcp = ?config.kcp_mode,
         "paqet server running: one engine per thread, clients spread over them by address");
-    let mut reporting = report(live_source(nodes.clone(), "server", Some(shared.counters())), instance, metrics);
+    let mut reporting = report(
+        live_source(nodes.clone(), "server", Some(shared.counters())),
+        instance,
+        metrics,
+    );
     let transport_failed = async {
         tokio::select! {
             outcome = receiver_outcome(&mut tasks.receiver) => outcome,
@@ -193,7 +204,9 @@ fn start_shard(
     links: ShardLinks,
     socket: BoundUdp,
 ) -> Result<(Arc<ServerNode>, Opened)> {
-    let paths = vec![AnyTransport::Udp(socket.register().context("cannot register a shard's UDP socket")?)];
+    let paths = vec![AnyTransport::Udp(
+        socket.register().context("cannot register a shard's UDP socket")?,
+    )];
     let ec = server_engine(config, started_unix_ms, &paths)?.for_shard(shard);
     let (node, opened) = Node::shard(Engine::new(ec, std::time::Instant::now()), paths, links);
     Ok((node, opened.context("server node without an open-stream channel")?))
@@ -242,7 +255,9 @@ impl ShardThread {
         let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
             Ok(runtime) => runtime,
             Err(e) => {
-                let _ = started.send(Err(anyhow!(e).context(format!("cannot start engine thread {id}'s runtime"))));
+                let _ = started.send(Err(
+                    anyhow!(e).context(format!("cannot start engine thread {id}'s runtime"))
+                ));
                 return;
             }
         };

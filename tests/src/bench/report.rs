@@ -451,7 +451,11 @@ impl Results {
             v,
             d,
         )];
-        let (_, d) = ratio(self.get(UDP_CLIENTS, CLEAN8), self.get(UDP_CLIENTS_ONE_ENGINE, CLEAN8), 1.0);
+        let (_, d) = ratio(
+            self.get(UDP_CLIENTS, CLEAN8),
+            self.get(UDP_CLIENTS_ONE_ENGINE, CLEAN8),
+            1.0,
+        );
         out.push((
             "information: 8 clients, THREADS=auto against THREADS=1 (udp)".to_string(),
             "INFO",

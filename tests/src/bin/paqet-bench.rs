@@ -24,8 +24,7 @@ use anyhow::{Context, Result, bail};
 use paqet_tests::bench::peers::{self, KcpConfig};
 use paqet_tests::bench::report::{
     CEILING, CLEAN1, CLEAN8, Kind, LOSSY, RR, RealRow, Results, Row, STREAMS, UDP_CLIENTS, UDP_CLIENTS_ONE_ENGINE,
-    UDP_DIRECT, UDP_SEGMENTED,
-    UdpRow, Upkeep, XDP_UDP_WIRE,
+    UDP_DIRECT, UDP_SEGMENTED, UdpRow, Upkeep, XDP_UDP_WIRE,
 };
 use paqet_tests::bench::{
     self, Access, BENCH_ORIGIN_PORT, ECHO_PORT, FORWARD_PORT, GIB, MIB, Proc, SERVER_IP, Servers,

@@ -70,7 +70,12 @@ impl Engine {
         }
         // A client that holds a session on another shard is resuming there: its new
         // address hashed here. That shard judges it (cookies, replays, its proof).
-        if let Some(owner) = self.config.shard.as_ref().and_then(|s| s.foreign_instance(init.instance)) {
+        if let Some(owner) = self
+            .config
+            .shard
+            .as_ref()
+            .and_then(|s| s.foreign_instance(init.instance))
+        {
             self.hand_off(owner, path, from, data);
             return Ok(Dispatched::HandedOff);
         }

@@ -51,7 +51,9 @@ impl Engine {
     ) -> Result<Dispatched, DropReason> {
         if let Some(index) = self.index_mask.unmask(data) {
             if let Some(&peer_id) = self.index.get(&index) {
-                return self.handle_data(now, (path, from), peer_id, index, data).map(|()| Dispatched::Here);
+                return self
+                    .handle_data(now, (path, from), peer_id, index, data)
+                    .map(|()| Dispatched::Here);
             }
             if let Some(owner) = self.config.shard.as_ref().and_then(|s| s.foreign_session(index)) {
                 self.hand_off(owner, path, from, data);
@@ -60,7 +62,9 @@ impl Engine {
         }
         match self.config.role {
             Role::Server => self.handle_handshake_init(now, path, from, data),
-            Role::Client { .. } => self.handle_handshake_response(now, path, from, data).map(|()| Dispatched::Here),
+            Role::Client { .. } => self
+                .handle_handshake_response(now, path, from, data)
+                .map(|()| Dispatched::Here),
         }
     }
 
