@@ -490,6 +490,31 @@ fn udp_timeout_defaults_to_a_minute_and_takes_whole_seconds() {
 }
 
 #[test]
+fn threads_defaults_to_one_engine_per_core_and_takes_a_count() {
+    use crate::config::Threads;
+    assert_eq!(server("").threads, Threads::Auto);
+    assert!((1..=crate::config::values::AUTO_THREADS_MAX as u8).contains(&Threads::Auto.count()));
+    assert_eq!(server("THREADS=3\n").threads, Threads::Count(3));
+    assert_eq!(server("THREADS=AUTO\n").threads, Threads::Auto);
+    for bad in ["0", "65", "two", "-1"] {
+        let err = config(&format!("LISTEN_ADDR=0.0.0.0:4000\nKEY={KEY_B64}\nTHREADS={bad}\n")).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains(".conf:3: THREADS") && text.contains("expected auto"),
+            "{text}"
+        );
+    }
+    assert!(
+        config(&client("THREADS=4"))
+            .unwrap()
+            .ignored
+            .iter()
+            .any(|l| l.contains("THREADS is a server setting")),
+        "a client says it ignores THREADS"
+    );
+}
+
+#[test]
 fn metrics_addr_is_off_by_default_and_loopback_unless_public() {
     assert_eq!(config(&client("")).unwrap().metrics, None);
     let on = config(&client("METRICS_ADDR=127.0.0.1:9465")).unwrap().metrics.unwrap();
