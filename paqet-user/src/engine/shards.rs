@@ -8,10 +8,10 @@
 //! session or a client comes or goes: never per packet of a settled flow.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, RwLock};
 
 use super::{EngineConfig, FastMap, PathId, PeerId};
-use crate::sync::lock;
+use crate::sync::{read, write};
 
 /// Which of a sharded server's engines this is, and the directory they share.
 #[derive(Clone, Debug)]
@@ -36,7 +36,7 @@ impl Shard {
 
     /// The shard that owns `index`, when another one does.
     pub(super) fn foreign_session(&self, index: u32) -> Option<u8> {
-        lock(&self.directory.0)
+        read(&self.directory.0)
             .sessions
             .get(&index)
             .copied()
@@ -45,7 +45,7 @@ impl Shard {
 
     /// The shard that holds client `instance`, when another one does.
     pub(super) fn foreign_instance(&self, instance: PeerId) -> Option<u8> {
-        lock(&self.directory.0)
+        read(&self.directory.0)
             .instances
             .get(&instance)
             .copied()
@@ -54,7 +54,7 @@ impl Shard {
 
     /// Takes `index` for this shard: false when any shard already holds it.
     pub(super) fn claim_session(&self, index: u32) -> bool {
-        let mut owners = lock(&self.directory.0);
+        let mut owners = write(&self.directory.0);
         if owners.sessions.contains_key(&index) {
             return false;
         }
@@ -63,12 +63,12 @@ impl Shard {
     }
 
     pub(super) fn claim_instance(&self, instance: PeerId) {
-        lock(&self.directory.0).instances.insert(instance, self.id);
+        write(&self.directory.0).instances.insert(instance, self.id);
     }
 
     /// Gives back what this shard held of `instance` and `indices`.
     pub(super) fn release(&self, instance: Option<PeerId>, indices: &[u32]) {
-        let mut owners = lock(&self.directory.0);
+        let mut owners = write(&self.directory.0);
         for index in indices {
             if owners.sessions.get(index) == Some(&self.id) {
                 owners.sessions.remove(index);
@@ -82,9 +82,11 @@ impl Shard {
     }
 }
 
-/// Who holds each session index and each client instance, across the shards.
+/// Who holds each session index and each client instance, across the shards. Read
+/// for every datagram that misses a shard's own index (a flood of garbage does), so
+/// readers do not wait for each other.
 #[derive(Default, Debug)]
-pub struct Directory(Mutex<Owners>);
+pub struct Directory(RwLock<Owners>);
 
 #[derive(Default, Debug)]
 struct Owners {
