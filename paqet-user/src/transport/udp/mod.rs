@@ -46,26 +46,22 @@ pub struct UdpTransport {
 pub struct BoundUdp {
     socket: std::net::UdpSocket,
     gro: bool,
+    /// Its buffers were forced past `net.core.rmem_max`.
+    forced: bool,
 }
 
 impl BoundUdp {
     fn bind(local: SocketAddr, buffer: Option<usize>, gro: bool, reuse_port: bool) -> io::Result<BoundUdp> {
         let socket = Socket::new(Domain::for_address(local), Type::DGRAM, Some(Protocol::UDP))?;
+        let mut forced = false;
         if let Some(bytes) = buffer {
             // Past net.core.rmem_max (often 208 KiB or 4 MiB) only with CAP_NET_ADMIN,
             // which the service has; anyone else gets what the kernel clamps to.
-            let forced = libc::c_int::try_from(bytes).is_ok_and(|b| sys::force_buffers(socket.as_raw_fd(), b).is_ok());
+            forced = libc::c_int::try_from(bytes).is_ok_and(|b| sys::force_buffers(socket.as_raw_fd(), b).is_ok());
             if !forced {
                 socket.set_recv_buffer_size(bytes)?;
                 socket.set_send_buffer_size(bytes)?;
             }
-            tracing::info!(
-                requested = bytes,
-                forced,
-                recv_granted = socket.recv_buffer_size()?,
-                send_granted = socket.send_buffer_size()?,
-                "UDP socket buffers"
-            );
         }
         socket.set_nonblocking(true)?;
         if reuse_port {
@@ -78,7 +74,22 @@ impl BoundUdp {
         Ok(BoundUdp {
             socket: socket.into(),
             gro,
+            forced,
         })
+    }
+
+    /// What the kernel granted of `requested` bytes, once for `sockets` alike.
+    fn log_buffers(&self, requested: usize, sockets: u8) -> io::Result<()> {
+        let socket = socket2::SockRef::from(&self.socket);
+        tracing::info!(
+            requested,
+            forced = self.forced,
+            recv_granted = socket.recv_buffer_size()?,
+            send_granted = socket.send_buffer_size()?,
+            sockets,
+            "UDP socket buffers"
+        );
+        Ok(())
     }
 
     /// Ties the socket to the runtime this runs in.
@@ -102,7 +113,11 @@ impl UdpTransport {
 
     /// As [`UdpTransport::bind`]; `gro` says whether to ask for receive coalescing.
     fn open(local: SocketAddr, buffer: Option<usize>, gro: bool) -> io::Result<UdpTransport> {
-        BoundUdp::bind(local, buffer, gro, false)?.register()
+        let bound = BoundUdp::bind(local, buffer, gro, false)?;
+        if let Some(requested) = buffer {
+            bound.log_buffers(requested, 1)?;
+        }
+        bound.register()
     }
 
     /// `count` sockets on `local` (SO_REUSEPORT), among which the kernel spreads
@@ -112,7 +127,13 @@ impl UdpTransport {
     /// would otherwise join the group and take a share of the clients.
     pub fn bind_shared(local: SocketAddr, buffer: Option<usize>, count: u8) -> io::Result<Vec<BoundUdp>> {
         drop(BoundUdp::bind(local, None, false, false)?);
-        (0..count).map(|_| BoundUdp::bind(local, buffer, true, true)).collect()
+        let group = (0..count)
+            .map(|_| BoundUdp::bind(local, buffer, true, true))
+            .collect::<io::Result<Vec<_>>>()?;
+        if let (Some(requested), Some(first)) = (buffer, group.first()) {
+            first.log_buffers(requested, count)?;
+        }
+        Ok(group)
     }
 
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
