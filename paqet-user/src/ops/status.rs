@@ -168,13 +168,16 @@ pub fn run(args: &StatusArgs) -> Result<()> {
                 live["dropped_replayed"],
                 live["receive_overflows"]
             );
+            // A relay with one engine (every client, most servers) has nothing to say here.
+            let engines = match live["engines"].as_u64() {
+                Some(n) if n > 1 => format!(", engines {n} (datagrams handed between them {})", live["handed_off"]),
+                _ => String::new(),
+            };
             println!(
-                "  handshakes {}, refused by policy {}, resident memory {:.1} MiB, engines {} (handed over {})",
+                "  handshakes {}, refused by policy {}, resident memory {:.1} MiB{engines}",
                 live["handshakes"],
                 live["dropped_policy"],
                 live["rss_bytes"].as_f64().unwrap_or(0.0) / f64::from(1u32 << 20),
-                live["engines"],
-                live["handed_off"]
             );
             let paths: Vec<String> = live["paths"]
                 .as_array()
