@@ -111,7 +111,7 @@ pub struct RunArgs {
     #[arg(long, value_name = "SECONDS")]
     pub udp_timeout: Option<String>,
 
-    /// THREADS: engines a TRANSPORT=udp server runs, one per thread: auto (one per core, at most 8) or a number [default: auto]
+    /// THREADS: engines a TRANSPORT=udp relay runs, one per thread: auto (one per core, at most 8) or a number [default: server auto, client 1]
     #[arg(long, value_name = "N")]
     pub threads: Option<String>,
 

@@ -248,3 +248,36 @@ fn four_clients_through_a_four_engine_server_are_exact() {
     let sessions = bed.log_of("server").matches("session established").count();
     assert!(sessions >= 4, "{sessions} sessions for 4 clients\n{}", bed.logs());
 }
+
+#[test]
+fn a_client_with_two_engines_opens_two_sessions_and_every_stream_is_exact() {
+    if !require_root("a_client_with_two_engines_opens_two_sessions_and_every_stream_is_exact") {
+        return;
+    }
+    let mut opts = RelayOptions::new("udp").unwrap();
+    opts.client_extra.push("THREADS=2".into());
+    opts.server_extra.push("THREADS=1".into());
+    let bed = RelayBed::start("u8", &opts).unwrap();
+    let len = 8 * MIB;
+    let bed = &bed;
+    let fetched: Vec<_> = std::thread::scope(|scope| {
+        let downloads: Vec<_> = (0..6).map(|_| scope.spawn(move || bed.curl_bytes(len))).collect();
+        downloads
+            .into_iter()
+            .map(|d| d.join().expect("a download thread"))
+            .collect()
+    });
+    for result in fetched {
+        let (hash, got, _) = result.unwrap_or_else(|e| panic!("curl: {e:#}"));
+        assert_eq!(got, len, "{}", bed.logs());
+        assert_eq!(hash, pattern::sha256_hex(len, len), "{}", bed.logs());
+    }
+    assert!(bed.log_of("client").contains("threads=2"), "{}", bed.logs());
+    // One server engine: each of the client's engines is a client of its own there.
+    let sessions = bed.log_of("server").matches("session established").count();
+    assert!(
+        sessions >= 2,
+        "{sessions} sessions for a client of two engines\n{}",
+        bed.logs()
+    );
+}

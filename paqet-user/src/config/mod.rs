@@ -52,7 +52,8 @@ pub struct Config {
     pub timeout: Duration,
     /// How long a server UDP flow lives without a datagram from its client.
     pub udp_timeout: Duration,
-    /// Server with `TRANSPORT=udp`: how many engines share its port.
+    /// With `TRANSPORT=udp`: how many engines the relay runs (a server's share its port,
+    /// a client's are sessions of their own).
     pub threads: Threads,
     pub key: Key,
     pub policy: TargetPolicy,
@@ -111,7 +112,12 @@ impl Config {
             udp_buffer: value(s, "UDP_BUFFER", values::parse_size)?,
             timeout: value(s, "TIMEOUT", values::parse_timeout)?.unwrap_or(Duration::from_secs(30)),
             udp_timeout: value(s, "UDP_TIMEOUT", values::parse_timeout)?.unwrap_or(crate::dial::udp::FLOW_IDLE),
-            threads: value(s, "THREADS", values::parse_threads)?.unwrap_or(Threads::Auto),
+            threads: value(s, "THREADS", values::parse_threads)?.unwrap_or(match role {
+                // A client's engines are sessions of their own: more of them is a
+                // choice (kcptun's `--conn`), not a default.
+                Role::Client => Threads::Count(1),
+                Role::Server => Threads::Auto,
+            }),
             key: resolve_key(s)?,
             policy: TargetPolicy {
                 allow: rules(s, "ALLOW")?.unwrap_or_default(),
@@ -143,7 +149,7 @@ impl Config {
 /// Keys only a server reads, and keys only a client reads. A config shared by both
 /// roles is fine, so these are no error; but a setting that silently does nothing (a
 /// client's UDP_TIMEOUT) is said at start.
-const SERVER_ONLY: &[&str] = &["ALLOW", "DENY", "UDP_TIMEOUT", "THREADS"];
+const SERVER_ONLY: &[&str] = &["ALLOW", "DENY", "UDP_TIMEOUT"];
 const CLIENT_ONLY: &[&str] = &["SOCKS_ADDR", "SOCKS_USER", "SOCKS_PASS"];
 
 fn ignored_keys(s: &Settings, role: Role) -> Vec<String> {

@@ -490,7 +490,7 @@ fn udp_timeout_defaults_to_a_minute_and_takes_whole_seconds() {
 }
 
 #[test]
-fn threads_defaults_to_one_engine_per_core_and_takes_a_count() {
+fn threads_defaults_to_one_engine_per_core_on_a_server_and_one_on_a_client() {
     use crate::config::Threads;
     assert_eq!(server("").threads, Threads::Auto);
     assert!((1..=crate::config::values::AUTO_THREADS_MAX as u8).contains(&Threads::Auto.count()));
@@ -504,14 +504,12 @@ fn threads_defaults_to_one_engine_per_core_and_takes_a_count() {
             "{text}"
         );
     }
-    assert!(
-        config(&client("THREADS=4"))
-            .unwrap()
-            .ignored
-            .iter()
-            .any(|l| l.contains("THREADS is a server setting")),
-        "a client says it ignores THREADS"
+    assert_eq!(
+        config(&client("")).unwrap().threads,
+        Threads::Count(1),
+        "a client runs one engine unless asked"
     );
+    assert_eq!(config(&client("THREADS=4")).unwrap().threads, Threads::Count(4));
 }
 
 #[test]

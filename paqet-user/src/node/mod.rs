@@ -88,6 +88,29 @@ impl StreamWaker {
     }
 }
 
+/// A node and the runtime that drives it: where the tasks of its streams belong, so a
+/// stream's copying runs on its engine's thread.
+pub struct Runner<T: Transport> {
+    pub node: Arc<Node<T>>,
+    pub runtime: tokio::runtime::Handle,
+}
+
+impl<T: Transport> Clone for Runner<T> {
+    fn clone(&self) -> Self {
+        Runner {
+            node: self.node.clone(),
+            runtime: self.runtime.clone(),
+        }
+    }
+}
+
+impl<T: Transport> Runner<T> {
+    /// The runner of `runners` with the fewest open streams: where a new one goes.
+    pub fn least_busy(runners: &[Runner<T>]) -> Option<&Runner<T>> {
+        runners.iter().min_by_key(|r| r.node.live_streams())
+    }
+}
+
 pub struct Node<T: Transport> {
     engine: Mutex<Engine>,
     /// The transports, indexed by the engine's [`PathId`].

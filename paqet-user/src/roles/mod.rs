@@ -1,6 +1,8 @@
 //! Starts a role from a validated [`Config`]: pick the transport, build the engine, and
 //! run the edges until a signal says stop.
 
+mod client;
+mod engines;
 mod server;
 
 use std::net::{IpAddr, SocketAddr};
@@ -14,11 +16,10 @@ use crate::config::{Config, KcpMode, Role, TransportKind, WireChoice, XdpMode};
 use crate::dial::Dialer;
 use crate::engine::crypto::Psk;
 use crate::engine::kcp::KcpProfile;
-use crate::engine::{self, Engine, EngineConfig, PathId};
+use crate::engine::{self, EngineConfig, PathId};
 use crate::kernel::AttachMode;
 use crate::node::Node;
 use crate::ops::live;
-use crate::socks::SocksFrontend;
 use crate::transport::Transport;
 use crate::transport::any::AnyTransport;
 use crate::transport::local;
@@ -195,13 +196,19 @@ fn udp_buffer(config: &Config) -> usize {
     asked.max(MIN_UDP_BUFFER)
 }
 
-fn open_udp(config: &Config, side: &Side) -> Result<AnyTransport> {
-    let buffer = Some(udp_buffer(config));
-    let local: SocketAddr = match *side {
+/// Where a udp path binds: a client any port of the server's family, a server its
+/// LISTEN_ADDR.
+fn udp_local(side: &Side) -> SocketAddr {
+    match *side {
         Side::Client { server } if server.is_ipv4() => ([0, 0, 0, 0], 0).into(),
         Side::Client { .. } => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
         Side::Server { listen } => listen,
-    };
+    }
+}
+
+fn open_udp(config: &Config, side: &Side) -> Result<AnyTransport> {
+    let buffer = Some(udp_buffer(config));
+    let local = udp_local(side);
     let transport =
         UdpTransport::bind(local, buffer).with_context(|| format!("cannot open a UDP socket on {local}"))?;
     Ok(AnyTransport::Udp(transport))
@@ -346,8 +353,7 @@ pub async fn run(config: Config) -> Result<()> {
     match config.role {
         Role::Client => {
             let server = resolve_remote(&config).await?;
-            let (paths, instance) = open_paths(&config, &Side::Client { server })?;
-            run_client(config, server, paths, instance).await
+            client::run(config, server).await
         }
         Role::Server => {
             // Before the paths open (attaching XDP takes a while): a handshake made for
@@ -374,52 +380,6 @@ fn path_ids(paths: &[AnyTransport]) -> Result<Vec<PathId>> {
     Ok((0..paths.len())
         .filter_map(|i| u8::try_from(i).ok().map(PathId))
         .collect())
-}
-
-async fn run_client(config: Config, server: SocketAddr, paths: Vec<AnyTransport>, instance: String) -> Result<()> {
-    let mut signals = StopSignals::install()?;
-    let listener = TcpListener::bind(config.socks_addr).await.with_context(|| {
-        format!(
-            "cannot listen for SOCKS5 on {} (is another proxy running? `paqet check` shows who holds it)",
-            config.socks_addr
-        )
-    })?;
-    // Before privileges drop, like the SOCKS port: a forward may listen below 1024.
-    let forwards = crate::node::forward::bind_all(&config.forwards).await?;
-    let metrics = bind_metrics(&config).await?;
-    for f in &config.forwards {
-        tracing::info!(forward = %f, "forwarding");
-    }
-    let mut ec = engine_config(&config, engine::Role::Client { server });
-    ec.max_datagram = path_datagram_size(&paths, ec.max_datagram);
-    ec.paths = path_ids(&paths)?;
-    let engine = Engine::new(ec, std::time::Instant::now());
-    let (node, _) = Node::new(engine, paths, false);
-    crate::ops::privileges::drop_after_start()?;
-    node.with_engine(|e, now| e.connect(now));
-    tracing::info!(socks = %config.socks_addr, %server, paths = %node.path_list(), kcp = ?config.kcp_mode, "paqet client running");
-    let frontend = Arc::new(SocksFrontend {
-        credentials: config.socks_auth.clone(),
-        open_timeout: config.timeout + Duration::from_secs(5),
-    });
-    let receiver = tokio::spawn(node.clone().run_receivers());
-    let timers = tokio::spawn(node.clone().run_timers());
-    let open_timeout = frontend.open_timeout;
-    let accept = tokio::spawn(frontend.serve(listener, node.clone()));
-    let mut forwarding = tokio::task::JoinSet::new();
-    for bound in forwards {
-        forwarding.spawn(crate::node::forward::serve(node.clone(), bound, open_timeout));
-    }
-    let nodes = vec![node];
-    let mut reporting = report(live_source(nodes.clone(), "client", None), instance, metrics);
-    let mut receiver = receiver;
-    let outcome = wait_for_stop(&mut signals, receiver_outcome(&mut receiver)).await;
-    accept.abort();
-    forwarding.abort_all();
-    drain(&nodes, &mut signals).await;
-    timers.abort();
-    reporting.abort_all();
-    outcome
 }
 
 /// Binds `METRICS_ADDR`, when set: before privileges drop, like the SOCKS port.

@@ -28,7 +28,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::config::Credentials;
 use crate::engine::frame::{OpenError, TargetAddr};
-use crate::node::{Node, relay_stream};
+use crate::node::{Node, Runner, relay_stream};
 use crate::transport::Transport;
 
 use self::auth::{FailureThrottle, Verifier};
@@ -123,8 +123,9 @@ where
 }
 
 impl SocksFrontend {
-    /// Accepts SOCKS clients until the listener fails or the task is dropped.
-    pub async fn serve<T: Transport>(self: Arc<Self>, listener: TcpListener, node: Arc<Node<T>>) {
+    /// Accepts SOCKS clients until the listener fails or the task is dropped. Each
+    /// connection goes to the engine with the fewest streams, and runs on its runtime.
+    pub async fn serve<T: Transport>(self: Arc<Self>, listener: TcpListener, engines: Vec<Runner<T>>) {
         let limits = Limits::for_this_process();
         tracing::debug!(
             handshake_timeout = ?limits.handshake_timeout,
@@ -137,12 +138,25 @@ impl SocksFrontend {
         let handshaker = Arc::new(Handshaker::new(self.credentials.as_ref()));
         accept_loop(listener, gate, move |sock, peer, conn| {
             let this = self.clone();
-            let node = node.clone();
+            let engine = Runner::least_busy(&engines).cloned();
             let handshaker = handshaker.clone();
             async move {
-                if let Err(e) = this.handle(sock, peer, conn, &handshaker, &node).await {
-                    tracing::debug!(%peer, "SOCKS client: {e}");
-                }
+                let Some(engine) = engine else { return };
+                // The socket moves to the engine's runtime: tokio ties it to the one
+                // that registered it.
+                let sock = match sock.into_std() {
+                    Ok(sock) => sock,
+                    Err(e) => return tracing::debug!(%peer, "SOCKS client: {e}"),
+                };
+                engine.runtime.spawn(async move {
+                    let sock = match TcpStream::from_std(sock) {
+                        Ok(sock) => sock,
+                        Err(e) => return tracing::debug!(%peer, "SOCKS client: {e}"),
+                    };
+                    if let Err(e) = this.handle(sock, peer, conn, &handshaker, &engine.node).await {
+                        tracing::debug!(%peer, "SOCKS client: {e}");
+                    }
+                });
             }
         })
         .await

@@ -120,6 +120,12 @@ impl UdpTransport {
         bound.register()
     }
 
+    /// As [`UdpTransport::bind`], for a runtime on another thread to register (a
+    /// client's engines beyond its first); the first socket's log line stands for it.
+    pub fn bind_later(local: SocketAddr, buffer: Option<usize>) -> io::Result<BoundUdp> {
+        BoundUdp::bind(local, buffer, true, false)
+    }
+
     /// `count` sockets on `local` (SO_REUSEPORT), among which the kernel spreads
     /// datagrams by their addresses: one per engine of a sharded server. Each is
     /// registered by the thread whose runtime will drive it. Refused, as a plain bind
