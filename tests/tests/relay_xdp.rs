@@ -126,6 +126,14 @@ fn status_shows_live_sessions_streams_and_throughput() {
         let all: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         all[0].clone()
     };
+    // Client and server start together: the client's first handshake may arrive before
+    // the server's XDP program is attached, and its retry comes 2 s later. The session,
+    // not that race, is what this test reads.
+    let session_up = paqet_tests::wait_for(
+        || status(&client_instance)["live"]["sessions"] == 1,
+        std::time::Duration::from_secs(10),
+    );
+    assert!(session_up, "no session within 10 s\n{}", bed.logs());
     // A slow download keeps one stream busy while status is read.
     let busy = bed.hosts.client.run(|| {
         std::thread::scope(|s| {

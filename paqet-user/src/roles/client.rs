@@ -47,6 +47,7 @@ pub(super) async fn run(config: Config, server: SocketAddr) -> Result<()> {
         .context("cannot open the client's UDP sockets")?;
     let node = client_node(&config, server, paths)?;
     crate::ops::privileges::drop_after_start()?;
+    connect(&node);
     let mut engines = Engines::on_main(node.clone(), Vec::new());
     for (id, socket) in (1..).zip(more_sockets) {
         let config = config.clone();
@@ -54,7 +55,9 @@ pub(super) async fn run(config: Config, server: SocketAddr) -> Result<()> {
             id,
             Box::new(move || {
                 let udp = socket.register().context("cannot register a UDP socket")?;
-                Ok((client_node(&config, server, vec![AnyTransport::Udp(udp)])?, Vec::new()))
+                let node = client_node(&config, server, vec![AnyTransport::Udp(udp)])?;
+                connect(&node);
+                Ok((node, Vec::new()))
             }),
         )?;
     }
@@ -87,12 +90,16 @@ fn engine_count(config: &Config) -> u8 {
     1
 }
 
-/// An engine of the client over `paths`, its handshake under way.
+/// An engine of the client over `paths`.
 fn client_node(config: &Config, server: SocketAddr, paths: Vec<AnyTransport>) -> Result<Arc<RelayNode>> {
     let mut ec = engine_config(config, engine::Role::Client { server });
     ec.max_datagram = path_datagram_size(&paths, ec.max_datagram);
     ec.paths = path_ids(&paths)?;
     let (node, _) = Node::new(Engine::new(ec, std::time::Instant::now()), paths, false);
-    node.with_engine(|e, now| e.connect(now));
     Ok(node)
+}
+
+/// Starts the engine's handshake: after privileges drop, as every packet it sends.
+fn connect(node: &RelayNode) {
+    node.with_engine(|e, now| e.connect(now));
 }

@@ -120,6 +120,9 @@ pub const UDP_CLIENTS: &str = "paqet udp, 8 clients";
 /// The same through a server held to one engine (`THREADS=1`), as before sharding.
 pub const UDP_CLIENTS_ONE_ENGINE: &str = "paqet udp, 8 clients, THREADS=1";
 
+/// One paqet udp client of two engines (`THREADS=2`), its 8 streams (`clean-8`).
+pub const UDP_CLIENT_TWO_ENGINES: &str = "paqet udp, client THREADS=2";
+
 #[derive(Default, Debug)]
 pub struct Results {
     pub rows: Vec<Row>,
@@ -458,6 +461,16 @@ impl Results {
         );
         out.push((
             "information: 8 clients, THREADS=auto against THREADS=1 (udp)".to_string(),
+            "INFO",
+            d,
+        ));
+        let (_, d) = ratio(
+            self.get(UDP_CLIENT_TWO_ENGINES, CLEAN8),
+            self.get("paqet udp", CLEAN8),
+            1.0,
+        );
+        out.push((
+            "information: one client's 8 streams, client THREADS=2 against 1 (udp)".to_string(),
             "INFO",
             d,
         ));

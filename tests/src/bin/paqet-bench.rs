@@ -23,8 +23,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use paqet_tests::bench::peers::{self, KcpConfig};
 use paqet_tests::bench::report::{
-    CEILING, CLEAN1, CLEAN8, Kind, LOSSY, RR, RealRow, Results, Row, STREAMS, UDP_CLIENTS, UDP_CLIENTS_ONE_ENGINE,
-    UDP_DIRECT, UDP_SEGMENTED, UdpRow, Upkeep, XDP_UDP_WIRE,
+    CEILING, CLEAN1, CLEAN8, Kind, LOSSY, RR, RealRow, Results, Row, STREAMS, UDP_CLIENT_TWO_ENGINES, UDP_CLIENTS,
+    UDP_CLIENTS_ONE_ENGINE, UDP_DIRECT, UDP_SEGMENTED, UdpRow, Upkeep, XDP_UDP_WIRE,
 };
 use paqet_tests::bench::{
     self, Access, BENCH_ORIGIN_PORT, ECHO_PORT, FORWARD_PORT, GIB, MIB, Proc, SERVER_IP, Servers,
@@ -440,7 +440,14 @@ impl Bench {
         let mut one_engine = relay_options(transport)?;
         one_engine.server_extra.push("THREADS=1".into());
         let bed = RelayBed::start("b1", &one_engine)?;
-        self.paqet_udp_clients(&bed, UDP_CLIENTS_ONE_ENGINE)
+        self.paqet_udp_clients(&bed, UDP_CLIENTS_ONE_ENGINE)?;
+        drop(bed);
+        let mut two_engines = relay_options(transport)?;
+        two_engines.client_extra.push("THREADS=2".into());
+        let bed = RelayBed::start("b2", &two_engines)?;
+        peers::set_offloads(&bed.hosts, true)?;
+        let s = self.s;
+        self.paqet_streams(UDP_CLIENT_TWO_ENGINES, &bed, CLEAN8, 8, s.multi_each, s.clean_cap)
     }
 
     /// Eight clients of one stream each through the one server (the udp transport: xdp
@@ -546,6 +553,19 @@ impl Bench {
         len: u64,
         cap: Duration,
     ) -> Result<()> {
+        self.paqet_streams(sys, bed, test, 1, len, cap)
+    }
+
+    /// `streams` downloads of `len` at once through the bed's client.
+    fn paqet_streams(
+        &mut self,
+        sys: &str,
+        bed: &RelayBed,
+        test: &'static str,
+        streams: usize,
+        len: u64,
+        cap: Duration,
+    ) -> Result<()> {
         let _servers = Servers::start(&bed.hosts.server)?;
         warm_up(bed)?;
         let procs = paqet_procs(bed);
@@ -553,7 +573,7 @@ impl Bench {
             proxy: bed.socks_addr(),
             target: origin(),
         };
-        let res = self.transfer(sys, Kind::Paqet, test, &bed.hosts.client, &o, 1, len, cap, &procs);
+        let res = self.transfer(sys, Kind::Paqet, test, &bed.hosts.client, &o, streams, len, cap, &procs);
         if res.is_err() {
             eprintln!("{}", bed.logs());
         }
