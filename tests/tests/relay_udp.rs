@@ -215,20 +215,9 @@ fn username_password_auth_and_an_ipv6_target() {
     assert_eq!((hash, len), (pattern::sha256_hex(300_000, 300_000), 300_000));
 }
 
-#[test]
-fn four_clients_through_a_four_engine_server_are_exact() {
-    if !require_root("four_clients_through_a_four_engine_server_are_exact") {
-        return;
-    }
-    let mut opts = RelayOptions::new("udp").unwrap();
-    opts.server_extra.push("THREADS=4".into());
-    let bed = RelayBed::start("u7", &opts).unwrap();
-    let more = bed.start_more_clients(3).unwrap();
-    let proxies: Vec<std::net::SocketAddr> = std::iter::once(bed.socks_addr())
-        .chain(more.iter().map(|(_, socks)| *socks))
-        .collect();
-    let len = 16 * MIB;
-    let bed = &bed;
+/// One real curl download of `len` through each of `proxies` (SOCKS ports), all at
+/// once; every body sha256-exact.
+fn downloads_at_once_are_exact(bed: &RelayBed, proxies: &[std::net::SocketAddr], len: u64) {
     let fetched: Vec<_> = std::thread::scope(|scope| {
         let downloads: Vec<_> = proxies
             .iter()
@@ -244,6 +233,21 @@ fn four_clients_through_a_four_engine_server_are_exact() {
         assert_eq!(got, len, "through {socks}\n{}", bed.logs());
         assert_eq!(hash, pattern::sha256_hex(len, len), "through {socks}\n{}", bed.logs());
     }
+}
+
+#[test]
+fn four_clients_through_a_four_engine_server_are_exact() {
+    if !require_root("four_clients_through_a_four_engine_server_are_exact") {
+        return;
+    }
+    let mut opts = RelayOptions::new("udp").unwrap();
+    opts.server_extra.push("THREADS=4".into());
+    let bed = RelayBed::start("u7", &opts).unwrap();
+    let more = bed.start_more_clients(3).unwrap();
+    let proxies: Vec<std::net::SocketAddr> = std::iter::once(bed.socks_addr())
+        .chain(more.iter().map(|(_, socks)| *socks))
+        .collect();
+    downloads_at_once_are_exact(&bed, &proxies, 16 * MIB);
     assert!(bed.log_of("server").contains("threads=4"), "{}", bed.logs());
     let sessions = bed.log_of("server").matches("session established").count();
     assert!(sessions >= 4, "{sessions} sessions for 4 clients\n{}", bed.logs());
@@ -258,20 +262,7 @@ fn a_client_with_two_engines_opens_two_sessions_and_every_stream_is_exact() {
     opts.client_extra.push("THREADS=2".into());
     opts.server_extra.push("THREADS=1".into());
     let bed = RelayBed::start("u8", &opts).unwrap();
-    let len = 8 * MIB;
-    let bed = &bed;
-    let fetched: Vec<_> = std::thread::scope(|scope| {
-        let downloads: Vec<_> = (0..6).map(|_| scope.spawn(move || bed.curl_bytes(len))).collect();
-        downloads
-            .into_iter()
-            .map(|d| d.join().expect("a download thread"))
-            .collect()
-    });
-    for result in fetched {
-        let (hash, got, _) = result.unwrap_or_else(|e| panic!("curl: {e:#}"));
-        assert_eq!(got, len, "{}", bed.logs());
-        assert_eq!(hash, pattern::sha256_hex(len, len), "{}", bed.logs());
-    }
+    downloads_at_once_are_exact(&bed, &[bed.socks_addr(); 6], 8 * MIB);
     assert!(bed.log_of("client").contains("threads=2"), "{}", bed.logs());
     // One server engine: each of the client's engines is a client of its own there.
     let sessions = bed.log_of("server").matches("session established").count();
