@@ -106,8 +106,13 @@ impl<T: Transport> Clone for Runner<T> {
 
 impl<T: Transport> Runner<T> {
     /// The runner of `runners` with the fewest open streams: where a new one goes.
-    pub fn least_busy(runners: &[Runner<T>]) -> Option<&Runner<T>> {
-        runners.iter().min_by_key(|r| r.node.live_streams())
+    /// Ties go to the first from `turn` on, so a burst of connections accepted before
+    /// any of their streams opened still spreads.
+    pub fn least_busy(runners: &[Runner<T>], turn: usize) -> Option<&Runner<T>> {
+        let n = runners.len();
+        (0..n)
+            .filter_map(|i| runners.get((turn + i) % n))
+            .min_by_key(|r| r.node.live_streams())
     }
 }
 

@@ -136,9 +136,11 @@ impl SocksFrontend {
         );
         let gate = Gate::new(limits);
         let handshaker = Arc::new(Handshaker::new(self.credentials.as_ref()));
+        let turns = std::sync::atomic::AtomicUsize::new(0);
         accept_loop(listener, gate, move |sock, peer, conn| {
             let this = self.clone();
-            let engine = Runner::least_busy(&engines).cloned();
+            let turn = turns.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let engine = Runner::least_busy(&engines, turn).cloned();
             let handshaker = handshaker.clone();
             async move {
                 let Some(engine) = engine else { return };
