@@ -36,20 +36,16 @@ impl Shard {
 
     /// The shard that owns `index`, when another one does.
     pub(super) fn foreign_session(&self, index: u32) -> Option<u8> {
-        read(&self.directory.0)
-            .sessions
-            .get(&index)
-            .copied()
-            .filter(|&owner| owner != self.id)
+        self.elsewhere(read(&self.directory.0).sessions.get(&index))
     }
 
     /// The shard that holds client `instance`, when another one does.
     pub(super) fn foreign_instance(&self, instance: PeerId) -> Option<u8> {
-        read(&self.directory.0)
-            .instances
-            .get(&instance)
-            .copied()
-            .filter(|&owner| owner != self.id)
+        self.elsewhere(read(&self.directory.0).instances.get(&instance))
+    }
+
+    fn elsewhere(&self, owner: Option<&u8>) -> Option<u8> {
+        owner.copied().filter(|&owner| owner != self.id)
     }
 
     /// Takes `index` for this shard: false when any shard already holds it.

@@ -144,19 +144,26 @@ impl SocksFrontend {
             let handshaker = handshaker.clone();
             async move {
                 let Some(engine) = engine else { return };
+                let served = async move |sock: TcpStream| {
+                    if let Err(e) = this.handle(sock, peer, conn, &handshaker, &engine.node).await {
+                        tracing::debug!(%peer, "SOCKS client: {e}");
+                    }
+                };
+                // Already on the engine's runtime (the only one, unless THREADS): serve here.
+                if engine.runtime.id() == tokio::runtime::Handle::current().id() {
+                    return served(sock).await;
+                }
                 // The socket moves to the engine's runtime: tokio ties it to the one
                 // that registered it.
                 let sock = match sock.into_std() {
                     Ok(sock) => sock,
                     Err(e) => return tracing::debug!(%peer, "SOCKS client: {e}"),
                 };
-                engine.runtime.spawn(async move {
-                    let sock = match TcpStream::from_std(sock) {
-                        Ok(sock) => sock,
-                        Err(e) => return tracing::debug!(%peer, "SOCKS client: {e}"),
-                    };
-                    if let Err(e) = this.handle(sock, peer, conn, &handshaker, &engine.node).await {
-                        tracing::debug!(%peer, "SOCKS client: {e}");
+                let runtime = engine.runtime.clone();
+                runtime.spawn(async move {
+                    match TcpStream::from_std(sock) {
+                        Ok(sock) => served(sock).await,
+                        Err(e) => tracing::debug!(%peer, "SOCKS client: {e}"),
                     }
                 });
             }
