@@ -954,8 +954,9 @@ impl Bench {
 
 impl Bench {
     /// `--profile TRANSPORT`: one clean-link download with `perf record -e cpu-clock`
-    /// on the paqet client and server (these VMs have no hardware counters, so a
-    /// sampled clock profile); writes `perf report` text into `out`.
+    /// and DWARF call graphs on the paqet client and server (these VMs have no hardware
+    /// counters, so a sampled clock profile); writes `perf report` text into `out`, and
+    /// leaves the recordings there for `perf report -G`.
     fn profile(&mut self, transport: &'static str, out: &std::path::Path) -> Result<()> {
         std::fs::create_dir_all(out)?;
         let bed = RelayBed::start("bp", &relay_options(transport)?)?;
@@ -972,6 +973,8 @@ impl Bench {
                 "cpu-clock",
                 "-F",
                 "1999",
+                "--call-graph",
+                "dwarf,32768",
                 "-p",
                 &p.pid.to_string(),
                 "-o",
@@ -997,6 +1000,10 @@ impl Bench {
             s.clean,
             s.clean_cap,
             &procs,
+        );
+        eprintln!(
+            "bench: the {transport} client counted {} receive overflows",
+            client_receive_overflows(&procs)?
         );
         for (mut g, data, label) in perfs {
             // SAFETY: signalling our own child.

@@ -1,4 +1,5 @@
-//! One AF_XDP socket bound to one RX queue, with its own UMEM and its four rings.
+//! The AF_XDP sockets of one RX queue: their own UMEM and its four rings. Copy mode
+//! puts the TX ring on a second socket that shares the first's UMEM (see [`Xsk`]).
 //!
 //! Built on s2n-quic-xdp's generic `umem`, `ring`, `socket` and `syscall` modules
 //! (Apache-2.0, built on the same aya 0.14 as our loader, and verified on these
@@ -92,7 +93,16 @@ pub struct TxSide {
 pub struct Xsk {
     // Dropped first: the thread stops before the socket and the UMEM go.
     tx_thread: Option<TxKicker>,
+    /// The socket in the XSKMAP, whose readiness the engine waits on: it owns the UMEM,
+    /// the fill, completion and RX rings (and in zero-copy mode the TX ring too).
     fd: socket::Fd,
+    /// The socket whose TX ring carries our frames. In copy mode a second socket on the
+    /// same queue and UMEM: the kernel transmits a copy-mode socket's TX ring whenever
+    /// the socket is polled, so with one socket every wake-up of the engine for received
+    /// frames also ran the transmit path on the engine's thread, contending with the TX
+    /// thread for the socket's mutex (BENCHMARKS.md). A socket with no RX ring is never
+    /// polled, so only `sendto` transmits.
+    tx_fd: socket::Fd,
     umem: Umem,
     queue: u32,
     zero_copy: bool,
@@ -136,13 +146,26 @@ impl Xsk {
         let completion =
             ring::Completion::new(fd.clone(), &offsets, ring_size).map_err(setup("creating the completion ring"))?;
         let rx = ring::Rx::new(fd.clone(), &offsets, ring_size).map_err(setup("creating the RX ring"))?;
-        let tx = ring::Tx::new(fd.clone(), &offsets, ring_size).map_err(setup("creating the TX ring"))?;
+        let tx_fd = if zero_copy {
+            fd.clone()
+        } else {
+            socket::Fd::open().map_err(setup("opening the AF_XDP socket for TX"))?
+        };
+        let tx_offsets = syscall::offsets(&tx_fd).map_err(setup("reading the TX socket's ring offsets"))?;
+        let tx = ring::Tx::new(tx_fd.clone(), &tx_offsets, ring_size).map_err(setup("creating the TX ring"))?;
 
         // Every RX frame goes to the kernel before the socket is bound, so the first
         // packets already have somewhere to land.
         fill.init(umem.frames().take(ring_size as usize));
         let free: Vec<u64> = umem.frames().skip(ring_size as usize).map(|d| d.address).collect();
 
+        let mode = if zero_copy { "zero-copy" } else { "copy mode" };
+        let bind_failed = |source| XskError::Bind {
+            ifindex,
+            queue,
+            mode,
+            source,
+        };
         let mode_flag = if zero_copy { XdpFlags::ZEROCOPY } else { XdpFlags::COPY };
         let mut addr = Address {
             ifindex,
@@ -150,15 +173,22 @@ impl Xsk {
             flags: mode_flag | XdpFlags::USE_NEED_WAKEUP,
             ..Default::default()
         };
-        syscall::bind(&fd, &mut addr).map_err(|source| XskError::Bind {
-            ifindex,
-            queue,
-            mode: if zero_copy { "zero-copy" } else { "copy mode" },
-            source,
-        })?;
+        syscall::bind(&fd, &mut addr).map_err(bind_failed)?;
+        if !zero_copy {
+            // Shares the first socket's UMEM, fill and completion rings; the mode and
+            // the wake-up flag come with them (the kernel refuses them here).
+            let mut shared = Address {
+                ifindex,
+                queue_id: queue,
+                ..Default::default()
+            };
+            shared.set_shared_umem(&fd);
+            syscall::bind(&tx_fd, &mut shared).map_err(bind_failed)?;
+        }
         Ok(Xsk {
             tx_thread: None,
             fd,
+            tx_fd,
             umem,
             queue,
             zero_copy,
@@ -170,7 +200,7 @@ impl Xsk {
     /// Moves copy-mode transmission to a thread of its own (see [`tx_kicker`]).
     pub fn start_tx_thread(&mut self) -> io::Result<()> {
         if !self.zero_copy && self.tx_thread.is_none() {
-            self.tx_thread = Some(TxKicker::spawn(self.fd.clone(), self.queue)?);
+            self.tx_thread = Some(TxKicker::spawn(self.tx_fd.clone(), self.queue)?);
         }
         Ok(())
     }
@@ -302,10 +332,11 @@ impl Xsk {
     /// (copy mode always does). Busy or out-of-buffer devices keep the frames on the
     /// ring for the next kick.
     fn kick_tx(&self, side: &mut TxSide) {
-        if !side.tx.needs_wakeup() {
+        // Copy mode always transmits in `sendto` (a TX-only socket's ring need not say so).
+        if self.zero_copy && !side.tx.needs_wakeup() {
             return;
         }
-        if let Err(e) = tx_kicker::drain_tx_ring(&self.fd) {
+        if let Err(e) = tx_kicker::drain_tx_ring(&self.tx_fd) {
             tracing::debug!(queue = self.queue, "AF_XDP TX kick failed: {e}");
         }
     }
