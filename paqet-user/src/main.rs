@@ -31,6 +31,9 @@ fn run_role(args: &RunArgs, role: Option<Role>) -> Result<()> {
     init_logging(config.log_level);
     // Before any socket: the SOCKS port's descriptor watermark reads the raised limit.
     paqet::ops::limits::raise_open_files();
+    if !paqet::ops::heap::keep_freed_memory() {
+        tracing::debug!("the allocator refused its tuning; freed memory goes back to the kernel at once");
+    }
     // One thread: every task shares the engine's lock and hands work to the others, so
     // a second worker mostly adds futex wake-ups and lock contention. Measured with
     // `cargo xtask bench` (BENCHMARKS.md): xdp one stream 200 → 337 MB/s, and less CPU

@@ -4,6 +4,7 @@
 //! shell completions (`manual`).
 
 pub mod check;
+pub mod heap;
 pub mod limits;
 pub mod live;
 pub mod manual;
