@@ -19,6 +19,13 @@ pub enum Kind {
 
 /// Test keys.
 pub const CEILING: &str = "ceiling";
+/// The raw packet paths' rows (see `paqet-blast`).
+pub const CEILING_UDP: &str = "ceiling UDP";
+pub const CEILING_XDP: &str = "ceiling AF_XDP";
+pub const CEILING_UDP_SEGMENTED: &str = "ceiling UDP, GSO segmented before the wire";
+/// Payloads per write in the segmented UDP ceiling: 45 × 1400 bytes, as paqet udp's
+/// GSO batches come close to 64 KiB.
+pub const CEILING_GSO_SEGMENTS: usize = 45;
 pub const CLEAN1: &str = "clean-1";
 pub const CLEAN8: &str = "clean-8";
 pub const RR: &str = "rr";
@@ -197,6 +204,26 @@ impl Results {
         } else {
             it.min_by(|a, b| a.value.total_cmp(&b.value))
         }
+    }
+
+    /// The floor under "xdp ≥ udp segmented": what each raw path costs per GiB with no
+    /// relay on it. Where the raw AF_XDP path already costs more CPU per GiB than raw
+    /// segmented UDP, paqet xdp cannot cost less than paqet udp on this machine: the
+    /// engine above is the same.
+    fn raw_path_floor(&self) -> (String, &'static str, String) {
+        let xdp = self.get(CEILING_XDP, CEILING).and_then(|r| r.cpu_per_gib);
+        let udp = self.get(CEILING_UDP_SEGMENTED, CEILING).and_then(|r| r.cpu_per_gib);
+        let d = xdp.zip(udp).map_or(String::new(), |(x, u)| {
+            format!(
+                "raw AF_XDP {x:.2} vs raw UDP segmented {u:.2} CPU s/GiB = {:.2}×",
+                x / u
+            )
+        });
+        (
+            "information: the floor under it, CPU per GiB of the raw paths (AF_XDP against UDP segmented)".to_string(),
+            "INFO",
+            d,
+        )
     }
 
     /// The side-by-side table, as markdown.
@@ -400,6 +427,7 @@ impl Results {
             verdict(ok),
             d,
         ));
+        out.push(self.raw_path_floor());
         out.extend(self.scaling_targets());
         let worst_upkeep = self.upkeep.iter().max_by(|a, b| a.share().total_cmp(&b.share()));
         out.push((

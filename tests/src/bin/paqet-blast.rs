@@ -1,8 +1,11 @@
 //! The benchmark's raw packet ceilings: one sender and one receiver moving fixed-size
 //! datagrams as fast as they can, with no KCP, no crypto and no flow control.
 //!
-//! - `udp-send DEST SECONDS PAYLOAD` / `udp-recv BIND SECONDS`: plain UDP sockets,
-//!   `sendmmsg`/`recvmmsg` in batches of 64.
+//! - `udp-send DEST SECONDS PAYLOAD [SEGMENTS]` / `udp-recv BIND SECONDS [PAYLOAD]`:
+//!   plain UDP sockets, `sendmmsg`/`recvmmsg` in batches of 64. With SEGMENTS the
+//!   sender writes SEGMENTS payloads a call with UDP GSO (`UDP_SEGMENT`), and with
+//!   PAYLOAD the receiver takes GRO-merged datagrams (`UDP_GRO`), counting PAYLOAD
+//!   bytes as a frame: what paqet's udp transport does.
 //! - `xdp-send IFACE LOCAL PEER SECONDS PAYLOAD` / `xdp-recv IFACE LOCAL SECONDS`:
 //!   paqet's AF_XDP transport (`paqet::transport::xdp`, copy mode on veth, UDP-shaped
 //!   frames, `paqet_steer` redirecting into the socket), driven directly: frames go
@@ -10,18 +13,24 @@
 //!
 //! A 1400-byte payload makes 1442-byte Ethernet frames (14 + 20 + 8 + 1400). The
 //! receiver starts its clock at the first datagram and stops after SECONDS (or after
-//! one idle second), then prints `frames=N bytes=B secs=S` (payload bytes) on stdout.
-//! Every loop is bounded in time.
+//! one idle second), then prints `frames=N bytes=B secs=S cpu=C` (payload bytes; C the
+//! CPU seconds it used since the first datagram) on stdout. The sender prints
+//! `sent=N cpu=C` for its first SECONDS after its first send, then goes on for
+//! [`SENDER_TAIL`] so that the receiver's window is full. Every loop is bounded in time.
 
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 const BATCH: usize = 64;
+/// How long a sender goes on after its measured window.
+const SENDER_TAIL: Duration = Duration::from_secs(3);
+/// Largest datagram the GRO receiver takes in one piece.
+const GRO_BUFFER: usize = 65535;
 
 fn usage() -> ! {
     eprintln!(
-        "usage: paqet-blast udp-send DEST SECONDS PAYLOAD | udp-recv BIND SECONDS |\n       \
+        "usage: paqet-blast udp-send DEST SECONDS PAYLOAD [SEGMENTS] | udp-recv BIND SECONDS [PAYLOAD] |\n       \
          xdp-send IFACE LOCAL PEER SECONDS PAYLOAD | xdp-recv IFACE LOCAL SECONDS"
     );
     std::process::exit(2);
@@ -31,9 +40,51 @@ fn parse<T: std::str::FromStr>(s: Option<&String>) -> T {
     s.and_then(|s| s.parse().ok()).unwrap_or_else(|| usage())
 }
 
+/// CPU seconds (user and system, all threads) this process has used.
+fn cpu_seconds() -> f64 {
+    // SAFETY: getrusage writes into the struct we own.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; RUSAGE_SELF always exists.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(u.ru_utime) + secs(u.ru_stime)
+}
+
+/// A sender's window: the CPU it used in its first `window` after its first send.
+struct SenderClock {
+    started: Instant,
+    cpu_at_start: f64,
+    window: Duration,
+    reported: bool,
+}
+
+impl SenderClock {
+    fn start(secs: f64) -> SenderClock {
+        SenderClock {
+            started: Instant::now(),
+            cpu_at_start: cpu_seconds(),
+            window: Duration::from_secs_f64(secs),
+            reported: false,
+        }
+    }
+
+    /// Prints `sent=N cpu=C` once the window is over; false once the tail is over too.
+    fn keep_sending(&mut self, sent: u64) -> bool {
+        let elapsed = self.started.elapsed();
+        if !self.reported && elapsed >= self.window {
+            println!("sent={sent} cpu={:.3}", cpu_seconds() - self.cpu_at_start);
+            use std::io::Write;
+            let _ = std::io::stdout().flush();
+            self.reported = true;
+        }
+        elapsed < self.window + SENDER_TAIL
+    }
+}
+
 /// Counts what arrives; `None` from `next` means "nothing right now".
 struct Tally {
     first: Option<Instant>,
+    cpu_at_first: f64,
     last: Instant,
     frames: u64,
     bytes: u64,
@@ -44,6 +95,7 @@ impl Tally {
     fn new(secs: f64) -> Tally {
         Tally {
             first: None,
+            cpu_at_first: 0.0,
             last: Instant::now(),
             frames: 0,
             bytes: 0,
@@ -54,6 +106,7 @@ impl Tally {
         let now = Instant::now();
         if self.first.is_none() {
             self.first = Some(now);
+            self.cpu_at_first = cpu_seconds();
         }
         self.last = now;
         self.frames += frames;
@@ -69,18 +122,45 @@ impl Tally {
     }
     fn report(&self) {
         let secs = self.first.map_or(0.0, |f| self.last.duration_since(f).as_secs_f64());
-        println!("frames={} bytes={} secs={secs:.6}", self.frames, self.bytes);
+        let cpu = if self.first.is_some() {
+            cpu_seconds() - self.cpu_at_first
+        } else {
+            0.0
+        };
+        println!(
+            "frames={} bytes={} secs={secs:.6} cpu={cpu:.3}",
+            self.frames, self.bytes
+        );
     }
 }
 
-fn udp_send(dest: SocketAddr, secs: f64, payload: usize) {
+fn set_udp_option(sock: &UdpSocket, option: libc::c_int, value: libc::c_int) {
+    // SAFETY: valid option pointer and length.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_UDP,
+            option,
+            (&value as *const libc::c_int).cast(),
+            4,
+        )
+    };
+    assert_eq!(rc, 0, "setsockopt {option}: {}", std::io::Error::last_os_error());
+}
+
+/// `segments` > 1: each datagram written is `segments` payloads that the kernel cuts
+/// into `payload`-sized ones (UDP GSO).
+fn udp_send(dest: SocketAddr, secs: f64, payload: usize, segments: usize) {
     let sock = UdpSocket::bind(if dest.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }).expect("bind");
     sock.connect(dest).expect("connect");
-    let buf = vec![0x5au8; payload];
+    if segments > 1 {
+        set_udp_option(&sock, libc::UDP_SEGMENT, payload as libc::c_int);
+    }
+    let buf = vec![0x5au8; payload * segments];
     let mut iov: Vec<libc::iovec> = (0..BATCH)
         .map(|_| libc::iovec {
             iov_base: buf.as_ptr() as *mut _,
-            iov_len: payload,
+            iov_len: buf.len(),
         })
         .collect();
     // SAFETY: all-zero mmsghdr is valid; each points at one iovec that outlives the calls.
@@ -89,20 +169,24 @@ fn udp_send(dest: SocketAddr, secs: f64, payload: usize) {
         m.msg_hdr.msg_iov = v;
         m.msg_hdr.msg_iovlen = 1;
     }
-    let until = Instant::now() + Duration::from_secs_f64(secs);
+    let mut clock = SenderClock::start(secs);
     let mut sent = 0u64;
-    while Instant::now() < until {
+    while clock.keep_sending(sent) {
         // SAFETY: msgs is valid for BATCH entries.
         let n = unsafe { libc::sendmmsg(sock.as_raw_fd(), msgs.as_mut_ptr(), BATCH as u32, 0) };
         if n > 0 {
-            sent += n as u64;
+            sent += n as u64 * segments as u64;
         }
     }
     eprintln!("paqet-blast: udp-send sent {sent} datagrams");
 }
 
-fn udp_recv(bind: SocketAddr, secs: f64) {
+/// `gro_payload`: take GRO-merged datagrams, each `gro_payload` bytes of one a frame.
+fn udp_recv(bind: SocketAddr, secs: f64, gro_payload: Option<usize>) {
     let sock = UdpSocket::bind(bind).expect("bind");
+    if gro_payload.is_some() {
+        set_udp_option(&sock, libc::UDP_GRO, 1);
+    }
     let size: libc::c_int = 8 << 20;
     // SAFETY: valid option pointer and length.
     unsafe {
@@ -116,7 +200,7 @@ fn udp_recv(bind: SocketAddr, secs: f64) {
     }
     sock.set_read_timeout(Some(Duration::from_millis(200)))
         .expect("timeout");
-    let mut bufs = vec![[0u8; 2048]; BATCH];
+    let mut bufs = vec![vec![0u8; if gro_payload.is_some() { GRO_BUFFER } else { 2048 }]; BATCH];
     let mut iov: Vec<libc::iovec> = bufs
         .iter_mut()
         .map(|b| libc::iovec {
@@ -145,8 +229,13 @@ fn udp_recv(bind: SocketAddr, secs: f64) {
             )
         };
         if n > 0 {
-            let bytes: u64 = msgs[..n as usize].iter().map(|m| m.msg_len as u64).sum();
-            tally.add(n as u64, bytes);
+            let lens = msgs[..n as usize].iter().map(|m| m.msg_len as u64);
+            let bytes: u64 = lens.clone().sum();
+            let frames = match gro_payload {
+                Some(p) => lens.map(|l| l.div_ceil(p as u64)).sum(),
+                None => n as u64,
+            };
+            tally.add(frames, bytes);
         }
     }
     tally.report();
@@ -185,9 +274,9 @@ fn xdp_send(iface: &str, local: SocketAddr, peer: SocketAddr, secs: f64, payload
                 payload: vec![0x5a; payload],
             })
             .collect();
-        let until = Instant::now() + Duration::from_secs_f64(secs);
+        let mut clock = SenderClock::start(secs);
         let mut rounds = 0u64;
-        while Instant::now() < until {
+        while clock.keep_sending(t.counters().snapshot().tx_frames) {
             t.send_batch(&batch).expect("send_batch");
             rounds += 1;
             if rounds.is_multiple_of(64) {
@@ -235,8 +324,17 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     use std::io::Write;
     match args.first().map(String::as_str) {
-        Some("udp-send") => udp_send(parse(args.get(1)), parse(args.get(2)), parse(args.get(3))),
-        Some("udp-recv") => udp_recv(parse(args.get(1)), parse(args.get(2))),
+        Some("udp-send") => udp_send(
+            parse(args.get(1)),
+            parse(args.get(2)),
+            parse(args.get(3)),
+            args.get(4).map_or(1, |_| parse(args.get(4))),
+        ),
+        Some("udp-recv") => udp_recv(
+            parse(args.get(1)),
+            parse(args.get(2)),
+            args.get(3).map(|_| parse(args.get(3))),
+        ),
         Some("xdp-send") => xdp_send(
             &args.get(1).cloned().unwrap_or_else(|| usage()),
             parse(args.get(2)),
