@@ -23,6 +23,7 @@ pub const CEILING: &str = "ceiling";
 pub const CEILING_UDP: &str = "ceiling UDP";
 pub const CEILING_XDP: &str = "ceiling AF_XDP";
 pub const CEILING_UDP_SEGMENTED: &str = "ceiling UDP, GSO segmented before the wire";
+pub const CEILING_PACKET_GSO: &str = "ceiling AF_PACKET GSO → AF_XDP";
 /// Payloads per write in the segmented UDP ceiling: 45 × 1400 bytes, as paqet udp's
 /// GSO batches come close to 64 KiB.
 pub const CEILING_GSO_SEGMENTS: usize = 45;

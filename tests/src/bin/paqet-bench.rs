@@ -23,9 +23,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use paqet_tests::bench::peers::{self, KcpConfig};
 use paqet_tests::bench::report::{
-    CEILING, CEILING_GSO_SEGMENTS, CEILING_UDP, CEILING_UDP_SEGMENTED, CEILING_XDP, CLEAN1, CLEAN8, Kind, LOSSY, RR,
-    RealRow, Results, Row, STREAMS, UDP_CLIENT_TWO_ENGINES, UDP_CLIENTS, UDP_CLIENTS_ONE_ENGINE, UDP_DIRECT,
-    UDP_SEGMENTED, UdpRow, Upkeep, XDP_UDP_WIRE,
+    CEILING, CEILING_GSO_SEGMENTS, CEILING_PACKET_GSO, CEILING_UDP, CEILING_UDP_SEGMENTED, CEILING_XDP, CLEAN1, CLEAN8,
+    Kind, LOSSY, RR, RealRow, Results, Row, STREAMS, UDP_CLIENT_TWO_ENGINES, UDP_CLIENTS, UDP_CLIENTS_ONE_ENGINE,
+    UDP_DIRECT, UDP_SEGMENTED, UdpRow, Upkeep, XDP_UDP_WIRE,
 };
 use paqet_tests::bench::{
     self, Access, BENCH_ORIGIN_PORT, ECHO_PORT, FORWARD_PORT, GIB, MIB, Proc, SERVER_IP, Servers,
@@ -349,9 +349,10 @@ impl Bench {
         Ok(())
     }
 
-    /// The raw packet paths, no relay: plain UDP, paqet's AF_XDP transport, and UDP with
-    /// GSO segmented before the wire and GRO at the receiver (the path paqet udp takes on
-    /// a wire of 1,500-byte frames). Each row also has the CPU both ends used per GiB
+    /// The raw packet paths, no relay: plain UDP, paqet's AF_XDP transport, super-frames
+    /// the kernel segments written to AF_PACKET and received by AF_XDP (a lever for the
+    /// xdp transport's sending side), and UDP with GSO segmented before the wire and GRO
+    /// at the receiver (the path paqet udp takes on a wire of 1,500-byte frames). Each row also has the CPU both ends used per GiB
     /// delivered: the floor under "xdp ≥ udp segmented at no more CPU".
     fn ceilings(&mut self) -> Result<()> {
         let hosts = TwoHosts::new("bc")?;
@@ -361,7 +362,7 @@ impl Bench {
         let secs = self.s.ceiling_secs.to_string();
         let server = format!("{SERVER_IP}:4000");
         let segments = CEILING_GSO_SEGMENTS.to_string();
-        let rows: [(&str, Vec<&str>, Vec<&str>); 3] = [
+        let rows: [(&str, Vec<&str>, Vec<&str>); 4] = [
             (
                 CEILING_UDP,
                 vec!["udp-recv", server.as_str(), &secs],
@@ -380,6 +381,19 @@ impl Bench {
                 ],
             ),
             (
+                CEILING_PACKET_GSO,
+                vec!["xdp-recv", &hosts.server_if, server.as_str(), &secs],
+                vec![
+                    "packet-send",
+                    &hosts.client_if,
+                    "198.18.0.1:5000",
+                    server.as_str(),
+                    &secs,
+                    "1400",
+                    &segments,
+                ],
+            ),
+            (
                 CEILING_UDP_SEGMENTED,
                 vec!["udp-recv", server.as_str(), &secs, "1400"],
                 vec!["udp-send", server.as_str(), &secs, "1400", &segments],
@@ -391,14 +405,15 @@ impl Bench {
                 peers::set_offloads(&hosts, true)?;
                 peers::segment_udp_before_the_wire(&hosts)?;
             }
-            let mk = |ns: &Netns| {
-                if name == CEILING_XDP {
+            // An AF_XDP end keeps the caller's mount namespace (its pins live there).
+            let mk = |ns: &Netns, xdp: bool| {
+                if xdp {
                     ns.nsenter_command(&blast)
                 } else {
                     ns.command(&blast)
                 }
             };
-            let mut rc = mk(&hosts.server);
+            let mut rc = mk(&hosts.server, recv_args[0] == "xdp-recv");
             rc.args(&recv_args).stdin(Stdio::null()).stdout(Stdio::piped());
             let mut recv = ChildGuard::spawn(&mut rc)?;
             let mut out = BufReader::new(recv.0.stdout.take().context("receiver stdout")?);
@@ -407,7 +422,7 @@ impl Bench {
             if line.trim() != "ready" {
                 bail!("{name}: the receiver did not start ({line:?})");
             }
-            let mut sc = mk(&hosts.client);
+            let mut sc = mk(&hosts.client, send_args[0] == "xdp-send");
             sc.args(&send_args).stdin(Stdio::null()).stdout(Stdio::piped());
             let mut send = ChildGuard::spawn(&mut sc)?;
             let mut send_out = BufReader::new(send.0.stdout.take().context("sender stdout")?);
