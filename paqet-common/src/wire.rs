@@ -416,7 +416,7 @@ pub fn parse_tcp_options(opts: &[u8]) -> Result<TcpOptions, ParseError> {
 }
 
 mod emit;
-pub use emit::{EmitError, Headers, TCP_MAX_OPTIONS_LEN, TcpOptionBytes, checksum, sum};
+pub use emit::{EmitError, Headers, MAX_HEADER_LEN, TCP_MAX_OPTIONS_LEN, TcpOptionBytes, checksum, sum};
 
 #[cfg(test)]
 mod tests;

@@ -13,7 +13,7 @@ use super::{
 
 /// The longest headers [`Headers::emit`] writes: Ethernet, two VLAN tags, IPv6, TCP
 /// with a full 40 bytes of options.
-const MAX_HEADER_LEN: usize =
+pub const MAX_HEADER_LEN: usize =
     ETH_HEADER_LEN + 2 * VLAN_TAG_LEN + IPV6_HEADER_LEN + TCP_MIN_HEADER_LEN + TCP_MAX_OPTIONS_LEN;
 
 /// TCP options fit in 40 bytes (data offset 15 words minus the fixed 5).
@@ -121,16 +121,41 @@ impl Headers {
         let total = hlen.checked_add(payload.len()).ok_or(EmitError::PayloadTooLong)?;
         let frame = buf.get_mut(..total).ok_or(EmitError::BufferTooSmall)?;
         let mut header = [0u8; MAX_HEADER_LEN];
-        self.write_header(&mut header[..hlen], payload)?;
+        self.write_header(&mut header[..hlen], payload.len(), Some(payload))?;
         frame[..hlen].copy_from_slice(&header[..hlen]);
         frame[hlen..].copy_from_slice(payload);
         Ok(total)
     }
 
-    /// The headers in `frame` (exactly `header_len` bytes) for `payload`.
-    fn write_header(&self, frame: &mut [u8], payload: &[u8]) -> Result<(), EmitError> {
+    /// Writes only the headers, at the start of `buf`, for `payload_len` bytes of
+    /// payload that are sent from elsewhere; returns their length. The L4 checksum is
+    /// left for the kernel or the device to finish (Linux's CHECKSUM_PARTIAL): its field
+    /// holds the pseudo-header's sum, uncomplemented, and the sum of the L4 header and
+    /// payload is still to be added. Given one payload longer than a segment, the kernel
+    /// cuts it into segments (GSO) and fixes lengths and checksums in each.
+    pub fn emit_offloaded(&self, buf: &mut [u8], payload_len: usize) -> Result<usize, EmitError> {
+        let hlen = self.header_len()?;
+        let frame = buf.get_mut(..hlen).ok_or(EmitError::BufferTooSmall)?;
+        self.write_header(frame, payload_len, None)?;
+        Ok(hlen)
+    }
+
+    /// Where the L4 header starts in a frame with these headers, and where its checksum
+    /// field is within it: what the kernel needs to finish an offloaded checksum.
+    pub fn l4_checksum_at(&self) -> Result<(usize, usize), EmitError> {
+        let l4 = ETH_HEADER_LEN + self.vlan_count as usize * VLAN_TAG_LEN + self.l3_len();
+        match self.protocol {
+            ipproto::TCP => Ok((l4, 16)),
+            ipproto::UDP => Ok((l4, 6)),
+            _ => Err(EmitError::Unsupported),
+        }
+    }
+
+    /// The headers in `frame` (exactly `header_len` bytes) for a payload of
+    /// `payload_len` bytes: with its bytes, a complete L4 checksum; without, the
+    /// pseudo-header's sum only (see [`Headers::emit_offloaded`]).
+    fn write_header(&self, frame: &mut [u8], payload_len: usize, payload: Option<&[u8]>) -> Result<(), EmitError> {
         let hlen = frame.len();
-        let payload_len = payload.len();
 
         // Ethernet and VLAN tags.
         frame[0..6].copy_from_slice(&self.dst_mac);
@@ -208,6 +233,11 @@ impl Headers {
             seg[16..20].copy_from_slice(&[0, 0, 0, 0]);
             seg[TCP_MIN_HEADER_LEN..TCP_MIN_HEADER_LEN + opts.len()].copy_from_slice(opts);
             16
+        };
+        let Some(payload) = payload else {
+            let partial = fold(pseudo as u64);
+            seg[csum_at..csum_at + 2].copy_from_slice(&partial.to_be_bytes());
+            return Ok(());
         };
         // The L4 header's length is even, so the payload's words line up as in the frame.
         let mut c = checksum(sum(pseudo, payload), seg);

@@ -337,6 +337,34 @@ mod emit {
         }
     }
 
+    /// Headers emitted for an offloaded checksum, finished the way the kernel finishes
+    /// CHECKSUM_PARTIAL (sum from the L4 header to the end, complement into the field),
+    /// are exactly the headers `emit` computes in full.
+    #[test]
+    fn offloaded_checksum_finishes_to_the_full_one() {
+        for v6 in [false, true] {
+            for proto in [ipproto::UDP, ipproto::TCP] {
+                for payload in [&b""[..], b"x", b"sealed payload bytes", &[0xffu8; 1400][..]] {
+                    let h = headers(v6, proto, 1);
+                    let full = build(&h, payload);
+                    let mut partial = vec![0u8; full.len()];
+                    let hl = h.emit_offloaded(&mut partial, payload.len()).unwrap();
+                    partial[hl..].copy_from_slice(payload);
+                    let (l4, at) = h.l4_checksum_at().unwrap();
+                    let mut c = checksum(0, &partial[l4..]);
+                    if c == 0 && proto == ipproto::UDP {
+                        c = 0xffff;
+                    }
+                    partial[l4 + at..l4 + at + 2].copy_from_slice(&c.to_be_bytes());
+                    assert_eq!(partial, full, "v6 {v6} proto {proto} len {}", payload.len());
+                }
+            }
+        }
+        let h = headers(false, ipproto::UDP, 0);
+        assert_eq!(h.emit_offloaded(&mut [0u8; 20], 10), Err(EmitError::BufferTooSmall));
+        assert_eq!(h.emit_offloaded(&mut [0u8; 64], 65_530), Err(EmitError::PayloadTooLong));
+    }
+
     /// RFC 1071's definition, word by word: what the wide `sum` must equal.
     fn reference_sum(acc: u32, data: &[u8]) -> u32 {
         let mut acc = acc as u64;

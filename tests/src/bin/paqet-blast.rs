@@ -12,11 +12,9 @@
 //!   straight from a reused batch to the TX ring, and the receiver only counts them.
 //!
 //! - `packet-send IFACE LOCAL PEER SECONDS PAYLOAD SEGMENTS`: UDP-shaped frames for
-//!   `xdp-recv`, written SEGMENTS payloads at a time as one super-frame through an
-//!   AF_PACKET socket with `PACKET_VNET_HDR` (`VIRTIO_NET_HDR_GSO_UDP_L4`): the kernel
-//!   cuts it into frames at the device, as it does for UDP GSO. This is the "send
-//!   through the kernel's segmentation path" lever for the xdp transport, measured
-//!   raw: no paqet in it yet.
+//!   `xdp-recv`, written SEGMENTS payloads at a time as one super-frame through the xdp
+//!   transport's sender (`paqet::transport::xdp::gso`: AF_PACKET with
+//!   `PACKET_VNET_HDR`), which the kernel cuts into frames at the device.
 //!
 //! A 1400-byte payload makes 1442-byte Ethernet frames (14 + 20 + 8 + 1400). The
 //! receiver starts its clock at the first datagram and stops after SECONDS (or after
@@ -249,23 +247,7 @@ fn udp_recv(bind: SocketAddr, secs: f64, gro_payload: Option<usize>) {
     tally.report();
 }
 
-/// `struct virtio_net_hdr` (linux/virtio_net.h), in front of every frame written to
-/// an AF_PACKET socket with `PACKET_VNET_HDR`.
-#[repr(C)]
-struct VirtioNetHdr {
-    flags: u8,
-    gso_type: u8,
-    hdr_len: u16,
-    gso_size: u16,
-    csum_start: u16,
-    csum_offset: u16,
-}
-
-const VIRTIO_NET_HDR_F_NEEDS_CSUM: u8 = 1;
-const VIRTIO_NET_HDR_GSO_UDP_L4: u8 = 5;
-
-fn read_mac(path: &str) -> [u8; 6] {
-    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+fn read_mac(text: &str) -> [u8; 6] {
     let mut mac = [0u8; 6];
     for (byte, part) in mac.iter_mut().zip(text.trim().split(':')) {
         *byte = u8::from_str_radix(part, 16).expect("a MAC address");
@@ -280,116 +262,47 @@ fn neighbour_mac(ip: std::net::Ipv4Addr) -> [u8; 6] {
         .lines()
         .find(|l| l.split_whitespace().next() == Some(ip.to_string().as_str()))
         .unwrap_or_else(|| panic!("no neighbour entry for {ip}"));
-    let mac = line.split_whitespace().nth(3).expect("an ARP line's MAC");
-    let mut out = [0u8; 6];
-    for (byte, part) in out.iter_mut().zip(mac.split(':')) {
-        *byte = u8::from_str_radix(part, 16).expect("a MAC address");
-    }
-    out
+    read_mac(line.split_whitespace().nth(3).expect("an ARP line's MAC"))
 }
 
+/// Super-frames through paqet's own AF_PACKET sender (`paqet::transport::xdp::gso`).
 fn packet_send(iface: &str, local: SocketAddr, peer: SocketAddr, secs: f64, payload: usize, segments: usize) {
+    use paqet::transport::xdp::gso::{PacketTx, SendError};
     use paqet_common::wire::{Addr, Headers, ipproto};
-    let (SocketAddr::V4(l), SocketAddr::V4(p)) = (local, peer) else {
-        panic!("packet-send takes IPv4 addresses");
-    };
     let ifindex = {
         let name = std::ffi::CString::new(iface).expect("an interface name");
         // SAFETY: a NUL-terminated name.
         unsafe { libc::if_nametoindex(name.as_ptr()) }
     };
     assert!(ifindex > 0, "no interface {iface}");
-    // SAFETY: plain socket calls on a descriptor we own; every pointer is to a local
-    // of the size given.
-    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
-    assert!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
-    // Not PACKET_QDISC_BYPASS: its direct transmit drops any frame that needs
-    // segmenting, which is every one here.
-    let on: libc::c_int = 1;
-    // SAFETY: as above.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_PACKET,
-            libc::PACKET_VNET_HDR,
-            (&on as *const libc::c_int).cast(),
-            4,
-        )
+    let tx = PacketTx::open(ifindex).expect("an AF_PACKET socket");
+    let SocketAddr::V4(p) = peer else {
+        panic!("packet-send takes IPv4 addresses");
     };
-    assert_eq!(rc, 0, "PACKET_VNET_HDR: {}", std::io::Error::last_os_error());
-    // SAFETY: all-zero sockaddr_ll is valid; the fields below make it a bind to the device.
-    let mut ll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    ll.sll_family = libc::AF_PACKET as u16;
-    ll.sll_protocol = (libc::ETH_P_IP as u16).to_be();
-    ll.sll_ifindex = ifindex as i32;
-    // SAFETY: as above.
-    let rc = unsafe {
-        libc::bind(
-            fd,
-            (&ll as *const libc::sockaddr_ll).cast(),
-            std::mem::size_of::<libc::sockaddr_ll>() as u32,
-        )
-    };
-    assert_eq!(rc, 0, "bind to {iface}: {}", std::io::Error::last_os_error());
-
+    let mac_file = format!("/sys/class/net/{iface}/address");
     let headers = Headers {
         dst_mac: neighbour_mac(*p.ip()),
-        src_mac: read_mac(&format!("/sys/class/net/{iface}/address")),
-        src: Addr::from(std::net::IpAddr::V4(*l.ip())),
-        dst: Addr::from(std::net::IpAddr::V4(*p.ip())),
+        src_mac: read_mac(&std::fs::read_to_string(&mac_file).expect("the interface's MAC")),
+        src: Addr::from(local.ip()),
+        dst: Addr::from(peer.ip()),
         protocol: ipproto::UDP,
-        src_port: l.port(),
-        dst_port: p.port(),
+        src_port: local.port(),
+        dst_port: peer.port(),
         ttl: 64,
         ..Headers::default()
     };
-    let vnet = std::mem::size_of::<VirtioNetHdr>();
-    let header_len = headers.header_len().expect("IPv4 UDP headers");
-    let mut frame = vec![0x5au8; vnet + header_len + payload * segments];
-    // One super-frame: the headers say its whole length, and the kernel rewrites
-    // lengths and checksums segment by segment (NEEDS_CSUM: the checksum is left to it).
-    let body = vec![0x5au8; payload * segments];
-    let n = headers
-        .emit(&mut frame[vnet..], &body)
-        .expect("the super-frame's headers");
-    assert_eq!(n, header_len + body.len());
-    let l4 = header_len - 8;
-    // NEEDS_CSUM wants the pseudo-header's sum in the checksum field, uncomplemented:
-    // the kernel adds each segment's bytes to it.
-    let udp_len = 8 + body.len();
-    let pseudo = paqet_common::wire::sum(paqet_common::wire::sum(0, &l.ip().octets()), &p.ip().octets())
-        + u32::from(ipproto::UDP)
-        + udp_len as u32;
-    let folded = (pseudo & 0xffff) + (pseudo >> 16);
-    let folded = ((folded & 0xffff) + (folded >> 16)) as u16;
-    frame[vnet + l4 + 6..vnet + l4 + 8].copy_from_slice(&folded.to_be_bytes());
-    let hdr = VirtioNetHdr {
-        flags: VIRTIO_NET_HDR_F_NEEDS_CSUM,
-        gso_type: VIRTIO_NET_HDR_GSO_UDP_L4,
-        hdr_len: header_len as u16,
-        gso_size: payload as u16,
-        csum_start: l4 as u16,
-        csum_offset: 6,
-    };
-    // SAFETY: VirtioNetHdr is plain data of `vnet` bytes; the frame starts with room for it.
-    unsafe { std::ptr::copy_nonoverlapping((&hdr as *const VirtioNetHdr).cast::<u8>(), frame.as_mut_ptr(), vnet) };
+    let body = vec![0x5au8; payload];
+    let payloads: Vec<&[u8]> = (0..segments).map(|_| &body[..]).collect();
     let mut clock = SenderClock::start(secs);
-    let mut sent = 0u64;
-    let mut failed = 0u64;
-    let mut first_error = None;
+    let (mut sent, mut full) = (0u64, 0u64);
     while clock.keep_sending(sent) {
-        // SAFETY: the frame outlives the call.
-        let rc = unsafe { libc::send(fd, frame.as_ptr().cast(), frame.len(), 0) };
-        if rc > 0 {
-            sent += segments as u64;
-        } else {
-            failed += 1;
-            first_error.get_or_insert_with(std::io::Error::last_os_error);
+        match tx.send(&headers, &payloads) {
+            Ok(()) => sent += segments as u64,
+            Err(SendError::Full) => full += 1,
+            Err(SendError::Invalid(why)) => panic!("packet-send: {why}"),
         }
     }
-    // SAFETY: our descriptor.
-    unsafe { libc::close(fd) };
-    eprintln!("paqet-blast: packet-send sent {sent} frames, {failed} writes refused (first: {first_error:?})");
+    eprintln!("paqet-blast: packet-send sent {sent} frames, {full} writes found the device full");
 }
 
 fn xdp_opts(iface: &str, local: SocketAddr, peer: Option<SocketAddr>, role: &str) -> paqet::transport::xdp::XdpOptions {

@@ -42,7 +42,8 @@ fn protocol(wire: WireShape) -> u8 {
     }
 }
 
-fn headers(f: &Frame<'_>) -> Headers {
+/// The headers `f` describes (its payload aside).
+pub fn headers(f: &Frame<'_>) -> Headers {
     let tcp = f.tcp.filter(|_| f.wire == WireShape::Tcp);
     Headers {
         dst_mac: f.dst_mac,

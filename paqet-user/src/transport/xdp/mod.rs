@@ -1,16 +1,18 @@
 //! The `xdp` transport: paqet builds whole frames (Ethernet, IPv4/IPv6, a TCP-shaped or
-//! UDP header) and sends them through AF_XDP; `paqet_steer` redirects the peer's frames
-//! into the same sockets before the kernel's stack sees them, so the kernel sends no
-//! RST or ICMP error and keeps no state for paqet's traffic.
+//! UDP header) and sends them below IP; `paqet_steer` redirects the peer's frames into
+//! AF_XDP sockets before the kernel's stack sees them, so the kernel sends no RST or
+//! ICMP error and keeps no state for paqet's traffic.
 //!
 //! ```text
-//!  send_batch ─▶ emit headers + checksums ─▶ UMEM frame ─▶ TX ring ─▶ sendto kick ─▶ wire
-//!                                                        (a burst: by the TX thread)
+//!  send_batch ─▶ runs of equal datagrams ─▶ headers ─▶ AF_PACKET + virtio_net_hdr ─▶ GSO ─▶ wire
+//!     (without AF_PACKET: headers + checksums ─▶ UMEM frame ─▶ TX ring ─▶ TX thread's kick)
 //!  wire ─▶ paqet_steer (filter match) ─▶ XSKMAP[rx queue] ─▶ RX ring ─▶ parse_frame ─▶ RecvBatch
 //! ```
 //!
 //! One AF_XDP socket per RX queue of the interface (a frame for paqet on a queue with no
-//! socket would reach the kernel); TX goes through queue 0's socket. The next hop's MAC
+//! socket would reach the kernel). Frames leave as super-frames the kernel segments
+//! ([`gso`]); where that socket cannot be opened, through queue 0's AF_XDP socket,
+//! one frame at a time. The next hop's MAC
 //! comes from received frames (server) or the kernel's route and neighbour tables
 //! (see [`neigh`]); a send to a peer with no known MAC is dropped and counted while a
 //! background thread resolves it (KCP retransmits).
@@ -19,6 +21,7 @@
 //! from tokio's reactor) and on a thread in the interface's network namespace.
 
 mod emit;
+pub mod gso;
 mod iface;
 mod locals;
 mod neigh;
@@ -180,6 +183,75 @@ impl XdpCounters {
     }
 }
 
+/// What one send counted, for the transport's counters.
+#[derive(Default)]
+struct SendTally {
+    sent: usize,
+    full: usize,
+    invalid: usize,
+    no_neighbour: usize,
+    held: usize,
+    dropped_flow: usize,
+}
+
+/// Where one datagram's frame goes, and its TCP header on the TCP-shaped wire.
+#[derive(Clone, Copy)]
+struct Route {
+    peer: SocketAddr,
+    src: SocketAddr,
+    dst_mac: [u8; 6],
+    tcp: Option<tcp_flow::Segment>,
+}
+
+/// Datagrams gathered into one super-frame: to one peer, all of the first one's size
+/// but the last, and on the TCP-shaped wire with the sequence numbers and fields the
+/// kernel's segmentation gives each segment from the first one's header.
+#[derive(Default)]
+struct SuperFrame<'a> {
+    route: Option<Route>,
+    segment_len: usize,
+    total: usize,
+    next_seq: u32,
+    /// A shorter datagram ends a run: segmentation cuts equal pieces.
+    closed: bool,
+    payloads: Vec<&'a [u8]>,
+}
+
+impl<'a> SuperFrame<'a> {
+    fn start(&mut self, route: Route, len: usize) {
+        self.route = Some(route);
+        self.segment_len = len;
+        self.total = 0;
+        self.closed = false;
+        self.next_seq = route.tcp.map_or(0, |t| t.seq);
+    }
+
+    fn takes(&self, route: &Route, len: usize) -> bool {
+        let Some(first) = &self.route else { return false };
+        let same_header = match (first.tcp, route.tcp) {
+            (None, None) => true,
+            (Some(f), Some(t)) => {
+                t.seq == self.next_seq && (t.ack, t.flags, t.window, t.options) == (f.ack, f.flags, f.window, f.options)
+            }
+            _ => false,
+        };
+        !self.closed
+            && same_header
+            && (route.peer, route.src, route.dst_mac) == (first.peer, first.src, first.dst_mac)
+            && len > 0
+            && len <= self.segment_len
+            && self.payloads.len() < gso::MAX_SEGMENTS
+            && self.total + len <= gso::MAX_SUPER_PAYLOAD
+    }
+
+    fn push(&mut self, payload: &'a [u8]) {
+        self.closed = payload.len() < self.segment_len;
+        self.total += payload.len();
+        self.next_seq = self.next_seq.wrapping_add(payload.len() as u32);
+        self.payloads.push(payload);
+    }
+}
+
 /// One RX queue's socket, with its tokio registration.
 struct Queue {
     xsk: xsk::Xsk,
@@ -191,6 +263,9 @@ pub struct XdpTransport {
     // them), then the steering handle, which detaches and unpins.
     _addresses: Option<locals::Watcher>,
     resolver: neigh::Resolver,
+    /// Where frames leave when it could be opened: super-frames the kernel segments
+    /// (see [`gso`]). Without it they leave through queue 0's AF_XDP TX ring.
+    packet_tx: Option<gso::PacketTx>,
     queues: Vec<Queue>,
     steering: Steering,
     peers: Arc<Mutex<Peers>>,
@@ -250,7 +325,15 @@ impl XdpTransport {
             mode: opts.mode,
             filter: *locals.filter(),
         })?;
-        let queues = open_queues(&mut steering, &info)?;
+        let packet_tx = gso::PacketTx::open(steering.ifindex())
+            .map_err(|e| {
+                tracing::warn!(
+                    "frames leave one at a time through AF_XDP: {}",
+                    crate::kernel::error_chain(&e)
+                )
+            })
+            .ok();
+        let queues = open_queues(&mut steering, &info, packet_tx.is_none())?;
 
         let mut peers = Peers::default();
         peers.locals = locals;
@@ -297,12 +380,14 @@ impl XdpTransport {
             xdp = steering.mode().as_str(),
             queues = queues.len(),
             zero_copy = queues.iter().all(|q| q.xsk.zero_copy()),
+            segmentation = packet_tx.is_some(),
             max_payload,
             "xdp transport open"
         );
         Ok(XdpTransport {
             _addresses: addresses,
             resolver,
+            packet_tx,
             queues,
             steering,
             peers,
@@ -380,56 +465,118 @@ impl XdpTransport {
     }
 
     fn send_chunk(&self, chunk: &[Transmit], missing: &mut Vec<IpAddr>) {
-        let Some(q) = self.queues.first() else { return };
         let now = Instant::now();
         let unix_ms = unix_ms();
         let mut peers = self.peers();
-        let mut tx = lock(&q.xsk.tx);
-        let mut skipped_invalid = 0usize;
-        let mut skipped_neigh = 0usize;
-        let mut held = 0usize;
-        let mut dropped_flow = 0usize;
-        let (queued, processed) = q.xsk.send(&mut tx, chunk.len(), |i, frame| {
-            let t = &chunk[i];
-            let Some(src) = self
-                .source_for(&peers, &t.peer)
-                .filter(|_| t.payload.len() <= self.max_payload)
-            else {
-                skipped_invalid += 1;
-                return None;
-            };
-            let Some(dst_mac) = peers.mac(t.peer.ip(), now) else {
-                skipped_neigh += 1;
-                if !missing.contains(&t.peer.ip()) {
-                    missing.push(t.peer.ip());
+        let mut tally = SendTally::default();
+        match &self.packet_tx {
+            Some(packet_tx) => {
+                let mut run = SuperFrame::default();
+                for t in chunk {
+                    let Some(route) = self.route(&mut peers, t, now, unix_ms, &mut tally, missing) else {
+                        continue;
+                    };
+                    if !run.takes(&route, t.payload.len()) {
+                        self.send_super_frame(packet_tx, &mut run, &mut tally);
+                        run.start(route, t.payload.len());
+                    }
+                    run.push(&t.payload);
                 }
-                return None;
-            };
-            let tcp = match peers.tcp.as_mut().map(|f| f.on_send(t.peer, &t.payload, now, unix_ms)) {
-                None => None,
-                Some(TxVerdict::Send(seg)) => Some(seg),
-                Some(TxVerdict::Held) => {
-                    held += 1;
-                    return None;
-                }
-                Some(TxVerdict::Drop(why)) => {
-                    tracing::trace!(peer = %t.peer, ?why, "datagram dropped by its TCP-shaped flow");
-                    dropped_flow += 1;
-                    return None;
-                }
-            };
-            let n = self.build(frame, dst_mac, src, t.peer, tcp, &t.payload);
-            skipped_invalid += usize::from(n.is_none());
-            n
-        });
-        drop(tx);
-        Self::count(&self.counters.tx_frames, queued);
-        Self::count(&self.counters.tx_dropped_full, chunk.len() - processed);
-        Self::count(&self.counters.tx_dropped_invalid, skipped_invalid);
-        Self::count(&self.counters.tx_dropped_no_neighbour, skipped_neigh);
-        Self::count(&self.counters.tx_held, held);
-        Self::count(&self.counters.tx_dropped_flow, dropped_flow);
+                self.send_super_frame(packet_tx, &mut run, &mut tally);
+            }
+            None => {
+                let Some(q) = self.queues.first() else { return };
+                let mut tx = lock(&q.xsk.tx);
+                let (queued, processed) = q.xsk.send(&mut tx, chunk.len(), |i, frame| {
+                    let t = &chunk[i];
+                    let r = self.route(&mut peers, t, now, unix_ms, &mut tally, missing)?;
+                    let n = self.build(frame, r.dst_mac, r.src, t.peer, r.tcp, &t.payload);
+                    tally.invalid += usize::from(n.is_none());
+                    n
+                });
+                tally.sent += queued;
+                tally.full += chunk.len() - processed;
+            }
+        }
+        Self::count(&self.counters.tx_frames, tally.sent);
+        Self::count(&self.counters.tx_dropped_full, tally.full);
+        Self::count(&self.counters.tx_dropped_invalid, tally.invalid);
+        Self::count(&self.counters.tx_dropped_no_neighbour, tally.no_neighbour);
+        Self::count(&self.counters.tx_held, tally.held);
+        Self::count(&self.counters.tx_dropped_flow, tally.dropped_flow);
         self.send_control(&mut peers, now);
+    }
+
+    /// Where one datagram goes and the TCP header it gets, or `None` (counted in
+    /// `tally`) when it cannot leave now.
+    fn route(
+        &self,
+        peers: &mut Peers,
+        t: &Transmit,
+        now: Instant,
+        unix_ms: u64,
+        tally: &mut SendTally,
+        missing: &mut Vec<IpAddr>,
+    ) -> Option<Route> {
+        let Some(src) = self
+            .source_for(peers, &t.peer)
+            .filter(|_| t.payload.len() <= self.max_payload)
+        else {
+            tally.invalid += 1;
+            return None;
+        };
+        let Some(dst_mac) = peers.mac(t.peer.ip(), now) else {
+            tally.no_neighbour += 1;
+            if !missing.contains(&t.peer.ip()) {
+                missing.push(t.peer.ip());
+            }
+            return None;
+        };
+        let tcp = match peers.tcp.as_mut().map(|f| f.on_send(t.peer, &t.payload, now, unix_ms)) {
+            None => None,
+            Some(TxVerdict::Send(seg)) => Some(seg),
+            Some(TxVerdict::Held) => {
+                tally.held += 1;
+                return None;
+            }
+            Some(TxVerdict::Drop(why)) => {
+                tracing::trace!(peer = %t.peer, ?why, "datagram dropped by its TCP-shaped flow");
+                tally.dropped_flow += 1;
+                return None;
+            }
+        };
+        Some(Route {
+            peer: t.peer,
+            src,
+            dst_mac,
+            tcp,
+        })
+    }
+
+    /// Sends the run gathered so far as one (super-)frame and empties it.
+    fn send_super_frame(&self, packet_tx: &gso::PacketTx, run: &mut SuperFrame<'_>, tally: &mut SendTally) {
+        let Some(route) = run.route else { return };
+        let count = run.payloads.len();
+        let headers = emit::headers(&emit::Frame {
+            src_mac: self.src_mac,
+            dst_mac: route.dst_mac,
+            src: route.src,
+            dst: route.peer,
+            wire: self.wire,
+            tcp: route.tcp,
+            ip_id: self.ip_id.fetch_add(count as u16, Ordering::Relaxed),
+            payload: &[],
+        });
+        match packet_tx.send(&headers, &run.payloads) {
+            Ok(()) => tally.sent += count,
+            Err(gso::SendError::Full) => tally.full += count,
+            Err(gso::SendError::Invalid(why)) => {
+                tracing::debug!(peer = %route.peer, "cannot send a frame: {why}");
+                tally.invalid += count;
+            }
+        }
+        run.route = None;
+        run.payloads.clear();
     }
 
     /// Writes one frame into `frame`: its length, or `None` (logged) if it cannot be
@@ -465,6 +612,9 @@ impl XdpTransport {
         let Some(controls) = peers.tcp.as_mut().filter(|f| f.has_control()).map(Flows::take_control) else {
             return;
         };
+        if let Some(packet_tx) = &self.packet_tx {
+            return self.send_control_packets(packet_tx, peers, &controls, now);
+        }
         let Some(q) = self.queues.first() else { return };
         let mut tx = lock(&q.xsk.tx);
         let mut failed = 0usize;
@@ -489,6 +639,37 @@ impl XdpTransport {
         Self::count(&self.counters.tx_control, queued - data);
         Self::count(&self.counters.tx_dropped_invalid, failed);
         Self::count(&self.counters.tx_dropped_full, controls.len() - processed);
+    }
+
+    /// [`Self::send_control`] through the AF_PACKET socket, so that handshake segments
+    /// and data leave by one path, in order.
+    fn send_control_packets(&self, packet_tx: &gso::PacketTx, peers: &mut Peers, controls: &[Control], now: Instant) {
+        let mut tally = SendTally::default();
+        let mut data = 0usize;
+        for Control { peer, seg, payload } in controls {
+            let (Some(src), Some(dst_mac)) = (self.source_for(peers, peer), peers.mac(peer.ip(), now)) else {
+                tally.invalid += 1;
+                continue;
+            };
+            let mut run = SuperFrame::default();
+            run.start(
+                Route {
+                    peer: *peer,
+                    src,
+                    dst_mac,
+                    tcp: Some(*seg),
+                },
+                payload.len(),
+            );
+            run.push(payload);
+            let sent = tally.sent;
+            self.send_super_frame(packet_tx, &mut run, &mut tally);
+            data += usize::from(tally.sent > sent && !payload.is_empty());
+        }
+        Self::count(&self.counters.tx_frames, data);
+        Self::count(&self.counters.tx_control, tally.sent - data);
+        Self::count(&self.counters.tx_dropped_invalid, tally.invalid);
+        Self::count(&self.counters.tx_dropped_full, tally.full);
     }
 
     /// Drains ready frames of all queues into `batch`; returns how many were filled.
@@ -677,7 +858,7 @@ fn pick_local(local: SocketAddr, wire: WireShape) -> Result<(SocketAddr, Option<
     Ok((picked, Some(sock)))
 }
 
-fn open_queues(steering: &mut Steering, info: &iface::InterfaceInfo) -> Result<Vec<Queue>, XdpError> {
+fn open_queues(steering: &mut Steering, info: &iface::InterfaceInfo, tx_thread: bool) -> Result<Vec<Queue>, XdpError> {
     let count = info.rx_queues.min(paqet_common::maps::MAX_QUEUES);
     if info.rx_queues > count {
         tracing::warn!(
@@ -714,6 +895,7 @@ fn open_queues(steering: &mut Steering, info: &iface::InterfaceInfo) -> Result<V
             .map_err(|e| XdpError::Reactor(e.into()))?;
         // All frames leave through queue 0's socket.
         if queue == 0
+            && tx_thread
             && let Err(e) = xsk.start_tx_thread()
         {
             tracing::warn!("no AF_XDP TX thread ({e}); the engine's thread transmits");
