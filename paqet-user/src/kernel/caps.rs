@@ -14,7 +14,7 @@ pub const XDP_CAPS: [(&str, u32, &str); 5] = [
         "the verifier accepts paqet_steer's packet-pointer arithmetic",
     ),
     ("CAP_NET_ADMIN", 12, "attach XDP"),
-    ("CAP_NET_RAW", 13, "open AF_XDP sockets"),
+    ("CAP_NET_RAW", 13, "open the AF_XDP and AF_PACKET sockets"),
     ("CAP_IPC_LOCK", 14, "lock the AF_XDP UMEM beyond RLIMIT_MEMLOCK"),
 ];
 

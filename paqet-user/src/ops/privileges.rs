@@ -2,11 +2,12 @@
 //! thread of the process.
 //!
 //! The unit grants CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN, CAP_NET_RAW and CAP_IPC_LOCK to
-//! load paqet_steer, attach it, open the AF_XDP sockets and register their UMEM. Once the
+//! load paqet_steer, attach it, open the AF_XDP and AF_PACKET sockets and register the
+//! UMEM. Once the
 //! paths are open and the node is built (the set of interfaces is fixed at start) none
 //! of them is used again. Measured on 6.18 as the service user, with all of them
 //! dropped: writing the open filter and XSK maps (bpf() on a map fd), the AF_XDP RX ring
-//! and TX kick (sendto on the socket), the UDP socket, the SOCKS listener, dialing
+//! and TX kick (sendto on the socket), the AF_PACKET send (sendmsg), the UDP socket, the SOCKS listener, dialing
 //! targets, the next-hop lookups (`ip route get`, `ip neigh show`, netlink dumps) and
 //! the teardown at SIGTERM all work: closing the bpf_link fd detaches XDP, and the pins
 //! are files in a directory the service user owns (`tests/tests/service.rs` checks it).
