@@ -194,7 +194,8 @@ fn set_option(
 
 impl VnetHeader {
     fn to_bytes(self) -> [u8; VNET_HEADER_LEN] {
-        // Native byte order, as the kernel reads it on a little-endian host (virtio 1.0).
+        // The host's byte order: packet sockets read the legacy virtio header, which is
+        // native-endian.
         let mut b = [0u8; VNET_HEADER_LEN];
         b[0] = self.flags;
         b[1] = self.gso_type;
