@@ -641,13 +641,14 @@ fn every_thread_drops_its_capabilities_after_start_and_the_relay_still_works() {
                 "{cap} not named: {line}"
             );
         }
-        // The threads that exist before the drop are the point: the AF_XDP TX thread
-        // and the eBPF log pump were started while the unit's set was in force.
+        // The threads that exist before the drop are the point: the next-hop resolver
+        // and the eBPF log pump were started while the unit's set was in force (an
+        // AF_XDP TX thread too, where frames cannot leave through AF_PACKET).
         let pid = bed.pid(role).unwrap();
         let names: Vec<String> = threads_of(pid).into_iter().map(|(_, n, _)| n).collect();
         assert!(
-            names.iter().any(|n| n.starts_with("paqet-tx")) && names.iter().any(|n| n == "paqet-ebpf-log"),
-            "{role}: expected the TX and eBPF log threads, found {names:?}"
+            names.iter().any(|n| n == "paqet-xdp-neigh") && names.iter().any(|n| n == "paqet-ebpf-log"),
+            "{role}: expected the next-hop resolver and eBPF log threads, found {names:?}"
         );
         let n = assert_no_thread_has_caps(&mut bed, role, "after start");
         eprintln!("{role}: {n} threads, none with a capability; {line}");
