@@ -108,6 +108,12 @@ impl PacketTx {
     /// first's length, and `headers` are the first frame's (the kernel advances the TCP
     /// sequence number and the IPv4 identification from segment to segment).
     pub fn send(&self, headers: &Headers, payloads: &[&[u8]]) -> Result<(), SendError> {
+        if payloads.len() > MAX_SEGMENTS {
+            return Err(SendError::Invalid(format!(
+                "{} payloads in one super-frame, at most {MAX_SEGMENTS}",
+                payloads.len()
+            )));
+        }
         let total: usize = payloads.iter().map(|p| p.len()).sum();
         let mut prefix = [0u8; PREFIX_LEN];
         let header_len = headers
@@ -119,12 +125,12 @@ impl PacketTx {
             iov_base: std::ptr::null_mut(),
             iov_len: 0,
         }; MAX_SEGMENTS + 1];
-        let count = payloads.len().min(MAX_SEGMENTS);
+        let count = payloads.len();
         iov[0] = libc::iovec {
             iov_base: prefix.as_mut_ptr().cast(),
             iov_len: VNET_HEADER_LEN + header_len,
         };
-        for (slot, p) in iov[1..].iter_mut().zip(&payloads[..count]) {
+        for (slot, p) in iov[1..].iter_mut().zip(payloads) {
             *slot = libc::iovec {
                 iov_base: p.as_ptr() as *mut libc::c_void,
                 iov_len: p.len(),
