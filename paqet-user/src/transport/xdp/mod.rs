@@ -471,7 +471,10 @@ impl XdpTransport {
         let mut tally = SendTally::default();
         match &self.packet_tx {
             Some(packet_tx) => {
-                let mut run = SuperFrame::default();
+                let mut run = SuperFrame {
+                    payloads: Vec::with_capacity(gso::MAX_SEGMENTS),
+                    ..SuperFrame::default()
+                };
                 for t in chunk {
                     let Some(route) = self.route(&mut peers, t, now, unix_ms, &mut tally, missing) else {
                         continue;
@@ -555,8 +558,15 @@ impl XdpTransport {
 
     /// Sends the run gathered so far as one (super-)frame and empties it.
     fn send_super_frame(&self, packet_tx: &gso::PacketTx, run: &mut SuperFrame<'_>, tally: &mut SendTally) {
-        let Some(route) = run.route else { return };
-        let count = run.payloads.len();
+        if let Some(route) = run.route.take() {
+            self.send_packets(packet_tx, &route, &run.payloads, tally);
+        }
+        run.payloads.clear();
+    }
+
+    /// Sends `payloads` to `route` as one frame, or one super-frame the kernel segments.
+    fn send_packets(&self, packet_tx: &gso::PacketTx, route: &Route, payloads: &[&[u8]], tally: &mut SendTally) {
+        let count = payloads.len();
         let headers = emit::headers(&emit::Frame {
             src_mac: self.src_mac,
             dst_mac: route.dst_mac,
@@ -567,7 +577,7 @@ impl XdpTransport {
             ip_id: self.ip_id.fetch_add(count as u16, Ordering::Relaxed),
             payload: &[],
         });
-        match packet_tx.send(&headers, &run.payloads) {
+        match packet_tx.send(&headers, payloads) {
             Ok(()) => tally.sent += count,
             Err(gso::SendError::Full) => tally.full += count,
             Err(gso::SendError::Invalid(why)) => {
@@ -575,8 +585,6 @@ impl XdpTransport {
                 tally.invalid += count;
             }
         }
-        run.route = None;
-        run.payloads.clear();
     }
 
     /// Writes one frame into `frame`: its length, or `None` (logged) if it cannot be
@@ -651,19 +659,14 @@ impl XdpTransport {
                 tally.invalid += 1;
                 continue;
             };
-            let mut run = SuperFrame::default();
-            run.start(
-                Route {
-                    peer: *peer,
-                    src,
-                    dst_mac,
-                    tcp: Some(*seg),
-                },
-                payload.len(),
-            );
-            run.push(payload);
+            let route = Route {
+                peer: *peer,
+                src,
+                dst_mac,
+                tcp: Some(*seg),
+            };
             let sent = tally.sent;
-            self.send_super_frame(packet_tx, &mut run, &mut tally);
+            self.send_packets(packet_tx, &route, &[payload], &mut tally);
             data += usize::from(tally.sent > sent && !payload.is_empty());
         }
         Self::count(&self.counters.tx_frames, data);
